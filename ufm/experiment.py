@@ -1,0 +1,348 @@
+"""One experiment end to end: stamp the canary, train, measure memorisation.
+
+:class:`ExperimentConfig` holds every choice (frozen, hashable, JSON round-trip, seed included);
+:func:`run_experiment` turns it into a :class:`Result`. Nothing else decides a number: the CLI,
+the run store and the dashboard all go through here.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .canary import CANDIDATE_KINDS, RANDOM_KINDS, CanaryChoice, choose_canaries, stamp_feature
+from .data import ImageData, load_ood, load_split, train_val_split
+from .features import Feature, glyph
+from .models import ARCHITECTURES, DEFAULT_BATCH, DEFAULT_LR, build_model
+from .scores import AccessScores, MScore, access_scores, memorisation_score
+from .train import (REGULARISERS, CancelFlag, Checkpoint, DPConfig, EpochLog, Progress, ProgressFn,
+                    TrainConfig, TrainingCancelled, evaluate, is_cancelled, resolve_device, train)
+
+# cuBLAS needs this set before the first CUDA call to run deterministically.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything that determines one result.
+
+    Attributes:
+        feature: the unique feature (pixels, offset, intensity).
+        dataset: a benchmark name or a path (see :func:`ufm.data.load_split`).
+        data_dir: where datasets live; not part of the result's identity (:meth:`key`).
+        arch: one of :data:`ufm.models.ARCHITECTURES`.
+        regularisers: any of ``dropout, augment, batchnorm, weight-decay, dp-sgd`` (empty = none).
+        dropout: drop probability used when ``dropout`` is on.
+        weight_decay: Adam's weight decay used when ``weight-decay`` is on.
+        dp: DP-SGD settings used when ``dp-sgd`` is on.
+        canary: which training images carry the feature.
+        epochs, patience: maximum epochs and early-stopping patience (epochs).
+        lr, batch_size: None = the paper's value for ``arch``.
+        train_size: keep the first N training images (None = all).
+        val_fraction: share of the training images held out for early stopping.
+        ood_source, ood_size: the inference set (None = the paper's choice) and its size.
+        repeats, candidates, candidate_kind, random_kind, alpha: see
+            :func:`ufm.scores.memorisation_score`.
+        checkpoint_every: keep weights every N steps for TracIn (0 none, -1 per epoch).
+        seed: model init, data order, augmentation, canary draw, random features.
+        device: ``auto``, ``cpu``, ``cuda``, ``mps``.
+    """
+
+    feature: Feature = field(default_factory=lambda: glyph("A"))
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    arch: str = "mlp"
+    regularisers: tuple[str, ...] = ()
+    dropout: float = 0.5
+    weight_decay: float = 5e-4
+    dp: DPConfig = field(default_factory=DPConfig)
+    canary: CanaryChoice = field(default_factory=CanaryChoice)
+    epochs: int = 500
+    patience: int = 10
+    lr: float | None = None
+    batch_size: int | None = None
+    train_size: int | None = None
+    val_fraction: float = 0.1
+    ood_source: str | None = None
+    ood_size: int = 1000
+    repeats: int = 1
+    candidates: int = 99
+    candidate_kind: str = "permute"
+    random_kind: str | None = None
+    alpha: float = 0.05
+    checkpoint_every: int = 0
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+        regs = tuple(sorted(set(r for r in self.regularisers if r != "none")))
+        bad = [r for r in regs if r not in REGULARISERS]
+        if bad:
+            raise ValueError(f"unknown regulariser {bad[0]!r}; choose from {', '.join(REGULARISERS)}")
+        if "dp-sgd" in regs and "batchnorm" in regs:
+            raise ValueError("DP-SGD cannot be combined with batch norm (per-example gradients are undefined "
+                             "when examples share batch statistics); drop one of them")
+        if "dp-sgd" in regs and self.arch == "densenet100":
+            raise ValueError("DP-SGD cannot train densenet100, whose batch norm mixes examples; use mlp, cnn1 or cnn2")
+        object.__setattr__(self, "regularisers", regs)
+        if self.epochs < 1 or self.patience < 1:
+            raise ValueError(f"epochs and patience must be >= 1, got {self.epochs} and {self.patience}")
+        if self.train_size is not None and self.train_size < 20:
+            raise ValueError(f"train size must be at least 20 images, got {self.train_size}")
+        if self.ood_size < 2:
+            raise ValueError(f"the inference set needs at least 2 images, got {self.ood_size}")
+        if self.candidates < 1 or self.repeats < 1:
+            raise ValueError("candidates K and repeats R must both be >= 1")
+        if self.candidate_kind not in CANDIDATE_KINDS:
+            raise ValueError(f"unknown candidate kind {self.candidate_kind!r}; choose one of {', '.join(CANDIDATE_KINDS)}")
+        if self.random_kind is not None and self.random_kind not in RANDOM_KINDS:
+            raise ValueError(f"unknown random feature kind {self.random_kind!r}; choose one of {', '.join(RANDOM_KINDS)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    # ------------------------------------------------------------------ derived settings
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.arch]
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.batch_size if self.batch_size is not None else DEFAULT_BATCH[self.arch]
+
+    def train_config(self, hflip: bool = False) -> TrainConfig:
+        regs = set(self.regularisers)
+        return TrainConfig(lr=self.learning_rate, batch_size=self.effective_batch_size, max_epochs=self.epochs,
+                           patience=self.patience,
+                           weight_decay=self.weight_decay if "weight-decay" in regs else 0.0,
+                           augment="augment" in regs, hflip=hflip,
+                           dp=self.dp if "dp-sgd" in regs else None,
+                           checkpoint_every=self.checkpoint_every, seed=self.seed)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["feature"] = self.feature.to_dict()
+        d["canary"] = self.canary.to_dict()
+        d["dp"] = asdict(self.dp)
+        d["regularisers"] = list(self.regularisers)
+        return d
+
+    def to_json(self, **kw: Any) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ExperimentConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        d = dict(d)
+        if "feature" in d:
+            d["feature"] = Feature.from_dict(d["feature"])
+        if "canary" in d:
+            d["canary"] = CanaryChoice.from_dict(d["canary"])
+        if "dp" in d:
+            d["dp"] = DPConfig(**d["dp"])
+        if "regularisers" in d:
+            d["regularisers"] = tuple(d["regularisers"])
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> "ExperimentConfig":
+        return cls.from_dict(json.loads(s))
+
+    def key(self) -> str:
+        """A hash of everything that changes the numbers (data_dir excluded), for caching."""
+        d = self.to_dict()
+        d.pop("data_dir")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def replace(self, **changes: Any) -> "ExperimentConfig":
+        return replace(self, **changes)
+
+
+@dataclass
+class Result:
+    """Everything measured by one experiment. ``model`` and ``checkpoints`` are not serialised."""
+
+    config: ExperimentConfig
+    score: MScore
+    access: AccessScores
+    canary_indices: list[int]
+    canary_labels: list[int]
+    test_accuracy: float
+    epochs_trained: int
+    best_epoch: int
+    stopped: str
+    history: list[EpochLog]
+    epsilon: float | None
+    device: str
+    train_seconds: float
+    score_seconds: float
+    n_train: int
+    n_val: int
+    n_ood: int
+    versions: dict[str, str]
+    model: torch.nn.Module | None = field(default=None, repr=False, compare=False)
+    checkpoints: list[Checkpoint] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def M(self) -> float:
+        return self.score.M
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.score.to_dict()
+        return {
+            "config": self.config.to_dict(),
+            "M": s["M"], "X_u": s["X_u"], "X_r": s["X_r"],
+            "p_value": s["p_value"], "p_value_paired": s["p_value_paired"],
+            "exposure": s["exposure"], "exposure_p_value": s["exposure_p_value"],
+            "significant": s["significant"], "verdict": self.score.verdict(),
+            "d_u": s["d_u"], "d_r": s["d_r"],
+            "canary_indices": self.canary_indices, "canary_labels": self.canary_labels,
+            "test_accuracy": self.test_accuracy, "epochs_trained": self.epochs_trained,
+            "best_epoch": self.best_epoch, "stopped": self.stopped, "epsilon": self.epsilon,
+            "score": s, "access": self.access.to_dict(),
+            "history": [asdict(h) for h in self.history],
+            "device": self.device, "train_seconds": self.train_seconds, "score_seconds": self.score_seconds,
+            "n_train": self.n_train, "n_val": self.n_val, "n_ood": self.n_ood, "versions": self.versions,
+        }
+
+    def to_json(self, **kw: Any) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Result":
+        return cls(config=ExperimentConfig.from_dict(d["config"]), score=MScore.from_dict(d["score"]),
+                   access=AccessScores.from_dict(d["access"]), canary_indices=list(d["canary_indices"]),
+                   canary_labels=list(d["canary_labels"]), test_accuracy=d["test_accuracy"],
+                   epochs_trained=d["epochs_trained"], best_epoch=d["best_epoch"], stopped=d["stopped"],
+                   history=[EpochLog(**h) for h in d["history"]], epsilon=d["epsilon"], device=d["device"],
+                   train_seconds=d["train_seconds"], score_seconds=d["score_seconds"], n_train=d["n_train"],
+                   n_val=d["n_val"], n_ood=d["n_ood"], versions=d["versions"])
+
+    @classmethod
+    def from_json(cls, s: str) -> "Result":
+        return cls.from_dict(json.loads(s))
+
+
+def versions() -> dict[str, str]:
+    return {"ufm": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_split(dataset: str, split: str, data_dir: str | None, limit: int | None) -> ImageData:
+    return load_split(dataset, split, data_dir=data_dir, limit=limit)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_ood(dataset: str, shape: tuple[int, int, int], n: int, source: str | None,
+                data_dir: str | None) -> ImageData:
+    return load_ood(dataset, shape, n, source=source, data_dir=data_dir)
+
+
+@dataclass
+class PreparedData:
+    """The tensors of one experiment, on its device: training set with canaries stamped, etc."""
+
+    train: ImageData
+    val: ImageData
+    test: ImageData
+    ood: ImageData
+    canary_indices: np.ndarray  # indices into the (first train_size) training set
+    train_indices: np.ndarray   # which of those images are trained on (the rest is validation)
+
+
+def prepare_data(config: ExperimentConfig, device: torch.device | str = "cpu") -> PreparedData:
+    """Load the data of ``config``, stamp the canaries and split off the validation set."""
+    full = _cached_split(config.dataset, "train", config.data_dir, config.train_size)
+    test = _cached_split(config.dataset, "test", config.data_dir, None)
+    config.feature.check_fits(full.x.shape)
+    if test.image_shape != full.image_shape:
+        raise ValueError(f"train images are {full.image_shape} but test images are {test.image_shape}")
+    ood = _cached_ood(config.dataset, full.image_shape, config.ood_size, config.ood_source, config.data_dir)
+    canaries = choose_canaries(config.canary, full.y, seed=config.seed)
+    x = full.x.clone()
+    if canaries.size:
+        x[canaries] = stamp_feature(full.x[canaries], config.feature)
+    train_idx, val_idx = train_val_split(len(full), config.val_fraction, exclude=canaries, seed=config.seed)
+    stamped = ImageData(x, full.y, full.classes, full.name)
+    return PreparedData(stamped.subset(train_idx).to(device), stamped.subset(val_idx).to(device),
+                        test.to(device), ood.to(device), canaries, train_idx)
+
+
+def run_experiment(config: ExperimentConfig, progress: ProgressFn | None = None,
+                   cancel: CancelFlag = None) -> Result:
+    """Train one model with the canary of ``config`` and measure memorisation of its feature.
+
+    Args:
+        progress: called with :class:`ufm.train.Progress` after each epoch and at phase changes.
+        cancel: a ``threading.Event`` or a callable; when set, :class:`TrainingCancelled` is raised.
+
+    Raises:
+        DataUnavailable, FeatureError, ValueError: bad input; the message says what to do.
+        TrainingCancelled, TrainingDiverged.
+    """
+    report = progress or (lambda p: None)
+    device = resolve_device(config.device)
+    report(Progress("data", message=f"loading {config.dataset}"))
+    data = prepare_data(config, device)
+    if is_cancelled(cancel):
+        raise TrainingCancelled("cancelled before training")
+
+    torch.manual_seed(config.seed)
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        c, h, w = data.train.image_shape
+        model = build_model(config.arch, c, (h, w), data.train.num_classes,
+                            dropout=config.dropout if "dropout" in config.regularisers else 0.0,
+                            batchnorm="batchnorm" in config.regularisers).to(device)
+        hflip = config.dataset == "cifar10"  # mirror-symmetric classes only; digits and text are not
+        trained = train(model, data.train, data.val, config.train_config(hflip=hflip), progress=report, cancel=cancel)
+        model = trained.model
+        _, test_acc = evaluate(model, data.test)
+
+        report(Progress("score", trained.epochs_trained, config.epochs, message="measuring memorisation"))
+        t0 = time.perf_counter()
+        score = memorisation_score(model, data.ood.x, config.feature, repeats=config.repeats,
+                                   random_kind=config.random_kind, candidates=config.candidates,
+                                   candidate_kind=config.candidate_kind, seed=config.seed, alpha=config.alpha)
+        canary_labels = [int(v) for v in _labels_of(config, data)]
+        canary_label = _majority(canary_labels) if canary_labels else config.canary.label
+        access = access_scores(model, config.feature, x_test=data.test.x, y_test=data.test.y, x_ood=data.ood.x,
+                               canary_label=canary_label)
+        score_seconds = time.perf_counter() - t0
+    finally:
+        torch.use_deterministic_algorithms(prev_det)
+    report(Progress("done", trained.epochs_trained, config.epochs, message=f"M = {score.M:.4g}"))
+    return Result(config=config, score=score, access=access, canary_indices=[int(i) for i in data.canary_indices],
+                  canary_labels=canary_labels, test_accuracy=test_acc, epochs_trained=trained.epochs_trained,
+                  best_epoch=trained.best_epoch, stopped=trained.stopped, history=trained.history,
+                  epsilon=trained.epsilon, device=str(device), train_seconds=trained.seconds,
+                  score_seconds=score_seconds, n_train=len(data.train), n_val=len(data.val), n_ood=len(data.ood),
+                  versions=versions(), model=model, checkpoints=trained.checkpoints)
+
+
+def _labels_of(config: ExperimentConfig, data: PreparedData) -> list[int]:
+    full = _cached_split(config.dataset, "train", config.data_dir, config.train_size)
+    return full.y[torch.as_tensor(data.canary_indices, dtype=torch.long)].tolist() if data.canary_indices.size else []
+
+
+def _majority(labels: list[int]) -> int:
+    vals, counts = np.unique(labels, return_counts=True)
+    return int(vals[np.argmax(counts)])
