@@ -1,0 +1,226 @@
+"""Command line: ``ufm measure`` (and the other verbs registered in :data:`COMMANDS`).
+
+Bad flags or data print one line, ``ufm: error: ...``, and exit with status 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + error
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _nonneg_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _pos_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def add_experiment_args(p: argparse.ArgumentParser) -> None:
+    """Flags that describe one experiment (shared by measure, sweep-canaries, influence, explain)."""
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", default="mnist",
+                   help="mnist, fashion-mnist, cifar10, chest-xray, or a path (folder with train.npz/test.npz, "
+                        "or a folder of class sub-folders)")
+    d.add_argument("--data-dir", default=None, help="where datasets live (default $UFM_DATA_DIR or ~/.cache/ufm/data)")
+    d.add_argument("--train-size", type=_pos_int, default=None, help="use the first N training images")
+    d.add_argument("--ood-size", type=_pos_int, default=1000, help="number of out-of-distribution inference images")
+    d.add_argument("--ood-source", default=None, help="inference set (default: the paper's choice)")
+    m = p.add_argument_group("model and training")
+    m.add_argument("--arch", default="mlp", choices=["mlp", "cnn1", "cnn2", "densenet100"])
+    m.add_argument("--regulariser", "--regularizer", default="none",
+                   help="comma-separated: none,dropout,augment,batchnorm,weight-decay,dp-sgd")
+    m.add_argument("--epochs", type=_pos_int, default=500, help="maximum epochs (early stopping ends sooner)")
+    m.add_argument("--patience", type=_pos_int, default=10, help="early-stopping patience in epochs")
+    m.add_argument("--lr", type=float, default=None, help="learning rate (default: the paper's for --arch)")
+    m.add_argument("--batch-size", type=_pos_int, default=None, help="batch size (default: the paper's for --arch)")
+    m.add_argument("--dropout", type=float, default=0.5, help="drop probability with --regulariser dropout")
+    m.add_argument("--weight-decay", type=float, default=5e-4, help="Adam weight decay with weight-decay")
+    m.add_argument("--dp-noise", type=float, default=None, help="DP-SGD noise multiplier (default 1.0)")
+    m.add_argument("--dp-epsilon", type=float, default=None, help="DP-SGD target epsilon (instead of --dp-noise)")
+    m.add_argument("--dp-clip", type=float, default=1.0, help="DP-SGD per-example clipping norm")
+    m.add_argument("--dp-delta", type=float, default=1e-5, help="DP-SGD delta")
+    f = p.add_argument_group("feature")
+    f.add_argument("--feature", default="A", help="a glyph (A, X, plus, ...), text:JOHN DOE, or an image path")
+    f.add_argument("--feature-size", type=_pos_int, default=None,
+                   help="glyph/image size m (m x m), or the text height (default 5 for glyphs, 7 for text)")
+    f.add_argument("--offset", type=_nonneg_int, nargs=2, metavar=("ROW", "COL"), default=(1, 1),
+                   help="top-left pixel of the feature (default 1 1, as in the paper)")
+    f.add_argument("--intensity", type=float, default=1.0, help="feature brightness in (0, 1]")
+    c = p.add_argument_group("canary")
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("--canary-index", type=_nonneg_int, nargs="+", metavar="N",
+                   help="training-set indices of the canary images (default 0)")
+    g.add_argument("--canary", choices=["random"], help="random canaries (how many: --canaries)")
+    g.add_argument("--no-canary", action="store_true", help="the clean control: no image carries the feature")
+    g.add_argument("--canary-class", type=_nonneg_int, metavar="C", help="canaries drawn from class C")
+    c.add_argument("--canaries", type=_pos_int, default=1, metavar="K", help="canary frequency for random/class")
+    s = p.add_argument_group("score")
+    s.add_argument("--candidates", type=_pos_int, default=99, help="K candidate features for the exposure test")
+    s.add_argument("--candidate-kind", default="permute", choices=["permute", "bernoulli", "uniform"])
+    s.add_argument("--repeats", type=_pos_int, default=1, help="R random features per inference image")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
+
+
+def config_from_args(a: argparse.Namespace):
+    """Build an :class:`~ufm.experiment.ExperimentConfig` from parsed flags."""
+    from .canary import CanaryChoice
+    from .experiment import ExperimentConfig
+    from .features import parse_feature_spec
+    from .train import DPConfig
+
+    if a.no_canary:
+        canary = CanaryChoice("none", ())
+    elif a.canary_class is not None:
+        canary = CanaryChoice("class", (), count=a.canaries, label=a.canary_class)
+    elif a.canary == "random":
+        canary = CanaryChoice("random", (), count=a.canaries)
+    else:
+        canary = CanaryChoice("index", tuple(a.canary_index or (0,)))
+    feature = parse_feature_spec(a.feature, a.feature_size, offset=tuple(a.offset), intensity=a.intensity)
+    dp = DPConfig(noise_multiplier=None if a.dp_epsilon is not None else (a.dp_noise if a.dp_noise is not None else 1.0),
+                  target_epsilon=a.dp_epsilon, delta=a.dp_delta, max_grad_norm=a.dp_clip)
+    return ExperimentConfig(
+        feature=feature, dataset=a.dataset, data_dir=a.data_dir, arch=a.arch,
+        regularisers=tuple(r.strip() for r in a.regulariser.split(",") if r.strip()),
+        dropout=a.dropout, weight_decay=a.weight_decay, dp=dp, canary=canary, epochs=a.epochs,
+        patience=a.patience, lr=a.lr, batch_size=a.batch_size, train_size=a.train_size,
+        ood_source=a.ood_source, ood_size=a.ood_size, repeats=a.repeats, candidates=a.candidates,
+        candidate_kind=a.candidate_kind, seed=a.seed, device=a.device)
+
+
+class StderrProgress:
+    """Progress lines on stderr: one per epoch (overwritten in place on a terminal)."""
+
+    def __init__(self, quiet: bool = False, stream=None) -> None:
+        self.quiet = quiet
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+
+    def __call__(self, p) -> None:
+        if self.quiet:
+            return
+        if p.phase == "train":
+            line = (f"epoch {p.epoch}/{p.max_epochs}  train loss {p.train_loss:.4f}  "
+                    f"val loss {p.val_loss:.4f}  val acc {100 * p.val_acc:.1f}%")
+            self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
+        else:
+            self.stream.write(("\n" if self.tty else "") + f"[{p.phase}] {p.message}\n")
+        self.stream.flush()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and rename, so a crash leaves no half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def summary_lines(result) -> list[str]:
+    s = result.score
+    k = len(s.candidate_X)
+    return [
+        f"M = {s.M:.5g}  (X_u = {s.X_u:.5g}, X_r = {s.X_r:.5g}; nats)",
+        f"t-test p = {s.p_value:.3g} (Welch, one-tailed)   paired p = {s.p_value_paired:.3g}",
+        f"exposure = {s.exposure:.2f} bits, rank {s.rank} of {k + 1}, empirical p = {s.exposure_p_value:.3g}",
+        f"verdict: {s.verdict()}",
+        f"canaries: {result.canary_indices[:10]}{' ...' if len(result.canary_indices) > 10 else ''}"
+        f"  test accuracy {100 * result.test_accuracy:.2f}%  epochs {result.epochs_trained}"
+        f"{'' if result.epsilon is None else f'  DP epsilon {result.epsilon:.3g}'}",
+    ]
+
+
+def cmd_measure(a: argparse.Namespace) -> int:
+    from .experiment import run_experiment
+
+    config = config_from_args(a)
+    result = run_experiment(config, progress=StderrProgress(a.quiet))
+    payload = result.to_json(indent=1)
+    if a.out == "-":
+        print(payload)
+    elif a.out:
+        write_atomic(Path(a.out), payload)
+    for line in summary_lines(result):
+        print(line, file=sys.stderr if a.out == "-" else sys.stdout)
+    if a.out and a.out != "-":
+        print(f"wrote {a.out}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ufm", description="Measure unique feature memorisation (Hartley & Tsaftaris).")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+    p = sub.add_parser("measure", help="train with a canary and measure memorisation (M score)",
+                       description="Train one model with the feature on the canary image(s) and measure M.")
+    add_experiment_args(p)
+    p.add_argument("--out", default=None, help="write the result JSON here ('-' for stdout)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=cmd_measure)
+    for register in EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+# Other modules add their verbs here (influence, explain, sweep-canaries, runs).
+EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .data import DataUnavailable
+    from .train import TrainingDiverged
+    return (UsageError, ValueError, DataUnavailable, TrainingDiverged, FileNotFoundError, PermissionError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "command", None):
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("\nufm: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - filtered just below
+        if isinstance(exc, _user_errors()):
+            msg = " ".join(str(exc).split())
+            print(f"ufm: error: {msg}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
