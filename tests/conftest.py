@@ -1,0 +1,61 @@
+"""Shared fixtures: the offline dataset copies and small synthetic datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+
+def shared_data_dir() -> Path:
+    env = os.environ.get("UFM_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+SHARED = shared_data_dir()
+HAS_MNIST = (SHARED / "mnist" / "train.npz").is_file() and (SHARED / "cifar10" / "test.npz").is_file()
+needs_shared = pytest.mark.skipif(not HAS_MNIST, reason=f"real dataset subsets not found at {SHARED} "
+                                  "(set UFM_SHARED_DATA to the shared/data folder)")
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not HAS_MNIST:
+        pytest.skip(f"real dataset subsets not found at {SHARED}")
+    return SHARED
+
+
+def write_split(folder: Path, x: np.ndarray, y: np.ndarray, split: str, classes=None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    classes = classes if classes is not None else np.array([str(c) for c in range(int(y.max()) + 1)])
+    np.savez_compressed(folder / f"{split}.npz", x=x, y=y, classes=classes)
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> dict[str, Path]:
+    """A learnable 3-class 12x12 greyscale set (bright blob position = class) and an OOD noise set."""
+    rng = np.random.default_rng(0)
+
+    def make(n):
+        y = rng.integers(0, 3, n)
+        x = rng.integers(0, 40, (n, 12, 12)).astype(np.uint8)
+        for i, c in enumerate(y):
+            x[i, 6:10, 1 + 3 * c:4 + 3 * c] = 220
+        return x, y.astype(np.int64)
+
+    train = tmp_path / "tiny"
+    write_split(train, *make(300), "train")
+    write_split(train, *make(120), "test")
+    ood = tmp_path / "noise"
+    write_split(ood, rng.integers(0, 255, (60, 12, 12)).astype(np.uint8), rng.integers(0, 3, 60), "test")
+    write_split(ood, rng.integers(0, 255, (60, 12, 12)).astype(np.uint8), rng.integers(0, 3, 60), "train")
+    return {"train": train, "ood": ood}

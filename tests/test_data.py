@@ -1,0 +1,123 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ufm import data as D
+from ufm.data import DataUnavailable, convert_images, load_ood, load_split, to_float_images, train_val_split
+
+from .conftest import needs_shared
+
+
+@needs_shared
+def test_offline_copies_load_as_float_tensors(shared_data):
+    tr = load_split("mnist", "train", data_dir=shared_data, limit=100)
+    assert tr.x.shape == (100, 1, 28, 28) and tr.x.dtype == torch.float32
+    assert 0 <= tr.x.min() and tr.x.max() <= 1
+    assert tr.y[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]  # official order
+    c = load_split("cifar10", "test", data_dir=shared_data, limit=4)
+    assert c.x.shape == (4, 3, 32, 32) and c.classes[c.y[0]] == "cat"
+
+
+@needs_shared
+def test_default_data_dir_from_env(shared_data, monkeypatch):
+    monkeypatch.setenv("UFM_DATA_DIR", str(shared_data))
+    assert D.default_data_dir() == shared_data
+    assert len(load_split("fashion-mnist", "test", limit=3)) == 3
+
+
+@needs_shared
+def test_paper_ood_sets(shared_data):
+    g = load_ood("mnist", (1, 28, 28), 10, data_dir=shared_data)
+    assert g.x.shape == (10, 1, 28, 28) and "cifar10" in g.name
+    m = load_ood("cifar10", (3, 32, 32), 10, data_dir=shared_data)
+    assert m.x.shape == (10, 3, 32, 32) and "mnist" in m.name
+    assert torch.equal(m.x[:, 0], m.x[:, 1])  # grey digits repeated on 3 channels
+    with pytest.raises(ValueError, match="out of distribution"):
+        load_ood("mnist", (1, 28, 28), 10, source="mnist", data_dir=shared_data)
+
+
+def test_missing_data_offline_names_dir_and_both_fixes(tmp_path):
+    with pytest.raises(DataUnavailable) as e:
+        load_split("mnist", "train", data_dir=tmp_path, download=False)
+    msg = str(e.value)
+    assert str(tmp_path) in msg and "connect to the internet" in msg and "train.npz" in msg and "UFM_DATA_DIR" in msg
+
+
+def test_failed_download_is_a_clear_error(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    class NoNet:
+        def __init__(self, *a, **k):
+            raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(tvd, "MNIST", NoNet)
+    with pytest.raises(DataUnavailable, match="could not be downloaded.*Name or service"):
+        load_split("mnist", "test", data_dir=tmp_path)
+
+
+def test_chest_xray_without_copy_explains(tmp_path):
+    with pytest.raises(DataUnavailable, match="cannot be downloaded automatically"):
+        load_split("chest-xray", "train", data_dir=tmp_path)
+
+
+def test_torchvision_path_used_when_no_npz(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    class Fake:
+        def __init__(self, root, train, download):
+            assert Path(root) == tmp_path / "torchvision"
+            self.data = torch.full((4, 28, 28), 255, dtype=torch.uint8)
+            self.targets = torch.tensor([0, 1, 2, 3])
+            self.classes = [str(i) for i in range(10)]
+
+    monkeypatch.setattr(tvd, "FashionMNIST", Fake)
+    d = load_split("fashion-mnist", "train", data_dir=tmp_path)
+    assert d.x.shape == (4, 1, 28, 28) and torch.all(d.x == 1) and d.num_classes == 10
+
+
+def test_user_npz_pair_and_class_folders(tmp_path):
+    from .conftest import write_split
+    write_split(tmp_path / "mine", np.zeros((5, 9, 9), np.uint8), np.arange(5) % 2, "train")
+    write_split(tmp_path / "mine", np.zeros((3, 9, 9), np.uint8), np.arange(3) % 2, "test")
+    assert len(load_split(str(tmp_path / "mine"), "train")) == 5
+    assert len(load_split(str(tmp_path / "mine" / "test.npz"), "test")) == 3
+
+    root = tmp_path / "xrays"
+    for cls, val in (("normal", 10), ("pneumonia", 200)):
+        (root / cls).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.full((16, 16), val, np.uint8)).save(root / cls / f"{i}.png")
+    tr, te = load_split(str(root), "train"), load_split(str(root), "test")
+    assert len(tr) == 8 and len(te) == 2 and tr.classes == ("normal", "pneumonia")
+    assert tr.x.shape[1:] == (1, 16, 16)
+    for d in (tr, te):  # labels follow the folders
+        assert torch.all((d.x.mean((1, 2, 3)) > 0.5) == (d.y == 1))
+
+
+def test_unknown_dataset_and_bad_files(tmp_path):
+    with pytest.raises(DataUnavailable, match="unknown dataset"):
+        load_split("imagenet", "train", data_dir=tmp_path)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "train.npz").write_bytes(b"garbage")
+    with pytest.raises(DataUnavailable, match="could not read"):
+        load_split(str(tmp_path / "broken"), "train")
+
+
+def test_to_float_and_convert():
+    x = np.array([[[0, 255]]], np.uint8)
+    np.testing.assert_allclose(to_float_images(x).numpy(), [[[[0.0, 1.0]]]])
+    rgb = torch.zeros(1, 3, 4, 4)
+    rgb[:, 1] = 1.0
+    grey = convert_images(rgb, 1, (2, 2))
+    assert grey.shape == (1, 1, 2, 2) and torch.allclose(grey, torch.full_like(grey, 0.587))
+
+
+def test_train_val_split_seeded_and_keeps_canaries():
+    tr, va = train_val_split(100, 0.2, exclude=[3, 7], seed=1)
+    assert len(va) == 20 and len(tr) == 80 and 3 in tr and 7 in tr
+    assert set(tr).isdisjoint(va)
+    np.testing.assert_array_equal(va, train_val_split(100, 0.2, exclude=[3, 7], seed=1)[1])
+    assert not np.array_equal(va, train_val_split(100, 0.2, seed=2)[1])

@@ -1,0 +1,123 @@
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ufm.features import (GLYPHS, Feature, FeatureError, glyph, grid_feature, image_feature,
+                          parse_feature_spec, text_feature)
+
+
+def test_glyph_a_is_the_papers_letter():
+    f = glyph("A")
+    expected = np.array([[0, 0, 1, 0, 0], [0, 1, 0, 1, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 1], [1, 0, 0, 0, 1]])
+    np.testing.assert_array_equal(f.array(), expected)
+    assert f.offset == (1, 1) and f.intensity == 1.0 and f.size == (5, 5) and f.binary
+
+
+def test_every_glyph_is_5x5_binary_and_distinct():
+    arrays = [glyph(n).array() for n in GLYPHS]
+    assert all(a.shape == (5, 5) and set(np.unique(a)) <= {0.0, 1.0} for a in arrays)
+    assert len({a.tobytes() for a in arrays}) == len(arrays)
+
+
+def test_glyph_scaled_nearest():
+    a = glyph("A", size=10).array()
+    assert a.shape == (10, 10)
+    np.testing.assert_array_equal(a[::2, ::2], glyph("A").array())
+
+
+def test_intensity_scales_pixels():
+    np.testing.assert_allclose(glyph("A", intensity=0.5).array(), 0.5 * glyph("A").array())
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ([[0, 0], [0, 0]], "empty"),
+    ([[np.nan, 1]], "NaN"),
+    ([[2.0, 1]], r"\[0, 1\]"),
+    ([1, 0, 1], "grid"),
+])
+def test_invalid_patterns_raise_clear_errors(bad, msg):
+    with pytest.raises(FeatureError, match=msg):
+        grid_feature(bad) if np.asarray(bad).ndim == 2 else Feature(pattern=tuple(bad))
+
+
+def test_bad_offset_and_intensity():
+    with pytest.raises(FeatureError, match="offset"):
+        glyph("A", offset=(-1, 0))
+    with pytest.raises(FeatureError, match="intensity"):
+        glyph("A", intensity=0)
+    with pytest.raises(FeatureError, match="unknown glyph"):
+        glyph("nope")
+
+
+def test_check_fits_messages():
+    f = glyph("A", offset=(24, 0))
+    with pytest.raises(FeatureError, match="row <= 23"):
+        f.check_fits((1, 28, 28))
+    with pytest.raises(FeatureError, match="larger than"):
+        glyph("A", size=30).check_fits((1, 28, 28))
+    glyph("A", offset=(23, 23)).check_fits((1, 28, 28))
+
+
+def test_text_feature_height_and_width_grow_with_length():
+    short = text_feature("JO", height=7)
+    long = text_feature("JOHN DOE", height=7)
+    assert short.size[0] == 7 and long.size[0] == 7
+    assert long.size[1] > 2 * short.size[1]
+    assert long.binary and long.array().sum() > 10
+    assert text_feature("JOHN DOE", height=7) == long  # deterministic rendering
+    with pytest.raises(FeatureError, match="empty"):
+        text_feature("   ")
+
+
+def test_grid_feature_grey_values():
+    f = grid_feature([[0, 0.5], [1, 0.25]])
+    assert not f.binary and f.size == (2, 2)
+
+
+def _png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_image_feature_from_upload_bytes_resize_and_threshold():
+    arr = np.zeros((40, 40), np.uint8)
+    arr[:, 20:] = 255
+    f = image_feature(_png_bytes(arr), 8, threshold=0.5)
+    np.testing.assert_array_equal(f.array()[:, :4], 0)
+    np.testing.assert_array_equal(f.array()[:, 4:], 1)
+
+
+def test_image_feature_colour_is_channels_first():
+    arr = np.zeros((10, 10, 3), np.uint8)
+    arr[..., 0] = 255
+    f = image_feature(arr, (4, 6), colour=True)
+    assert np.asarray(f.pattern).shape == (3, 4, 6)
+    np.testing.assert_allclose(f.array()[0], 1) and np.testing.assert_allclose(f.array()[1:], 0)
+    with pytest.raises(FeatureError, match="3-channel"):
+        f.check_fits((1, 28, 28))
+
+
+def test_unreadable_upload_says_what_to_do():
+    with pytest.raises(FeatureError, match="PNG, JPEG"):
+        image_feature(b"this is not an image", 5)
+
+
+def test_json_round_trip_and_hash():
+    for f in (glyph("A", offset=(3, 4), intensity=0.7), text_feature("ID 42", 6), grid_feature([[0, 0.5], [1, 1]])):
+        g = Feature.from_dict(json.loads(json.dumps(f.to_dict())))
+        assert g == f and hash(g) == hash(f)
+        np.testing.assert_array_equal(g.array(), f.array())
+
+
+def test_parse_feature_spec(tmp_path):
+    assert parse_feature_spec("A") == glyph("A")
+    assert parse_feature_spec("text:JOHN DOE", 7).size[0] == 7
+    p = tmp_path / "f.png"
+    Image.fromarray(np.full((9, 9), 255, np.uint8)).save(p)
+    assert parse_feature_spec(str(p), 3).size == (3, 3)
+    with pytest.raises(FeatureError, match="neither"):
+        parse_feature_spec("no/such/file.png")
