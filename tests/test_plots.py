@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+from scipy import stats
+
+from ufm.plots import (COLOURS, histogram_figure, image_figure, influence_scatter_figure, loss_curve_figure,
+                       m_bar_figure, pearson)
+
+
+def test_histogram_shares_bins_marks_means_and_keeps_colours():
+    rng = np.random.default_rng(0)
+    du, dr = rng.exponential(0.2, 300), rng.exponential(0.1, (2, 300))
+    for log_x in (False, True):
+        fig = histogram_figure(du, dr, log_x=log_x)
+        bars = [t for t in fig.data if t.type == "bar"]
+        assert [b.marker.color for b in bars] == [COLOURS["z_r"], COLOURS["z_u"]]
+        assert np.allclose(bars[0].x, bars[1].x)
+        assert sum(bars[0].y) == pytest.approx(1) and sum(bars[1].y) == pytest.approx(1)
+        assert f"{du.mean():.4g}" in bars[1].name and fig.layout.xaxis.title.text and fig.layout.yaxis.title.text
+        lines = [s for s in fig.layout.shapes if s.type == "line"]
+        assert len(lines) == 2
+    lin = histogram_figure(du, dr)
+    assert {round(s.x0, 8) for s in lin.layout.shapes} == {round(du.mean(), 8), round(dr.mean(), 8)}
+    # zeros are drawn at the floor on the log scale, not dropped
+    assert histogram_figure(np.zeros(5), np.ones(5), log_x=True).data[1].y.sum() == pytest.approx(1)
+
+
+def test_pearson_matches_scipy_and_scatter_has_fit():
+    x, y = [1.0, 2.0, 3.0, 4.0, 5.5], [0.1, 0.3, 0.2, 0.5, 0.6]
+    r, p = pearson(x, y)
+    ref = stats.pearsonr(x, y)
+    assert r == pytest.approx(ref.statistic) and p == pytest.approx(ref.pvalue)
+    fig = influence_scatter_figure(x, y, labels=list("abcde"), groups=["top"] * 2 + ["bottom"] * 3)
+    assert [t.name for t in fig.data][:2] == ["top", "bottom"] and f"r = {r:.2f}" in fig.data[-1].name
+    assert np.isnan(pearson([1, 2], [3, 4])[0])
+
+
+def test_other_figures_have_titles_and_axes():
+    hist = [dict(epoch=1, train_loss=1.0, val_loss=1.1, val_acc=0.5), dict(epoch=2, train_loss=0.5, val_loss=0.7, val_acc=0.8)]
+    f = loss_curve_figure(hist)
+    assert len(f.data) == 3 and "nats" in f.layout.yaxis.title.text
+    b = m_bar_figure(["none", "dropout"], [0.1, 0.05], [0.05, None], [0.15, None])
+    assert list(b.data[0].error_y.array) == pytest.approx([0.05, 0.0]) and "95%" in b.layout.yaxis.title.text
+    im = image_figure(np.zeros((1, 8, 8)), box=(1, 1, 5, 5), title="canary")
+    assert im.layout.shapes[0].x0 == 0.5 and im.layout.title.text == "canary"
+    assert image_figure(np.zeros((3, 8, 8))).data[0].z.shape == (8, 8, 3)
