@@ -76,6 +76,9 @@ def test_checkpoints_for_tracin():
     assert steps == [0, 3, 6, 9, 12, 15, 18]  # 6 steps per epoch x 3 epochs, plus the initial weights
     assert res.checkpoints[0].train_loss == pytest.approx(np.log(3), abs=0.3)
     assert not torch.equal(res.checkpoints[0].state_dict["1.weight"], res.checkpoints[-1].state_dict["1.weight"])
+    thinned = train(_mlp(), _blobs(), _blobs(60, 1), TrainConfig(lr=1e-3, batch_size=40, max_epochs=3, patience=5,
+                                                                 checkpoint_every=1, max_checkpoints=8))
+    assert [c.step for c in thinned.checkpoints] == [0, 4, 8, 12, 16]  # halved twice, still evenly spaced
     per_epoch = train(_mlp(), _blobs(), _blobs(60, 1), TrainConfig(max_epochs=2, batch_size=40, checkpoint_every=-1))
     assert [c.epoch for c in per_epoch.checkpoints] == [0.0, 1.0, 2.0]
 

@@ -71,6 +71,8 @@ class TrainConfig:
             ``hflip``), applied to every image including the canary.
         checkpoint_every: keep a copy of the weights every this many optimiser steps for TracIn
             (plus the initial weights); 0 keeps none, -1 keeps one per epoch.
+        max_checkpoints: memory bound on kept checkpoints; when exceeded, every other one is
+            dropped and the interval doubles, so the kept ones stay evenly spaced.
         deterministic: ask torch for deterministic kernels (slower on some GPUs).
     """
 
@@ -84,6 +86,7 @@ class TrainConfig:
     hflip: bool = False
     dp: DPConfig | None = None
     checkpoint_every: int = 0
+    max_checkpoints: int = 64
     seed: int = 0
     deterministic: bool = True
 
@@ -100,6 +103,8 @@ class TrainConfig:
             raise ValueError(f"weight decay must be >= 0, got {self.weight_decay}")
         if self.shift < 0:
             raise ValueError(f"augmentation shift must be >= 0 pixels, got {self.shift}")
+        if self.max_checkpoints < 2:
+            raise ValueError(f"max_checkpoints must be >= 2, got {self.max_checkpoints}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -296,6 +301,9 @@ def train(model: nn.Module, train_data: ImageData, val_data: ImageData, cfg: Tra
                     checkpoints.append(Checkpoint(step, step / steps_per_epoch, cfg.lr, window_loss / window_n,
                                                   _state_copy(model)))
                     window_loss, window_n = 0.0, 0
+                    if len(checkpoints) > cfg.max_checkpoints:
+                        checkpoints = checkpoints[::2]
+                        every *= 2
         train_loss = (tot_loss / max(seen, 1)).item()
         if not math.isfinite(train_loss):
             raise TrainingDiverged(
