@@ -163,10 +163,11 @@ def summary_lines(result) -> list[str]:
 
 
 def cmd_measure(a: argparse.Namespace) -> int:
-    from .experiment import run_experiment
+    from .cli_runs import measure_in_store
 
     config = config_from_args(a)
-    result = run_experiment(config, progress=StderrProgress(a.quiet))
+    # Recorded in the run store; an identical finished run is reused unless --force.
+    run_id, result, cached = measure_in_store(a, config, StderrProgress(a.quiet))
     payload = result.to_json(indent=1)
     if a.out == "-":
         print(payload)
@@ -174,6 +175,8 @@ def cmd_measure(a: argparse.Namespace) -> int:
         write_atomic(Path(a.out), payload)
     for line in summary_lines(result):
         print(line, file=sys.stderr if a.out == "-" else sys.stdout)
+    print(f"run {run_id}" + ("  (cached: an identical finished run; nothing trained, --force retrains)" if cached else ""),
+          file=sys.stderr if a.out == "-" else sys.stdout)
     if a.out and a.out != "-":
         print(f"wrote {a.out}", file=sys.stderr)
     return 0
@@ -188,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the result JSON here ('-' for stdout)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_measure)
+    from . import cli_influence  # imported here: it imports this module
+
+    cli_influence.register(sub)
     for register in EXTRA_COMMANDS:
         register(sub)
     return parser
@@ -195,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Other modules add their verbs here (influence, explain, sweep-canaries, runs).
 EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+from .cli_runs import register as _register_runs  # noqa: E402 - runs, studies, measure --home/--force
+EXTRA_COMMANDS.append(_register_runs)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
