@@ -271,9 +271,9 @@ def _squared_grad_norms(model: nn.Module, groups: list[tuple[nn.Module, str, lis
             # Sum, not mean: then d loss / d out_n is example n's own backprop, unscaled.
             loss = F.cross_entropy(logits, yb, reduction="sum")
             outs = [out for m, _, _ in groups for (_, _, out) in records[id(m)]]
-            live = [o.requires_grad for o in outs]
-            grads = torch.autograd.grad(loss, [o for o, ok in zip(outs, live) if ok],
-                                        allow_unused=True)
+            live = [o.requires_grad and loss.requires_grad for o in outs]
+            wrt = [o for o, ok in zip(outs, live) if ok]
+            grads = torch.autograd.grad(loss, wrt, allow_unused=True) if wrt else ()
     finally:
         for h in handles:
             h.remove()
