@@ -121,3 +121,13 @@ def test_train_val_split_seeded_and_keeps_canaries():
     assert set(tr).isdisjoint(va)
     np.testing.assert_array_equal(va, train_val_split(100, 0.2, exclude=[3, 7], seed=1)[1])
     assert not np.array_equal(va, train_val_split(100, 0.2, seed=2)[1])
+
+
+def test_available_offline(tmp_path):
+    from .conftest import write_split
+    from ufm.data import available_offline
+    assert available_offline(tmp_path) == []
+    write_split(tmp_path / "mnist", np.zeros((2, 4, 4), np.uint8), np.array([0, 1]), "train")
+    assert available_offline(tmp_path) == []  # test split missing
+    write_split(tmp_path / "mnist", np.zeros((2, 4, 4), np.uint8), np.array([0, 1]), "test")
+    assert available_offline(tmp_path) == ["mnist"]

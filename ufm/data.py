@@ -275,3 +275,9 @@ def train_val_split(n: int, val_fraction: float, *, exclude: Sequence[int] | np.
         raise ValueError(f"cannot take a validation split of {val_fraction:.0%} from {n} images; use more images")
     val = np.sort(np.random.default_rng(seed).choice(keep, size=n_val, replace=False))
     return np.setdiff1d(np.arange(n), val), val
+
+
+def available_offline(data_dir: str | Path | None = None) -> list[str]:
+    """Benchmarks whose train.npz and test.npz are in ``data_dir`` (usable without a download)."""
+    root = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    return [n for n in BENCHMARKS if (root / n / "train.npz").is_file() and (root / n / "test.npz").is_file()]

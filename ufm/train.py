@@ -194,6 +194,16 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
+def describe_device(device: torch.device | str = "auto") -> str:
+    """A human description of a device: the GPU's name, or the CPU with its thread count."""
+    dev = resolve_device(device) if isinstance(device, str) else device
+    if dev.type == "cuda":
+        return f"GPU: {torch.cuda.get_device_name(dev)}"
+    if dev.type == "mps":
+        return "Apple GPU (MPS)"
+    return f"CPU ({torch.get_num_threads()} threads; no GPU found)"
+
+
 def augment_batch(x: torch.Tensor, *, shift: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:
     """Random translation by up to ``shift`` pixels (zero fill) and optional horizontal flip.
 
