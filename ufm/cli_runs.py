@@ -1,0 +1,287 @@
+"""CLI verbs for the run store: ``ufm runs ...``, ``ufm studies ...``, and ``--home``/``--force``
+on ``ufm measure`` (which records its run in the store, through the cache).
+
+Nothing here imports ``ufm.cli`` at import time, so either module may be imported first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .store import STATUSES, Store, StoreError
+
+if TYPE_CHECKING:
+    from .experiment import ExperimentConfig, Result
+    from .train import ProgressFn
+
+LIST_COLUMNS = ["id", "status", "created", "dataset", "arch", "regularisers", "canary", "seed", "M",
+                "exposure_p_value", "test_accuracy", "note"]
+
+
+def _usage(message: str) -> Exception:
+    from .cli import UsageError
+    return UsageError(message)
+
+
+def _add_home(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--home", default=None, metavar="DIR",
+                   help="ufm home holding the run database and artifacts (default $UFM_HOME, else "
+                        "~/.local/share/ufm)")
+
+
+def open_store(a: argparse.Namespace) -> Store:
+    """The store of ``--home`` / ``$UFM_HOME``; its problems become one-line CLI errors."""
+    try:
+        return Store(getattr(a, "home", None))
+    except StoreError as e:
+        raise _usage(str(e)) from e
+
+
+def measure_in_store(a: argparse.Namespace, config: "ExperimentConfig",
+                     progress: "ProgressFn | None") -> tuple[str, "Result", bool]:
+    """``ufm measure``'s work: train (or reuse an identical finished run unless ``--force``) and
+    record the run. Returns ``(run_id, result, cached)``."""
+    from .jobs import measure
+    from .train import TrainingCancelled
+
+    with open_store(a) as store:
+        try:
+            return measure(store, config, force=a.force, progress=progress)
+        except StoreError as e:
+            raise _usage(str(e)) from e
+        except TrainingCancelled as e:
+            raise _usage(f"{e} (cancelled from 'ufm runs cancel' or the dashboard); nothing was saved") from e
+
+
+def _write_out(text: str, out: str | None) -> None:
+    from .cli import write_atomic
+
+    if out in (None, "-"):
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    else:
+        write_atomic(Path(out), text)
+        print(f"wrote {out}", file=sys.stderr)
+
+
+def _resolve(store: Store, run_id: str) -> str:
+    try:
+        return store.resolve(run_id)
+    except StoreError as e:
+        raise _usage(str(e)) from e
+
+
+# ---------------------------------------------------------------------------------- runs
+
+def cmd_runs_list(a: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from .report import RUN_TABLE_COLUMNS, fmt, run_row
+
+    with open_store(a) as store:
+        records = store.list_runs(a.status, limit=a.limit)
+        if a.json:
+            _write_out(json.dumps([r.to_dict() for r in records], indent=1), a.out)
+            return 0
+        if a.csv:
+            table = pd.DataFrame([run_row(r) for r in records], columns=RUN_TABLE_COLUMNS)
+            _write_out(table.to_csv(index=False), a.out)
+            return 0
+    if not records:
+        print(f"no runs in {store.db_path}" + (f" with status {a.status}" if a.status else ""), file=sys.stderr)
+        return 0
+    header = ["id", "status", "created", "dataset", "arch", "regularisers", "canary", "seed", "M (nats)",
+              "exposure p", "test acc", "note"]
+    rows = [header]
+    for rec in records:
+        r = run_row(rec)
+        r["note"] = r["progress"] or (r["error"] or "")[:60]
+        acc = r["test_accuracy"]
+        r["test_accuracy"] = "–" if acc is None else f"{100 * acc:.1f}%"
+        rows.append([fmt(r[c]) for c in LIST_COLUMNS])
+    widths = [max(len(str(x)) for x in col) for col in zip(*rows)]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
+    _write_out("\n".join(lines), a.out)
+    return 0
+
+
+def cmd_runs_show(a: argparse.Namespace) -> int:
+    from .report import config_rows, describe_progress, fmt, iso_time
+
+    with open_store(a) as store:
+        rec = store.get(_resolve(store, a.id))
+        run_dir = store.run_dir(rec.id)
+    if a.json:
+        print(json.dumps(rec.to_dict(), indent=1))
+        return 0
+    lines = [f"run {rec.id}  {rec.status}", f"created {iso_time(rec.created)}  finished {iso_time(rec.finished) or '-'}  "
+             f"ufm {rec.code_version}  config key {rec.config_key}"]
+    if rec.status == "running":
+        lines.append(f"progress: {describe_progress(rec)} (owner pid {rec.owner_pid} on {rec.owner_host})")
+    if rec.error:
+        lines.append(f"error: {rec.error}")
+    if rec.summary:
+        s = rec.summary
+        lines += [f"M = {fmt(s['M'])}  (X_u = {fmt(s['X_u'])}, X_r = {fmt(s['X_r'])}; nats)",
+                  f"t-test p = {fmt(s['p_value'])}   paired p = {fmt(s['p_value_paired'])}",
+                  f"exposure = {fmt(s['exposure'])} bits, empirical p = {fmt(s['exposure_p_value'])}",
+                  f"verdict: {s['verdict']}",
+                  f"test accuracy {fmt(s['test_accuracy'])}  epochs {s['epochs_trained']}  "
+                  f"DP epsilon {fmt(s.get('epsilon'))}"]
+    lines.append("config:")
+    lines += [f"  {k}: {fmt(v)}" for k, v in config_rows(rec.config_data)]
+    lines.append(f"artifacts: {run_dir}")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_runs_export(a: argparse.Namespace) -> int:
+    from .report import run_html, run_json
+
+    with open_store(a) as store:
+        run_id = _resolve(store, a.id)
+        try:
+            if a.format == "json":
+                text = run_json(store, run_id)
+            else:
+                if a.out in (None, "-") and sys.stdout.isatty():
+                    raise _usage("an HTML report is several MB: give --out FILE (e.g. --out run.html)")
+                text = run_html(store, run_id)
+        except StoreError as e:
+            raise _usage(str(e)) from e
+    _write_out(text, a.out)
+    return 0
+
+
+def cmd_runs_cancel(a: argparse.Namespace) -> int:
+    with open_store(a) as store:
+        run_id = _resolve(store, a.id)
+        status = store.request_cancel(run_id)
+    msg = {"cancelled": f"run {run_id} cancelled",
+           "running": f"run {run_id}: cancel requested; it stops at its next training batch"}
+    print(msg.get(status, f"run {run_id} had already finished ({status}); nothing to cancel"))
+    return 0
+
+
+def cmd_runs_delete(a: argparse.Namespace) -> int:
+    with open_store(a) as store:
+        run_id = _resolve(store, a.id)
+        studies = [r[0] for r in store.query("SELECT DISTINCT study FROM study_runs WHERE run_id = ?", (run_id,))]
+        try:
+            store.delete_run(run_id)
+        except StoreError as e:
+            raise _usage(str(e)) from e
+    print(f"deleted run {run_id}" + (f" (it was part of study {', '.join(studies)}, which now lacks it)"
+                                     if studies else ""))
+    return 0
+
+
+# ---------------------------------------------------------------------------------- studies
+
+def cmd_studies_list(a: argparse.Namespace) -> int:
+    from .studies import list_studies
+
+    with open_store(a) as store:
+        df = list_studies(store)
+    if a.json:
+        print(df.to_json(orient="records", indent=1))
+    elif df.empty:
+        print(f"no studies in {store.db_path}", file=sys.stderr)
+    else:
+        print(df.drop(columns=["created"]).to_string(index=False))
+    return 0
+
+
+def cmd_studies_show(a: argparse.Namespace) -> int:
+    from .studies import summary
+
+    with open_store(a) as store:
+        try:
+            df = summary(store, a.name)
+        except StoreError as e:
+            raise _usage(str(e)) from e
+    if a.json:
+        print(df.to_json(orient="records", indent=1))
+    else:
+        print(df.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return 0
+
+
+def cmd_studies_export(a: argparse.Namespace) -> int:
+    from .report import study_html
+    from .studies import get_study, runs_frame, study_to_dict, summary
+
+    with open_store(a) as store:
+        try:
+            if a.format == "html":
+                text = study_html(store, a.name)
+            elif a.format == "csv":
+                text = runs_frame(store, a.name).to_csv(index=False)
+            else:
+                text = json.dumps({"study": study_to_dict(get_study(store, a.name)),
+                                   "summary": json.loads(summary(store, a.name).to_json(orient="records"))}, indent=1)
+        except StoreError as e:
+            raise _usage(str(e)) from e
+    _write_out(text, a.out)
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add ``runs`` and ``studies`` to the ``ufm`` subcommands, and ``--home``/``--force`` to
+    ``measure`` (it is registered before the extra commands)."""
+    measure = sub.choices.get("measure")
+    if measure is not None:
+        _add_home(measure)
+        measure.add_argument("--force", action="store_true",
+                             help="train even when an identical finished run (same config and ufm version) is "
+                                  "in the store")
+
+    runs = sub.add_parser("runs", help="list, show, export, cancel or delete recorded runs",
+                          description="Runs recorded in the store ($UFM_HOME or --home). IDs may be shortened.")
+    rs = runs.add_subparsers(dest="runs_command", metavar="ACTION", required=True)
+    p = rs.add_parser("list", help="all runs, newest first")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="a JSON list of the run records")
+    fmt.add_argument("--csv", action="store_true", help="one CSV row per run (numbers, config, versions)")
+    p.add_argument("--status", choices=STATUSES, default=None, help="only runs with this status")
+    p.add_argument("--limit", type=int, default=None, help="at most N runs")
+    p.add_argument("--out", default=None, help="write here instead of stdout")
+    p.set_defaults(func=cmd_runs_list)
+    p = rs.add_parser("show", help="one run: status, progress, numbers, config")
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true", help="the run record as JSON")
+    p.set_defaults(func=cmd_runs_show)
+    p = rs.add_parser("export", help="a run as JSON (full result) or as a self-contained HTML report")
+    p.add_argument("id")
+    p.add_argument("--format", choices=["json", "html"], default="json")
+    p.add_argument("--out", default=None, help="file to write (default stdout)")
+    p.set_defaults(func=cmd_runs_export)
+    p = rs.add_parser("cancel", help="stop a queued or running run (also one running in another process)")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_runs_cancel)
+    p = rs.add_parser("delete", help="remove a finished run and its artifacts")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_runs_delete)
+    for q in rs.choices.values():
+        _add_home(q)
+
+    studies = sub.add_parser("studies", help="list, summarise or export studies (groups of runs)",
+                             description="Studies recorded in the store ($UFM_HOME or --home).")
+    ss = studies.add_subparsers(dest="studies_command", metavar="ACTION", required=True)
+    p = ss.add_parser("list", help="all studies")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_studies_list)
+    p = ss.add_parser("show", help="per group: mean M with 95%% interval, share significant, accuracy")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_studies_show)
+    p = ss.add_parser("export", help="a study as a self-contained HTML report (or CSV of its runs, or JSON)")
+    p.add_argument("name")
+    p.add_argument("--format", choices=["html", "csv", "json"], default="html")
+    p.add_argument("--out", required=True, help="file to write ('-' for stdout)")
+    p.set_defaults(func=cmd_studies_export)
+    for q in ss.choices.values():
+        _add_home(q)

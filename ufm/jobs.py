@@ -1,0 +1,329 @@
+"""Run experiments off the caller's thread, with progress and cancellation through the run store.
+
+:class:`Runner` keeps one worker thread per device (``cpu``, ``cuda:0``, ...) with a queue in
+front of it, so a CPU run and a GPU run proceed side by side while two GPU runs do not fight over
+one card. Everything a user may want to see (status, epoch, losses) is written to the
+:class:`~ufm.store.Store`, so any Streamlit session, another process or ``ufm runs show`` reads it.
+A Runner is thread-safe: the dashboard holds one per process (``st.cache_resource``).
+
+:func:`measure` is the same thing in the calling thread (the CLI).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from . import experiment
+from .store import FINISHED, RunRecord, Store, StoreError
+from .train import CancelFlag, Progress, ProgressFn, TrainingCancelled, is_cancelled
+
+if TYPE_CHECKING:
+    from .experiment import ExperimentConfig, Result
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL = 10.0  # seconds between "still alive" writes; Store.stale_after is 30x this
+PROGRESS_INTERVAL = 0.5    # seconds: at most this often a training epoch is written (phase changes always)
+CANCEL_POLL = 1.0          # seconds between looks at the store's cancel flag (set by another process)
+
+
+class Heartbeat:
+    """A daemon thread that marks this process's queued/running runs alive every ``interval`` s,
+    so :meth:`Store.recover` in another process can tell a slow epoch from a dead process."""
+
+    def __init__(self, store: Store, interval: float = HEARTBEAT_INTERVAL) -> None:
+        self.store = store
+        self.interval = float(interval)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="ufm-heartbeat", daemon=True)
+
+    def start(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def __enter__(self) -> "Heartbeat":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.store.heartbeat()
+            except StoreError as e:  # a locked or closed store must not kill the thread; say so
+                log.warning("heartbeat not recorded: %s", e)
+
+
+class _ProgressRecorder:
+    """Progress callback: writes to the store (throttled) and forwards to ``inner``."""
+
+    def __init__(self, store: Store, run_id: str, inner: ProgressFn | None, interval: float) -> None:
+        self.store, self.run_id, self.inner, self.interval = store, run_id, inner, interval
+        self._last_phase: str | None = None
+        self._last_time = 0.0
+
+    def __call__(self, p: Progress) -> None:
+        now = time.monotonic()
+        final_epoch = p.phase == "train" and p.epoch == p.max_epochs
+        if p.phase != self._last_phase or final_epoch or now - self._last_time >= self.interval:
+            self.store.update_progress(self.run_id, p)
+            self._last_phase, self._last_time = p.phase, now
+        if self.inner is not None:
+            self.inner(p)
+
+
+class _CancelCheck:
+    """Cancel flag for training: the local flag, or (polled at most every CANCEL_POLL s) the
+    store's ``cancel_requested``, which ``ufm runs cancel`` in another process sets."""
+
+    def __init__(self, store: Store, run_id: str, local: CancelFlag) -> None:
+        self.store, self.run_id, self.local = store, run_id, local
+        self._next_poll = 0.0
+        self._seen = False
+
+    def __call__(self) -> bool:
+        if self._seen or is_cancelled(self.local):
+            return True
+        now = time.monotonic()
+        if now >= self._next_poll:
+            self._next_poll = now + CANCEL_POLL
+            self._seen = self.store.cancel_requested(self.run_id)
+        return self._seen
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def execute(store: Store, run_id: str, config: "ExperimentConfig", *, progress: ProgressFn | None = None,
+            cancel: CancelFlag = None, progress_interval: float = PROGRESS_INTERVAL) -> "Result | None":
+    """Run the queued run ``run_id`` in this thread and record how it ends.
+
+    Returns the Result (the run is then ``done``), or None when the run was cancelled before it
+    started. A cancelled, interrupted or failed run is recorded as such and the exception
+    (:class:`~ufm.train.TrainingCancelled`, ``KeyboardInterrupt``, ...) propagates.
+    """
+    if not store.mark_running(run_id):
+        return None
+    try:
+        result = experiment.run_experiment(config, progress=_ProgressRecorder(store, run_id, progress,
+                                                                              progress_interval),
+                                           cancel=_CancelCheck(store, run_id, cancel))
+    except TrainingCancelled:
+        store.mark_cancelled(run_id, "cancelled by the user")
+        raise
+    except KeyboardInterrupt:
+        store.mark_cancelled(run_id, "interrupted (Ctrl-C)")
+        raise
+    except BaseException as e:
+        store.mark_failed(run_id, _describe(e))
+        raise
+    try:
+        store.save_result(run_id, result)
+    except BaseException as e:
+        store.mark_failed(run_id, f"the result could not be saved: {_describe(e)}")
+        raise
+    return result
+
+
+def measure(store: Store, config: "ExperimentConfig", *, force: bool = False, progress: ProgressFn | None = None,
+            cancel: CancelFlag = None) -> tuple[str, "Result", bool]:
+    """Measure ``config`` in the calling thread, through the cache.
+
+    Returns:
+        ``(run_id, result, cached)``: with ``cached`` True the result is that of an earlier
+        identical run (same config key and ufm version) and nothing was trained; its ``model`` is
+        None (``store.load_model(run_id)`` rebuilds it). ``force=True`` always trains.
+    """
+    if not force:
+        hit = store.find_cached(config)
+        if hit is not None:
+            return hit.id, store.load_result(hit.id), True
+    run_id = store.create_run(config, status="queued")
+    with Heartbeat(store):
+        result = execute(store, run_id, config, progress=progress, cancel=cancel)
+    if result is None:  # cancelled from another process between create and start
+        raise TrainingCancelled(f"run {run_id} was cancelled before it started")
+    return run_id, result, False
+
+
+def device_key(config: "ExperimentConfig") -> str:
+    """The device a config trains on, as a queue name: ``cpu``, ``cuda:0``, ``mps``.
+
+    Raises:
+        ValueError: the config asks for a device this machine does not have.
+    """
+    import torch
+
+    from .train import resolve_device
+
+    dev = resolve_device(config.device)
+    if dev.type == "cuda":
+        return f"cuda:{dev.index if dev.index is not None else torch.cuda.current_device()}"
+    return dev.type
+
+
+class Runner:
+    """Background execution of experiments: one worker thread per device, a queue behind each.
+
+    Args:
+        store: where runs, progress and results go.
+        workers_per_device: concurrent runs per device (1: runs on one GPU never compete).
+        heartbeat_interval: seconds between heartbeats of this process's runs.
+        progress_interval: the most often (seconds) a training epoch is written to the store.
+
+    Workers are daemon threads: a process that exits mid-run leaves the run ``running`` with a
+    dead owner, and the next :class:`Store` opened marks it ``failed``.
+    """
+
+    def __init__(self, store: Store, *, workers_per_device: int = 1, heartbeat_interval: float = HEARTBEAT_INTERVAL,
+                 progress_interval: float = PROGRESS_INTERVAL) -> None:
+        if workers_per_device < 1:
+            raise ValueError(f"workers_per_device must be >= 1, got {workers_per_device}")
+        self.store = store
+        self.workers_per_device = workers_per_device
+        self.progress_interval = progress_interval
+        self._lock = threading.Lock()
+        self._queues: dict[str, queue.Queue] = {}
+        self._threads: list[threading.Thread] = []
+        self._cancel: dict[str, threading.Event] = {}   # run id -> its cancel flag (runs of this runner)
+        self._ended: dict[str, threading.Event] = {}    # run id -> set when the worker is done with it
+        self._inflight: dict[tuple[str, str], str] = {}  # (config key, version) -> queued/running run id
+        self._closed = False
+        self._heartbeat = Heartbeat(store, heartbeat_interval).start()
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def submit(self, config: "ExperimentConfig", *, force: bool = False) -> str:
+        """Queue ``config`` and return its run id at once.
+
+        Without ``force``, a finished identical run (same config key and ufm version) is returned
+        instead (nothing is trained), and so is an identical run already queued or running in
+        this runner.
+
+        Raises:
+            ValueError: the config's device is not available here.
+            RuntimeError: the runner was shut down.
+        """
+        from . import __version__
+
+        dev = device_key(config)
+        ident = (config.key(), __version__)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this Runner was shut down; create a new one")
+            if not force:
+                hit = self.store.find_cached(config)
+                if hit is not None:
+                    return hit.id
+                if ident in self._inflight:
+                    return self._inflight[ident]
+            run_id = self.store.create_run(config, status="queued")
+            self._cancel[run_id] = threading.Event()
+            self._ended[run_id] = threading.Event()
+            self._inflight[ident] = run_id
+            q = self._queues.get(dev)
+            if q is None:
+                q = self._queues[dev] = queue.Queue()
+                for i in range(self.workers_per_device):
+                    t = threading.Thread(target=self._work, args=(q,), name=f"ufm-worker-{dev}-{i}", daemon=True)
+                    t.start()
+                    self._threads.append(t)
+            q.put((run_id, config, ident))
+        return run_id
+
+    def cancel(self, run_id: str) -> str:
+        """Stop a run: a queued one is ``cancelled`` at once, a running one at its next batch
+        (also when another process runs it). Returns the status after the request."""
+        status = self.store.request_cancel(run_id)
+        with self._lock:
+            ev = self._cancel.get(run_id)
+        if ev is not None:
+            ev.set()
+        return status
+
+    def wait(self, run_id: str, timeout: float | None = None, poll: float = 0.2) -> RunRecord:
+        """Block until ``run_id`` has finished (done, failed or cancelled) and return its record.
+
+        Raises:
+            TimeoutError: still unfinished after ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            ended = self._ended.get(run_id)
+        if ended is not None:
+            if not ended.wait(timeout):
+                raise TimeoutError(f"run {run_id} still {self.store.get(run_id).status} after {timeout} s")
+            return self.store.get(run_id)
+        while True:  # a run of another runner or process: watch the store
+            rec = self.store.get(run_id)
+            if rec.status in FINISHED:
+                return rec
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"run {run_id} still {rec.status} after {timeout} s")
+            time.sleep(poll)
+
+    def active(self) -> list[str]:
+        """Ids of this runner's queued and running runs."""
+        with self._lock:
+            return [r for r, ev in self._ended.items() if not ev.is_set()]
+
+    def shutdown(self, *, cancel: bool = True, wait: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting runs; with ``cancel`` also cancel the queued and running ones; with
+        ``wait`` join the workers (at most ``timeout`` seconds each)."""
+        with self._lock:
+            self._closed = True
+            pending = [r for r, ev in self._ended.items() if not ev.is_set()]
+            queues = list(self._queues.values())
+            threads = list(self._threads)
+        if cancel:
+            for run_id in pending:
+                try:
+                    self.cancel(run_id)
+                except StoreError as e:
+                    log.warning("could not cancel run %s: %s", run_id, e)
+        for q in queues:
+            for _ in range(self.workers_per_device):
+                q.put(None)
+        if wait:
+            for t in threads:
+                t.join(timeout)
+        self._heartbeat.stop()
+
+    def _work(self, q: queue.Queue) -> None:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            run_id, config, ident = item
+            try:
+                execute(self.store, run_id, config, cancel=self._cancel[run_id],
+                        progress_interval=self.progress_interval)
+            except TrainingCancelled:
+                pass  # recorded as cancelled by execute
+            except Exception:  # noqa: BLE001 - recorded as failed by execute; the worker lives on
+                log.info("run %s failed", run_id, exc_info=True)
+            except BaseException:
+                log.exception("worker for run %s stopped", run_id)
+                raise
+            finally:
+                with self._lock:
+                    if self._inflight.get(ident) == run_id:
+                        del self._inflight[ident]
+                    self._cancel.pop(run_id, None)
+                    self._ended[run_id].set()

@@ -1,0 +1,300 @@
+"""Exports: a run as JSON, all runs as a table (CSV), a run or a study as a self-contained HTML report.
+
+The HTML embeds plotly.js once, inline (no CDN, no network: the file opens on a machine with no
+internet, and in ten years), followed by the figures of :mod:`ufm.plots`, the config tables and
+the versions of ufm and torch that made each number.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import time
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import pandas as pd
+
+from . import __version__
+from .store import RunRecord, Store
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
+    from .studies import Study
+
+
+# ---------------------------------------------------------------------------------- JSON and CSV
+
+def run_json(store: Store, run_id: str, *, indent: int | None = 1) -> str:
+    """A run as JSON: ``{"run": the database record, "result": the full Result dict or null}``.
+
+    ``result`` (with ``d_u``, ``d_r``, the history, access scores, versions) is there for ``done``
+    runs; a failed or cancelled run carries its ``error`` in ``run``.
+    """
+    rec = store.get(run_id)
+    result = json.loads(store.artifact(run_id, "result.json").read_text()) if rec.status == "done" else None
+    return json.dumps({"run": rec.to_dict(), "result": result}, indent=indent, allow_nan=False)
+
+
+RUN_TABLE_COLUMNS = ["id", "status", "created", "finished", "seconds", "dataset", "arch", "regularisers", "feature",
+                     "canary", "seed", "max_epochs", "train_size", "M", "X_u", "X_r", "p_value", "p_value_paired",
+                     "exposure", "exposure_p_value", "significant", "test_accuracy", "epochs_trained", "epsilon",
+                     "progress", "config_key", "code_version", "error"]
+
+
+def iso_time(t: float | None) -> str | None:
+    """Unix seconds as local ``YYYY-MM-DD HH:MM:SS`` (None stays None)."""
+    return None if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def describe_canary(d: dict[str, Any]) -> str:
+    from .canary import CanaryChoice
+    return CanaryChoice.from_dict(d).describe()
+
+
+def describe_progress(rec: RunRecord) -> str:
+    """``"train epoch 3/500, val loss 0.41"`` for a running run, ``""`` otherwise."""
+    p = rec.progress
+    if rec.status != "running" or not p:
+        return ""
+    if p.get("phase") == "train":
+        vl = p.get("val_loss")
+        return f"train epoch {p.get('epoch')}/{p.get('max_epochs')}" + ("" if vl is None else f", val loss {vl:.4g}")
+    return f"{p.get('phase')}: {p.get('message', '')}".strip(": ")
+
+
+def run_row(rec: RunRecord) -> dict[str, Any]:
+    """One run as a flat dict with the columns of :data:`RUN_TABLE_COLUMNS` (M etc. in nats,
+    exposure in bits, accuracy 0-1, times as local ISO strings, seconds = finished - started)."""
+    c, s = rec.config_data, rec.summary or {}
+    feat = c.get("feature", {})
+    return {
+        "id": rec.id, "status": rec.status, "created": iso_time(rec.created), "finished": iso_time(rec.finished),
+        "seconds": None if rec.finished is None or rec.started is None else round(rec.finished - rec.started, 3),
+        "dataset": c.get("dataset"), "arch": c.get("arch"), "regularisers": "+".join(c.get("regularisers", [])) or "none",
+        "feature": feat.get("name"), "canary": describe_canary(c["canary"]) if "canary" in c else None,
+        "seed": c.get("seed"), "max_epochs": c.get("epochs"), "train_size": c.get("train_size"),
+        **{k: s.get(k) for k in ("M", "X_u", "X_r", "p_value", "p_value_paired", "exposure", "exposure_p_value",
+                                 "significant", "test_accuracy", "epochs_trained", "epsilon")},
+        "progress": describe_progress(rec), "config_key": rec.config_key, "code_version": rec.code_version,
+        "error": rec.error,
+    }
+
+
+def runs_table(store: Store, status: str | Sequence[str] | None = None) -> pd.DataFrame:
+    """All runs (newest first), one row each, columns :data:`RUN_TABLE_COLUMNS`."""
+    return pd.DataFrame([run_row(r) for r in store.list_runs(status)], columns=RUN_TABLE_COLUMNS)
+
+
+def runs_csv(store: Store, status: str | Sequence[str] | None = None) -> str:
+    """:func:`runs_table` as CSV text."""
+    return runs_table(store, status).to_csv(index=False)
+
+
+# ---------------------------------------------------------------------------------- HTML pieces
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px;
+       color: #222; padding: 0 1em; }
+h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 2em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.verdict { padding: 0.6em 1em; background: #f7f7f7; border-left: 4px solid #d62728; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(480px, 1fr)); gap: 0.5em; }
+.note { color: #666; font-size: 0.9em; } .error { color: #a00; }
+"""
+
+
+def _esc(v: Any) -> str:
+    return html.escape(str(v), quote=True)
+
+
+def fmt(v: Any) -> str:
+    """A cell value for people: 4 significant digits, yes/no, '–' for missing."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def pct(v: float | None) -> str:
+    """An accuracy in [0, 1] as ``"97.3%"`` ('–' when missing)."""
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
+
+
+def _td(v: Any) -> str:
+    num = isinstance(v, (int, float)) and not isinstance(v, bool)
+    cls = ' class="num"' if num else ""
+    return f"<td{cls}>{_esc(fmt(v))}</td>"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    head = "<tr>" + "".join(f"<th>{_esc(h)}</th>" for h in header) + "</tr>"
+    return "\n".join(["<table>", head, *("<tr>" + "".join(_td(v) for v in row) + "</tr>" for row in rows),
+                      "</table>"])
+
+
+def _kv_table(pairs: Iterable[tuple[str, Any]]) -> str:
+    return "\n".join(["<table>", *(f"<tr><th>{_esc(k)}</th>{_td(v)}</tr>" for k, v in pairs), "</table>"])
+
+
+def config_rows(d: dict[str, Any]) -> list[tuple[str, Any]]:
+    """An ExperimentConfig dict as (setting, value) rows for people (the feature's pixels are
+    summarised by name, size and offset; DP settings only when DP-SGD is on)."""
+    rows: list[tuple[str, Any]] = []
+    feat = d.get("feature", {})
+    grid = feat.get("pattern") or [[]]
+    if grid[0] and isinstance(grid[0][0], list):  # a colour feature, (3, h, w)
+        grid = grid[0]
+    row, col = feat.get("offset", ("?", "?"))
+    rows.append(("feature", f"{feat.get('name')} ({len(grid)}x{len(grid[0])} px at row {row}, col {col}, "
+                            f"intensity {feat.get('intensity')})"))
+    rows.append(("canary", describe_canary(d["canary"]) if "canary" in d else "–"))
+    regs = d.get("regularisers", [])
+    rows.append(("regularisers", "+".join(regs) or "none"))
+    skip = {"feature", "canary", "regularisers", "dp"}
+    for k, v in d.items():
+        if k in skip or (k == "dropout" and "dropout" not in regs) or (k == "weight_decay" and "weight-decay" not in regs):
+            continue
+        rows.append((k, "default" if v is None else v))
+    if "dp-sgd" in regs:
+        rows += [(f"dp.{k}", v) for k, v in d.get("dp", {}).items()]
+    return rows
+
+
+def _figure_html(fig: "go.Figure", div_id: str, height: int | None = None) -> str:
+    if height is not None:
+        fig.update_layout(height=height)
+    # plotly.js is in the page head once; each figure carries only its data and layout.
+    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id,
+                       config={"displaylogo": False, "responsive": True})
+
+
+def _page(title: str, body: Sequence[str]) -> str:
+    from plotly.offline import get_plotlyjs
+
+    made = time.strftime("%Y-%m-%d %H:%M:%S")
+    return "\n".join([
+        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+        f"<title>{_esc(title)}</title>", f"<style>{_CSS}</style>",
+        f'<script type="text/javascript">{get_plotlyjs()}</script>', "</head>", "<body>", *body,
+        f'<p class="note">Report made {made} by ufm {_esc(__version__)} (plotly.js embedded; opens offline).</p>',
+        "</body>", "</html>"])
+
+
+def _versions_table(versions: dict[str, dict[str, str]]) -> str:
+    """Rows: run id; columns: the packages (ufm, torch, numpy, python)."""
+    keys = ["ufm", "torch", "numpy", "python"]
+    extra = sorted({k for v in versions.values() for k in v} - set(keys))
+    cols = keys + extra
+    return _table(["run", *cols], ([rid, *(v.get(k) for k in cols)] for rid, v in versions.items()))
+
+
+def _summary_pairs(s: dict[str, Any]) -> list[tuple[str, Any]]:
+    return [("M = X_u - X_r (nats)", s.get("M")), ("X_u (nats)", s.get("X_u")), ("X_r (nats)", s.get("X_r")),
+            ("t-test p (Welch, one-tailed)", s.get("p_value")), ("paired t-test p", s.get("p_value_paired")),
+            ("exposure (bits)", s.get("exposure")),
+            ("exposure p (rank test; drives the verdict)", s.get("exposure_p_value")),
+            ("significant", s.get("significant")), ("test accuracy", pct(s.get("test_accuracy"))),
+            ("epochs trained", s.get("epochs_trained")), ("stopped by", s.get("stopped")),
+            ("DP epsilon", s.get("epsilon")), ("canary indices", ", ".join(map(str, s.get("canary_indices", [])))
+                                               or "none"), ("inference images", s.get("n_ood"))]
+
+
+# ---------------------------------------------------------------------------------- HTML reports
+
+def run_html(store: Store, run_id: str) -> str:
+    """A one-run report: verdict, numbers, d_u vs d_r histogram, training curves, config, versions."""
+    from .plots import histogram_figure, loss_curve_figure
+
+    rec = store.get(run_id)
+    body = [f"<h1>ufm run {_esc(rec.id)}</h1>",
+            _kv_table([("status", rec.status), ("created", iso_time(rec.created)), ("finished", iso_time(rec.finished)),
+                       ("ufm version", rec.code_version), ("config key", rec.config_key)])]
+    if rec.error:
+        body.append(f'<p class="error">{_esc(rec.error)}</p>')
+    versions: dict[str, dict[str, str]] = {}
+    if rec.status == "done" and rec.summary:
+        s = rec.summary
+        d_u, d_r = store.load_scores(run_id)
+        history = store.load_history(run_id)
+        body += [f'<p class="verdict">{_esc(s.get("verdict", ""))}</p>', "<h2>Memorisation</h2>",
+                 _kv_table(_summary_pairs(s)),
+                 _figure_html(histogram_figure(d_u, d_r), "fig-hist", 420),
+                 "<h2>Training</h2>", _figure_html(loss_curve_figure(history), "fig-loss", 380)]
+        versions[rec.id] = s.get("versions", {})
+    else:
+        body.append(f'<p class="note">No results: the run is {_esc(rec.status)}.</p>')
+    body += ["<h2>Configuration</h2>", _kv_table(config_rows(rec.config_data))]
+    if versions:
+        body += ["<h2>Versions</h2>", _versions_table(versions)]
+    return _page(f"ufm run {rec.id}", body)
+
+
+def _differences(base: dict[str, Any], d: dict[str, Any]) -> str:
+    base_rows, rows = dict(config_rows(base)), dict(config_rows(d))
+    diff = [f"{k} = {fmt(v)}" for k, v in rows.items() if k != "seed" and base_rows.get(k) != v]
+    return "; ".join(diff) or "as the base config"
+
+
+def study_html(store: Store, name: str) -> str:
+    """A study report: per-group mean M with 95% intervals (table and bar chart), the d_u vs d_r
+    histogram of every finished run (small multiples), the runs, the configs and versions."""
+    from .plots import histogram_figure, m_bar_figure
+    from .studies import aggregate, get_study, runs_frame
+
+    study: Study = get_study(store, name)
+    runs = runs_frame(store, name)
+    agg = aggregate(runs)
+    base = study.base_config.to_dict()
+    body = [f"<h1>ufm study: {_esc(study.name)}</h1>",
+            _kv_table([("kind", study.kind), ("created", iso_time(study.created)), ("members", len(study.entries)),
+                       ("groups", len(study.groups)), ("description", study.description or "–")])]
+
+    body += ["<h2>Memorisation by group</h2>",
+             '<p class="note">Mean M over the finished runs of each group (seeds) with a 95% Student-t interval; '
+             'a group with one finished run has no interval. "Significant" is the exposure (rank) test at each '
+             "run's alpha.</p>",
+             _table(["group", "finished / members", "mean M (nats)", "95% interval", "significant", "mean test accuracy"],
+                    ([r.group, f"{r.done} / {r.members}", r.mean_M,
+                      f"[{fmt(r.ci_low)}, {fmt(r.ci_high)}]" if not math.isnan(r.ci_low) else r.interval,
+                      f"{r.n_significant} of {r.done}" if r.done else "–", pct(r.mean_test_accuracy)]
+                     for r in agg.itertuples()))]
+    if (agg["done"] > 0).any():
+        shown = agg[agg["done"] > 0]
+        body.append(_figure_html(m_bar_figure(list(shown["group"]), list(shown["mean_M"]),
+                                              [None if math.isnan(v) else v for v in shown["ci_low"]],
+                                              [None if math.isnan(v) else v for v in shown["ci_high"]]),
+                                 "fig-m-bar", 420))
+
+    done = runs[runs["status"] == "done"]
+    versions: dict[str, dict[str, str]] = {}
+    if len(done):
+        body += ["<h2>Output changes per run: d_u vs d_r</h2>", '<div class="grid">']
+        for r in done.itertuples():
+            d_u, d_r = store.load_scores(r.run_id)
+            fig = histogram_figure(d_u, d_r, title=f"{r.group}, seed {r.seed} (run {r.run_id}): M = {r.M:.3g}")
+            body.append(_figure_html(fig, f"fig-hist-{r.position}", 340))
+            versions[r.run_id] = (store.get(r.run_id).summary or {}).get("versions", {})
+        body.append("</div>")
+
+    body += ["<h2>Runs</h2>",
+             _table(["#", "group", "seed", "run", "status", "M (nats)", "exposure p", "significant", "test accuracy",
+                     "error"],
+                    ([r.position, r.group, r.seed, r.run_id or "–", r.status, r.M, r.exposure_p_value,
+                      None if r.status != "done" else bool(r.significant), pct(r.test_accuracy), r.error]
+                     for r in runs.itertuples()))]
+    body += ["<h2>Configuration</h2>", "<p>Base configuration:</p>", _kv_table(config_rows(base)),
+             "<p>Groups (what differs from the base, besides the seed):</p>",
+             _table(["group", "differs by", "seeds"],
+                    ([g, _differences(base, next(e.config.to_dict() for e in study.entries if e.group == g)),
+                      ", ".join(str(e.config.seed) for e in study.entries if e.group == g)]
+                     for g in study.groups))]
+    if versions:
+        body += ["<h2>Versions</h2>", _versions_table(versions)]
+    return _page(f"ufm study {study.name}", body)
