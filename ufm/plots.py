@@ -74,7 +74,7 @@ def loss_curve_figure(history: Sequence, *, title: str = "Training curves") -> g
 
 def m_bar_figure(groups: Sequence[str], mean_m: Sequence[float], ci_low: Sequence[float | None],
                  ci_high: Sequence[float | None], *, title: str = "Memorisation score M by setting") -> go.Figure:
-    """Bars of mean M (nats) per group with 95% interval error bars (None = no interval, n = 1)."""
+    """Bars of mean M (nats) per group with 95% interval error bars (None or NaN = no interval, n = 1)."""
     mean = np.asarray(mean_m, dtype=np.float64)
     hi = np.array([np.nan if h is None else h for h in ci_high], dtype=np.float64) - mean
     lo = mean - np.array([np.nan if v is None else v for v in ci_low], dtype=np.float64)

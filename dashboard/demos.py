@@ -1,0 +1,56 @@
+"""The guided demos of the Home page: one click submits a quick run and opens its result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import streamlit as st
+
+from ufm.canary import CanaryChoice
+from ufm.features import Feature, glyph, text_feature
+
+from . import state
+
+
+@dataclass(frozen=True)
+class Demo:
+    title: str
+    text: str
+    feature: Feature
+    setup: dict = field(default_factory=dict)
+
+    def missing(self, offline: list[str]) -> str | None:
+        """Why the demo cannot run here (its data is not available offline), or None."""
+        ds = self.setup["dataset"]
+        if ds in offline:
+            return None
+        if ds == "chest-xray":
+            return ("The chest X-ray copy is not in the data folder. Put its train.npz/test.npz in "
+                    f"{state.data_dir()}/chest-xray/ (set UFM_DATA_DIR), or use your own folder of X-rays "
+                    "(one sub-folder per class) as the dataset on the Train page.")
+        return None  # MNIST and friends download on first use
+
+
+DEMOS = {
+    "teaching": Demo(
+        "Teaching",
+        "The paper's experiment: a 5x5 letter A on **one** MNIST digit, an MLP, a quick budget "
+        "(3,000 training images, early stopping). About a minute on a laptop CPU.",
+        glyph("A"),
+        dict(dataset="mnist", arch="mlp", regularisers=[], canary=CanaryChoice("index", (0,)), seed=0, **state.QUICK)),
+    "clinical": Demo(
+        "Clinical",
+        "A typed patient name, JOHN DOE, burnt into the corner of **one** paediatric chest X-ray "
+        "(normal vs pneumonia, 64x64). Does the classifier learn the name?",
+        text_feature("JOHN DOE", height=7, offset=(2, 2)),
+        dict(dataset="chest-xray", arch="mlp", regularisers=[], canary=CanaryChoice("index", (0,)), seed=0,
+             train_size=None, epochs=30, patience=5, ood_size=500)),
+}
+
+
+def start_demo(demo: Demo) -> str:
+    st.session_state[state.FEATURE] = demo.feature
+    st.session_state[state.SETUP] = dict(demo.setup)
+    run_id = state.runner().submit(state.config_from_setup())
+    st.session_state[state.RUN] = run_id
+    return run_id

@@ -1,0 +1,155 @@
+"""Everything the pages share: cached resources, session-state keys, the current setup.
+
+All Streamlit caching decorators live here (STYLE habit 4). Results themselves live in the run
+store, so they survive page switches, reloads and restarts; session state only remembers what
+the user is looking at (and the feature being designed).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import streamlit as st
+
+from ufm.canary import CanaryChoice
+from ufm.data import BENCHMARKS, available_offline, default_data_dir, load_split
+from ufm.experiment import ExperimentConfig
+from ufm.features import Feature, glyph
+from ufm.jobs import Runner
+from ufm.store import Store
+
+# Session-state keys (one place, so pages cannot drift apart).
+FEATURE = "feature"            # the Feature being designed
+SETUP = "setup"                # dict of the Train page's choices (dataset, arch, ...)
+RUN = "run_id"                 # the run the Train page shows
+EXPLAIN_RUN = "explain_run_id"
+STUDY = "study_name"
+
+QUICK = dict(train_size=3000, epochs=30, patience=5, ood_size=500)
+PAPER = dict(train_size=None, epochs=500, patience=10, ood_size=1000)
+
+
+@st.cache_resource
+def store() -> Store:
+    """The run store under UFM_HOME, shared by all sessions of this server (thread-safe)."""
+    return Store.open(os.environ.get("UFM_HOME"))
+
+
+@st.cache_resource
+def runner() -> Runner:
+    """One background runner per server: one worker per device, a queue behind it."""
+    return Runner(store())
+
+
+def data_dir() -> str:
+    return str(default_data_dir())
+
+
+@st.cache_data(show_spinner=False)
+def offline_datasets(root: str) -> list[str]:
+    return available_offline(root)
+
+
+@st.cache_data(show_spinner="Loading images ...", max_entries=6)
+def images(dataset: str, split: str, root: str, limit: int | None = 200):
+    """(x, y, classes) as numpy for galleries and previews; small by default."""
+    d = load_split(dataset, split, data_dir=root, limit=limit)
+    return d.x.numpy(), d.y.numpy(), d.classes
+
+
+def dataset_choices() -> list[str]:
+    """Offline datasets first; the downloadable benchmarks after them."""
+    offline = offline_datasets(data_dir())
+    return offline + [d for d in BENCHMARKS if d not in offline and d != "chest-xray"]
+
+
+def current_feature() -> Feature:
+    if FEATURE not in st.session_state:
+        st.session_state[FEATURE] = glyph("A")
+    return st.session_state[FEATURE]
+
+
+def current_setup() -> dict:
+    if SETUP not in st.session_state:
+        st.session_state[SETUP] = dict(dataset=(dataset_choices() or ["mnist"])[0], arch="mlp", regularisers=[],
+                                       canary=CanaryChoice("index", (0,)), seed=0, **QUICK)
+    return st.session_state[SETUP]
+
+
+def config_from_setup(setup: dict | None = None, **overrides) -> ExperimentConfig:
+    s = dict(current_setup() if setup is None else setup)
+    s.update(overrides)
+    keys = {"dataset", "arch", "regularisers", "canary", "seed", "train_size", "epochs", "patience", "ood_size",
+            "lr", "batch_size", "candidates", "device", "dp"}
+    kw = {k: v for k, v in s.items() if k in keys and v is not None}
+    kw["regularisers"] = tuple(kw.get("regularisers", ()))
+    return ExperimentConfig(feature=current_feature(), data_dir=data_dir(), **kw)
+
+
+@st.cache_resource(max_entries=4, show_spinner="Loading the trained model ...")
+def model(run_id: str):
+    """A finished run's model (read-only use: explanations); runs are immutable once done."""
+    return store().load_model(run_id)
+
+
+def short(run_id: str) -> str:
+    return run_id[:8]
+
+
+def asset(name: str) -> Path:
+    return Path(__file__).resolve().parents[1] / "assets" / name
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def ood_preview(dataset: str, shape: tuple[int, int, int], root: str, n: int = 2):
+    """The first ``n`` inference images for a model trained on ``dataset`` (numpy, (n, C, H, W))."""
+    from ufm.data import load_ood
+    return load_ood(dataset, shape, n, data_dir=root).x.numpy()
+
+
+def influence_path(reference_key: str) -> Path:
+    """Where the Influence page keeps the self-influence table of a reference model."""
+    return Path(store().home) / "influence" / f"{reference_key}.csv"
+
+
+class Tasks:
+    """Background work that is not an experiment run (self-influence of a training set).
+
+    One worker thread; each task has a key, its latest progress and its outcome, readable from
+    every session. Results are written to disk by the task itself, so they outlive the server.
+    """
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+        import threading
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ufm-task")
+        self._lock = threading.Lock()
+        self._futures: dict = {}
+        self.progress: dict[str, str] = {}
+
+    def submit(self, key: str, fn) -> None:
+        """Run ``fn(report)`` unless a task with ``key`` is already queued or running."""
+        with self._lock:
+            fut = self._futures.get(key)
+            if fut is not None and not fut.done():
+                return
+            self.progress[key] = "queued"
+            self._futures[key] = self._pool.submit(fn, lambda msg: self.progress.__setitem__(key, msg))
+
+    def status(self, key: str) -> tuple[str, str | None]:
+        """("none" | "running" | "done" | "failed", progress text or error)."""
+        with self._lock:
+            fut = self._futures.get(key)
+        if fut is None:
+            return "none", None
+        if not fut.done():
+            return "running", self.progress.get(key)
+        exc = fut.exception()
+        return ("failed", str(exc)) if exc else ("done", None)
+
+
+@st.cache_resource
+def tasks() -> Tasks:
+    return Tasks()

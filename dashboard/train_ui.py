@@ -1,0 +1,111 @@
+"""Widgets of the Train & measure page: the setup form and the canary chooser with its gallery."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from ufm.canary import CanaryChoice
+from ufm.models import ARCHITECTURES
+from ufm.plots import image_figure
+from ufm.train import REGULARISERS
+
+from . import state
+
+CANARY_MODES = ["pick an image", "random", "by class", "by self-influence rank", "none (clean control)"]
+GALLERY = 24
+
+
+def setup_form() -> dict:
+    """Dataset, architecture, regularisers and budget; returns the new setup dict."""
+    s = dict(state.current_setup())
+    choices = state.dataset_choices() + ["your own data (a folder or .npz pair)"]
+    ds = s["dataset"] if s["dataset"] in choices else choices[-1]
+    c1, c2, c3 = st.columns(3)
+    pick = c1.selectbox("dataset", choices, index=choices.index(ds), key="tr_dataset")
+    if pick == choices[-1]:
+        pick = c1.text_input("path to your data", s["dataset"] if ds == choices[-1] else "", key="tr_path",
+                             help="A folder with train.npz and test.npz, or a folder of class sub-folders of images.")
+    s["dataset"] = pick
+    s["arch"] = c2.selectbox("architecture", ARCHITECTURES, index=ARCHITECTURES.index(s["arch"]), key="tr_arch")
+    s["regularisers"] = c3.multiselect("regularisers", [r for r in REGULARISERS if r != "none"],
+                                       default=s["regularisers"], key="tr_regs")
+    budget = st.radio("budget", ["Quick (a demo on a CPU)", "Paper (500 epochs, patience 10, all images)"],
+                      horizontal=True, key="tr_budget")
+    s.update(state.QUICK if budget.startswith("Quick") else state.PAPER)
+    with st.expander("Advanced"):
+        a = st.columns(4)
+        s["epochs"] = a[0].number_input("max epochs", 1, 500, s["epochs"], key="tr_epochs")
+        s["patience"] = a[1].number_input("patience (epochs)", 1, 100, s["patience"], key="tr_patience")
+        ts = a[2].number_input("training images (0 = all)", 0, 60000, s["train_size"] or 0, step=500, key="tr_size")
+        s["train_size"] = int(ts) or None
+        s["ood_size"] = a[3].number_input("inference images", 10, 10000, s["ood_size"], key="tr_ood")
+        b = st.columns(4)
+        s["seed"] = b[0].number_input("seed", 0, 10_000, s.get("seed", 0), key="tr_seed")
+        s["candidates"] = b[1].number_input("exposure candidates K", 9, 999, s.get("candidates") or 99, key="tr_k")
+        lr = b[2].number_input("learning rate (0 = paper's)", 0.0, 1.0, s.get("lr") or 0.0, format="%.5f", key="tr_lr")
+        s["lr"] = lr or None
+        s["device"] = b[3].selectbox("device", ["auto", "cpu", "cuda", "mps"], key="tr_device")
+    return s
+
+
+def canary_chooser(setup: dict) -> CanaryChoice:
+    """How the canary is chosen: gallery click, random, by class, by self-influence, or none."""
+    mode = st.radio("canary", CANARY_MODES, horizontal=True, key="tr_canary_mode")
+    if mode == "none (clean control)":
+        st.caption("No training image carries the feature: the control where M should not be significant.")
+        return CanaryChoice("none", ())
+    if mode == "random":
+        k = st.number_input("how many canaries (the canary frequency)", 1, 1000, 1, key="tr_count")
+        return CanaryChoice("random", (), count=int(k))
+    x, y, classes = state.images(setup["dataset"], "train", state.data_dir(), GALLERY)
+    if mode == "by class":
+        c1, c2 = st.columns(2)
+        label = c1.selectbox("class", range(len(classes)), format_func=lambda i: classes[i], key="tr_class")
+        k = c2.number_input("how many canaries of that class", 1, 1000, 1, key="tr_class_count")
+        return CanaryChoice("class", (), count=int(k), label=int(label))
+    if mode == "by self-influence rank":
+        return _by_influence(setup)
+    idx = int(st.number_input("canary image index", 0, 59_999, st.session_state.get("tr_pick", 0), key="tr_index"))
+    st.caption("Or click **use** under an image:")
+    cols = st.columns(8)
+    for i in range(min(GALLERY, len(x))):
+        with cols[i % 8]:
+            st.image(x[i].transpose(1, 2, 0), caption=f"{i}: {classes[y[i]]}", clamp=True, width=56)
+            if st.button("use", key=f"tr_use_{i}"):
+                st.session_state["tr_pick"] = i
+                st.session_state.pop("tr_index", None)
+                st.rerun()
+    return CanaryChoice("index", (idx,))
+
+
+def _by_influence(setup: dict) -> CanaryChoice:
+    from ufm.sweep import reference_config
+
+    ref = reference_config(state.config_from_setup(setup)).key()
+    path = state.influence_path(ref)
+    if not Path(path).exists():
+        st.info("No self-influence ranking for this dataset, architecture and budget yet: compute it on the "
+                "Influence page first. Until then the canary is image 0.")
+        return CanaryChoice("index", (0,))
+    table = pd.read_csv(path).sort_values("rank")
+    rank = st.number_input("self-influence rank (0 = most influential)", 0, len(table) - 1, 0, key="tr_rank")
+    row = table.iloc[int(rank)]
+    st.caption(f"rank {int(rank)}: image {int(row['index'])} (label {int(row['label'])}, self-influence "
+               f"{row['self_influence']:.4g})")
+    return CanaryChoice("index", (int(row["index"]),))
+
+
+def canary_preview(setup: dict, choice: CanaryChoice) -> None:
+    if choice.mode != "index":
+        return
+    x, y, classes = state.images(setup["dataset"], "train", state.data_dir(), max(choice.indices) + 1)
+    i = choice.indices[0]
+    f = state.current_feature()
+    from ufm.canary import stamp_feature
+    import torch
+    img = stamp_feature(torch.from_numpy(x[i:i + 1]), f)[0].numpy()
+    st.plotly_chart(image_figure(img, box=(*f.offset, *f.size), title=f"canary {i} ({classes[y[i]]}) with {f.name}"),
+                    key="tr_canary_preview")

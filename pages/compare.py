@@ -1,0 +1,54 @@
+"""Compare: the same feature and canary under several regularisers / architectures and seeds."""
+
+import streamlit as st
+
+from dashboard import state
+from dashboard.compare_ui import new_study_form, small_multiples
+from ufm.plots import m_bar_figure
+from ufm.report import study_html
+from ufm.studies import list_studies, runs_frame, summary
+
+st.title("Compare regularisers side by side")
+st.write("DP-SGD is the defence expected to reduce memorisation; dropout, augmentation and batch norm "
+         "are not (Hartley & Tsaftaris, table 3). Same feature, canary and seeds for every setting.")
+try:
+    created = new_study_form()
+except ValueError as e:
+    st.error(str(e))
+    created = None
+if created:
+    st.session_state[state.STUDY] = created
+
+store = state.store()
+studies = list_studies(store)
+if studies.empty:
+    st.info("No comparison yet: pick settings above and press **Run the comparison**.")
+    st.stop()
+names = list(studies["name"])
+current = st.session_state.get(state.STUDY)
+name = st.selectbox("study", names, index=names.index(current) if current in names else 0, key="cmp_study")
+
+
+@st.fragment(run_every=2.0)
+def show(name: str) -> None:
+    runs = runs_frame(store, name)
+    agg = summary(store, name)
+    pending = int(agg["pending"].sum())
+    if pending:
+        st.progress(1 - pending / len(runs), text=f"{len(runs) - pending} of {len(runs)} runs finished")
+    st.dataframe(agg[["group", "done", "mean_M", "ci_low", "ci_high", "interval", "share_significant",
+                      "mean_test_accuracy"]], hide_index=True, width="stretch",
+                 column_config={"share_significant": st.column_config.ProgressColumn("share significant", min_value=0, max_value=1),
+                                "mean_M": st.column_config.NumberColumn("mean M (nats)", format="%.4g")})
+    if agg["done"].sum():
+        st.plotly_chart(m_bar_figure(agg["group"], agg["mean_M"], agg["ci_low"], agg["ci_high"]),
+                        key=f"cmp_bar_{name}")
+        st.plotly_chart(small_multiples(runs), key=f"cmp_hist_{name}")
+    with st.expander("All runs of this study"):
+        st.dataframe(runs, hide_index=True)
+    if not pending:
+        st.download_button("Export the study report (HTML)", study_html(store, name), "ufm-study.html", "text/html",
+                           key=f"cmp_export_{name}")
+
+
+show(name)

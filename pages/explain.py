@@ -1,0 +1,50 @@
+"""Explain: GradCAM overlays of a trained model on the canary and on inference images."""
+
+import streamlit as st
+from torch import nn
+
+from dashboard import state
+from ufm.explain import explain_run
+
+st.title("Where does the trained model look?")
+st.write("GradCAM on a convolutional layer (captum's LayerGradCam, upsampled to the image); an MLP has "
+         "no convolution, so it gets input-gradient saliency instead. The yellow box is the feature.")
+store = state.store()
+runs = [r for r in store.list_runs("done") if r.summary and r.summary.get("canary_indices")]
+if not runs:
+    st.info("No finished run with a canary yet: train one on the Train & measure page.")
+    st.stop()
+ids = [r.id for r in runs]
+current = st.session_state.get(state.RUN)
+default = ids.index(current) if current in ids else 0
+labels = {r.id: f"{state.short(r.id)} · {r.config_data['dataset']} · {r.config_data['arch']} · "
+                f"{r.config_data['feature']['name']} · M = {r.summary['M']:.3g}" for r in runs}
+run_id = st.selectbox("run", ids, index=default, format_func=labels.get, key="ex_run")
+rec = store.get(run_id)
+cfg = rec.config
+net = state.model(run_id)
+convs = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
+c1, c2, c3, c4 = st.columns(4)
+layer_name = c1.selectbox("layer", convs[::-1] or ["(none: saliency)"], key="ex_layer",
+                          help="The last convolution is GradCAM's usual choice.")
+classes = state.images(cfg.dataset, "train", cfg.data_dir or state.data_dir(), 1)[2]
+target = c2.selectbox("explain class", [None, *range(len(classes))], key="ex_target",
+                      format_func=lambda k: "predicted class" if k is None else f"{k}: {classes[k]}")
+n_ood = c3.slider("inference images", 1, 8, 3, key="ex_n")
+canary = c4.selectbox("canary", rec.summary["canary_indices"][:50], key="ex_canary")
+layer = dict(net.named_modules()).get(layer_name) if convs else None
+with st.spinner("Computing attributions ..."):
+    exp = explain_run(net, cfg, int(canary), n_ood=n_ood, target=target, layer=layer)
+s = exp.summary()
+m = st.columns(4)
+m[0].metric("box share, canary without feature", f"{s['canary_share_clean']:.3f}")
+m[1].metric("box share, canary with feature", f"{s['canary_share_feature']:.3f}",
+            delta=f"{s['canary_share_feature'] - s['canary_share_clean']:+.3f}")
+m[2].metric("box share, inference images clean", f"{s['ood_share_clean']:.3f}")
+m[3].metric("box share, inference images with z_u", f"{s['ood_share_feature']:.3f}",
+            delta=f"{s['ood_share_feature'] - s['ood_share_clean']:+.3f}")
+st.caption("Box share: the fraction of the map's total attribution inside the feature's box; a uniform "
+           f"map gives {exp.box[2] * exp.box[3] / (exp.canary.shape[-1] * exp.canary.shape[-2]):.3f}.")
+st.plotly_chart(exp.canary_figure(), key="ex_canary_fig")
+for i in range(n_ood):
+    st.plotly_chart(exp.ood_figure(i), key=f"ex_ood_{i}")

@@ -1,0 +1,74 @@
+"""Influence: rank training images by TracIn self-influence, sweep canaries, and plot influence vs M."""
+
+import streamlit as st
+
+from dashboard import influence_ui as ui
+from dashboard import state, views
+from ufm.plots import influence_scatter_figure, pearson
+from ufm.sweep import reference_config
+
+st.title("Are influential images memorised more?")
+st.write("TracIn self-influence (sum over checkpoints of learning rate x squared loss-gradient norm) of a "
+         "model trained **without** canaries ranks the training images; the paper puts the feature on the "
+         "top-15 and bottom-15, one model each, and correlates self-influence with M (r = 0.43 for the MLP "
+         "on MNIST).")
+config = state.config_from_setup()
+st.caption(f"Setup from the Train & measure page: {config.dataset}, {config.arch}, "
+           f"{config.train_size or 'all'} training images, seed {config.seed}.")
+key = reference_config(config).key()
+table = ui.load_ranking(config)
+status, info = state.tasks().status(key)
+
+
+@st.fragment(run_every=1.0)
+def wait_for_ranking() -> None:
+    s, msg = state.tasks().status(key)
+    if s == "running":
+        st.progress(0.5, text=f"Training the reference model and scoring every image: {msg}")
+    else:
+        st.rerun()
+
+
+if table is None:
+    if status == "running":
+        wait_for_ranking()
+    elif status == "failed":
+        st.error(f"Computing self-influence failed: {info}")
+    if status != "running" and st.button("Compute self-influence", type="primary", key="inf_start"):
+        ui.start_ranking(config)
+        st.rerun()
+    st.stop()
+
+k = st.slider("images shown from each end", 4, 32, 8, key="inf_k")
+st.subheader("Most self-influential")
+ui.gallery(config, table, "top", k)
+st.subheader("Least self-influential")
+ui.gallery(config, table, "bottom", k)
+st.download_button("Download the ranking (CSV)", table.to_csv(index=False), "self-influence.csv", key="inf_csv")
+
+st.header("Canary sweep")
+c1, c2 = st.columns(2)
+top = c1.number_input("top-k canaries", 0, 50, 3, key="inf_top")
+bottom = c2.number_input("bottom-k canaries", 0, 50, 3, key="inf_bottom")
+if st.button("Run the sweep (one model per canary)", key="inf_sweep", disabled=top + bottom == 0):
+    st.session_state["sweep"] = ui.start_sweep(config, table, int(top), int(bottom))
+name = st.session_state.get("sweep")
+if name:
+    pts = ui.sweep_points(name, table)
+    done = pts[pts["status"] == "done"]
+    st.progress(len(done) / len(pts), text=f"{len(done)} of {len(pts)} canary models finished")
+    if len(done):
+        r, p = pearson(done["self_influence"], done["M"])
+        st.metric("Pearson r (self-influence, M)", views.fmt(r, 3), help=f"two-sided p = {views.fmt(p, 3)}")
+        event = st.plotly_chart(influence_scatter_figure(done["self_influence"], done["M"],
+                                                        labels=[f"image {i}" for i in done["index"]],
+                                                        groups=list(done["group"])),
+                                on_select="rerun", selection_mode="points", key="inf_scatter")
+        picked = [pt.get("customdata") for pt in (event.selection.points if event else [])]
+        if picked and picked[0] is not None:
+            row = done.iloc[int(picked[0])]
+            views.run_panel(row["run_id"])
+        else:
+            st.caption("Click a point to see that canary and its run.")
+    if len(done) < len(pts):
+        st.button("Refresh", key="inf_refresh")

@@ -1,0 +1,49 @@
+"""Runs: every run with its status, configuration and key numbers; open, delete, export."""
+
+import streamlit as st
+
+from dashboard import state, views
+from ufm.report import run_html, run_json, runs_csv, runs_table
+
+st.title("Runs")
+store = state.store()
+table = runs_table(store)
+if table.empty:
+    st.info("No runs yet: start one on the Train & measure page or with a guided demo on Home.")
+    st.stop()
+
+c1, c2, c3 = st.columns(3)
+status = c1.multiselect("status", sorted(table["status"].unique()), key="runs_status")
+datasets = c2.multiselect("dataset", sorted(table["dataset"].unique()), key="runs_dataset")
+text = c3.text_input("search (id, architecture, regulariser, canary)", key="runs_search")
+shown = table
+if status:
+    shown = shown[shown["status"].isin(status)]
+if datasets:
+    shown = shown[shown["dataset"].isin(datasets)]
+if text:
+    shown = shown[shown.astype(str).apply(lambda r: r.str.contains(text, case=False, regex=False)).any(axis=1)]
+st.dataframe(shown, hide_index=True, width="stretch")
+st.download_button("Export all runs (CSV)", runs_csv(store), "ufm-runs.csv", "text/csv", key="runs_csv")
+
+if shown.empty:
+    st.info("No run matches the filters.")
+    st.stop()
+run_id = st.selectbox("open run", list(shown["id"]), key="runs_pick",
+                      format_func=lambda i: f"{state.short(i)} · {shown.set_index('id').loc[i, 'status']}")
+rec = store.get(run_id)
+a, b, c, d = st.columns(4)
+if a.button("Show on Train & measure", key="runs_open"):
+    st.session_state[state.RUN] = run_id
+    st.switch_page("pages/train.py")
+b.download_button("Export JSON", run_json(store, run_id) if rec.status == "done" else "",
+                  f"ufm-run-{state.short(run_id)}.json", key="runs_json", disabled=rec.status != "done")
+c.download_button("Export HTML report", run_html(store, run_id) if rec.status == "done" else "",
+                  f"ufm-run-{state.short(run_id)}.html", "text/html", key="runs_html", disabled=rec.status != "done")
+if d.button("Delete", key="runs_delete", disabled=rec.status in ("queued", "running")):
+    store.delete_run(run_id)
+    if st.session_state.get(state.RUN) == run_id:
+        del st.session_state[state.RUN]
+    st.toast(f"Deleted run {state.short(run_id)}")
+    st.rerun()
+views.run_panel(run_id)

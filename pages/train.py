@@ -1,0 +1,43 @@
+"""Train & measure: choose data, model, regularisers and canary; run in the background; see M."""
+
+import streamlit as st
+
+from dashboard import state, views
+from dashboard.train_ui import canary_chooser, canary_preview, setup_form
+from ufm.data import DataUnavailable
+from ufm.features import FeatureError
+
+st.title("Train with a canary and measure memorisation")
+feature = state.current_feature()
+st.caption(f"Feature: {feature.name}, {feature.size[0]}x{feature.size[1]} px at {feature.offset} "
+           "(change it on the Feature page).")
+if "run" in st.query_params and state.RUN not in st.session_state:
+    st.session_state[state.RUN] = st.query_params["run"]  # a reload keeps showing the same run
+
+with st.container(border=True):
+    setup = setup_form()
+    try:
+        canary = canary_chooser(setup)
+        left, right = st.columns([3, 1])
+        with right:
+            canary_preview(setup, canary)
+        setup["canary"] = canary
+        config = state.config_from_setup(setup)
+        feature.check_fits(state.images(setup["dataset"], "train", state.data_dir(), 1)[0].shape)
+        with left:
+            force = st.checkbox("train again even if an identical run exists", key="tr_force")
+            if st.button("Start", type="primary", key="tr_start"):
+                st.session_state[state.SETUP] = setup
+                run_id = state.runner().submit(config, force=force)
+                st.session_state[state.RUN] = run_id
+                st.query_params["run"] = run_id
+                st.rerun()
+    except (ValueError, FeatureError, DataUnavailable) as e:
+        st.error(str(e))
+
+run_id = st.session_state.get(state.RUN)
+if run_id:
+    st.query_params["run"] = run_id
+    views.run_panel(run_id)
+else:
+    st.info("Press **Start** to train; the run continues in the background if you switch pages.")
