@@ -278,8 +278,11 @@ def study_html(store: Store, name: str) -> str:
         body += ["<h2>Output changes per run: d_u vs d_r</h2>", '<div class="grid">']
         for r in done.itertuples():
             d_u, d_r = store.load_scores(r.run_id)
-            fig = histogram_figure(d_u, d_r, title=f"{r.group}, seed {r.seed} (run {r.run_id}): M = {r.M:.3g}")
-            body.append(_figure_html(fig, f"fig-hist-{r.position}", 340))
+            fig = histogram_figure(d_u, d_r, title=f"{r.group}, seed {r.seed}: M = {r.M:.3g}")
+            # small multiples: the legend below the plot, where a narrow figure has room for it
+            fig.update_layout(legend=dict(orientation="h", x=0, xanchor="left", y=-0.3, yanchor="top"),
+                              margin=dict(t=50, b=110))
+            body.append(_figure_html(fig, f"fig-hist-{r.position}", 400))
             versions[r.run_id] = (store.get(r.run_id).summary or {}).get("versions", {})
         body.append("</div>")
 
