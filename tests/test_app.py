@@ -1,0 +1,165 @@
+"""AppTest: every page renders without an exception, key widgets exist, a quick run completes."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from .conftest import write_split
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = ["feature", "train", "influence", "explain", "compare", "runs"]
+
+
+@pytest.fixture(scope="module")
+def app_env(tmp_path_factory):
+    """A data folder with a tiny 'mnist' (28x28, 3 classes) and 'cifar10' test split, and a fresh home."""
+    root = tmp_path_factory.mktemp("appdata")
+    rng = np.random.default_rng(0)
+
+    def digits(n):
+        y = rng.integers(0, 3, n)
+        x = rng.integers(0, 30, (n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(y):
+            x[i, 10:18, 4 + 7 * c:10 + 7 * c] = 230
+        return x, y.astype(np.int64)
+
+    write_split(root / "data" / "mnist", *digits(240), "train")
+    write_split(root / "data" / "mnist", *digits(90), "test")
+    write_split(root / "data" / "cifar10", rng.integers(0, 255, (600, 32, 32, 3)).astype(np.uint8),
+                rng.integers(0, 10, 600), "test")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("UFM_DATA_DIR", str(root / "data"))
+    mp.setenv("UFM_HOME", str(root / "home"))
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    yield root
+    from dashboard import state
+    state.runner().shutdown(cancel=True, wait=True, timeout=30)
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    mp.undo()
+
+
+def _app() -> AppTest:
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.run()
+    assert not at.exception
+    return at
+
+
+def _wait_done(run_id: str, timeout: float = 240) -> None:
+    from dashboard import state
+    state.runner().wait(run_id, timeout=timeout)
+
+
+def test_every_page_renders(app_env):
+    at = _app()
+    assert {b.key for b in at.button} >= {"demo_teaching", "demo_clinical"}
+    assert any("Datasets available offline" in m.value for m in at.markdown)
+    for page in PAGES:
+        at.switch_page(f"pages/{page}.py").run()
+        assert not at.exception, (page, at.exception)
+
+
+def test_clinical_demo_explains_missing_data(app_env):
+    at = _app()
+    assert at.button(key="demo_clinical").disabled
+    assert any("chest X-ray copy is not in the data folder" in i.value for i in at.info)
+
+
+def test_feature_page_kinds_and_bad_input(app_env):
+    at = _app().switch_page("pages/feature.py").run()
+    assert at.radio(key="feat_kind").options == ["Glyph", "Draw", "Text", "Upload"]
+    at.radio(key="feat_kind").set_value("Draw").run()
+    assert len([c for c in at.checkbox if c.key and c.key.startswith("px_")]) == 25
+    at.checkbox(key="px_0_0").check().run()
+    assert at.session_state["feature"].pattern[0][0] == 1.0 and at.session_state["feature"].name == "drawn"
+    at.slider(key="draw_size").set_value(16).run()
+    assert len([c for c in at.checkbox if c.key and c.key.startswith("px_")]) == 256
+    at.button(key="draw_clear").click().run()
+    assert any("empty" in e.value for e in at.error)  # an empty grid is refused ...
+    assert at.session_state["feature"].name == "drawn"  # ... and the last good feature is kept
+    at.radio(key="feat_kind").set_value("Text").run()
+    at.text_input(key="text_value").input("JANE ROE").run()  # 46 px wide: cannot fit 28x28 images
+    assert any("larger than the 28x28 images" in e.value for e in at.error)
+    at.text_input(key="text_value").input("JD").run()
+    assert at.session_state["feature"].name == "text 'JD'"
+    at.number_input(key="feat_row").set_value(27).run()
+    assert any("runs off the 28x28 image" in e.value for e in at.error)
+    assert at.session_state["feature"].offset != (27, 1)
+    at.radio(key="feat_kind").set_value("Upload").run()
+    assert any("Upload an image" in i.value for i in at.info)
+
+
+def test_quick_run_from_train_page_shows_numbers(app_env):
+    at = _app().switch_page("pages/train.py").run()
+    assert at.selectbox(key="tr_dataset").value == "mnist" and at.selectbox(key="tr_arch").value == "mlp"
+    assert at.multiselect(key="tr_regs").options[-1] == "dp-sgd"
+    assert at.radio(key="tr_budget").value.startswith("Quick") and at.button(key="tr_start").label == "Start"
+    at.radio(key="tr_canary_mode").set_value("pick an image").run()
+    at.button(key="tr_use_5").click().run()
+    assert at.number_input(key="tr_index").value == 5
+    at.number_input(key="tr_epochs").set_value(3).run()
+    at.number_input(key="tr_ood").set_value(60).run()
+    at.button(key="tr_start").click().run()
+    assert not at.exception
+    run_id = at.session_state["run_id"]
+    _wait_done(run_id)
+    at.run()
+    labels = {m.label: m.value for m in at.metric}
+    assert "M = X_u - X_r (nats)" in labels and "exposure p" in labels and "test accuracy" in labels
+    from dashboard import state
+    rec = state.store().get(run_id)
+    assert rec.status == "done" and labels["M = X_u - X_r (nats)"] == f"{rec.summary['M']:.4g}"
+    assert rec.config.canary.indices == (5,) and rec.config.epochs == 3
+    # the result is in the store: a new session (a reload) finds it through the query string
+    at2 = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at2.query_params["run"] = run_id
+    at2.switch_page("pages/train.py").run()
+    assert {m.label for m in at2.metric} >= {"M = X_u - X_r (nats)"}
+    # the other pages now have something to show
+    at.switch_page("pages/explain.py").run()
+    assert not at.exception and any(m.label.startswith("box share") for m in at.metric)
+    at.switch_page("pages/runs.py").run()
+    assert not at.exception and at.selectbox(key="runs_pick").value == run_id
+
+
+def test_teaching_demo_ends_on_result(app_env):
+    at = _app()
+    at.button(key="demo_teaching").click().run()
+    assert not at.exception
+    run_id = at.session_state["run_id"]
+    _wait_done(run_id)
+    at.switch_page("pages/train.py").run()
+    assert any(m.label == "M = X_u - X_r (nats)" for m in at.metric)
+
+
+def test_compare_and_influence_pages_run_small_studies(app_env):
+    at = _app().switch_page("pages/train.py").run()
+    at.number_input(key="tr_epochs").set_value(2).run()
+    at.number_input(key="tr_ood").set_value(40).run()
+    at.switch_page("pages/compare.py").run()
+    at.multiselect(key="cmp_regs").set_value(["none", "dropout"])
+    at.number_input(key="cmp_seeds").set_value(2)
+    at.button(key="FormSubmitter:cmp_form-Run the comparison").click().run()
+    assert not at.exception
+    from dashboard import state
+    for rid in state.runner().active():
+        _wait_done(rid)
+    at.run()
+    assert not at.exception and len(at.dataframe) >= 1
+    at.switch_page("pages/influence.py").run()
+    at.button(key="inf_start").click().run()
+    deadline = time.time() + 240
+    from ufm.sweep import reference_config
+    key = reference_config(state.config_from_setup(at.session_state["setup"])).key() if "setup" in at.session_state else None
+    while time.time() < deadline and state.tasks().status(key)[0] in ("running", "none"):
+        time.sleep(1)
+    at.run()
+    assert not at.exception and any(s.value.startswith("Most self-influential") for s in at.subheader)
