@@ -262,9 +262,9 @@ _WRITER = textwrap.dedent("""
     from ufm.store import Store
     home, result_json, offset, n, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
     base = Result.from_json(Path(result_json).read_text())
-    store = Store(home)
     while not go.exists():  # start both writers at the same moment
         time.sleep(0.01)
+    store = Store(home)
     for i in range(n):
         cfg = base.config.replace(seed=offset + i)
         rid = store.create_run(cfg)
@@ -283,8 +283,7 @@ def test_two_processes_writing_at_once_lose_nothing(tiny_data, tmp_path):
     result_json.write_text(res.to_json())
     script = tmp_path / "writer.py"
     script.write_text(_WRITER)
-    home, go, n = tmp_path / "home", tmp_path / "go", 15
-    Store(home).close()
+    home, go, n = tmp_path / "home", tmp_path / "go", 15  # no store yet: both writers race to create it
     procs = [subprocess.Popen([sys.executable, str(script), str(home), str(result_json), str(off), str(n), str(go)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=CHILD_ENV)
              for off in (0, 1000)]

@@ -14,9 +14,9 @@ from ufm.canary import CanaryChoice
 from ufm.experiment import ExperimentConfig
 from ufm.features import glyph
 from ufm.jobs import Runner
-from ufm.store import Store, StoreError
-from ufm.studies import (aggregate, create_study, delete_study, expand, get_study, list_studies, run_study, runs_frame,
-                         submit_study, summary, t_interval)
+from ufm.store import Store
+from ufm.studies import (StudyNotFound, aggregate, create_study, delete_study, expand, get_study, list_studies,
+                         run_study, runs_frame, submit_study, summary, t_interval)
 
 
 @pytest.fixture(autouse=True)
@@ -160,6 +160,6 @@ def test_study_stored_submitted_aggregated_and_rerun(tiny_data, tmp_path):
         assert again[0] == ids[0] and again[1] != ids[1] and store.get(again[1]).status == "done"
 
         delete_study(store, "dropout?")
-        with pytest.raises(StoreError, match="no study named"):
+        with pytest.raises(StudyNotFound, match="no study named"):
             get_study(store, "dropout?")
         assert store.get(ids[0]).status == "done"  # runs outlive their study

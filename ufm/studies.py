@@ -37,6 +37,10 @@ STUDY_KINDS = ("regularisers", "canaries", "seeds", "custom")
 LEVEL = 0.95  # confidence level of the intervals over seeds
 
 
+class StudyNotFound(StoreError):
+    """No study of that name in the store."""
+
+
 @dataclass(frozen=True)
 class StudyMember:
     """One config of a study and the group it belongs to (e.g. ``"dropout"``)."""
@@ -196,7 +200,7 @@ def get_study(store: Store, name: str) -> Study:
     rows = store.query("SELECT * FROM studies WHERE name = ?", (name,))
     if not rows:
         known = [r[0] for r in store.query("SELECT name FROM studies ORDER BY created")]
-        raise StoreError(f"no study named {name!r} in {store.db_path}"
+        raise StudyNotFound(f"no study named {name!r} in {store.db_path}"
                          + (f"; studies: {', '.join(known)}" if known else "; there are no studies yet"))
     s = rows[0]
     entries = tuple(StudyEntry(r["position"], r["grp"], ExperimentConfig.from_json(r["config_json"]), r["run_id"])
