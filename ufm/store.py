@@ -776,7 +776,8 @@ def _is_tensor(v: Any) -> bool:
 
 def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
     """``write(binary file)`` into a temp file beside ``path``, fsync, then rename over ``path``:
-    readers see the old file or the whole new one, never half of it."""
+    readers see the old file or the whole new one, never half of it. (mkstemp makes the file
+    0600; artifacts can show a private feature, e.g. a patient's name, so they stay the user's.)"""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
