@@ -69,15 +69,15 @@ def canary_chooser(setup: dict) -> CanaryChoice:
     if mode == "by self-influence rank":
         return _by_influence(setup)
     idx = int(st.number_input("canary image index", 0, 59_999, st.session_state.get("tr_pick", 0), key="tr_index"))
-    st.caption("Or click **use** under an image:")
-    cols = st.columns(8)
-    for i in range(min(GALLERY, len(x))):
-        with cols[i % 8]:
-            st.image(x[i].transpose(1, 2, 0), caption=f"{i}: {classes[y[i]]}", clamp=True, width=56)
-            if st.button("use", key=f"tr_use_{i}"):
-                st.session_state["tr_pick"] = i
-                st.session_state.pop("tr_index", None)
-                st.rerun()
+    with st.popover("Pick from a gallery of training images"):
+        cols = st.columns(8)
+        for i in range(min(GALLERY, len(x))):
+            with cols[i % 8]:
+                st.image(x[i].transpose(1, 2, 0), caption=f"{i}: {classes[y[i]]}", clamp=True, width=56)
+                if st.button("use", key=f"tr_use_{i}"):
+                    st.session_state["tr_pick"] = i
+                    st.session_state.pop("tr_index", None)
+                    st.rerun()
     return CanaryChoice("index", (idx,))
 
 

@@ -13,7 +13,13 @@ st.caption(f"Feature: {feature.name}, {feature.size[0]}x{feature.size[1]} px at 
            "(change it on the Feature page).")
 if "run" in st.query_params and state.RUN not in st.session_state:
     st.session_state[state.RUN] = st.query_params["run"]  # a reload keeps showing the same run
+run_id = st.session_state.get(state.RUN)
+if run_id:
+    st.query_params["run"] = run_id
+    views.run_panel(run_id)  # the latest run first; the form for a new one below
+    st.divider()
 
+st.header("New run" if run_id else "Setup")
 with st.container(border=True):
     setup = setup_form()
     try:
@@ -28,16 +34,9 @@ with st.container(border=True):
             force = st.checkbox("train again even if an identical run exists", key="tr_force")
             if st.button("Start", type="primary", key="tr_start"):
                 st.session_state[state.SETUP] = setup
-                run_id = state.runner().submit(config, force=force)
-                st.session_state[state.RUN] = run_id
-                st.query_params["run"] = run_id
+                st.session_state[state.RUN] = state.runner().submit(config, force=force)
                 st.rerun()
+            if not run_id:
+                st.info("Press **Start** to train; the run continues in the background if you switch pages.")
     except (ValueError, FeatureError, DataUnavailable) as e:
         st.error(str(e))
-
-run_id = st.session_state.get(state.RUN)
-if run_id:
-    st.query_params["run"] = run_id
-    views.run_panel(run_id)
-else:
-    st.info("Press **Start** to train; the run continues in the background if you switch pages.")
