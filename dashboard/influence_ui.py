@@ -8,7 +8,7 @@ import streamlit as st
 from ufm.canary import CanaryChoice
 from ufm.cli import write_atomic
 from ufm.experiment import ExperimentConfig
-from ufm.studies import StudyMember, create_study, get_study, runs_frame, submit_study
+from ufm.studies import StudyMember, StudyNotFound, create_study, get_study, runs_frame, submit_study
 from ufm.sweep import influence_scores, reference_config
 
 from . import state
@@ -51,7 +51,7 @@ def start_sweep(config: ExperimentConfig, table: pd.DataFrame, top: int, bottom:
     name = f"sweep {reference_config(config).key()[:8]} top{top} bottom{bottom} feature {config.feature.name} seed {config.seed}"
     try:
         get_study(state.store(), name)
-    except Exception:  # noqa: BLE001 - not stored yet
+    except StudyNotFound:
         create_study(state.store(), name, "canaries", config, members,
                      description=f"top-{top} and bottom-{bottom} self-influence canaries")
     submit_study(state.runner(), name)

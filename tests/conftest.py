@@ -21,6 +21,15 @@ needs_shared = pytest.mark.skipif(not HAS_MNIST, reason=f"real dataset subsets n
                                   "(set UFM_SHARED_DATA to the shared/data folder)")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_ufm_home(tmp_path_factory):
+    """Runs recorded by the tests go to a fresh store, never the user's (its cache would skip training)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("UFM_HOME", str(tmp_path_factory.mktemp("ufm_home")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)
