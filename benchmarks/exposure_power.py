@@ -26,13 +26,18 @@ def main() -> None:
     ap.add_argument("--data-dir", default="../shared/data")
     ap.add_argument("--train-size", type=int, default=3000)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--settings", default="clean,1,10,100",
+                    help="comma-separated: clean and/or canary counts (random canaries)")
     ap.add_argument("--candidates", type=int, default=99)
     ap.add_argument("--alpha", type=float, default=0.05)
     a = ap.parse_args()
 
-    settings = [("clean", CanaryChoice("none", ())), ("1 canary", CanaryChoice("random", (), count=1)),
-                ("10 canaries", CanaryChoice("random", (), count=10)),
-                ("100 canaries", CanaryChoice("random", (), count=100))]
+    settings = []
+    for s in a.settings.split(","):
+        if s == "clean":
+            settings.append(("clean", CanaryChoice("none", ())))
+        else:
+            settings.append((f"{s} canar{'y' if s == '1' else 'ies'}", CanaryChoice("random", (), count=int(s))))
     calls: dict[tuple[str, str], list[bool]] = {}
     print(f"{'setting':<13}{'seed':>5}{'M':>10}{'t-test p':>11}" + "".join(f"{k + ' p':>13}" for k in KINDS))
     t0 = time.perf_counter()
@@ -53,7 +58,8 @@ def main() -> None:
           f"{a.train_size} MNIST images, MLP; {time.perf_counter() - t0:.0f} s)")
     print(f"{'setting':<13}" + "".join(f"{k:>11}" for k in ("t-test", *KINDS)))
     for name, _ in settings:
-        print(f"{name:<13}" + "".join(f"{sum(calls[(name, k)])}/{len(calls[(name, k)]):>9}" for k in ("t-test", *KINDS)))
+        print(f"{name:<13}" + "".join(f"{sum(calls[(name, k)])}/{len(calls[(name, k)])}".rjust(11)
+                                      for k in ("t-test", *KINDS)))
 
 
 def _ood(cfg: ExperimentConfig):

@@ -8,7 +8,7 @@ from ufm.explain import explain_run
 
 st.title("Where does the trained model look?")
 st.write("GradCAM on a convolutional layer (captum's LayerGradCam, upsampled to the image); an MLP has "
-         "no convolution, so it gets input-gradient saliency instead. The yellow box is the feature.")
+         "no convolution, so it gets input-gradient saliency instead. The green box is the feature.")
 store = state.store()
 runs = [r for r in store.list_runs("done") if r.summary and r.summary.get("canary_indices")]
 if not runs:

@@ -48,7 +48,7 @@ with right:
         a.plotly_chart(image_figure(stamp_feature(torch.from_numpy(x[i:i + 1]), shown)[0].numpy(), box=box,
                                     title=f"training image {i} ({classes[y[i]]})"), key="prev_train")
         b.plotly_chart(image_figure(stamp_feature(torch.from_numpy(ood[:1]), shown)[0].numpy(), box=box,
-                                    title="inference image (out of distribution)"), key="prev_ood")
+                                    title="inference image (OOD)"), key="prev_ood")
         if feature is not None:
             st.session_state[state.FEATURE] = feature
             st.success(f"In use: {feature.name}, {h}x{w} pixels at row {feature.offset[0]}, column "
