@@ -19,16 +19,22 @@ class Demo:
     feature: Feature
     setup: dict = field(default_factory=dict)
 
-    def missing(self, offline: list[str]) -> str | None:
-        """Why the demo cannot run here (its data is not available offline), or None."""
-        ds = self.setup["dataset"]
-        if ds in offline:
+    def note(self, offline: list[str]) -> str | None:
+        """What the demo will do differently on this machine, or None."""
+        if self.setup["dataset"] != "chest-xray" or "chest-xray" in offline:
             return None
-        if ds == "chest-xray":
-            return ("The chest X-ray copy is not in the data folder. Put its train.npz/test.npz in "
-                    f"{state.data_dir()}/chest-xray/ (set UFM_DATA_DIR), or use your own folder of X-rays "
-                    "(one sub-folder per class) as the dataset on the Train page.")
-        return None  # MNIST and friends download on first use
+        return ("The 64x64 chest X-ray copy is not in the data folder, so the demo uses PneumoniaMNIST "
+                "(28x28 chest X-rays, downloaded once from MedMNIST; needs internet the first time) with the "
+                "shorter name DOE. For the 64x64 set, put its train.npz/test.npz in "
+                f"{state.data_dir()}/chest-xray/; for your own X-rays, give their folder (one sub-folder per "
+                "class) as the dataset on the Train page.")
+
+    def resolved(self, offline: list[str]) -> "Demo":
+        """This demo as it will run here (the PneumoniaMNIST fallback for the clinical one)."""
+        if self.note(offline) is None:
+            return self
+        return Demo(self.title, self.text, text_feature("DOE", height=7, offset=(2, 2)),
+                    dict(self.setup, dataset="pneumoniamnist"))
 
 
 DEMOS = {
@@ -49,6 +55,7 @@ DEMOS = {
 
 
 def start_demo(demo: Demo) -> str:
+    demo = demo.resolved(state.offline_datasets(state.data_dir()))
     st.session_state[state.FEATURE] = demo.feature
     st.session_state[state.SETUP] = dict(demo.setup)
     run_id = state.runner().submit(state.config_from_setup())

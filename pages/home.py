@@ -32,9 +32,8 @@ for col, (key, demo) in zip(cols, DEMOS.items()):
     with col:
         st.subheader(demo.title)
         st.write(demo.text)
-        problem = demo.missing(offline)
-        if problem:
-            st.info(problem)
-        if st.button(f"Run the {demo.title.lower()} demo", key=f"demo_{key}", disabled=bool(problem), type="primary"):
+        if demo.note(offline):
+            st.info(demo.note(offline))
+        if st.button(f"Run the {demo.title.lower()} demo", key=f"demo_{key}", type="primary"):
             start_demo(demo)
             st.switch_page("pages/train.py")

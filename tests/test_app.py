@@ -67,10 +67,16 @@ def test_every_page_renders(app_env):
         assert not at.exception, (page, at.exception)
 
 
-def test_clinical_demo_explains_missing_data(app_env):
+def test_clinical_demo_falls_back_to_pneumoniamnist_and_says_so(app_env):
     at = _app()
-    assert at.button(key="demo_clinical").disabled
-    assert any("chest X-ray copy is not in the data folder" in i.value for i in at.info)
+    assert any("chest X-ray copy is not in the data folder" in i.value and "PneumoniaMNIST" in i.value
+               for i in at.info)
+    from dashboard.demos import DEMOS
+    demo = DEMOS["clinical"].resolved([])
+    assert demo.setup["dataset"] == "pneumoniamnist" and demo.feature.name == "text 'DOE'"
+    demo.feature.check_fits((1, 28, 28))
+    assert DEMOS["clinical"].resolved(["chest-xray"]).setup["dataset"] == "chest-xray"
+    DEMOS["clinical"].feature.check_fits((1, 64, 64))
 
 
 def test_feature_page_kinds_and_bad_input(app_env):

@@ -131,3 +131,27 @@ def test_available_offline(tmp_path):
     assert available_offline(tmp_path) == []  # test split missing
     write_split(tmp_path / "mnist", np.zeros((2, 4, 4), np.uint8), np.array([0, 1]), "test")
     assert available_offline(tmp_path) == ["mnist"]
+
+
+def test_pneumoniamnist_from_medmnist_file_and_offline_error(tmp_path, monkeypatch):
+    from ufm import data as D
+    with pytest.raises(DataUnavailable, match="switched off"):
+        load_split("pneumoniamnist", "train", data_dir=tmp_path, download=False)
+    import torchvision.datasets.utils as U
+
+    def no_net(*a, **k):
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(U, "download_url", no_net)
+    with pytest.raises(DataUnavailable, match="could not be downloaded.*Name or service"):
+        load_split("pneumoniamnist", "test", data_dir=tmp_path)
+    folder = tmp_path / "pneumoniamnist"
+    folder.mkdir()
+    np.savez(folder / "pneumoniamnist.npz", train_images=np.full((6, 28, 28), 255, np.uint8),
+             train_labels=np.array([[0], [1], [1], [0], [1], [0]]), val_images=np.zeros((1, 28, 28), np.uint8),
+             val_labels=np.zeros((1, 1)), test_images=np.zeros((2, 28, 28), np.uint8), test_labels=np.array([[1], [0]]))
+    tr = load_split("pneumoniamnist", "train", data_dir=tmp_path)
+    assert tr.x.shape == (6, 1, 28, 28) and tr.y.tolist() == [0, 1, 1, 0, 1, 0]
+    assert tr.classes == ("normal", "pneumonia") and torch.all(tr.x == 1)
+    assert load_split("pneumoniamnist", "test", data_dir=tmp_path).y.tolist() == [1, 0]
+    assert "pneumoniamnist" in D.available_offline(tmp_path)

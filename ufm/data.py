@@ -27,13 +27,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-BENCHMARKS = ("mnist", "fashion-mnist", "cifar10", "chest-xray")
+BENCHMARKS = ("mnist", "fashion-mnist", "cifar10", "chest-xray", "pneumoniamnist")
 _DOWNLOADABLE = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}
+# MedMNIST v2's PneumoniaMNIST (Yang et al. 2023, CC BY 4.0): 28x28 paediatric chest X-rays,
+# normal vs pneumonia, for users without the 64x64 chest-xray copy.
+PNEUMONIAMNIST = dict(url="https://zenodo.org/record/6496656/files/pneumoniamnist.npz?download=1",
+                      filename="pneumoniamnist.npz", md5="28209eda62fecd6e6a2d98b1501bb15f")
 _IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 # Paper's inference sets: greyscale CIFAR-10 for the greyscale digit/clothing models, MNIST made
 # 3-channel for CIFAR-10 models. Any other training set gets CIFAR-10 (it is OOD for all of them).
-DEFAULT_OOD = {"mnist": "cifar10", "fashion-mnist": "cifar10", "cifar10": "mnist", "chest-xray": "cifar10"}
+DEFAULT_OOD = {"mnist": "cifar10", "fashion-mnist": "cifar10", "cifar10": "mnist", "chest-xray": "cifar10",
+               "pneumoniamnist": "cifar10"}
 
 
 class DataUnavailable(RuntimeError):
@@ -145,6 +150,26 @@ def _torchvision(name: str, split: str, root: Path, download: bool, limit: int |
     return _from_arrays(x, y, list(ds.classes), name, limit)
 
 
+def _medmnist(split: str, root: Path, download: bool, limit: int | None) -> ImageData:
+    """PneumoniaMNIST from MedMNIST's own ``.npz`` (keys ``train_images``, ``train_labels`` (N, 1), ...),
+    downloaded once with torchvision's checksummed downloader. Its ``val`` split is not used."""
+    path = root / "pneumoniamnist" / PNEUMONIAMNIST["filename"]
+    if not path.is_file():
+        if not download:
+            raise DataUnavailable(_download_message("pneumoniamnist", root, "downloading is switched off"))
+        from torchvision.datasets.utils import download_url
+        try:
+            download_url(PNEUMONIAMNIST["url"], str(path.parent), PNEUMONIAMNIST["filename"], PNEUMONIAMNIST["md5"])
+        except Exception as exc:  # URLError, socket errors, HTTP errors, checksum: no usable file
+            raise DataUnavailable(_download_message("pneumoniamnist", root, f"{type(exc).__name__}: {exc}")) from None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            x, y = f[f"{split}_images"], f[f"{split}_labels"].reshape(-1)
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataUnavailable(f"could not read {path} as MedMNIST data ({exc}); delete it to download again") from None
+    return _from_arrays(x, y.astype(np.int64), ["normal", "pneumonia"], "pneumoniamnist", limit)
+
+
 def _folder(path: Path, split: str, limit: int | None, seed: int) -> ImageData:
     """A folder of class sub-folders; with ``train/`` and ``test/`` inside, those are the splits,
     otherwise a seeded 80/20 split of all images."""
@@ -203,6 +228,8 @@ def load_split(dataset: str, split: str, *, data_dir: str | Path | None = None, 
         local = root / dataset / f"{split}.npz"
         if local.is_file():
             return _load_npz(local, dataset, limit)
+        if dataset == "pneumoniamnist":
+            return _medmnist(split, root, download, limit)
         if dataset not in _DOWNLOADABLE:
             raise DataUnavailable(
                 f"{dataset} is not in {root} (looked for {local}) and cannot be downloaded automatically. "
@@ -280,4 +307,7 @@ def train_val_split(n: int, val_fraction: float, *, exclude: Sequence[int] | np.
 def available_offline(data_dir: str | Path | None = None) -> list[str]:
     """Benchmarks whose train.npz and test.npz are in ``data_dir`` (usable without a download)."""
     root = Path(data_dir).expanduser() if data_dir else default_data_dir()
-    return [n for n in BENCHMARKS if (root / n / "train.npz").is_file() and (root / n / "test.npz").is_file()]
+    have = [n for n in BENCHMARKS if (root / n / "train.npz").is_file() and (root / n / "test.npz").is_file()]
+    if "pneumoniamnist" not in have and (root / "pneumoniamnist" / PNEUMONIAMNIST["filename"]).is_file():
+        have.append("pneumoniamnist")
+    return have
