@@ -61,3 +61,36 @@ def test_sweep_writes_rows_and_resumes(tiny_data, tmp_path):
 
     with pytest.raises(ValueError, match="different configuration"):
         sweep_canaries(cfg.replace(seed=4), tmp_path, top=1, bottom=1, run=counting_run)
+
+
+def test_killed_sweep_resumes(tiny_data, tmp_path):
+    """SIGKILL a real `ufm sweep-canaries` after its first canary; the re-run trains only the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "sweep"
+    args = [sys.executable, "-m", "ufm", "sweep-canaries", "--dataset", str(tiny_data["train"]), "--ood-source",
+            str(tiny_data["ood"]), "--ood-size", "20", "--feature-size", "3", "--offset", "0", "0", "--epochs", "6",
+            "--candidates", "5", "--device", "cpu", "--lr", "0.003", "--top", "2", "--bottom", "2",
+            "--checkpoints", "3", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "sweep.csv").exists() and len(pd.read_csv(out / "sweep.csv")) >= 1:
+            break
+        time.sleep(0.2)
+    finished_before_kill = proc.poll() is not None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(pd.read_csv(out / "sweep.csv"))
+    assert 1 <= done_before <= 4
+    rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    table = pd.read_csv(out / "sweep.csv")
+    assert len(table) == 4 and table["index"].is_unique
+    trained_again = rerun.stderr.count("[sweep]")
+    assert trained_again == 4 - done_before or finished_before_kill
