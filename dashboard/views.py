@@ -18,8 +18,9 @@ from . import state
 
 CAVEAT = ("The verdict comes from the calibrated exposure test: the unique feature is ranked among "
           "random candidate features stamped on the same images. The t-test p-values are the paper's "
-          "statistics; they treat every inference image as independent and call many clean models "
-          "'significant', so they are shown but do not decide. A single run is one draw: train "
+          "statistics; they treat every inference image as independent although all share one feature, "
+          "so a clean model that merely reacts more to this pattern than to an average random one can "
+          "pass them: they are shown but do not decide. A single run is one draw: train "
           "more seeds (Compare page) before concluding.")
 
 
