@@ -63,9 +63,8 @@ def main() -> None:
 
 
 def _ood(cfg: ExperimentConfig):
-    from ufm.experiment import _cached_ood, _cached_split
-    shape = _cached_split(cfg.dataset, "train", cfg.data_dir, cfg.train_size).image_shape
-    return _cached_ood(cfg.dataset, shape, cfg.ood_size, cfg.ood_source, cfg.data_dir).x
+    from ufm.experiment import inference_images
+    return inference_images(cfg).x
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from ufm.canary import CanaryChoice
-from ufm.cli import write_atomic
+from ufm.fileio import atomic_write
 from ufm.experiment import ExperimentConfig
 from ufm.studies import StudyMember, StudyNotFound, create_study, get_study, runs_frame, submit_study
 from ufm.sweep import influence_scores, reference_config
@@ -22,7 +22,7 @@ def start_ranking(config: ExperimentConfig) -> None:
     def work(report) -> None:
         infl = influence_scores(config, progress=lambda p: report(
             f"epoch {p.epoch}" if p.phase == "train" else p.message))
-        write_atomic(path, infl.table().to_csv(index=False))
+        atomic_write(path, infl.table().to_csv(index=False))
 
     state.tasks().submit(key, work)
 

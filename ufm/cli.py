@@ -9,9 +9,10 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from .fileio import atomic_write as write_atomic  # noqa: F401 - re-exported for the verbs
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -132,20 +133,6 @@ class StderrProgress:
         else:
             self.stream.write(("\n" if self.tty else "") + f"[{p.phase}] {p.message}\n")
         self.stream.flush()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename, so a crash leaves no half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def summary_lines(result) -> list[str]:

@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from .cli import StderrProgress, add_experiment_args, config_from_args, write_atomic
+from .cli import StderrProgress, add_experiment_args, config_from_args
+from .fileio import atomic_write as write_atomic
 
 
 def cmd_influence(a: argparse.Namespace) -> int:

@@ -58,7 +58,7 @@ def measure_in_store(a: argparse.Namespace, config: "ExperimentConfig",
 
 
 def _write_out(text: str, out: str | None) -> None:
-    from .cli import write_atomic
+    from .fileio import atomic_write as write_atomic
 
     if out in (None, "-"):
         sys.stdout.write(text if text.endswith("\n") else text + "\n")

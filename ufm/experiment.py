@@ -255,6 +255,19 @@ def _cached_ood(dataset: str, shape: tuple[int, int, int], n: int, source: str |
     return load_ood(dataset, shape, n, source=source, data_dir=data_dir)
 
 
+def training_split(config: ExperimentConfig) -> ImageData:
+    """The clean training images of ``config`` (first ``train_size``), on the CPU; cached, do not modify."""
+    return _cached_split(config.dataset, "train", config.data_dir, config.train_size)
+
+
+def inference_images(config: ExperimentConfig, n: int | None = None) -> ImageData:
+    """The first ``n`` (default ``ood_size``) out-of-distribution images of ``config``, in the
+    model's input shape, on the CPU; cached, do not modify."""
+    n = config.ood_size if n is None else n
+    shape = training_split(config).image_shape
+    return _cached_ood(config.dataset, shape, max(n, config.ood_size), config.ood_source, config.data_dir).subset(slice(0, n))
+
+
 @dataclass
 class PreparedData:
     """The tensors of one experiment, on its device: training set with canaries stamped, etc."""
@@ -269,7 +282,7 @@ class PreparedData:
 
 def prepare_data(config: ExperimentConfig, device: torch.device | str = "cpu") -> PreparedData:
     """Load the data of ``config``, stamp the canaries and split off the validation set."""
-    full = _cached_split(config.dataset, "train", config.data_dir, config.train_size)
+    full = training_split(config)
     test = _cached_split(config.dataset, "test", config.data_dir, None)
     config.feature.check_fits(full.x.shape)
     if test.image_shape != full.image_shape:
@@ -339,7 +352,7 @@ def run_experiment(config: ExperimentConfig, progress: ProgressFn | None = None,
 
 
 def _labels_of(config: ExperimentConfig, data: PreparedData) -> list[int]:
-    full = _cached_split(config.dataset, "train", config.data_dir, config.train_size)
+    full = training_split(config)
     return full.y[torch.as_tensor(data.canary_indices, dtype=torch.long)].tolist() if data.canary_indices.size else []
 
 

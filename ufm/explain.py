@@ -444,16 +444,15 @@ def explain_run(model: nn.Module, config, canary_index: int, *, n_ood: int = 4,
         layer: conv layer for GradCAM; None = the last Conv2d (saliency for an MLP).
     """
     from .canary import stamp_feature
-    from .experiment import _cached_ood, _cached_split
+    from .experiment import inference_images, training_split
 
     if n_ood < 1:
         raise ValueError(f"n_ood must be >= 1, got {n_ood}")
     device = next(model.parameters()).device
-    train = _cached_split(config.dataset, "train", config.data_dir, config.train_size)
+    train = training_split(config)
     if not 0 <= canary_index < len(train):
         raise ValueError(f"canary index {canary_index} is outside the training set (0..{len(train) - 1})")
-    ood = _cached_ood(config.dataset, train.image_shape, max(config.ood_size, n_ood), config.ood_source,
-                      config.data_dir).x[:n_ood]
+    ood = inference_images(config, n_ood).x
     feat = config.feature
     clean = train.x[canary_index:canary_index + 1]
     images = torch.cat([clean, stamp_feature(clean, feat), ood, stamp_feature(ood, feat)]).to(device)

@@ -30,7 +30,6 @@ import shutil
 import socket
 import sqlite3
 import sys
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from . import __version__
+from .fileio import atomic_write
 
 if TYPE_CHECKING:  # torch and the experiment module are imported lazily: `ufm runs list` stays fast
     import numpy as np
@@ -763,9 +763,9 @@ class Store:
 
 
 def _data_shape(config: "ExperimentConfig") -> tuple[tuple[int, int, int], int]:
-    from .experiment import _cached_split  # the split run_experiment just loaded: a cache hit
+    from .experiment import training_split  # the split run_experiment just loaded: a cache hit
 
-    data = _cached_split(config.dataset, "train", config.data_dir, config.train_size)
+    data = training_split(config)
     return data.image_shape, data.num_classes
 
 
@@ -775,19 +775,9 @@ def _is_tensor(v: Any) -> bool:
 
 
 def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
-    """``write(binary file)`` into a temp file beside ``path``, fsync, then rename over ``path``:
-    readers see the old file or the whole new one, never half of it. (mkstemp makes the file
-    0600; artifacts can show a private feature, e.g. a patient's name, so they stay the user's.)"""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Artifacts are written atomically and kept private (0600): they can show a private feature,
+    e.g. a patient's name."""
+    atomic_write(path, write, private=True)
 
 
 def _load_tensors(path: Path) -> Any:

@@ -24,6 +24,7 @@ import torch
 
 from .canary import CanaryChoice
 from .experiment import ExperimentConfig, Result, prepare_data, run_experiment
+from .fileio import atomic_write as write_atomic
 from .influence import rank_by_self_influence, self_influence, top_bottom, tracin_checkpoints
 from .models import build_model
 from .plots import pearson
@@ -146,8 +147,6 @@ def sweep_canaries(config: ExperimentConfig, out_dir: str | Path, *, top: int = 
         run: how to train one canary model (default :func:`run_experiment`; the run store passes
             its cached runner).
     """
-    from .cli import write_atomic  # atomic temp-file + rename
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta_path, infl_path, csv_path = out / "sweep.json", out / "influence.csv", out / "sweep.csv"
@@ -193,8 +192,6 @@ def sweep_canaries(config: ExperimentConfig, out_dir: str | Path, *, top: int = 
 
 def _write_sweep(rows: list[dict[str, Any]], config: ExperimentConfig, base_key: str, csv_path: Path,
                  meta_path: Path) -> None:
-    from .cli import write_atomic
-
     df = pd.DataFrame(rows, columns=SWEEP_COLUMNS)
     write_atomic(csv_path, df.to_csv(index=False))
     r, p = pearson(df["self_influence"], df["M"]) if len(df) else (float("nan"), float("nan"))
