@@ -8,10 +8,10 @@ DataLoader (Poisson sampling is part of its privacy accounting).
 
 from __future__ import annotations
 
-import copy
 import math
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -254,6 +254,17 @@ def train(model: nn.Module, train_data: ImageData, val_data: ImageData, cfg: Tra
         TrainingDiverged: the loss became NaN or infinite.
         ValueError: incompatible settings (e.g. DP-SGD with batch norm).
     """
+    with warnings.catch_warnings():
+        # Opacus warns that its noise is seeded ("secure RNG off"): that is deliberate, results
+        # must be reproducible; and that its hooks fire with inputs that need no grad: harmless.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        return _train(model, train_data, val_data, cfg, progress=progress, cancel=cancel)
+
+
+def _train(model: nn.Module, train_data: ImageData, val_data: ImageData, cfg: TrainConfig, *,
+           progress: ProgressFn | None = None, cancel: CancelFlag = None) -> TrainResult:
+    """The body of :func:`train`."""
     t0 = time.perf_counter()
     device = train_data.x.device
     gen = torch.Generator().manual_seed(cfg.seed)
