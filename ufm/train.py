@@ -22,6 +22,12 @@ import torch.nn.functional as F
 from .data import ImageData
 from .models import has_batchnorm, predict_logits
 
+# Opacus warns that its noise is seeded ("secure RNG turned off"): deliberate, results must be
+# reproducible; and that its backward hooks fire although the inputs need no grad: harmless.
+# Filters set once here (warnings.catch_warnings is not thread-safe; runs train in threads).
+warnings.filterwarnings("ignore", message="Secure RNG turned off")
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
 REGULARISERS = ("none", "dropout", "augment", "batchnorm", "weight-decay", "dp-sgd")
 
 
@@ -254,17 +260,6 @@ def train(model: nn.Module, train_data: ImageData, val_data: ImageData, cfg: Tra
         TrainingDiverged: the loss became NaN or infinite.
         ValueError: incompatible settings (e.g. DP-SGD with batch norm).
     """
-    with warnings.catch_warnings():
-        # Opacus warns that its noise is seeded ("secure RNG off"): that is deliberate, results
-        # must be reproducible; and that its hooks fire with inputs that need no grad: harmless.
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        return _train(model, train_data, val_data, cfg, progress=progress, cancel=cancel)
-
-
-def _train(model: nn.Module, train_data: ImageData, val_data: ImageData, cfg: TrainConfig, *,
-           progress: ProgressFn | None = None, cancel: CancelFlag = None) -> TrainResult:
-    """The body of :func:`train`."""
     t0 = time.perf_counter()
     device = train_data.x.device
     gen = torch.Generator().manual_seed(cfg.seed)
