@@ -11,7 +11,7 @@ from plotly.subplots import make_subplots
 
 from ufm.models import ARCHITECTURES
 from ufm.plots import COLOURS
-from ufm.studies import StudyMember, create_study, regulariser_label, runs_frame, submit_study
+from ufm.studies import StudyMember, create_study, regulariser_label, submit_study
 
 from . import state
 

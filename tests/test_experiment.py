@@ -9,13 +9,11 @@ from ufm.experiment import ExperimentConfig, Result, run_experiment
 from ufm.features import glyph, text_feature
 from ufm.train import DPConfig, TrainingCancelled
 
+from .conftest import tiny_config
+
 
 def _tiny_config(tiny_data, **kw):
-    base = dict(feature=glyph("A", size=3, offset=(0, 0)), dataset=str(tiny_data["train"]),
-                ood_source=str(tiny_data["ood"]), ood_size=40, epochs=4, patience=2, candidates=9,
-                canary=CanaryChoice("index", (0,)), device="cpu", lr=1e-3, batch_size=32)
-    base.update(kw)
-    return ExperimentConfig(**base)
+    return tiny_config(tiny_data, **{"ood_size": 40, "epochs": 4, "candidates": 9, **kw})
 
 
 def test_config_json_round_trip_and_key():

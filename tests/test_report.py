@@ -26,13 +26,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 STUDY = "regularisers <b>& co</b>"  # markup in a name must come out escaped
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Tiny models train ~10x faster on one intra-op thread than on two fighting over a busy CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -18,33 +18,23 @@ import torch
 
 from ufm import __version__
 from ufm import experiment as E
-from ufm.canary import CanaryChoice
 from ufm.cli import main
 from ufm.experiment import ExperimentConfig, run_experiment
-from ufm.features import glyph
 from ufm.jobs import measure
 from ufm.models import predict_logits
 from ufm.store import APPLICATION_ID, SCHEMA_VERSION, Store, StoreError, default_home
+
+from .conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # subprocesses: one torch thread, see _one_torch_thread
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Tiny models train ~10x faster on one intra-op thread than on two fighting over a busy CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(tiny_data, **kw) -> ExperimentConfig:
-    base = dict(feature=glyph("A", size=3, offset=(0, 0)), dataset=str(tiny_data["train"]),
-                ood_source=str(tiny_data["ood"]), ood_size=40, epochs=3, patience=2, candidates=9,
-                canary=CanaryChoice("index", (0,)), device="cpu", lr=1e-3, batch_size=32)
-    base.update(kw)
-    return ExperimentConfig(**base)
+    return tiny_config(tiny_data, **{"ood_size": 40, "epochs": 3, "candidates": 9, **kw})
 
 
 def _cli_args(tiny_data, home, *extra):

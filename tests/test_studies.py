@@ -5,35 +5,25 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
 from ufm.canary import CanaryChoice
 from ufm.experiment import ExperimentConfig
-from ufm.features import glyph
 from ufm.jobs import Runner
 from ufm.store import Store
 from ufm.studies import (StudyNotFound, aggregate, create_study, delete_study, expand, get_study, list_studies,
                          run_study, runs_frame, submit_study, summary, t_interval)
 
+from .conftest import tiny_config
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Tiny models train ~10x faster on one intra-op thread than on two fighting over a busy CPU.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(tiny_data, **kw) -> ExperimentConfig:
-    base = dict(feature=glyph("A", size=3, offset=(0, 0)), dataset=str(tiny_data["train"]),
-                ood_source=str(tiny_data["ood"]), ood_size=30, epochs=2, patience=2, candidates=5,
-                canary=CanaryChoice("index", (0,)), device="cpu", lr=1e-3, batch_size=32)
-    base.update(kw)
-    return ExperimentConfig(**base)
+    return tiny_config(tiny_data, **kw)
 
 
 # ---------------------------------------------------------------------------------- expanding

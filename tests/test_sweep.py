@@ -3,21 +3,16 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from ufm.canary import CanaryChoice
-from ufm.experiment import ExperimentConfig, run_experiment
-from ufm.features import glyph
-from ufm.influence import self_influence
+from ufm.experiment import run_experiment
 from ufm.sweep import influence_scores, reference_config, sweep_canaries
+
+from .conftest import tiny_config
 
 
 def _cfg(tiny_data, **kw):
-    base = dict(feature=glyph("A", size=3, offset=(0, 0)), dataset=str(tiny_data["train"]),
-                ood_source=str(tiny_data["ood"]), ood_size=30, epochs=6, patience=3, candidates=9,
-                device="cpu", lr=3e-3, batch_size=32)
-    base.update(kw)
-    return ExperimentConfig(**base)
+    return tiny_config(tiny_data, **{"epochs": 6, "patience": 3, "lr": 3e-3, "candidates": 9, **kw})
 
 
 def test_influence_scores_every_training_image(tiny_data):

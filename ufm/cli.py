@@ -6,8 +6,6 @@ Bad flags or data print one line, ``ufm: error: ...``, and exit with status 2; n
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence

@@ -26,7 +26,7 @@ p-value assumes. ``benchmarks/exposure_power.py`` measures both tests on clean a
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np

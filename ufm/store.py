@@ -567,8 +567,8 @@ class Store:
         return self._finish(run_id, "failed", error)
 
     def _finish(self, run_id: str, status: str, error: str) -> bool:
-        n = self._update(f"UPDATE runs SET status = ?, finished = ?, error = ? WHERE id = ? AND status IN "
-                         f"('queued', 'running')", (status, time.time(), error, run_id))
+        n = self._update("UPDATE runs SET status = ?, finished = ?, error = ? WHERE id = ? AND status IN "
+                         "('queued', 'running')", (status, time.time(), error, run_id))
         if n == 0:
             self._require(run_id)
         return n == 1
