@@ -56,7 +56,17 @@ name = st.session_state.get("sweep")
 if name:
     pts = ui.sweep_points(name, table)
     done = pts[pts["status"] == "done"]
-    st.progress(len(done) / len(pts), text=f"{len(done)} of {len(pts)} canary models finished")
+    finished = pts["status"].isin(["done", "failed", "cancelled"]).sum()
+
+    @st.fragment(run_every=2.0 if finished < len(pts) else None)
+    def sweep_progress() -> None:
+        now = ui.sweep_points(name, table)
+        n = int((now["status"] == "done").sum())
+        st.progress(n / len(now), text=f"{n} of {len(now)} canary models finished")
+        if n != len(done):
+            st.rerun()  # a canary finished: redraw the scatter
+
+    sweep_progress()
     if len(done):
         r, p = pearson(done["self_influence"], done["M"])
         st.metric("Pearson r (self-influence, M)", views.fmt(r, 3), help=f"two-sided p = {views.fmt(p, 3)}")
@@ -70,5 +80,6 @@ if name:
             views.run_panel(row["run_id"])
         else:
             st.caption("Click a point to see that canary and its run.")
-    if len(done) < len(pts):
-        st.button("Refresh", key="inf_refresh")
+    failed = pts[pts["status"].isin(["failed", "cancelled"])]
+    if len(failed):
+        st.warning(f"{len(failed)} canary runs did not finish (see the Runs page).")

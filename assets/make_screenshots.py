@@ -1,0 +1,108 @@
+"""Regenerate the README screenshots: fill a fresh run store, start the app, photograph each page.
+
+    UFM_DATA_DIR=../shared/data python assets/make_screenshots.py
+
+Runs, with the dashboard's Quick budget on MNIST (MLP, 3,000 images): the teaching demo's run, a
+regulariser comparison (none / dropout / dp-sgd, 2 seeds), the self-influence ranking and a
+3 + 3 canary sweep; then drives Debian's chromium through every page (never `playwright install`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "assets" / "screenshots"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def fill_store(home: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    from dashboard.state import QUICK
+    from ufm.canary import CanaryChoice
+    from ufm.experiment import ExperimentConfig
+    from ufm.fileio import atomic_write
+    from ufm.jobs import Runner
+    from ufm.store import Store
+    from ufm.studies import create_study, regulariser_members, submit_study
+    from ufm.sweep import influence_scores, reference_config
+
+    store = Store(home)
+    base = ExperimentConfig(dataset="mnist", data_dir=os.environ.get("UFM_DATA_DIR"), arch="mlp",
+                            canary=CanaryChoice("index", (0,)), seed=0, **QUICK)
+    with Runner(store) as runner:
+        runner.wait(runner.submit(base))
+        create_study(store, "regularisers on MNIST", "regularisers", base,
+                     regulariser_members(base, ["none", "dropout", "dp-sgd"], [0, 1]))
+        for rid in submit_study(runner, "regularisers on MNIST"):
+            runner.wait(rid)
+    infl = influence_scores(base)
+    atomic_write(home / "influence" / f"{reference_config(base).key()}.csv", infl.table().to_csv(index=False))
+
+
+def main() -> None:
+    from playwright.sync_api import sync_playwright
+
+    home = Path(tempfile.mkdtemp(prefix="ufm-shots-"))
+    t0 = time.time()
+    fill_store(home)
+    print(f"store filled in {time.time() - t0:.0f} s", flush=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, UFM_HOME=str(home))
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless",
+                             "true", "--server.port", str(port)], cwd=ROOT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(180):
+            try:
+                urllib.request.urlopen(url + "/_stcore/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=FLAGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1800})
+            page.goto(url)
+            page.get_by_text("Guided demos").wait_for(timeout=60_000)
+            page.screenshot(path=str(OUT / "home.png"))
+
+            def visit(title: str, name: str, wait_text: str) -> None:
+                page.get_by_role("link", name=title).first.click()
+                page.get_by_text(wait_text).first.wait_for(timeout=600_000)
+                page.wait_for_timeout(2500)
+                page.screenshot(path=str(OUT / f"{name}.png"))
+
+            page.get_by_role("button", name="Run the teaching demo").click()
+            page.get_by_text("M = X_u - X_r (nats)").wait_for(timeout=300_000)
+            page.wait_for_timeout(2500)
+            page.screenshot(path=str(OUT / "train.png"))
+            visit("Feature", "feature", "In use:")
+            visit("Compare", "compare", "mean M (nats)")
+            visit("Influence", "influence", "Most self-influential")
+            page.get_by_role("button", name="Run the sweep (one model per canary)").click()
+            page.get_by_text("6 of 6 canary models finished").wait_for(timeout=900_000)
+            page.wait_for_timeout(2500)
+            page.mouse.wheel(0, 1400)
+            page.wait_for_timeout(1000)
+            page.screenshot(path=str(OUT / "influence.png"))
+            visit("Explain", "explain", "box share, canary with feature")
+            visit("Runs", "runs", "Export all runs (CSV)")
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    print(f"wrote {sorted(p.name for p in OUT.glob('*.png'))} in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
