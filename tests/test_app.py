@@ -169,3 +169,13 @@ def test_compare_and_influence_pages_run_small_studies(app_env):
         time.sleep(1)
     at.run()
     assert not at.exception and any(s.value.startswith("Most self-influential") for s in at.subheader)
+    at.number_input(key="inf_top").set_value(2)
+    at.number_input(key="inf_bottom").set_value(1)
+    at.button(key="inf_sweep").click().run()
+    assert not at.exception
+    for rid in state.runner().active():
+        _wait_done(rid)
+    at.run()
+    assert not at.exception
+    assert any(m.label == "Pearson r (self-influence, M)" for m in at.metric)
+    assert any("3 of 3 canary models finished" in p.proto.text for p in at.get("progress"))
