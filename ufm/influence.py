@@ -69,7 +69,7 @@ def self_influence(
     *,
     learning_rates: Sequence[float] | None = None,
     layers: Sequence[LayerSpec] | None = None,
-    batch_size: int = 256,
+    batch_size: int = 128,
 ) -> Tensor:
     """TracInCP self-influence ``sum_i lr_i * ||grad_w CE(model_{w_i}(x_n), y_n)||^2``.
 
@@ -88,7 +88,10 @@ def self_influence(
             (module objects, or their names as in ``model.named_modules()``, which is how
             captum's ``TracInCP(layers=...)`` takes them); all parameters of those modules
             count, frozen ones included.
-        batch_size: examples per forward/backward pass; memory grows linearly with it.
+        batch_size: examples per forward/backward pass; memory grows linearly with it. The
+            default 128 keeps a cnn1 batch's activations within a CPU's last-level cache
+            (measured on 2 cores, 32 MB L3: cnn1 1290 examples/s at 128 vs 790 at 256; the mlp
+            is as fast at 128 as at 256); on a GPU larger batches (1024) run faster.
 
     Returns:
         ``(N,)`` float64 tensor on the CPU: self-influence of every example, in units of
