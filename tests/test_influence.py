@@ -383,3 +383,26 @@ def test_rank_and_top_bottom_known_answers():
         rank_by_self_influence(torch.tensor([1.0, float("nan")]))
     with pytest.raises(ValueError, match="1-D"):
         rank_by_self_influence(torch.ones(2, 2))
+
+
+def test_model_on_another_device():
+    model = build_model("mlp", 1, (4, 4), 3).to("meta")
+    with pytest.raises(ValueError, match=r"call model.to\(x.device\)"):
+        self_influence(model, [{}], torch.rand(2, 1, 4, 4), torch.tensor([0, 1]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(tmp_path):
+    # float64 so that TF32 convolutions cannot blur the comparison; checkpoints stay on the
+    # CPU (a state dict and a file) and are copied onto the GPU when loaded.
+    make = lambda: build_model("cnn1", 1, (12, 12), 4, batchnorm=True).double()  # noqa: E731
+    states = _checkpoints(make, 2, dtype=torch.float64)
+    torch.save(states[1], tmp_path / "c1.pt")
+    model = make()
+    x, y = torch.rand(40, 1, 12, 12, dtype=torch.float64), torch.randint(0, 4, (40,))
+    cpu = self_influence(model, states, x, y, learning_rates=[0.5, 2.0])
+    gpu = self_influence(model.cuda(), [states[0], tmp_path / "c1.pt"], x.cuda(), y.cuda(),
+                         learning_rates=[0.5, 2.0])
+    assert gpu.device.type == "cpu"
+    torch.testing.assert_close(gpu, cpu, rtol=1e-9, atol=1e-12)
