@@ -104,7 +104,7 @@ def test_type_a_feature_train_and_see_m(page, shots):
     _nav(page, "Train & measure")
     page.get_by_text("Feature: text 'JD'").wait_for(timeout=30_000)
     page.get_by_role("button", name="Start").click()
-    page.get_by_text("M = X_u - X_r (nats)").wait_for(timeout=240_000)
+    page.get_by_text("M = X_u - X_r (nats)").wait_for(timeout=600_000)
     hist = page.locator(".js-plotly-plot", has_text="unique feature z_u")
     hist.first.wait_for(timeout=30_000)
     assert hist.count() >= 1

@@ -70,7 +70,7 @@ def test_acceptance_command_real_mnist(shared_data, tmp_path):
     out = tmp_path / "r.json"
     proc = subprocess.run([sys.executable, "-m", "ufm", "measure", "--dataset", "mnist", "--data-dir", str(shared_data),
                            "--arch", "mlp", "--canary-index", "0", "--train-size", "5000", "--seed", "0",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     d = json.loads(out.read_text())
     for k in ("config", "M", "X_u", "X_r", "p_value", "p_value_paired", "exposure", "exposure_p_value",

@@ -362,7 +362,7 @@ class Store:
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             conn.execute("PRAGMA foreign_keys = ON")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = self._set_wal(conn)
             # WAL + NORMAL: a crashed process never corrupts the file; a power cut may lose the
             # last commits. Good enough for results that can be recomputed.
             conn.execute("PRAGMA synchronous = NORMAL")
@@ -373,6 +373,19 @@ class Store:
             raise StoreError(f"{self.db_path}: SQLite refused WAL mode (got {mode!r}); network file systems do not "
                              "support it: put UFM_HOME on a local disk")
         return conn
+
+    def _set_wal(self, conn: sqlite3.Connection) -> str:
+        """Switch to WAL, retrying while another process holds the lock: the switch needs an
+        exclusive lock and SQLite does not call the busy handler for it, so two processes creating
+        the same new database at once would otherwise fail with "database is locked" at once."""
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                return conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def _migrate(self) -> None:
         with self.transaction() as c:
