@@ -49,21 +49,26 @@ def write_split(folder: Path, x: np.ndarray, y: np.ndarray, split: str, classes=
     np.savez_compressed(folder / f"{split}.npz", x=x, y=y, classes=classes)
 
 
+def blob_images(rng: np.random.Generator, n: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """A learnable 3-class greyscale set: dark noise with a bright block whose column is the class.
+
+    Returns x (n, side, side) uint8 and y (n,) int64.
+    """
+    y = rng.integers(0, 3, n)
+    x = rng.integers(0, 40, (n, side, side)).astype(np.uint8)
+    h, w = side // 3, side // 4
+    for i, c in enumerate(y):
+        x[i, side // 2 - h // 2:side // 2 + h // 2 + 1, 1 + w * c:1 + w * c + w] = 220
+    return x, y.astype(np.int64)
+
+
 @pytest.fixture
 def tiny_data(tmp_path: Path) -> dict[str, Path]:
-    """A learnable 3-class 12x12 greyscale set (bright blob position = class) and an OOD noise set."""
+    """A learnable 3-class 12x12 greyscale set (:func:`blob_images`) and an OOD noise set."""
     rng = np.random.default_rng(0)
-
-    def make(n):
-        y = rng.integers(0, 3, n)
-        x = rng.integers(0, 40, (n, 12, 12)).astype(np.uint8)
-        for i, c in enumerate(y):
-            x[i, 6:10, 1 + 3 * c:4 + 3 * c] = 220
-        return x, y.astype(np.int64)
-
     train = tmp_path / "tiny"
-    write_split(train, *make(300), "train")
-    write_split(train, *make(120), "test")
+    write_split(train, *blob_images(rng, 300, 12), "train")
+    write_split(train, *blob_images(rng, 120, 12), "test")
     ood = tmp_path / "noise"
     write_split(ood, rng.integers(0, 255, (60, 12, 12)).astype(np.uint8), rng.integers(0, 3, 60), "test")
     write_split(ood, rng.integers(0, 255, (60, 12, 12)).astype(np.uint8), rng.integers(0, 3, 60), "train")

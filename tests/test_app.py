@@ -10,7 +10,7 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from .conftest import write_split
+from .conftest import blob_images, write_split
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ["feature", "train", "influence", "explain", "compare", "runs"]
@@ -21,16 +21,8 @@ def app_env(tmp_path_factory):
     """A data folder with a tiny 'mnist' (28x28, 3 classes) and 'cifar10' test split, and a fresh home."""
     root = tmp_path_factory.mktemp("appdata")
     rng = np.random.default_rng(0)
-
-    def digits(n):
-        y = rng.integers(0, 3, n)
-        x = rng.integers(0, 30, (n, 28, 28)).astype(np.uint8)
-        for i, c in enumerate(y):
-            x[i, 10:18, 4 + 7 * c:10 + 7 * c] = 230
-        return x, y.astype(np.int64)
-
-    write_split(root / "data" / "mnist", *digits(240), "train")
-    write_split(root / "data" / "mnist", *digits(90), "test")
+    write_split(root / "data" / "mnist", *blob_images(rng, 240, 28), "train")
+    write_split(root / "data" / "mnist", *blob_images(rng, 90, 28), "test")
     write_split(root / "data" / "cifar10", rng.integers(0, 255, (600, 32, 32, 3)).astype(np.uint8),
                 rng.integers(0, 10, 600), "test")
     mp = pytest.MonkeyPatch()
