@@ -51,10 +51,12 @@ def fill_store(home: Path) -> None:
 def main() -> None:
     from playwright.sync_api import sync_playwright
 
-    home = Path(tempfile.mkdtemp(prefix="ufm-shots-"))
+    # An already filled store can be reused: python assets/make_screenshots.py HOME
+    home = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="ufm-shots-"))
     t0 = time.time()
-    fill_store(home)
-    print(f"store filled in {time.time() - t0:.0f} s", flush=True)
+    if not (home / "ufm.db").exists():
+        fill_store(home)
+        print(f"store filled in {time.time() - t0:.0f} s", flush=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -87,7 +89,7 @@ def main() -> None:
             page.wait_for_timeout(2500)
             page.screenshot(path=str(OUT / "train.png"))
             visit("Feature", "feature", "In use:")
-            visit("Compare", "compare", "mean M (nats)")
+            visit("Compare", "compare", "Export the study report (HTML)")
             visit("Influence", "influence", "Most self-influential")
             page.get_by_role("button", name="Run the sweep (one model per canary)").click()
             page.get_by_text("6 of 6 canary models finished").wait_for(timeout=900_000)
