@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import pandas as pd
 import streamlit as st
-from plotly.subplots import make_subplots
 
 from ufm.models import ARCHITECTURES
-from ufm.plots import COLOURS
+from ufm.plots import histogram_grid
 from ufm.studies import StudyMember, create_study, regulariser_label, submit_study
 
 from . import state
@@ -50,23 +48,7 @@ def new_study_form() -> str | None:
 
 def small_multiples(runs: pd.DataFrame, log_x: bool = True):
     """One histogram panel per group: d_u vs d_r of the group's first finished run."""
-    groups = list(dict.fromkeys(runs["group"]))
     done = runs[runs["status"] == "done"].drop_duplicates("group").set_index("group")
-    cols = min(3, len(groups))
-    fig = make_subplots(rows=int(np.ceil(len(groups) / cols)), cols=cols, subplot_titles=groups)
-    for k, g in enumerate(groups):
-        if g not in done.index:
-            continue
-        d_u, d_r = state.store().load_scores(done.loc[g, "run_id"])
-        f = (lambda v: np.log10(np.maximum(v, 1e-12))) if log_x else (lambda v: v)
-        edges = np.histogram_bin_edges(np.concatenate([f(d_u), f(d_r).ravel()]), 30)
-        for vals, key, name in ((f(d_r).ravel(), "z_r", "random features z_r"), (f(d_u), "z_u", "unique feature z_u")):
-            counts, _ = np.histogram(vals, edges)
-            fig.add_bar(x=(edges[:-1] + edges[1:]) / 2, y=counts / len(vals), width=np.diff(edges), name=name,
-                        marker_color=COLOURS[key], opacity=0.6, showlegend=k == 0, legendgroup=key,
-                        row=k // cols + 1, col=k % cols + 1)
-    fig.update_layout(barmode="overlay", bargap=0, height=280 * int(np.ceil(len(groups) / cols)),
-                      title="d_u vs d_r per setting (first seed)", template="plotly_white")
-    fig.update_xaxes(title_text="log10 KL (log10 nats)" if log_x else "KL (nats)")
-    fig.update_yaxes(title_text="share of images")
-    return fig
+    panels = {g: state.store().load_scores(done.loc[g, "run_id"]) if g in done.index else None
+              for g in dict.fromkeys(runs["group"])}
+    return histogram_grid(panels, log_x=log_x)

@@ -43,3 +43,14 @@ def test_other_figures_have_titles_and_axes():
     im = image_figure(np.zeros((1, 8, 8)), box=(1, 1, 5, 5), title="canary")
     assert im.layout.shapes[0].x0 == 0.5 and im.layout.title.text == "canary"
     assert image_figure(np.zeros((3, 8, 8))).data[0].z.shape == (8, 8, 3)
+
+
+def test_histogram_grid_panels_share_the_single_figure_bars():
+    from ufm.plots import histogram_bars, histogram_grid
+    rng = np.random.default_rng(1)
+    a, b = rng.exponential(0.2, 50), rng.exponential(0.1, (1, 50))
+    fig = histogram_grid({"none": (a, b), "dropout": None, "dp-sgd": (b[0], a[None])})
+    assert len(fig.data) == 4 and [t.showlegend for t in fig.data] == [True, True, False, False]
+    ref = histogram_bars(a, b, log_x=True, bins=30)
+    assert np.allclose(fig.data[1].y, ref[1].y) and fig.data[1].marker.color == COLOURS["z_u"]
+    assert [a.text for a in fig.layout.annotations] == ["none", "dropout", "dp-sgd"]

@@ -277,6 +277,7 @@ class PreparedData:
     ood: ImageData
     canary_indices: np.ndarray  # indices into the (first train_size) training set
     train_indices: np.ndarray   # which of those images are trained on (the rest is validation)
+    canary_labels: list[int]
 
 
 def prepare_data(config: ExperimentConfig, device: torch.device | str = "cpu") -> PreparedData:
@@ -294,7 +295,8 @@ def prepare_data(config: ExperimentConfig, device: torch.device | str = "cpu") -
     train_idx, val_idx = train_val_split(len(full), config.val_fraction, exclude=canaries, seed=config.seed)
     stamped = ImageData(x, full.y, full.classes, full.name)
     return PreparedData(stamped.subset(train_idx).to(device), stamped.subset(val_idx).to(device),
-                        test.to(device), ood.to(device), canaries, train_idx)
+                        test.to(device), ood.to(device), canaries, train_idx,
+                        full.y[torch.as_tensor(canaries, dtype=torch.long)].tolist())
 
 
 def run_experiment(config: ExperimentConfig, progress: ProgressFn | None = None,
@@ -334,7 +336,7 @@ def run_experiment(config: ExperimentConfig, progress: ProgressFn | None = None,
         score = memorisation_score(model, data.ood.x, config.feature, repeats=config.repeats,
                                    random_kind=config.random_kind, candidates=config.candidates,
                                    candidate_kind=config.candidate_kind, seed=config.seed, alpha=config.alpha)
-        canary_labels = [int(v) for v in _labels_of(config, data)]
+        canary_labels = data.canary_labels
         canary_label = _majority(canary_labels) if canary_labels else config.canary.label
         access = access_scores(model, config.feature, x_test=data.test.x, y_test=data.test.y, x_ood=data.ood.x,
                                canary_label=canary_label)
@@ -348,11 +350,6 @@ def run_experiment(config: ExperimentConfig, progress: ProgressFn | None = None,
                   epsilon=trained.epsilon, device=str(device), train_seconds=trained.seconds,
                   score_seconds=score_seconds, n_train=len(data.train), n_val=len(data.val), n_ood=len(data.ood),
                   versions=versions(), model=model, checkpoints=trained.checkpoints)
-
-
-def _labels_of(config: ExperimentConfig, data: PreparedData) -> list[int]:
-    full = training_split(config)
-    return full.y[torch.as_tensor(data.canary_indices, dtype=torch.long)].tolist() if data.canary_indices.size else []
 
 
 def _majority(labels: list[int]) -> int:

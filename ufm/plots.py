@@ -35,25 +35,61 @@ def histogram_figure(d_u: np.ndarray, d_r: np.ndarray, *, log_x: bool = False, b
     du = np.asarray(d_u, dtype=np.float64).ravel()
     dr = np.asarray(d_r, dtype=np.float64).ravel()
     xu, xr = du.mean(), dr.mean()
-    if log_x:
-        tu, tr = np.log10(np.maximum(du, LOG_FLOOR)), np.log10(np.maximum(dr, LOG_FLOOR))
-        mu, mr = np.log10(max(xu, LOG_FLOOR)), np.log10(max(xr, LOG_FLOOR))
-        xlabel = "KL divergence, log10 scale (log10 nats)"
-    else:
-        tu, tr, mu, mr = du, dr, xu, xr
-        xlabel = "KL divergence KL(f(x_c) || f(x')) (nats)"
-    edges = np.histogram_bin_edges(np.concatenate([tu, tr]), bins=bins)
-    fig = go.Figure()
-    for vals, key, name in ((tr, "z_r", f"random features z_r (X_r = {xr:.4g})"),
-                            (tu, "z_u", f"unique feature z_u (X_u = {xu:.4g})")):
-        counts, _ = np.histogram(vals, bins=edges)
-        share = counts / max(len(vals), 1)
-        fig.add_bar(x=(edges[:-1] + edges[1:]) / 2, y=share, width=np.diff(edges), name=name,
-                    marker_color=COLOURS[key], opacity=0.6)
-    for m, key, label in ((mr, "z_r", "X_r"), (mu, "z_u", "X_u")):
-        fig.add_vline(x=m, line_dash="dash", line_color=COLOURS[key], annotation_text=label,
+    fig = go.Figure(histogram_bars(du, dr, log_x=log_x, bins=bins,
+                                   names=(f"random features z_r (X_r = {xr:.4g})",
+                                          f"unique feature z_u (X_u = {xu:.4g})")))
+    scale = _log10 if log_x else (lambda v: v)
+    for m, key, label in ((scale(xr), "z_r", "X_r"), (scale(xu), "z_u", "X_u")):
+        fig.add_vline(x=float(m), line_dash="dash", line_color=COLOURS[key], annotation_text=label,
                       annotation_position="top")
-    return _layout(fig, title, xlabel, "share of inference images", barmode="overlay", bargap=0)
+    return _layout(fig, title, _kl_label(log_x), "share of inference images", barmode="overlay", bargap=0)
+
+
+def _log10(v):
+    return np.log10(np.maximum(v, LOG_FLOOR))
+
+
+def _kl_label(log_x: bool) -> str:
+    return "KL divergence, log10 scale (log10 nats)" if log_x else "KL divergence KL(f(x_c) || f(x')) (nats)"
+
+
+def histogram_bars(d_u: np.ndarray, d_r: np.ndarray, *, log_x: bool = False, bins: int = 50,
+                   names: tuple[str, str] = ("random features z_r", "unique feature z_u")) -> list[go.Bar]:
+    """The two bar traces (z_r first, then z_u) of overlaid ``d_u`` / ``d_r`` histograms on shared
+    bins (even in log10(KL) with ``log_x``); heights are the share of each set's images."""
+    du = np.asarray(d_u, dtype=np.float64).ravel()
+    dr = np.asarray(d_r, dtype=np.float64).ravel()
+    tu, tr = (_log10(du), _log10(dr)) if log_x else (du, dr)
+    edges = np.histogram_bin_edges(np.concatenate([tu, tr]), bins=bins)
+    bars = []
+    for vals, key, name in ((tr, "z_r", names[0]), (tu, "z_u", names[1])):
+        counts, _ = np.histogram(vals, bins=edges)
+        bars.append(go.Bar(x=(edges[:-1] + edges[1:]) / 2, y=counts / max(len(vals), 1), width=np.diff(edges),
+                           name=name, marker_color=COLOURS[key], opacity=0.6, legendgroup=key))
+    return bars
+
+
+def histogram_grid(panels: dict[str, tuple[np.ndarray, np.ndarray] | None], *, log_x: bool = True, bins: int = 30,
+                   title: str = "d_u vs d_r per setting (first seed)") -> go.Figure:
+    """Small multiples: one ``d_u`` vs ``d_r`` panel per name (None = no finished run yet, empty panel)."""
+    from plotly.subplots import make_subplots
+
+    names = list(panels)
+    cols = max(1, min(3, len(names)))
+    rows = int(np.ceil(len(names) / cols))
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=names)
+    first = True
+    for k, name in enumerate(names):
+        if panels[name] is None:
+            continue
+        for bar in histogram_bars(*panels[name], log_x=log_x, bins=bins):
+            bar.showlegend = first
+            fig.add_trace(bar, row=k // cols + 1, col=k % cols + 1)
+        first = False
+    fig.update_layout(barmode="overlay", bargap=0, height=280 * rows, title=title, template="plotly_white")
+    fig.update_xaxes(title_text="log10 KL (log10 nats)" if log_x else "KL (nats)")
+    fig.update_yaxes(title_text="share of images")
+    return fig
 
 
 def loss_curve_figure(history: Sequence, *, title: str = "Training curves") -> go.Figure:

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from .canary import CanaryChoice
-from .experiment import ExperimentConfig, Result, prepare_data, run_experiment
+from .experiment import ExperimentConfig, Result, prepare_data, run_experiment, training_split
 from .fileio import atomic_write as write_atomic
 from .influence import rank_by_self_influence, self_influence, top_bottom, tracin_checkpoints
 from .models import build_model
@@ -97,14 +97,9 @@ def influence_scores(config: ExperimentConfig, *, n_checkpoints: int = 10, reduc
         progress(Progress("influence", trained.epochs_trained, tcfg.max_epochs,
                           message=f"self-influence of {len(data.train) + len(data.val)} images, {len(ckpts)} checkpoints"))
     # Every training image gets a score, the validation part too: canaries are chosen by
-    # index into the whole (first train_size) training set.
-    full_x = torch.empty((len(data.train) + len(data.val), c, h, w), device=device)
-    full_y = torch.empty(len(full_x), dtype=torch.long, device=device)
-    val_idx = np.setdiff1d(np.arange(len(full_x)), data.train_indices)
-    full_x[torch.as_tensor(data.train_indices, device=device)] = data.train.x
-    full_x[torch.as_tensor(val_idx, device=device)] = data.val.x
-    full_y[torch.as_tensor(data.train_indices, device=device)] = data.train.y
-    full_y[torch.as_tensor(val_idx, device=device)] = data.val.y
+    # index into the whole (first train_size) training set, which has no canary here.
+    full = training_split(ref).to(device)
+    full_x, full_y = full.x, full.y
     layers = None
     if last_layer_only:
         linears = [m for m in trained.model.modules() if isinstance(m, torch.nn.Linear)]
