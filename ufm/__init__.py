@@ -4,7 +4,7 @@ The science is importable without Streamlit: features, canary stamping, data, mo
 training, scores, influence and explanations, and one-call experiments.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ExperimentConfig",
