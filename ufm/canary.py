@@ -16,7 +16,8 @@ import torch
 from .features import Feature
 
 RANDOM_KINDS = ("bernoulli", "uniform")
-CANDIDATE_KINDS = ("permute", "bernoulli", "uniform")
+# Candidate families of the exposure test (ufm.candidates.FAMILIES) plus "auto" = by feature kind.
+CANDIDATE_KINDS = ("auto", "permute", "strings", "strokes", "shift", "bernoulli", "uniform")
 CANARY_MODES = ("index", "random", "class", "none")
 
 
@@ -96,13 +97,14 @@ def permuted_patches(patch: torch.Tensor | np.ndarray, n: int, *, generator: tor
 
 def candidate_patches(feature: Feature, k: int, *, kind: str = "permute",
                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """``k`` fixed candidate features for the exposure test, shape ``(k, *feature pattern shape)``."""
+    """``k`` candidate patches, ``(k, *feature pattern shape)``: :func:`ufm.candidates.candidate_set`'s
+    patches (kept for callers of 0.2; ``shift`` candidates need their offsets, use the set)."""
+    from .candidates import candidate_set  # candidates imports this module
+
     if kind not in CANDIDATE_KINDS:
         raise ValueError(f"unknown candidate kind {kind!r}; choose one of {', '.join(CANDIDATE_KINDS)}")
-    arr = torch.from_numpy(feature.array())
-    if kind == "permute":
-        return permuted_patches(arr, k, generator=generator)
-    return random_patches(k, tuple(arr.shape), kind=kind, intensity=feature.intensity, generator=generator)
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    return candidate_set(feature, k, kind, (1 if feature.channels is None else 3, 256, 256), gen).patches
 
 
 @dataclass(frozen=True)

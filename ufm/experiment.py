@@ -77,7 +77,7 @@ class ExperimentConfig:
     ood_size: int = 1000
     repeats: int = 1
     candidates: int = 99
-    candidate_kind: str = "permute"
+    candidate_kind: str = "auto"
     random_kind: str | None = None
     alpha: float = 0.05
     checkpoint_every: int = 0
@@ -335,11 +335,13 @@ def run_experiment(config: ExperimentConfig, progress: ProgressFn | None = None,
         t0 = time.perf_counter()
         score = memorisation_score(model, data.ood.x, config.feature, repeats=config.repeats,
                                    random_kind=config.random_kind, candidates=config.candidates,
-                                   candidate_kind=config.candidate_kind, seed=config.seed, alpha=config.alpha)
+                                   family=config.candidate_kind, seed=config.seed, alpha=config.alpha,
+                                   cancel=cancel)
         canary_labels = data.canary_labels
         canary_label = _majority(canary_labels) if canary_labels else config.canary.label
         access = access_scores(model, config.feature, x_test=data.test.x, y_test=data.test.y, x_ood=data.ood.x,
-                               canary_label=canary_label)
+                               canary_label=canary_label, candidates=config.candidates,
+                               family=config.candidate_kind, seed=config.seed, cancel=cancel)
         score_seconds = time.perf_counter() - t0
     finally:
         torch.use_deterministic_algorithms(prev_det)

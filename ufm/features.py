@@ -43,6 +43,9 @@ GLYPHS: dict[str, tuple[str, ...]] = {
 
 MAX_FEATURE_PIXELS = 256 * 256
 
+# What a feature is, so the exposure test can draw candidates of the same kind (ufm.candidates).
+FEATURE_KINDS = ("glyph", "text", "drawn", "image")
+
 
 class FeatureError(ValueError):
     """A feature that cannot be built or does not fit the images; the message says what to do."""
@@ -60,6 +63,11 @@ class Feature:
         name: a human label ("glyph A", "text 'JOHN DOE'", ...).
         binary: True when every pattern value is 0 or 1; random features ``z_r`` for a binary
             feature default to Bernoulli(0.5) pixels, for a grey one to uniform[0, 1].
+        kind: ``"glyph"``, ``"text"``, ``"drawn"`` or ``"image"``; empty = inferred from ``name``
+            (:func:`infer_kind`), which is how dicts saved before 0.3 load.
+        recipe: sorted ``(key, value)`` pairs that regenerate the feature's candidate family: for
+            text ``text``, ``height``, ``threshold``; for a glyph ``glyph`` (and ``size``).
+            Use :attr:`recipe_dict` to read it.
     """
 
     pattern: tuple
@@ -67,6 +75,8 @@ class Feature:
     intensity: float = 1.0
     name: str = "feature"
     binary: bool = field(default=False, compare=False)
+    kind: str = ""
+    recipe: tuple = ()
 
     def __post_init__(self) -> None:
         arr = np.asarray(self.pattern, dtype=np.float64)
@@ -86,6 +96,29 @@ class Feature:
             raise FeatureError(f"offset must be two non-negative integers (row, col), got {self.offset}")
         if arr.max() == 0:
             raise FeatureError("feature is empty (every pixel is 0): draw, type or upload something visible")
+        recipe = self.recipe.items() if isinstance(self.recipe, dict) else self.recipe
+        try:
+            recipe = tuple(sorted((str(k), v) for k, v in recipe))
+        except (TypeError, ValueError):
+            raise FeatureError(f"feature recipe must be (key, value) pairs or a dict, got {self.recipe!r}") from None
+        kind = self.kind or infer_kind(self.name, arr.ndim, dict(recipe))
+        if not recipe:  # a dict saved before recipes existed: rebuild it from the builder's name
+            binary = bool(np.all((arr == 0) | (arr == 1)))
+            if kind == "glyph" and self.name.startswith("glyph "):
+                recipe = (("glyph", self.name[6:]),)
+            elif kind == "text" and self.name.startswith("text '"):
+                recipe = (("height", int(arr.shape[-2])), ("text", self.name[6:-1]),
+                          ("threshold", 0.5 if binary else None))
+        if kind not in FEATURE_KINDS:
+            raise FeatureError(f"feature kind must be one of {', '.join(FEATURE_KINDS)}, got {kind!r}")
+        if kind == "text" and not isinstance(dict(recipe).get("text"), str):
+            raise FeatureError("a text feature's recipe needs its string: recipe={'text': ..., 'height': ..., "
+                               "'threshold': ...}; build it with text_feature()")
+        if kind == "glyph" and dict(recipe).get("glyph") not in GLYPHS:
+            raise FeatureError(f"a glyph feature's recipe needs a glyph name, one of {', '.join(GLYPHS)}; "
+                               "build it with glyph()")
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "recipe", recipe)
         # Normalise the stored form so equal features compare and hash equal.
         object.__setattr__(self, "pattern", _to_tuple(arr))
         object.__setattr__(self, "offset", (int(self.offset[0]), int(self.offset[1])))
@@ -102,6 +135,10 @@ class Feature:
     def channels(self) -> int | None:
         """3 for a colour feature, None for a feature that goes on every channel alike."""
         return 3 if np.asarray(self.pattern).ndim == 3 else None
+
+    @property
+    def recipe_dict(self) -> dict[str, Any]:
+        return dict(self.recipe)
 
     def array(self) -> np.ndarray:
         """The stamped pixel values ``intensity * pattern`` as float32, shape (h, w) or (3, h, w)."""
@@ -130,13 +167,35 @@ class Feature:
             raise FeatureError(f"a colour feature needs 3-channel images, these have {c}: use a greyscale feature")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"pattern": _tolist(self.pattern),
-                "offset": list(self.offset), "intensity": self.intensity, "name": self.name}
+        return {"pattern": _tolist(self.pattern), "offset": list(self.offset), "intensity": self.intensity,
+                "name": self.name, "kind": self.kind, "recipe": dict(self.recipe)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Feature":
+        """Inverse of :meth:`to_dict`; dicts without ``kind``/``recipe`` (before 0.3) infer them."""
         return cls(pattern=d["pattern"], offset=tuple(d["offset"]), intensity=d.get("intensity", 1.0),
-                   name=d.get("name", "feature"))
+                   name=d.get("name", "feature"), kind=d.get("kind", ""), recipe=d.get("recipe") or ())
+
+
+def infer_kind(name: str, ndim: int = 2, recipe: dict[str, Any] | None = None) -> str:
+    """The kind of a feature saved without one, from its builder's name.
+
+    ``"glyph X"`` (X a built-in glyph) -> glyph, ``"text '...'"`` -> text, a colour pattern or a
+    name ``"image ..."`` / ``"uploaded image"`` -> image, anything else -> drawn.
+
+    >>> infer_kind("glyph A"), infer_kind("text 'JO'"), infer_kind("image cat.png"), infer_kind("mine")
+    ('glyph', 'text', 'image', 'drawn')
+    """
+    recipe = recipe or {}
+    if "text" in recipe:
+        return "text"
+    if "glyph" in recipe or (name.startswith("glyph ") and name[6:] in GLYPHS):
+        return "glyph"
+    if name.startswith("text '") and name.endswith("'") and len(name) > 7:
+        return "text"
+    if ndim == 3 or name.startswith("image ") or name == "uploaded image":
+        return "image"
+    return "drawn"
 
 
 def _to_tuple(arr: np.ndarray) -> tuple:
@@ -165,7 +224,9 @@ def glyph(name: str = "A", *, size: int | None = None, offset: tuple[int, int] =
             raise FeatureError(f"feature size must be at least 2 pixels, got {size}")
         idx = (np.arange(size) * arr.shape[0] // size)
         arr = arr[np.ix_(idx, idx)]
-    return Feature(pattern=_to_tuple(arr), offset=offset, intensity=intensity, name=f"glyph {name}")
+    recipe = (("glyph", name),) if size is None else (("glyph", name), ("size", int(size)))
+    return Feature(pattern=_to_tuple(arr), offset=offset, intensity=intensity, name=f"glyph {name}",
+                   kind="glyph", recipe=recipe)
 
 
 def grid_feature(grid: Sequence[Sequence[float]] | np.ndarray, *, offset: tuple[int, int] = (1, 1),
@@ -177,7 +238,7 @@ def grid_feature(grid: Sequence[Sequence[float]] | np.ndarray, *, offset: tuple[
         raise FeatureError(f"drawn feature must be a rectangular grid of numbers: {exc}") from None
     if arr.ndim != 2:
         raise FeatureError(f"drawn feature must be a 2-D grid, got shape {arr.shape}")
-    return Feature(pattern=_to_tuple(arr), offset=offset, intensity=intensity, name=name)
+    return Feature(pattern=_to_tuple(arr), offset=offset, intensity=intensity, name=name, kind="drawn")
 
 
 def _font(px: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -199,20 +260,33 @@ def text_feature(text: str, height: int = 7, *, offset: tuple[int, int] = (1, 1)
         raise FeatureError("text feature is empty: type some text, e.g. a name")
     if not 3 <= height <= 64:
         raise FeatureError(f"text height must be between 3 and 64 pixels, got {height}")
+    small = render_text(text, height, threshold=threshold)
+    return Feature(pattern=_to_tuple(small), offset=offset, intensity=intensity, name=f"text '{text}'",
+                   kind="text", recipe=(("height", int(height)), ("text", text), ("threshold", threshold)))
+
+
+def render_text(text: str, height: int, *, threshold: float | None = 0.5, width: int | None = None) -> np.ndarray:
+    """The renderer of :func:`text_feature`: ``text`` white on black, (height, width) float64 in [0, 1].
+
+    Drawn large with Pillow's bundled font, cropped to its ink and area-resized to ``height`` rows;
+    ``width`` None keeps the aspect ratio, an int forces that width (the ``strings`` candidate
+    family brings every candidate to the feature's exact size this way). ``threshold`` binarises.
+    """
     big = 64
     font = _font(big)
     left, top, right, bottom = font.getbbox(text)
-    canvas = Image.new("L", (right - left + 8, bottom - top + 8), 0)
+    canvas = Image.new("L", (max(1, right - left) + 8, max(1, bottom - top) + 8), 0)
     ImageDraw.Draw(canvas).text((4 - left, 4 - top), text, fill=255, font=font)
     bbox = canvas.getbbox()
     if bbox is None:
         raise FeatureError(f"text {text!r} rendered no visible pixels; use printable characters")
     canvas = canvas.crop(bbox)
-    width = max(1, round(canvas.width * height / canvas.height))
+    if width is None:
+        width = max(1, round(canvas.width * height / canvas.height))
     small = np.asarray(canvas.resize((width, height), Image.Resampling.BOX), dtype=np.float64) / 255.0
     if threshold is not None:
         small = (small >= threshold).astype(np.float64)
-    return Feature(pattern=_to_tuple(small), offset=offset, intensity=intensity, name=f"text '{text}'")
+    return small
 
 
 def image_feature(source: str | Path | bytes | np.ndarray | Image.Image, size: int | tuple[int, int],
@@ -239,7 +313,7 @@ def image_feature(source: str | Path | bytes | np.ndarray | Image.Image, size: i
         if not 0 < threshold < 1:
             raise FeatureError(f"threshold must be in (0, 1), got {threshold}")
         arr = (arr >= threshold).astype(np.float64)
-    return Feature(pattern=_to_tuple(arr), offset=offset, intensity=intensity, name=name)
+    return Feature(pattern=_to_tuple(arr), offset=offset, intensity=intensity, name=name, kind="image")
 
 
 def _open_image(source: str | Path | bytes | np.ndarray | Image.Image) -> Image.Image:
