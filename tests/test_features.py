@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ufm.features import (GLYPHS, Feature, FeatureError, glyph, grid_feature, image_feature,
-                          parse_feature_spec, text_feature)
+from ufm.features import (GLYPHS, Feature, FeatureError, glyph, grid_feature, image_feature, infer_kind,
+                          parse_feature_spec, render_text, text_feature)
 
 
 def test_glyph_a_is_the_papers_letter():
@@ -121,3 +121,60 @@ def test_parse_feature_spec(tmp_path):
     assert parse_feature_spec(str(p), 3).size == (3, 3)
     with pytest.raises(FeatureError, match="neither"):
         parse_feature_spec("no/such/file.png")
+
+
+def test_builders_set_kind_and_recipe():
+    g = glyph("X", size=7)
+    assert g.kind == "glyph" and g.recipe_dict == {"glyph": "X", "size": 7}
+    assert glyph("A").recipe_dict == {"glyph": "A"}
+    t = text_feature("Jo 42", height=6, threshold=0.4)
+    assert t.kind == "text" and t.recipe_dict == {"text": "Jo 42", "height": 6, "threshold": 0.4}
+    assert grid_feature([[1, 0]]).kind == "drawn" and grid_feature([[1, 0]]).recipe == ()
+    assert image_feature(np.eye(4), 4).kind == "image"
+    assert g.with_offset(2, 2).kind == "glyph" and g.with_intensity(0.5).recipe == g.recipe
+    hash(t)  # frozen and hashable with the recipe
+
+
+def test_render_text_is_text_features_renderer():
+    t = text_feature("AB 12", height=7)
+    np.testing.assert_array_equal(render_text("AB 12", 7), np.asarray(t.pattern))
+    assert render_text("AB 12", 7, width=40).shape == (7, 40)
+
+
+def test_kind_and_recipe_round_trip():
+    for f in (glyph("T", offset=(2, 3)), text_feature("ANA"), grid_feature([[1, 0], [0.5, 1]], name="mine"),
+              image_feature(np.eye(4), 4, name="image eye.png")):
+        d = json.loads(json.dumps(f.to_dict()))
+        back = Feature.from_dict(d)
+        assert back == f and hash(back) == hash(f) and back.kind == f.kind and back.recipe == f.recipe
+
+
+def test_old_dicts_infer_kind_and_recipe():
+    """Dicts saved by 0.2 have no kind or recipe: inferred from the builder's name."""
+    def old(f):
+        d = f.to_dict()
+        del d["kind"], d["recipe"]
+        return Feature.from_dict(d)
+
+    g = old(glyph("L", size=3))
+    assert g.kind == "glyph" and g.recipe_dict == {"glyph": "L", "size": 3} and g == glyph("L", size=3)
+    assert old(glyph("A")) == glyph("A") == glyph("A", size=5)
+    t = old(text_feature("JOHN DOE", height=6))
+    assert t.kind == "text" and t.recipe_dict == {"text": "JOHN DOE", "height": 6, "threshold": 0.5}
+    assert t == text_feature("JOHN DOE", height=6)  # the recipe inferred is the builder's
+    assert old(grid_feature([[1, 0]], name="drawn")).kind == "drawn"
+    assert old(image_feature(np.eye(4), 4)).kind == "image"  # name "uploaded image"
+    assert old(image_feature(np.eye(4), 4, name="image a.png")).kind == "image"
+    assert old(grid_feature([[1, 0]], name="glyph Q")).kind == "drawn"  # not a built-in glyph
+    assert infer_kind("x", ndim=3) == "image"
+
+
+def test_bad_kind_or_recipe_raise():
+    with pytest.raises(FeatureError, match="kind must be one of glyph, text, drawn, image"):
+        Feature(pattern=((1.0, 0.0),), kind="sticker")
+    with pytest.raises(FeatureError, match="needs its string"):
+        Feature(pattern=((1.0, 0.0),), kind="text")
+    with pytest.raises(FeatureError, match="glyph name"):
+        Feature(pattern=((1.0, 0.0),), kind="glyph", recipe={"glyph": "zz"})
+    with pytest.raises(FeatureError, match="key, value"):
+        Feature(pattern=((1.0, 0.0),), recipe=5)

@@ -105,7 +105,8 @@ class Feature:
         if not recipe:  # a dict saved before recipes existed: rebuild it from the builder's name
             binary = bool(np.all((arr == 0) | (arr == 1)))
             if kind == "glyph" and self.name.startswith("glyph "):
-                recipe = (("glyph", self.name[6:]),)
+                scaled = arr.shape[-2] != len(GLYPHS[self.name[6:]])
+                recipe = (("glyph", self.name[6:]),) + ((("size", int(arr.shape[-2])),) if scaled else ())
             elif kind == "text" and self.name.startswith("text '"):
                 recipe = (("height", int(arr.shape[-2])), ("text", self.name[6:-1]),
                           ("threshold", 0.5 if binary else None))
@@ -224,7 +225,8 @@ def glyph(name: str = "A", *, size: int | None = None, offset: tuple[int, int] =
             raise FeatureError(f"feature size must be at least 2 pixels, got {size}")
         idx = (np.arange(size) * arr.shape[0] // size)
         arr = arr[np.ix_(idx, idx)]
-    recipe = (("glyph", name),) if size is None else (("glyph", name), ("size", int(size)))
+    # size only when scaled, so a glyph saved before recipes (which infers it from the pixels) is equal
+    recipe = (("glyph", name),) if arr.shape[0] == len(GLYPHS[name]) else (("glyph", name), ("size", arr.shape[0]))
     return Feature(pattern=_to_tuple(arr), offset=offset, intensity=intensity, name=f"glyph {name}",
                    kind="glyph", recipe=recipe)
 

@@ -161,7 +161,8 @@ def _candidate_stamps(cs: CandidateSet, device: torch.device | str) -> list[Stam
     return [(cs.patches[j].to(device), cs.offsets[j]) for j in range(len(cs))]
 
 
-def _effects(fwd: _Forward, feature: Feature, repeats: int, random_kind: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _effects(fwd: _Forward, feature: Feature, repeats: int, random_kind: str,
+             seed: int) -> tuple[np.ndarray, np.ndarray]:
     dev = fwd.x.device
     kl = fwd.kl([_feature_stamp(feature, dev)] + _random_stamps(feature, fwd.n, repeats, random_kind, seed, dev))
     return kl[0], kl[1:]
