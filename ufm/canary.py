@@ -104,7 +104,10 @@ def candidate_patches(feature: Feature, k: int, *, kind: str = "permute",
     if kind not in CANDIDATE_KINDS:
         raise ValueError(f"unknown candidate kind {kind!r}; choose one of {', '.join(CANDIDATE_KINDS)}")
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    return candidate_set(feature, k, kind, (1 if feature.channels is None else 3, 256, 256), gen).patches
+    h, w = feature.size
+    r, c = feature.offset  # an image just large enough for the feature's patch at its offset
+    shape = (1 if feature.channels is None else 3, r + h + 1, c + w + 1)
+    return candidate_set(feature, k, kind, shape, gen).patches
 
 
 @dataclass(frozen=True)

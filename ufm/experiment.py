@@ -52,7 +52,8 @@ class ExperimentConfig:
         val_fraction: share of the training images held out for early stopping.
         ood_source, ood_size: the inference set (None = the paper's choice) and its size.
         repeats, candidates, candidate_kind, random_kind, alpha: see
-            :func:`ufm.scores.memorisation_score`.
+            :func:`ufm.scores.memorisation_score`; ``candidate_kind`` is its ``family`` (``"auto"``
+            = :func:`ufm.candidates.default_family` of the feature's kind).
         checkpoint_every: keep weights every N steps for TracIn (0 none, -1 per epoch).
         seed: model init, data order, augmentation, canary draw, random features.
         device: ``auto``, ``cpu``, ``cuda``, ``mps``.
