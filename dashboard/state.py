@@ -18,6 +18,7 @@ from ufm.experiment import ExperimentConfig
 from ufm.features import Feature, glyph
 from ufm.jobs import Runner
 from ufm.store import Store
+from ufm.train import DPConfig
 
 # Session-state keys (one place, so pages cannot drift apart).
 FEATURE = "feature"            # the Feature being designed
@@ -84,6 +85,11 @@ def config_from_setup(setup: dict | None = None, **overrides) -> ExperimentConfi
             "lr", "batch_size", "candidates", "device", "dp"}
     kw = {k: v for k, v in s.items() if k in keys and v is not None}
     kw["regularisers"] = tuple(kw.get("regularisers", ()))
+    # DP settings count only with dp-sgd on; otherwise they would change the config key (and the
+    # cache) of runs they do not affect.
+    dp = kw.pop("dp", None)
+    if dp is not None and "dp-sgd" in kw["regularisers"]:
+        kw["dp"] = dp if isinstance(dp, DPConfig) else DPConfig(**dp)
     return ExperimentConfig(feature=current_feature(), data_dir=data_dir(), **kw)
 
 

@@ -39,6 +39,10 @@ if table is None:
         st.rerun()
     st.stop()
 
+st.caption(f"{len(table)} images ranked: those the reference model trained on. Validation images are left out "
+           "(the reference never took a gradient step on them); every canary model of a sweep keeps the "
+           "reference model's validation set, so canary models differ only in which image carries the feature. "
+           "`ufm sweep-canaries` runs the same sweep from the command line.")
 k = st.slider("images shown from each end", 4, 32, 8, key="inf_k")
 st.subheader("Most self-influential")
 ui.gallery(config, table, "top", k)

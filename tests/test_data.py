@@ -123,6 +123,24 @@ def test_train_val_split_seeded_and_keeps_canaries():
     assert not np.array_equal(va, train_val_split(100, 0.2, seed=2)[1])
 
 
+def test_train_val_split_canaries_only_displace():
+    """The split is a function of the seed; a canary only ever pushes itself out of validation."""
+    tr0, va0 = train_val_split(200, 0.1, seed=3)
+    outside = [i for i in range(200) if i not in set(va0)]
+    # canaries in the clean training part: the split is unchanged
+    for ex in ([outside[0]], [outside[5]], outside[:7]):
+        tr, va = train_val_split(200, 0.1, exclude=ex, seed=3)
+        np.testing.assert_array_equal(va, va0)
+        np.testing.assert_array_equal(tr, tr0)
+    # a canary drawn for validation is replaced by the next image of the permutation only
+    inside = int(va0[0])
+    tr, va = train_val_split(200, 0.1, exclude=[inside], seed=3)
+    assert inside in tr and inside not in va and len(va) == 20
+    assert len(set(va) - set(va0)) == 1 and set(va0) - set(va) == {inside}
+    with pytest.raises(ValueError, match="outside"):
+        train_val_split(10, 0.2, exclude=[10])
+
+
 def test_available_offline(tmp_path):
     from .conftest import write_split
     from ufm.data import available_offline

@@ -291,16 +291,25 @@ def train_val_split(n: int, val_fraction: float, *, exclude: Sequence[int] | np.
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split of ``range(n)`` into (train, validation) indices, both sorted.
 
-    Indices in ``exclude`` (the canaries) always stay in the training part: a canary in the
-    validation set would never be trained on.
+    The validation set is the first ``round(val_fraction * n)`` entries of a seeded permutation
+    of all ``n`` indices, skipping those in ``exclude`` (the canaries, which must be trained on).
+    So the split depends only on ``seed`` except where a canary is *displaced* from the
+    validation set (the next permuted index takes its place): a clean model and a canary model
+    whose canary lies in the clean training part have identical splits, and two such canary
+    models' training sets differ only in their stamped images.
     """
     if not 0 < val_fraction < 1:
         raise ValueError(f"validation fraction must be in (0, 1), got {val_fraction}")
-    keep = np.setdiff1d(np.arange(n), np.asarray(exclude, dtype=np.int64))
+    excluded = np.zeros(n, dtype=bool)
+    ex = np.asarray(exclude, dtype=np.int64).reshape(-1)
+    if ex.size and (ex.min() < 0 or ex.max() >= n):
+        raise ValueError(f"exclude holds indices outside 0..{n - 1}: {ex[(ex < 0) | (ex >= n)][:5].tolist()}")
+    excluded[ex] = True
     n_val = int(round(val_fraction * n))
-    if n_val < 1 or n_val >= keep.size:
+    if n_val < 1 or n_val >= n - int(excluded.sum()):
         raise ValueError(f"cannot take a validation split of {val_fraction:.0%} from {n} images; use more images")
-    val = np.sort(np.random.default_rng(seed).choice(keep, size=n_val, replace=False))
+    perm = np.random.default_rng(seed).permutation(n)
+    val = np.sort(perm[~excluded[perm]][:n_val])
     return np.setdiff1d(np.arange(n), val), val
 
 

@@ -237,7 +237,9 @@ def attach_run(store: Store, name: str, position: int, run_id: str) -> None:
         raise StoreError(f"study {name!r} has no member {position}")
 
 
-def _needs_run(store: Store, entry: StudyEntry, force: bool) -> bool:
+def needs_run(store: Store, entry: StudyEntry, force: bool = False) -> bool:
+    """Whether member ``entry`` still needs a run: none attached, its run is gone, failed or
+    cancelled (or ``force``); never while its run is queued or running."""
     if entry.run_id is None:
         return True
     try:
@@ -252,7 +254,7 @@ def _needs_run(store: Store, entry: StudyEntry, force: bool) -> bool:
 def _launch(store: Store, name: str, force: bool, start: Callable[["ExperimentConfig"], str]) -> list[str]:
     ids = []
     for e in get_study(store, name).entries:
-        if _needs_run(store, e, force):
+        if needs_run(store, e, force):
             attach_run(store, name, e.position, run_id := start(e.config))
             ids.append(run_id)
         else:
