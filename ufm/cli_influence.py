@@ -35,7 +35,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     store = open_store(a)
     res = sweep_canaries(cfg, a.out, store=store, top=a.top, bottom=a.bottom, n_checkpoints=a.checkpoints,
                          progress=StderrProgress(a.quiet))
-    cols = ["index", "label", "group", "self_influence", "M", "p_value", "exposure_p_value", "significant"]
+    cols = ["index", "label", "group", "self_influence", "M", "p_value", "exposure_p_value", "verdict", "verdict_test", "significant"]
     print(res.table[cols].to_string(index=False))
     print(res.summary())
     print(f"study {res.study!r} in {store.home}; wrote influence.csv, sweep.csv and sweep.json to {a.out}")

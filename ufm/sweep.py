@@ -216,38 +216,29 @@ def ensure_sweep_study(store: Any, config: ExperimentConfig, table: pd.DataFrame
 
 
 SWEEP_COLUMNS = ["index", "label", "group", "self_influence", "influence_rank", "M", "X_u", "X_r", "p_value",
-                 "p_value_paired", "exposure", "exposure_p_value", "significant", "test_accuracy",
-                 "epochs_trained", "config_key", "run_id", "status"]
+                 "p_value_paired", "exposure", "exposure_p_value", "verdict", "verdict_test", "verdict_p",
+                 "significant", "test_accuracy", "epochs_trained", "config_key", "run_id", "status"]
 
 
 def sweep_rows(store: Any, name: str, table: pd.DataFrame) -> pd.DataFrame:
     """One row per canary of sweep study ``name`` (:data:`SWEEP_COLUMNS`), in member order;
-    the numbers are NaN until its run is done."""
-    from .store import RunNotFound
-    from .studies import get_study
+    the numbers are NaN until its run is done. ``significant`` is the verdict
+    (:func:`ufm.studies.runs_frame`: the reference test where its bank exists)."""
+    from .studies import get_study, runs_frame
 
     infl = table.set_index("index")
-    rows = []
-    for e in get_study(store, name).entries:
-        i = int(e.config.canary.indices[0])
-        rec = None
-        if e.run_id is not None:
-            try:
-                rec = store.get(e.run_id)
-            except RunNotFound:
-                rec = None
-        s = (rec.summary if rec is not None else None) or {}
-        rows.append(dict(index=i, label=int(infl.loc[i, "label"]), group=e.group,
-                         self_influence=float(infl.loc[i, "self_influence"]), influence_rank=int(infl.loc[i, "rank"]),
-                         **{k: s.get(k, np.nan) for k in ("M", "X_u", "X_r", "p_value", "p_value_paired", "exposure",
-                                                         "exposure_p_value", "significant", "test_accuracy",
-                                                         "epochs_trained")},
-                         config_key=e.config.key(), run_id=e.run_id,
-                         status=rec.status if rec is not None else "not run"))
-    df = pd.DataFrame(rows, columns=SWEEP_COLUMNS)
-    for col in ("M", "X_u", "X_r", "p_value", "p_value_paired", "exposure", "exposure_p_value", "test_accuracy"):
-        df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
-    return df
+    runs = runs_frame(store, name)
+    entries = get_study(store, name).entries
+    idx = [int(e.config.canary.indices[0]) for e in entries]
+    epochs = []
+    for run_id, status in zip(runs["run_id"], runs["status"]):
+        s = store.get(run_id).summary if status == "done" else None
+        epochs.append((s or {}).get("epochs_trained", np.nan))
+    df = runs.assign(index=idx, label=[int(infl.loc[i, "label"]) for i in idx],
+                     self_influence=[float(infl.loc[i, "self_influence"]) for i in idx],
+                     influence_rank=[int(infl.loc[i, "rank"]) for i in idx], epochs_trained=epochs,
+                     config_key=[e.config.key() for e in entries])
+    return df[SWEEP_COLUMNS].reset_index(drop=True)
 
 
 @dataclass
@@ -264,7 +255,7 @@ class SweepResult:
         n = len(self.table)
         sig = int(self.table["significant"].astype(bool).sum()) if n else 0
         more = f" ({self.pending} not finished)" if self.pending else ""
-        return (f"{n} canaries{more}, {sig} memorised (exposure p < alpha); Pearson r(self-influence, M) = "
+        return (f"{n} canaries{more}, {sig} memorised (verdict); Pearson r(self-influence, M) = "
                 f"{self.pearson_r:.3f} (p = {self.pearson_p:.3g})")
 
 

@@ -13,10 +13,13 @@ Order of precedence:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .calibration import fast_test_calibration
-from .reference import ReferenceTest
+from .reference import DEFAULT_REFERENCES, ReferenceTest, reference_test
+
+if TYPE_CHECKING:
+    from .store import RunRecord, Store
 
 MEMORISED, NOT_SHOWN, INCONCLUSIVE = "memorised", "not_shown", "inconclusive"
 HEADLINES = {MEMORISED: "Memorised", NOT_SHOWN: "Not shown to be memorised", INCONCLUSIVE: "Inconclusive"}
@@ -92,3 +95,16 @@ def decide(summary: Mapping[str, Any], reference: ReferenceTest | None = None, *
     return Verdict(fast, "fast", summary.get("exposure_p_value"),
                    f"Provisional: {summary.get('verdict', '')} The calibrated verdict needs reference models trained "
                    "without the canary.", note)
+
+
+def run_verdict(store: "Store", record: "RunRecord", references: int = DEFAULT_REFERENCES, *,
+                device: str = "cpu") -> Verdict | None:
+    """The verdict of a finished run: the reference test when the bank of ``references`` clean models
+    for its setting is complete in ``store``, else the provisional fast test. None unless ``done``."""
+    if record.status != "done" or not record.summary:
+        return None
+    cfg = record.config
+    ref = None
+    if record.summary.get("learned") is not False and references:
+        ref = reference_test(store, cfg, float(record.summary["M"]), references, device=device)
+    return decide(record.summary, ref, arch=cfg.arch, kind=cfg.feature.kind)
