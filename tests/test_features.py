@@ -8,6 +8,8 @@ from PIL import Image
 from ufm.features import (GLYPHS, Feature, FeatureError, glyph, grid_feature, image_feature,
                           parse_feature_spec, text_feature)
 
+from .test_app import app_env  # noqa: F401 - fixture for the Feature page test
+
 
 def test_glyph_a_is_the_papers_letter():
     f = glyph("A")
@@ -175,3 +177,31 @@ def test_feature_page_upload_goes_through_the_guarded_loader():
         feature_from_upload(b"garbage", "x.jpg", 8)
     f = feature_from_upload(_png_bytes(np.full((10, 10), 255, np.uint8)), "white.png", 4)
     assert f.size == (4, 4) and f.name == "image white.png" and f.binary
+
+
+def test_feature_page_shows_the_loaders_message_and_keeps_the_feature(app_env):
+    from PIL import PngImagePlugin
+
+    from .test_app import _app
+    from .test_imageio import bomb_png
+
+    at = _app().switch_page("pages/feature.py").run()
+    at.radio(key="feat_kind").set_value("Upload").run()
+    kept = at.session_state["feature"]
+    at.file_uploader(key="upload").set_value(("bomb.png", bomb_png(30_000), "image/png")).run()
+    assert not at.exception
+    assert any("the upload 'bomb.png'" in e.value and "decompression bomb" in e.value for e in at.error)
+    assert at.session_state["feature"] == kept and f"({kept.name}) is kept" in at.error[0].value
+    at.file_uploader(key="upload").set_value(("white.png", _png_bytes(np.full((12, 12), 255, np.uint8)),
+                                              "image/png")).run()
+    assert not at.error and at.session_state["feature"].name == "image white.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("c", "a" * 20_000_000, zip=True)
+    buf = io.BytesIO()
+    Image.new("L", (4, 4), 255).save(buf, "PNG", pnginfo=info)
+    at.file_uploader(key="upload").set_value(("text.png", buf.getvalue(), "image/png")).run()
+    assert not at.exception and any("text or profile chunk" in e.value for e in at.error)
+    at.file_uploader(key="upload").set_value(("cut.png", _png_bytes(np.eye(40, dtype=np.uint8) * 255)[:60],
+                                              "image/png")).run()
+    assert not at.exception and any("the upload 'cut.png'" in e.value for e in at.error)
+    assert at.session_state["feature"].name == "image white.png"

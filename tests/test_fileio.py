@@ -34,7 +34,7 @@ def test_failure_keeps_the_old_file(tmp_path):
     assert target.read_text() == "old" and not list(tmp_path.glob("*.tmp"))
 
 
-def test_check_writable_refuses_folders_missing_and_readonly_folders(tmp_path):
+def test_check_writable_refuses_folders_and_missing_folders(tmp_path):
     from ufm.fileio import check_writable
 
     assert check_writable(tmp_path / "r.json") == tmp_path / "r.json"
@@ -44,6 +44,11 @@ def test_check_writable_refuses_folders_missing_and_readonly_folders(tmp_path):
         check_writable(tmp_path)
     with pytest.raises(ValueError, match=r"^--report: the folder .*missing does not exist; create it"):
         check_writable(tmp_path / "missing" / "r.json", what="--report")
+
+
+def test_check_writable_refuses_a_readonly_folder(tmp_path):
+    from ufm.fileio import check_writable
+
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
