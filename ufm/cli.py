@@ -26,6 +26,9 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, not usage + error
+        # "argument --seed: must be >= 0" -> "--seed: must be >= 0": the flag leads the message
+        if message.startswith("argument ") and ": " in message:
+            message = message[len("argument "):]
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
