@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import threading
 import warnings
 from pathlib import Path
 from typing import IO, Union
@@ -21,6 +22,8 @@ from PIL import Image, UnidentifiedImageError
 from .limits import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, IO[bytes]]
+
+_FILTER_LOCK = threading.Lock()
 
 SUPPORTED = "PNG, JPEG, BMP, GIF, TIFF or WebP"
 
@@ -93,15 +96,17 @@ def open_image(source: ImageSource, *, max_pixels: int = MAX_IMAGE_PIXELS, max_b
     if not data:
         raise ImageError(f"{what} is empty (0 bytes): upload a {SUPPORTED} file")
     try:
-        # Pillow's bomb check warns above its own limit; turn that into an error here only,
-        # without touching Image.MAX_IMAGE_PIXELS or the warning filters of other code.
-        with warnings.catch_warnings():
+        # Pillow's bomb check (in Image.open) warns above its own limit; turn that warning into
+        # an error here only, without touching Image.MAX_IMAGE_PIXELS. catch_warnings swaps the
+        # process-wide filter list, so the lock keeps two dashboard threads from interleaving
+        # their save/restore (which could leave the "error" filter behind for other code).
+        with _FILTER_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > max_pixels:
-                raise ImageError(_bomb_message(what, w, h, max_pixels))
-            img.load()
+        w, h = img.size
+        if w * h > max_pixels:  # checked on the header, before a single pixel is decoded
+            raise ImageError(_bomb_message(what, w, h, max_pixels))
+        img.load()
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
