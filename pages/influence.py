@@ -5,6 +5,7 @@ import streamlit as st
 from dashboard import influence_ui as ui
 from dashboard import state, views
 from ufm.plots import influence_scatter_figure, pearson
+from ufm.report import to_csv
 from ufm.sweep import reference_config
 
 st.title("Are influential images memorised more?")
@@ -48,7 +49,7 @@ st.subheader("Most self-influential")
 ui.gallery(config, table, "top", k)
 st.subheader("Least self-influential")
 ui.gallery(config, table, "bottom", k)
-st.download_button("Download the ranking (CSV)", table.to_csv(index=False), "self-influence.csv", key="inf_csv")
+st.download_button("Download the ranking (CSV)", to_csv(table), "self-influence.csv", key="inf_csv")
 
 st.header("Canary sweep")
 c1, c2 = st.columns(2)

@@ -11,13 +11,14 @@ from .fileio import atomic_write as write_atomic
 
 
 def cmd_influence(a: argparse.Namespace) -> int:
+    from .report import to_csv
     from .sweep import influence_scores
 
     cfg = config_from_args(a)
     infl = influence_scores(cfg, n_checkpoints=a.checkpoints, last_layer_only=a.last_layer,
                             progress=StderrProgress(a.quiet))
     table = infl.table()
-    write_atomic(Path(a.out), table.to_csv(index=False))
+    write_atomic(Path(a.out), to_csv(table))
     top, bottom = infl.top_bottom(min(a.show, len(table) // 2), min(a.show, len(table) // 2))
     print(f"self-influence of the {len(table)} images the reference model trained on from {len(infl.checkpoint_steps)} checkpoints "
           f"(steps {infl.checkpoint_steps}) in {infl.seconds:.1f} s; wrote {a.out}")

@@ -37,6 +37,7 @@ from .fileio import atomic_write as write_atomic
 from .influence import rank_by_self_influence, self_influence, top_bottom, tracin_checkpoints
 from .models import build_model
 from .plots import pearson
+from .report import to_csv
 from .train import CancelFlag, Progress, ProgressFn, TrainingCancelled, is_cancelled, resolve_device, train
 
 CHECKPOINTS_PER_EPOCH = 4  # sub-epoch checkpoints: MNIST loses most of its loss in epoch 1
@@ -291,7 +292,7 @@ def sweep_canaries(config: ExperimentConfig, out_dir: str | Path, *, store: Any 
             raise ValueError(f"{out} holds a sweep of a different configuration; choose another --out folder")
     store = store if store is not None else Store.open()
     table = cached_influence(store.home, config, n_checkpoints=n_checkpoints, progress=progress, cancel=cancel)
-    write_atomic(out / "influence.csv", table.to_csv(index=False))
+    write_atomic(out / "influence.csv", to_csv(table))
     name = ensure_sweep_study(store, config, table, top, bottom)
     _write_sweep(store, name, table, config, base_key, csv_path, meta_path)
 
@@ -318,7 +319,7 @@ def _write_sweep(store: Any, name: str, table: pd.DataFrame, config: ExperimentC
                  csv_path: Path, meta_path: Path) -> SweepResult:
     rows = sweep_rows(store, name, table)
     done = rows[rows["status"] == "done"].reset_index(drop=True)
-    write_atomic(csv_path, done.to_csv(index=False))
+    write_atomic(csv_path, to_csv(done))
     r, p = pearson(done["self_influence"], done["M"]) if len(done) else (float("nan"), float("nan"))
     meta = {"reference_key": base_key, "study": name, "config": config.to_dict(),
             "pearson_r": None if math.isnan(r) else r, "pearson_p": None if math.isnan(p) else p,
