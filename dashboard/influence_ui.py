@@ -14,17 +14,17 @@ from ufm.sweep import influence_scores, reference_config
 from . import state
 
 
+def compute_ranking(report, config: ExperimentConfig, path: str) -> None:
+    """The background task (its own process, see ``state.Tasks``): self-influence to ``path``."""
+    infl = influence_scores(config, progress=lambda p: report(
+        f"epoch {p.epoch}" if p.phase == "train" else p.message))
+    atomic_write(path, infl.table().to_csv(index=False))
+
+
 def start_ranking(config: ExperimentConfig) -> None:
-    """Train the no-canary reference model and score every training image, off the UI thread."""
+    """Train the no-canary reference model and score every training image, off the server process."""
     key = reference_config(config).key()
-    path = state.influence_path(key)
-
-    def work(report) -> None:
-        infl = influence_scores(config, progress=lambda p: report(
-            f"epoch {p.epoch}" if p.phase == "train" else p.message))
-        atomic_write(path, infl.table().to_csv(index=False))
-
-    state.tasks().submit(key, work)
+    state.tasks().submit(key, compute_ranking, config, str(state.influence_path(key)))
 
 
 def load_ranking(config: ExperimentConfig) -> pd.DataFrame | None:
