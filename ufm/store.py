@@ -17,7 +17,14 @@ and arrays through ``np.load(allow_pickle=False)``, so a crafted file is refused
 Several processes (the dashboard, ``ufm measure`` in a terminal, a worker) may use one store at
 once: SQLite's WAL mode lets readers run beside one writer, every write is a short
 ``BEGIN IMMEDIATE`` transaction and waits (busy timeout) rather than failing. A run whose owning
-process died is marked ``failed`` by :meth:`Store.recover` the next time any store is opened.
+process died is marked ``failed`` by :meth:`Store.recover` the next time any store is opened; on
+this machine that is decided by the owner's pid and start time alone (a paused process is alive),
+heartbeats decide for owners on other machines. A result that finishes is never thrown away
+(:meth:`Store.save_result` records it ``done``, with a note if it had been marked failed).
+
+The store is private to its user: the home and ``runs/`` are 0700, ``ufm.db`` and its -wal/-shm
+files 0600, artifacts 0600 (stores made by older ufm are fixed when opened). Temporary files of
+artifact writes that a killed process left behind are removed when a store is opened.
 """
 
 from __future__ import annotations

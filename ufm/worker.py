@@ -68,9 +68,12 @@ def resolve(target: str | Callable[..., Any]) -> Callable[..., Any]:
     """
     if callable(target):
         mod, qual = getattr(target, "__module__", None), getattr(target, "__qualname__", "")
-        if not mod or "<" in qual or mod == "__main__":
+        # A script's functions are fine (the new process imports the script again, as
+        # multiprocessing does); an interactive session's or ``python -c``'s are not.
+        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+        if not mod or "<" in qual or (mod == "__main__" and not main_file):
             raise ValueError(f"target {qual or target!r} must be a module-level function importable by its module "
-                             "path (not a lambda, a nested function or one defined in __main__); move it to a "
+                             "path (not a lambda, a nested function or one defined interactively); move it to a "
                              "module and pass it or 'module:name'")
         return target
     mod_name, _, name = str(target).partition(":")
