@@ -7,11 +7,25 @@ Four figures per setting: seconds for ``--steps`` Adam steps of a 784-256-10 MLP
 
 - default: a fresh interpreter with torch's defaults (one intra-op thread per core, OpenMP's
   default wait policy: waiting threads spin), OMP_NUM_THREADS and OMP_WAIT_POLICY unset.
+- default + PASSIVE: the same with only ``OMP_WAIT_POLICY=PASSIVE`` set (the wait policy alone).
 - worker: a process of :mod:`ufm.worker` as a Runner starts it for one run at a time
   (``threads_per_run(1)`` threads, ``OMP_WAIT_POLICY=PASSIVE`` set before torch loads).
 - worker, 1 thread: the same with one thread (what two concurrent runs on 2 cores get).
 
 Prints figures only (timings depend on the machine and its load); no asserts.
+
+Measured 2026-11-25 on the 2-core build machine (torch CPU, 300 steps; the machine was shared,
+load average 4-6, so "alone" is never quite alone; three runs, seconds):
+
+| setting | threads | alone | beside one busy process |
+| --- | ---: | ---: | ---: |
+| default (spinning OpenMP threads) | 2 | 13.5, 4.3, 25.8 | 24.9, 28.6, 11.3 |
+| default + OMP_WAIT_POLICY=PASSIVE | 2 | 0.78 | 0.77 |
+| worker process | 2 | 2.98, 1.10, 2.11 | 0.82, 0.83, 0.78 |
+| worker process, 1 thread | 1 | 1.08, 0.67, 0.96 | 2.46, 1.35, 2.02 |
+
+The wait policy is what matters on a busy machine: 2 spinning threads were 5-30x slower than 2
+passive ones.
 """
 
 from __future__ import annotations
@@ -47,8 +61,10 @@ def step_loop(report, steps: int, batch: int) -> None:
     report(f"{time.perf_counter() - t0:.3f} {torch.get_num_threads()} {os.environ.get('OMP_WAIT_POLICY', 'unset')}")
 
 
-def _default(steps: int, batch: int) -> str:
+def _default(steps: int, batch: int, policy: str | None = None) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    if policy is not None:
+        env["OMP_WAIT_POLICY"] = policy
     code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import threads; "
             f"threads.step_loop(print, {steps}, {batch})")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -76,6 +92,7 @@ def main() -> None:
 
     print(f"{worker.cores()} cores; {args.steps} steps of a 784-256-10 MLP, batch {args.batch}")
     settings = [("default", lambda: _default(args.steps, args.batch)),
+                ("default + PASSIVE", lambda: _default(args.steps, args.batch, "PASSIVE")),
                 ("worker", lambda: _worker(args.steps, args.batch, None)),
                 ("worker, 1 thread", lambda: _worker(args.steps, args.batch, 1))]
     _worker(1, 8, 1)  # start the forkserver (imports torch) before timing anything
