@@ -209,8 +209,9 @@ class Runner:
         store: where runs, progress and results go (the run processes open their own
             connection to the same home).
         workers_per_device: runs at once per device (1: runs on one GPU never compete). Each
-            run's process gets ``cores // (workers_per_device x devices in use)`` torch threads
-            (at least 1, at most ``OMP_NUM_THREADS`` if set).
+            run's process gets ``cores // workers_per_device`` torch threads (at least 1, at most
+            ``OMP_NUM_THREADS`` if set): fixed by the Runner's settings, not by what else runs, as
+            the thread count can change the order of float sums and so the last bits.
         heartbeat_interval: seconds between heartbeats of queued runs and of running ones.
         progress_interval: the most often (seconds) a training epoch is written to the store.
         cancel_grace: seconds a cancelled run has to stop by itself (it checks the flag every
@@ -367,10 +368,6 @@ class Runner:
                     self._cancel.pop(run_id, None)
                     self._ended[run_id].set()
 
-    def _concurrent(self) -> int:
-        with self._lock:
-            return self.workers_per_device * max(1, len(self._queues))
-
     def _run_in_process(self, run_id: str, config: "ExperimentConfig") -> None:
         """Start ``run_id``'s process, watch it (cancel: grace, then terminate), record how it
         ended if it did not."""
@@ -381,7 +378,7 @@ class Runner:
         ctx = worker.context()
         proc = ctx.Process(target=_run_main, name=f"ufm-run-{run_id}", daemon=True,
                            args=(str(self.store.home), run_id, config, dict(os.environ),
-                                 worker.threads_per_run(self._concurrent()), self.heartbeat_interval,
+                                 worker.threads_per_run(self.workers_per_device), self.heartbeat_interval,
                                  self.progress_interval))
         proc.start()
         cancelled_at: float | None = None
