@@ -16,16 +16,15 @@ from ufm.sweep import cached_influence, ensure_sweep_study, influence_path, load
 from . import state
 
 
+def compute_ranking(report, config: ExperimentConfig, home: str) -> None:
+    """The background task (its own process, see ``state.Tasks``): the cached self-influence table."""
+    cached_influence(home, config, progress=lambda p: report(f"epoch {p.epoch}" if p.phase == "train" else p.message))
+
+
 def start_ranking(config: ExperimentConfig) -> None:
-    """Train the no-canary reference model and score every image it trains on, off the UI thread."""
+    """Train the no-canary reference model and score every image it trains on, off the server process."""
     key = reference_config(config).key()
-    home = state.store().home
-
-    def work(report) -> None:
-        cached_influence(home, config, progress=lambda p: report(
-            f"epoch {p.epoch}" if p.phase == "train" else p.message))
-
-    state.tasks().submit(key, work)
+    state.tasks().submit(key, compute_ranking, config, str(state.store().home))
 
 
 def load_ranking(config: ExperimentConfig) -> pd.DataFrame | None:

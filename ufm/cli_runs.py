@@ -134,7 +134,7 @@ def cmd_runs_show(a: argparse.Namespace) -> int:
     if rec.status == "running":
         lines.append(f"progress: {describe_progress(rec)} (owner pid {rec.owner_pid} on {rec.owner_host})")
     if rec.error:
-        lines.append(f"error: {rec.error}")
+        lines.append(f"{'note' if rec.status == 'done' else 'error'}: {rec.error}")
     if rec.summary:
         s = rec.summary
         lines += [f"M = {fmt(s['M'])}  (X_u = {fmt(s['X_u'])}, X_r = {fmt(s['X_r'])}; nats)",
