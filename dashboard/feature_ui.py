@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from ufm.features import GLYPHS, Feature, glyph, grid_feature, image_feature, text_feature
+from ufm.features import GLYPHS, Feature, FeatureError, glyph, grid_feature, image_feature, text_feature
+from ufm.imageio import ImageError, open_image
 
 MIN_GRID, MAX_GRID = 3, 16
 
@@ -65,8 +66,23 @@ def build_feature(kind: str) -> Feature:
     binarise = st.toggle("binarise (threshold 0.5)", value=not colour, disabled=colour, key="upload_binarise")
     if upload is None:
         raise _NoUpload()
-    return image_feature(upload.getvalue(), size, colour=colour, threshold=0.5 if binarise and not colour else None,
-                         name=f"image {upload.name}")
+    return feature_from_upload(upload.getvalue(), upload.name, size, colour=colour, binarise=binarise)
+
+
+def feature_from_upload(data: bytes, filename: str, size: int, *, colour: bool = False,
+                        binarise: bool = True) -> Feature:
+    """An uploaded file as a feature, read by the guarded loader (:func:`ufm.imageio.open_image`).
+
+    Raises:
+        FeatureError: the upload is too large, a decompression bomb, carries a huge text chunk,
+            is corrupt or not an image; the message is the loader's, naming the file.
+    """
+    try:
+        img = open_image(data, name=f"the upload {filename!r}")
+    except ImageError as e:
+        raise FeatureError(str(e)) from None
+    return image_feature(img, size, colour=colour, threshold=0.5 if binarise and not colour else None,
+                         name=f"image {filename}")
 
 
 class _NoUpload(Exception):

@@ -1,35 +1,35 @@
-"""The Influence page's pieces: computing the ranking in the background, the gallery, the sweep."""
+"""The Influence page's pieces: computing the ranking in the background, the gallery, the sweep.
+
+The ranking and the sweep are those of ``ufm sweep-canaries`` (:mod:`ufm.sweep`): the table is
+cached under the store's home by the reference config key, the sweep is a study in the store.
+"""
 
 from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
 
-from ufm.canary import CanaryChoice
-from ufm.fileio import atomic_write
 from ufm.experiment import ExperimentConfig
-from ufm.studies import StudyMember, StudyNotFound, create_study, get_study, runs_frame, submit_study
-from ufm.sweep import influence_scores, reference_config
+from ufm.studies import submit_study
+from ufm.sweep import cached_influence, ensure_sweep_study, influence_path, load_influence_table, reference_config, sweep_rows
 
 from . import state
 
 
+def compute_ranking(report, config: ExperimentConfig, home: str) -> None:
+    """The background task (its own process, see ``state.Tasks``): the cached self-influence table."""
+    cached_influence(home, config, progress=lambda p: report(f"epoch {p.epoch}" if p.phase == "train" else p.message))
+
+
 def start_ranking(config: ExperimentConfig) -> None:
-    """Train the no-canary reference model and score every training image, off the UI thread."""
+    """Train the no-canary reference model and score every image it trains on, off the server process."""
     key = reference_config(config).key()
-    path = state.influence_path(key)
-
-    def work(report) -> None:
-        infl = influence_scores(config, progress=lambda p: report(
-            f"epoch {p.epoch}" if p.phase == "train" else p.message))
-        atomic_write(path, infl.table().to_csv(index=False))
-
-    state.tasks().submit(key, work)
+    state.tasks().submit(key, compute_ranking, config, str(state.store().home))
 
 
 def load_ranking(config: ExperimentConfig) -> pd.DataFrame | None:
-    path = state.influence_path(reference_config(config).key())
-    return pd.read_csv(path) if path.exists() else None
+    """The cached ranking of ``config``'s reference model, or None (none yet, or a stale one)."""
+    return load_influence_table(influence_path(state.store().home, reference_config(config).key()), config)
 
 
 def gallery(config: ExperimentConfig, table: pd.DataFrame, which: str, k: int) -> None:
@@ -44,29 +44,12 @@ def gallery(config: ExperimentConfig, table: pd.DataFrame, which: str, k: int) -
 
 
 def start_sweep(config: ExperimentConfig, table: pd.DataFrame, top: int, bottom: int) -> str:
-    """One run per top-/bottom-k canary, as a study; returns its name."""
-    order = table.sort_values("rank")
-    chosen = [(int(i), "top") for i in order["index"].head(top)] + [(int(i), "bottom") for i in order["index"].tail(bottom)[::-1]]
-    members = [StudyMember(group, config.replace(canary=CanaryChoice("index", (i,)))) for i, group in chosen]
-    name = f"sweep {reference_config(config).key()[:8]} top{top} bottom{bottom} feature {config.feature.name} seed {config.seed}"
-    try:
-        get_study(state.store(), name)
-    except StudyNotFound:
-        create_study(state.store(), name, "canaries", config, members,
-                     description=f"top-{top} and bottom-{bottom} self-influence canaries")
+    """One run per top-/bottom-k canary, as the sweep study ``ufm sweep-canaries`` uses; returns its name."""
+    name = ensure_sweep_study(state.store(), config, table, top, bottom)
     submit_study(state.runner(), name)
     return name
 
 
 def sweep_points(name: str, table: pd.DataFrame) -> pd.DataFrame:
-    """Per canary of the sweep: index, group, self-influence, run id, status, M."""
-    study = get_study(state.store(), name)
-    runs = runs_frame(state.store(), name).set_index("position")
-    infl = table.set_index("index")
-    rows = []
-    for e in study.entries:
-        i = e.config.canary.indices[0]
-        r = runs.loc[e.position]
-        rows.append(dict(index=i, group=e.group, self_influence=float(infl.loc[i, "self_influence"]),
-                         run_id=r["run_id"], status=r["status"], M=r["M"], significant=r["significant"]))
-    return pd.DataFrame(rows)
+    """Per canary of the sweep: index, group, self-influence, run id, status, M, significant."""
+    return sweep_rows(state.store(), name, table)

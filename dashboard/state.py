@@ -18,6 +18,7 @@ from ufm.experiment import ExperimentConfig
 from ufm.features import Feature, glyph
 from ufm.jobs import Runner
 from ufm.store import Store
+from ufm.train import DPConfig
 
 # Session-state keys (one place, so pages cannot drift apart).
 FEATURE = "feature"            # the Feature being designed
@@ -84,6 +85,11 @@ def config_from_setup(setup: dict | None = None, **overrides) -> ExperimentConfi
             "lr", "batch_size", "candidates", "device", "dp"}
     kw = {k: v for k, v in s.items() if k in keys and v is not None}
     kw["regularisers"] = tuple(kw.get("regularisers", ()))
+    # DP settings count only with dp-sgd on; otherwise they would change the config key (and the
+    # cache) of runs they do not affect.
+    dp = kw.pop("dp", None)
+    if dp is not None and "dp-sgd" in kw["regularisers"]:
+        kw["dp"] = dp if isinstance(dp, DPConfig) else DPConfig(**dp)
     return ExperimentConfig(feature=current_feature(), data_dir=data_dir(), **kw)
 
 
@@ -116,27 +122,42 @@ def influence_path(reference_key: str) -> Path:
 class Tasks:
     """Background work that is not an experiment run (self-influence of a training set).
 
-    One worker thread; each task has a key, its latest progress and its outcome, readable from
-    every session. Results are written to disk by the task itself, so they outlive the server.
+    Each task runs in its own process (:func:`ufm.worker.run_task`, the machinery of the run
+    processes), one at a time, so it never competes with the web server for the interpreter. A
+    task is a module-level function ``fn(report, *args, **kwargs)`` (or ``"module:function"``),
+    importable in that process; ``report(text)`` shows progress. Each task has a key, its latest
+    progress and its outcome, readable from every session (one Tasks per server). Results are
+    written to disk by the task itself, so they outlive the server.
     """
 
     def __init__(self) -> None:
         from concurrent.futures import ThreadPoolExecutor
         import threading
 
+        # One thread waits on one task process at a time: tasks are heavy (they train a model).
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ufm-task")
         self._lock = threading.Lock()
         self._futures: dict = {}
         self.progress: dict[str, str] = {}
 
-    def submit(self, key: str, fn) -> None:
-        """Run ``fn(report)`` unless a task with ``key`` is already queued or running."""
+    def submit(self, key: str, fn, *args, **kwargs) -> None:
+        """Run ``fn(report, *args, **kwargs)`` in a new process unless a task with ``key`` is
+        already queued or running.
+
+        Raises:
+            ValueError: ``fn`` is a lambda or nested function (it cannot be imported by the
+                task's process); make it a module-level function.
+        """
+        from ufm.worker import resolve, run_task
+
+        resolve(fn)
         with self._lock:
             fut = self._futures.get(key)
             if fut is not None and not fut.done():
                 return
             self.progress[key] = "queued"
-            self._futures[key] = self._pool.submit(fn, lambda msg: self.progress.__setitem__(key, msg))
+            report = lambda msg: self.progress.__setitem__(key, msg)  # noqa: E731
+            self._futures[key] = self._pool.submit(run_task, fn, args, kwargs, report=report)
 
     def status(self, key: str) -> tuple[str, str | None]:
         """("none" | "running" | "done" | "failed", progress text or error)."""

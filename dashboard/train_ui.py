@@ -10,7 +10,7 @@ import streamlit as st
 from ufm.canary import CanaryChoice
 from ufm.models import ARCHITECTURES
 from ufm.plots import image_figure
-from ufm.train import REGULARISERS
+from ufm.train import REGULARISERS, DPConfig
 
 from . import state
 
@@ -35,9 +35,11 @@ def setup_form() -> dict:
     budget = st.radio("budget", ["Quick (a demo on a CPU)", "Paper (500 epochs, patience 10, all images)"],
                       horizontal=True, key="tr_budget")
     s.update(state.QUICK if budget.startswith("Quick") else state.PAPER)
+    dp_on = "dp-sgd" in s["regularisers"]
     with st.expander("Advanced"):
         a = st.columns(4)
-        s["epochs"] = a[0].number_input("max epochs", 1, 500, s["epochs"], key="tr_epochs")
+        s["epochs"] = a[0].number_input("max epochs", 1, 500, s["epochs"], key="tr_epochs", disabled=dp_on,
+                                        help="With DP-SGD the epoch budget in the DP-SGD settings applies.")
         s["patience"] = a[1].number_input("patience (epochs)", 1, 100, s["patience"], key="tr_patience")
         ts = a[2].number_input("training images (0 = all)", 0, 60000, s["train_size"] or 0, step=500, key="tr_size")
         s["train_size"] = int(ts) or None
@@ -48,7 +50,42 @@ def setup_form() -> dict:
         lr = b[2].number_input("learning rate (0 = paper's)", 0.0, 1.0, s.get("lr") or 0.0, format="%.5f", key="tr_lr")
         s["lr"] = lr or None
         s["device"] = b[3].selectbox("device", ["auto", "cpu", "cuda", "mps"], key="tr_device")
+    if dp_on:
+        dp_settings(s)
     return s
+
+
+def dp_settings(s: dict) -> None:
+    """The DP-SGD block: noise (multiplier or target epsilon), clipping norm, delta, epoch budget.
+    Sets ``s["dp"]`` (a :class:`ufm.train.DPConfig`) and ``s["epochs"]``."""
+    with st.container(border=True):
+        st.markdown("**DP-SGD settings** (Opacus). A DP run trains the whole epoch budget (no early stopping), "
+                    "so a target epsilon sets the noise for exactly those epochs; the result reports the "
+                    "epsilon actually spent.")
+        d = st.columns(4)
+        how = d[0].radio("noise set by", ["target epsilon", "noise multiplier"], key="tr_dp_how")
+        if how == "target epsilon":
+            eps = d[1].number_input("target epsilon", 0.1, 1000.0, 8.0, step=0.5, key="tr_dp_eps")
+            noise = None
+        else:
+            noise = d[1].number_input("noise multiplier", 0.0, 50.0, 1.0, step=0.1, key="tr_dp_noise",
+                                      help="Std of the Gaussian noise relative to the clipping norm.")
+            eps = None
+        clip = d[2].number_input("clipping norm", 0.01, 100.0, 1.0, step=0.1, key="tr_dp_clip",
+                                 help="Per-example gradients are scaled down to at most this L2 norm.")
+        delta = d[3].number_input("delta", 1e-12, 0.1, 1e-5, format="%.1e", key="tr_dp_delta",
+                                  help="The delta of (epsilon, delta)-DP; keep it below 1 / training-set size.")
+        s["epochs"] = int(st.number_input("epoch budget (all epochs run)", 1, 500, int(s["epochs"]),
+                                          key="tr_dp_epochs"))
+        try:
+            s["dp"] = DPConfig(noise_multiplier=noise, target_epsilon=eps, delta=float(delta), max_grad_norm=float(clip))
+        except ValueError as e:
+            st.error(str(e))
+            s.pop("dp", None)
+            return
+        n = s.get("train_size")
+        if n and delta >= 1.0 / n:
+            st.warning(f"delta = {delta:.1e} is not below 1 / {n} training images: the guarantee is weak.")
 
 
 def canary_chooser(setup: dict) -> CanaryChoice:

@@ -1,10 +1,10 @@
 """Explain: GradCAM overlays of a trained model on the canary and on inference images."""
 
 import streamlit as st
-from torch import nn
 
 from dashboard import state
 from ufm.explain import explain_run
+from ufm.models import gradcam_layers
 
 st.title("Where does the trained model look?")
 st.write("GradCAM on a convolutional layer (captum's LayerGradCam, upsampled to the image); an MLP has "
@@ -23,16 +23,18 @@ run_id = st.selectbox("run", ids, index=default, format_func=labels.get, key="ex
 rec = store.get(run_id)
 cfg = rec.config
 net = state.model(run_id)
-convs = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
+layers = dict(gradcam_layers(net))  # label -> module, the default (final feature map) first
 c1, c2, c3, c4 = st.columns(4)
-layer_name = c1.selectbox("layer", convs[::-1] or ["(none: saliency)"], key="ex_layer",
-                          help="The last convolution is GradCAM's usual choice.")
+layer_label = c1.selectbox("layer", list(layers) or ["(none: saliency)"], key="ex_layer",
+                           help="GradCAM's usual choice is the final feature map (a DenseNet's last "
+                                "batch norm, a CNN's last convolution); earlier layers are finer but "
+                                "less class-specific.")
 classes = state.images(cfg.dataset, "train", cfg.data_dir or state.data_dir(), 1)[2]
 target = c2.selectbox("explain class", [None, *range(len(classes))], key="ex_target",
                       format_func=lambda k: "predicted class" if k is None else f"{k}: {classes[k]}")
 n_ood = c3.slider("inference images", 1, 8, 3, key="ex_n")
 canary = c4.selectbox("canary", rec.summary["canary_indices"][:50], key="ex_canary")
-layer = dict(net.named_modules()).get(layer_name) if convs else None
+layer = layers.get(layer_label)
 with st.spinner("Computing attributions ..."):
     exp = explain_run(net, cfg, int(canary), n_ood=n_ood, target=target, layer=layer)
 s = exp.summary()

@@ -5,6 +5,7 @@ import streamlit as st
 from dashboard import influence_ui as ui
 from dashboard import state, views
 from ufm.plots import influence_scatter_figure, pearson
+from ufm.report import to_csv
 from ufm.sweep import reference_config
 
 st.title("Are influential images memorised more?")
@@ -39,12 +40,16 @@ if table is None:
         st.rerun()
     st.stop()
 
+st.caption(f"{len(table)} images ranked: those the reference model trained on. Validation images are left out "
+           "(the reference never took a gradient step on them); every canary model of a sweep keeps the "
+           "reference model's validation set, so canary models differ only in which image carries the feature. "
+           "`ufm sweep-canaries` runs the same sweep from the command line.")
 k = st.slider("images shown from each end", 4, 32, 8, key="inf_k")
 st.subheader("Most self-influential")
 ui.gallery(config, table, "top", k)
 st.subheader("Least self-influential")
 ui.gallery(config, table, "bottom", k)
-st.download_button("Download the ranking (CSV)", table.to_csv(index=False), "self-influence.csv", key="inf_csv")
+st.download_button("Download the ranking (CSV)", to_csv(table), "self-influence.csv", key="inf_csv")
 
 st.header("Canary sweep")
 c1, c2 = st.columns(2)

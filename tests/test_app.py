@@ -171,3 +171,31 @@ def test_compare_and_influence_pages_run_small_studies(app_env):
     assert not at.exception
     assert any(m.label == "Pearson r (self-influence, M)" for m in at.metric)
     assert any("3 of 3 canary models finished" in p.proto.text for p in at.get("progress"))
+
+
+def test_train_page_dp_sgd_settings_reach_the_run(app_env):
+    at = _app().switch_page("pages/train.py").run()
+    assert at.number_input(key="tr_epochs").disabled is False
+    assert not any(r.key == "tr_dp_how" for r in at.radio)  # hidden without dp-sgd
+    at.multiselect(key="tr_regs").set_value(["dp-sgd"]).run()
+    assert not at.exception and at.number_input(key="tr_epochs").disabled
+    at.radio(key="tr_dp_how").set_value("target epsilon").run()
+    at.number_input(key="tr_dp_eps").set_value(4.0).run()
+    at.number_input(key="tr_dp_clip").set_value(2.0).run()
+    at.number_input(key="tr_dp_epochs").set_value(2).run()
+    at.number_input(key="tr_ood").set_value(40).run()
+    at.radio(key="tr_canary_mode").set_value("pick an image").run()
+    at.button(key="tr_start").click().run()
+    assert not at.exception
+    run_id = at.session_state["run_id"]
+    _wait_done(run_id)
+    from dashboard import state
+    rec = state.store().get(run_id)
+    cfg = rec.config
+    assert rec.status == "done", rec.error
+    assert cfg.regularisers == ("dp-sgd",) and cfg.epochs == 2
+    assert cfg.dp.target_epsilon == 4.0 and cfg.dp.noise_multiplier is None and cfg.dp.max_grad_norm == 2.0
+    assert rec.summary["epochs_trained"] == 2 and rec.summary["epsilon"] == pytest.approx(4.0, rel=0.1)
+    # DP settings do not leak into the config (and cache key) of a run without dp-sgd
+    setup = dict(at.session_state["setup"], regularisers=[])
+    assert state.config_from_setup(setup).dp == state.config_from_setup(dict(setup, dp=None)).dp

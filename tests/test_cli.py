@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -77,3 +78,142 @@ def test_acceptance_command_real_mnist(shared_data, tmp_path):
               "d_u", "d_r", "canary_indices", "test_accuracy", "epochs_trained"):
         assert k in d
     assert d["canary_indices"] == [0] and d["test_accuracy"] > 0.85 and len(d["d_u"]) == 1000
+
+
+# ------------------------------------------------------------------- every bad input: one line, no traceback
+
+@pytest.mark.parametrize("argv, msg", [
+    (["measure", "--seed", "-1"], "ufm: error: --seed: must be >= 0, got -1 (see 'ufm measure --help')"),
+    (["measure", "--seed", "abc"], "--seed: must be a whole number, got 'abc'"),
+    (["measure", "--candidates", "100000"], "--candidates: must be at most 2000"),
+    (["measure", "--repeats", "101"], "--repeats: must be at most 100, got 101"),
+    (["measure", "--ood-size", "20001"], "--ood-size: must be at most 20000"),
+    (["measure", "--feature-size", "3000"], "--feature-size: must be at most 256, got 3000"),
+    (["measure", "--feature-size", "30000"], "--feature-size: must be at most 256"),
+    (["measure", "--lr", "nan"], "--lr: must be a finite number, got 'nan'"),
+    (["measure", "--intensity", "inf"], "--intensity: must be a finite number"),
+    (["measure", "--feature", "text:" + "W" * 65], "at most 64"),
+    (["runs", "list", "--limit", "0"], "--limit: must be >= 1, got 0"),
+])
+def test_size_knobs_are_bounded_and_name_the_flag(argv, msg, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ufm: error:") and msg in err and "\n" not in err
+
+
+def test_config_bounds_without_the_cli():
+    from ufm.experiment import ExperimentConfig
+    from ufm.limits import MAX_CANDIDATES, MAX_OOD_SIZE, MAX_REPEATS
+
+    for kw, msg in ((dict(candidates=MAX_CANDIDATES + 1), "candidates K must be between 1 and"),
+                    (dict(repeats=MAX_REPEATS + 1), "repeats R must be between"),
+                    (dict(ood_size=MAX_OOD_SIZE + 1), "ood_size"), (dict(seed=-1), "seed must be an integer >= 0")):
+        with pytest.raises(ValueError, match=msg):
+            ExperimentConfig(**kw)
+    import numpy as np
+    c = ExperimentConfig(candidates=MAX_CANDIDATES, repeats=MAX_REPEATS, seed=np.int64(3))
+    assert type(c.seed) is int and json.loads(c.to_json())["seed"] == 3
+
+
+def _tiny_measure(tiny_data, *extra):
+    return ["measure", "--dataset", str(tiny_data["train"]), "--ood-source", str(tiny_data["ood"]), "--ood-size", "30",
+            "--feature-size", "3", "--offset", "0", "0", "--epochs", "2", "--candidates", "5", "--device", "cpu",
+            "--quiet", *extra]
+
+
+@pytest.mark.parametrize("where", ["folder", "missing"])
+def test_bad_out_is_refused_before_training(tiny_data, tmp_path, monkeypatch, capsys, where):
+    import time
+
+    monkeypatch.setenv("UFM_HOME", str(tmp_path / "home"))
+    out = tmp_path if where == "folder" else tmp_path / "no" / "such" / "r.json"
+    t0 = time.perf_counter()
+    assert main(_tiny_measure(tiny_data, "--out", str(out))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ufm: error: --out:") and "\n" not in err
+    assert ("is a folder" if where == "folder" else "does not exist") in err
+    assert time.perf_counter() - t0 < 5 and not (tmp_path / "home").exists()  # nothing trained, no store opened
+    assert main(["runs", "export", "abc", "--out", str(out)]) == 2
+    assert "--out:" in capsys.readouterr().err
+
+
+def test_train_size_larger_than_the_data_is_said_and_recorded(tiny_data, tmp_path, monkeypatch, capsys,
+                                                              one_torch_thread):
+    monkeypatch.setenv("UFM_HOME", str(tmp_path / "home"))
+    out = tmp_path / "r.json"
+    assert main(_tiny_measure(tiny_data, "--train-size", "500", "--out", str(out))) == 0
+    printed = capsys.readouterr().out
+    d = json.loads(out.read_text())
+    assert d["n_train"] + d["n_val"] == 300  # the tiny set has 300 training images
+    assert d["config"]["train_size"] == 500  # what was asked, with the note saying what was used
+    assert d["notes"] == [f"train_size 500 asked for more images than {tiny_data['train']} has: used all 300 "
+                          "(training + validation)"]
+    assert "note: train_size 500" in printed and f"trained on {d['n_train']} images" in printed
+    from ufm.experiment import Result
+    assert Result.from_json(out.read_text()).notes == d["notes"]
+    run_id = printed.split("run ")[-1].split()[0]
+    assert main(["runs", "show", run_id]) == 0
+    assert f"images used: {d['n_train']} training + {d['n_val']} validation" in capsys.readouterr().out
+
+
+def _ufm(args, env_home, **kw):
+    import os
+    from pathlib import Path
+    env = dict(os.environ, UFM_HOME=str(env_home), OMP_NUM_THREADS="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    return subprocess.run([sys.executable, "-m", "ufm", *args], capture_output=True, text=True, env=env,
+                          timeout=120, **kw)
+
+
+def _bad_inputs(tiny_data, tmp):
+    import numpy as np
+    from PIL import Image
+
+    from .conftest import write_split
+    from .test_imageio import bomb_png
+
+    write_split(tmp / "y5", np.zeros((30, 12, 12), np.uint8), np.array([0, 1, 5] * 10), "train", np.array(["a", "b"]))
+    write_split(tmp / "y5", np.zeros((9, 12, 12), np.uint8), np.array([0, 1, 1] * 3), "test", np.array(["a", "b"]))
+    (tmp / "bomb.png").write_bytes(bomb_png(30_000))
+    for split, classes in (("train", "ab"), ("test", "abc")):
+        for c in classes:
+            (tmp / "folders" / split / c).mkdir(parents=True)
+            for k in range(12):
+                Image.fromarray(np.full((12, 12), 20 * k, np.uint8)).save(tmp / "folders" / split / c / f"{k}.png")
+    base = ["--ood-source", str(tiny_data["ood"]), "--ood-size", "30", "--epochs", "1", "--candidates", "3",
+            "--device", "cpu", "--quiet", "--feature-size", "3", "--offset", "0", "0"]
+    return {
+        "label 5": (["measure", "--dataset", str(tmp / "y5"), *base], "label 5 at index 2"),
+        "bomb feature": (["measure", "--dataset", str(tiny_data["train"]), "--feature", str(tmp / "bomb.png"), *base],
+                         "decompression bomb"),
+        "extra test class": (["measure", "--dataset", str(tmp / "folders"), *base], "[a, b, c]"),
+        "out folder": (["measure", "--dataset", str(tiny_data["train"]), "--out", str(tmp), *base], "is a folder"),
+    }
+
+
+def test_bad_inputs_as_subprocesses_end_in_one_line(tiny_data, tmp_path):
+    for name, (argv, msg) in _bad_inputs(tiny_data, tmp_path).items():
+        proc = _ufm(argv, tmp_path / "home")
+        err = proc.stderr.strip()
+        assert proc.returncode == 2, (name, err[-2000:])
+        assert "Traceback" not in err and len(err.splitlines()) == 1 and err.startswith("ufm: error:"), (name, err)
+        assert msg in err, (name, err)
+
+
+def test_broken_pipe_on_stdout_exits_quietly(tmp_path):
+    from ufm.experiment import ExperimentConfig
+    from ufm.store import Store
+
+    with Store(tmp_path / "home") as s:
+        ids = [s.create_run(ExperimentConfig(seed=i)) for i in range(3)]
+    import os
+    env = dict(os.environ, UFM_HOME=str(tmp_path / "home"), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    for args in (["runs", "show", ids[0]], ["runs", "list", "--csv"]):
+        # the reader is gone before ufm writes a byte: every write hits a closed pipe
+        r, w = os.pipe()
+        os.close(r)
+        proc = subprocess.run([sys.executable, "-m", "ufm", *args], stdout=w, stderr=subprocess.PIPE, text=True,
+                              env=env, timeout=120)
+        os.close(w)
+        assert proc.returncode in (0, 141), (args, proc.stderr)
+        assert proc.stderr == "", (args, proc.stderr)

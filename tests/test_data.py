@@ -123,6 +123,24 @@ def test_train_val_split_seeded_and_keeps_canaries():
     assert not np.array_equal(va, train_val_split(100, 0.2, seed=2)[1])
 
 
+def test_train_val_split_canaries_only_displace():
+    """The split is a function of the seed; a canary only ever pushes itself out of validation."""
+    tr0, va0 = train_val_split(200, 0.1, seed=3)
+    outside = [i for i in range(200) if i not in set(va0)]
+    # canaries in the clean training part: the split is unchanged
+    for ex in ([outside[0]], [outside[5]], outside[:7]):
+        tr, va = train_val_split(200, 0.1, exclude=ex, seed=3)
+        np.testing.assert_array_equal(va, va0)
+        np.testing.assert_array_equal(tr, tr0)
+    # a canary drawn for validation is replaced by the next image of the permutation only
+    inside = int(va0[0])
+    tr, va = train_val_split(200, 0.1, exclude=[inside], seed=3)
+    assert inside in tr and inside not in va and len(va) == 20
+    assert len(set(va) - set(va0)) == 1 and set(va0) - set(va) == {inside}
+    with pytest.raises(ValueError, match="outside"):
+        train_val_split(10, 0.2, exclude=[10])
+
+
 def test_available_offline(tmp_path):
     from .conftest import write_split
     from ufm.data import available_offline
@@ -155,3 +173,76 @@ def test_pneumoniamnist_from_medmnist_file_and_offline_error(tmp_path, monkeypat
     assert tr.classes == ("normal", "pneumonia") and torch.all(tr.x == 1)
     assert load_split("pneumoniamnist", "test", data_dir=tmp_path).y.tolist() == [1, 0]
     assert "pneumoniamnist" in D.available_offline(tmp_path)
+
+
+# ------------------------------------------------------------------- labels and bad images
+
+def _npz_pair(root: Path, y_train, y_test, classes=("a", "b")) -> Path:
+    from .conftest import write_split
+    write_split(root, np.zeros((len(y_train), 6, 6), np.uint8), np.asarray(y_train), "train", np.array(classes))
+    write_split(root, np.zeros((len(y_test), 6, 6), np.uint8), np.asarray(y_test), "test", np.array(classes))
+    return root
+
+
+@pytest.mark.parametrize("y, msg", [
+    ([0, 1, 5, 1], r"label 5 at index 2 \(1 bad in all\) is outside 0..1 \(classes a, b\)"),
+    ([0, -1, 1, -1], r"label -1 at index 1 \(2 bad in all\) is outside 0..1"),
+    ([0.0, 1.5, 1.0, 0.0], r"labels y must be integers.*int64"),
+])
+def test_npz_labels_outside_the_class_list_are_refused(tmp_path, y, msg):
+    root = _npz_pair(tmp_path / "d", y, [0, 1])
+    with pytest.raises(DataUnavailable, match=msg):
+        load_split(str(root), "train")
+    assert load_split(str(root), "test").y.tolist() == [0, 1]
+
+
+def test_whole_float_labels_and_labels_without_classes():
+    assert D.check_labels(np.array([0.0, 2.0]), ("a", "b", "c"), "x").dtype == np.int64
+    assert D.check_labels(np.array([3, 0]), None, "x").tolist() == [3, 0]
+    with pytest.raises(DataUnavailable, match="non-negative integers"):
+        D.check_labels(np.array([0, -2]), None, "x")
+    with pytest.raises(DataUnavailable, match="1-D"):
+        D.check_labels(np.zeros((2, 2), np.int64), None, "x")
+
+
+def _class_folders(base: Path, classes, n=3, side=8) -> None:
+    for i, c in enumerate(classes):
+        (base / c).mkdir(parents=True)
+        for k in range(n):
+            Image.fromarray(np.full((side, side), 40 * i + k, np.uint8)).save(base / c / f"{k}.png")
+
+
+def test_test_split_with_other_classes_is_refused_naming_both(tmp_path):
+    from ufm.experiment import ExperimentConfig, prepare_data
+    from ufm.features import glyph
+
+    root = tmp_path / "folders"
+    _class_folders(root / "train", ["cat", "dog"], n=12)
+    _class_folders(root / "test", ["cat", "dog", "fox"])
+    test = load_split(str(root), "test")
+    assert test.classes == ("cat", "dog", "fox") and test.y.max() == 2
+    config = ExperimentConfig(feature=glyph("A", size=2, offset=(0, 0)), dataset=str(root), train_size=20,
+                              device="cpu")
+    with pytest.raises(DataUnavailable, match=r"test split .* has classes \[cat, dog, fox\] but the training "
+                                              r"split has \[cat, dog\].*same sub-folder names"):
+        prepare_data(config)
+
+
+@pytest.mark.parametrize("bad", ["corrupt", "truncated", "bomb"])
+@pytest.mark.parametrize("first", [True, False])
+def test_bad_image_in_class_folder_is_one_message(tmp_path, bad, first):
+    from .test_imageio import bomb_png
+
+    root = tmp_path / "imgs"
+    _class_folders(root, ["a", "b"])
+    target = root / "a" / ("0.png" if first else "2.png")  # 0.png is the very first image loaded
+    import io
+    jpeg = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8)).save(jpeg, "JPEG")
+    target.write_bytes({"corrupt": b"not a png at all", "truncated": jpeg.getvalue()[: len(jpeg.getvalue()) // 3],
+                        "bomb": bomb_png(30_000)}[bad])
+    expected = {"corrupt": "not an image", "truncated": "is truncated", "bomb": "decompression bomb"}[bad]
+    with pytest.raises(DataUnavailable, match=expected) as e:
+        load_split(str(root), "train", limit=None)
+        load_split(str(root), "test", limit=None)
+    assert str(target) in str(e.value) and f"remove {target}" in str(e.value)

@@ -109,6 +109,42 @@ def test_gradcam_other_layer_and_errors():
         gradcam(model, x[:, 0])
 
 
+def test_densenet_default_layer_is_the_final_feature_map():
+    from ufm.models import default_gradcam_layer, gradcam_layers
+
+    model = build_model("densenet100", 3, (16, 16), 4).eval()
+    layers = gradcam_layers(model)
+    label, layer = layers[0]
+    assert layer is model.features.norm5 and default_gradcam_layer(model) is layer
+    assert label == "features.norm5 (final feature map, 342 ch)"
+    # its output is the map that ReLU + global pooling turn into the classifier's input
+    seen = {}
+    layer.register_forward_hook(lambda m, i, o: seen.__setitem__("layer", o.shape))
+    model.features.register_forward_hook(lambda m, i, o: seen.__setitem__("features", o.shape))
+    x = torch.rand(2, 3, 16, 16)
+    res = gradcam(model, x)
+    assert seen["layer"] == seen["features"] == (2, 342, 4, 4)
+    assert model.classifier.in_features == 342
+    assert res.layer_name == "features.norm5" and res.maps.shape == (2, 16, 16)
+    # every listed layer is a real submodule with a spatial output, named as in named_modules()
+    names = {id(m): n for n, m in model.named_modules()}
+    assert [lab.split(" ")[0] for lab, _ in layers] == [names[id(m)] for _, m in layers]
+    assert [names[id(m)] for _, m in layers] == ["features.norm5", "features.denseblock2", "features.denseblock1"]
+    for _, m in layers[1:]:
+        assert gradcam(model, x, layer=m).maps.shape == (2, 16, 16)
+
+
+def test_gradcam_layers_of_cnns_and_mlp():
+    from ufm.models import gradcam_layers
+
+    labels = [lab for lab, _ in gradcam_layers(build_model("cnn2", 1, (16, 16), 3))]
+    assert labels == ["7 (last conv, 64 ch)", "5 (conv 3 of 4, 64 ch)", "2 (conv 2 of 4, 32 ch)",
+                      "0 (conv 1 of 4, 32 ch)"]
+    cnn1 = build_model("cnn1", 1, (12, 12), 3)
+    assert gradcam_layers(cnn1)[0][1] is last_conv_layer(cnn1)
+    assert gradcam_layers(build_model("mlp", 1, (12, 12), 3)) == []
+
+
 def test_saliency_for_mlp():
     model = build_model("mlp", 3, (5, 6), 4)
     x = torch.rand(3, 3, 5, 6)

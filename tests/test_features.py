@@ -8,6 +8,8 @@ from PIL import Image
 from ufm.features import (GLYPHS, Feature, FeatureError, glyph, grid_feature, image_feature, infer_kind,
                           parse_feature_spec, render_text, text_feature)
 
+from .test_app import app_env  # noqa: F401 - fixture for the Feature page test
+
 
 def test_glyph_a_is_the_papers_letter():
     f = glyph("A")
@@ -178,3 +180,84 @@ def test_bad_kind_or_recipe_raise():
         Feature(pattern=((1.0, 0.0),), kind="glyph", recipe={"glyph": "zz"})
     with pytest.raises(FeatureError, match="key, value"):
         Feature(pattern=((1.0, 0.0),), recipe=5)
+
+# ------------------------------------------------------------------- size bounds and the guarded loader
+
+def test_feature_sizes_are_bounded_before_any_allocation():
+    import time
+
+    from ufm.limits import MAX_FEATURE_SIDE, MAX_TEXT_CHARS
+
+    t0 = time.perf_counter()
+    for size in (MAX_FEATURE_SIDE + 1, 3000, 30000):  # 30000 used to end in MemoryError
+        with pytest.raises(FeatureError, match=f"between 2 and {MAX_FEATURE_SIDE}"):
+            glyph("A", size=size)
+        with pytest.raises(FeatureError, match=f"between 1 and {MAX_FEATURE_SIDE}"):
+            image_feature(np.full((8, 8), 255, np.uint8), size)
+    assert time.perf_counter() - t0 < 1.0
+    assert glyph("A", size=MAX_FEATURE_SIDE).size == (MAX_FEATURE_SIDE, MAX_FEATURE_SIDE)
+    with pytest.raises(FeatureError, match=f"at most {MAX_TEXT_CHARS}"):
+        text_feature("x" * (MAX_TEXT_CHARS + 1))
+    with pytest.raises(FeatureError, match="pixels wide.*shorten the text or lower the height"):
+        text_feature("W" * MAX_TEXT_CHARS, height=64)
+    assert text_feature("JOHN DOE", 7).size[0] == 7
+
+
+def test_bad_image_files_become_feature_errors(tmp_path):
+    from PIL import PngImagePlugin
+
+    from .test_imageio import bomb_png
+
+    p = tmp_path / "bomb.png"
+    p.write_bytes(bomb_png(30_000))
+    with pytest.raises(FeatureError, match="decompression bomb"):
+        image_feature(p, 5)
+    with pytest.raises(FeatureError, match="decompression bomb"):
+        parse_feature_spec(str(p), 5)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("c", "a" * 20_000_000, zip=True)
+    buf = io.BytesIO()
+    Image.new("L", (4, 4), 255).save(buf, "PNG", pnginfo=info)
+    with pytest.raises(FeatureError, match="text or profile chunk"):
+        image_feature(buf.getvalue(), 5)
+
+
+def test_feature_page_upload_goes_through_the_guarded_loader():
+    from dashboard.feature_ui import feature_from_upload
+
+    from .test_imageio import bomb_png
+
+    with pytest.raises(FeatureError, match="the upload 'bomb.png'.*decompression bomb"):
+        feature_from_upload(bomb_png(10_000), "bomb.png", 8)
+    with pytest.raises(FeatureError, match="the upload 'x.jpg' is not an image"):
+        feature_from_upload(b"garbage", "x.jpg", 8)
+    f = feature_from_upload(_png_bytes(np.full((10, 10), 255, np.uint8)), "white.png", 4)
+    assert f.size == (4, 4) and f.name == "image white.png" and f.binary
+
+
+def test_feature_page_shows_the_loaders_message_and_keeps_the_feature(app_env):
+    from PIL import PngImagePlugin
+
+    from .test_app import _app
+    from .test_imageio import bomb_png
+
+    at = _app().switch_page("pages/feature.py").run()
+    at.radio(key="feat_kind").set_value("Upload").run()
+    kept = at.session_state["feature"]
+    at.file_uploader(key="upload").set_value(("bomb.png", bomb_png(30_000), "image/png")).run()
+    assert not at.exception
+    assert any("the upload 'bomb.png'" in e.value and "decompression bomb" in e.value for e in at.error)
+    assert at.session_state["feature"] == kept and f"({kept.name}) is kept" in at.error[0].value
+    at.file_uploader(key="upload").set_value(("white.png", _png_bytes(np.full((12, 12), 255, np.uint8)),
+                                              "image/png")).run()
+    assert not at.error and at.session_state["feature"].name == "image white.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("c", "a" * 20_000_000, zip=True)
+    buf = io.BytesIO()
+    Image.new("L", (4, 4), 255).save(buf, "PNG", pnginfo=info)
+    at.file_uploader(key="upload").set_value(("text.png", buf.getvalue(), "image/png")).run()
+    assert not at.exception and any("text or profile chunk" in e.value for e in at.error)
+    at.file_uploader(key="upload").set_value(("cut.png", _png_bytes(np.eye(40, dtype=np.uint8) * 255)[:60],
+                                              "image/png")).run()
+    assert not at.exception and any("the upload 'cut.png'" in e.value for e in at.error)
+    assert at.session_state["feature"].name == "image white.png"

@@ -352,6 +352,29 @@ def test_tracin_checkpoints_known_answers():
     assert tracin_checkpoints([1.0, 0.0, 5.0, 0.0], n=4) == [0, 1]
 
 
+def test_tracin_checkpoints_evenly_spaced_in_steps():
+    # checkpoints every 10 steps up to 40, then (after thinning) every 20, then every 40
+    steps = [0, 10, 20, 30, 40, 60, 80, 100, 140, 180]
+    falling = [10.0 - i for i in range(10)]  # monotone: 100% of the drop at index 9 (step 180)
+    # targets 0, 60, 120, 180: 60 is kept (index 5); 120 lies halfway between 100 and 140 -> the earlier
+    assert tracin_checkpoints(falling, n=4, reduction=1.0, steps=steps) == [0, 5, 7, 9]
+    # the same curve indexed as if evenly spaced would pick by index, not by step
+    assert tracin_checkpoints(falling, n=4, reduction=1.0) == [0, 3, 6, 9]
+    # a plateau after the drop: the span ends where 95% of the drop is first reached (step 40)
+    plateau = [2.0, 1.0, 0.5, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]
+    assert tracin_checkpoints(plateau, n=3, steps=steps) == [0, 2, 4]
+    # nearest kept checkpoints may coincide: they never repeat, and stay in step order
+    crowded = [0, 1, 2, 3, 100]
+    picked = tracin_checkpoints([5.0, 4.0, 3.0, 2.0, 1.0], n=4, reduction=1.0, steps=crowded)
+    assert picked == [0, 2, 3, 4] and len(set(picked)) == 4
+    # too few checkpoints up to the span's end: all of them
+    assert tracin_checkpoints(plateau, n=6, steps=steps) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="strictly increasing"):
+        tracin_checkpoints([2.0, 1.0, 0.5], steps=[0, 5, 5])
+    with pytest.raises(ValueError, match="one step per checkpoint"):
+        tracin_checkpoints([2.0, 1.0, 0.5], steps=[0, 5])
+
+
 @pytest.mark.parametrize("losses,kwargs,match", [
     ([1.0], {}, ">= 2 checkpoints"),
     ([1.0, float("nan")], {}, "finite"),

@@ -162,3 +162,49 @@ def test_study_report_renders_in_headless_chromium_offline(home, tmp_path):
     assert dom.count('class="main-svg"') >= 10
     assert "regularisers &lt;b&gt;&amp; co&lt;/b&gt;" in dom
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+# ------------------------------------------------------------------- formula-safe CSV
+
+def test_csv_cells_that_look_like_formulas_are_quoted_numbers_stay_numeric():
+    from ufm.report import csv_safe, to_csv
+
+    for bad in ("=HYPERLINK(\"http://x\")", "+1+1", "-2+3", "@SUM(A1)", "\tx", "\rx"):
+        assert csv_safe(bad) == "'" + bad
+    for ok in ("plain", "", " =x", -1.5, -3, None, True, float("nan")):
+        assert csv_safe(ok) is ok
+    df = pd.DataFrame({"name": ["=1+2", "ok", None], "M": [-0.25, 0.5, -1.0], "n": [-1, 2, 3],
+                       "=col": ["-x", "y", "z"]})
+    back = pd.read_csv(io.StringIO(to_csv(df)))
+    assert list(back.columns) == ["name", "M", "n", "'=col"]
+    assert back["name"].tolist()[:2] == ["'=1+2", "ok"] and pd.isna(back["name"][2])
+    assert back["M"].tolist() == [-0.25, 0.5, -1.0] and back["M"].dtype == float and back["n"].dtype == int
+    assert back["'=col"].tolist() == ["'-x", "y", "z"]
+    assert df["name"][0] == "=1+2"  # the caller's frame is not changed
+
+
+def test_every_csv_ufm_writes_is_formula_safe(tmp_path, capsys):
+    from ufm.features import grid_feature
+    from ufm.studies import create_study, expand
+
+    evil = "=cmd|' /C calc'!A0"
+    base = ExperimentConfig(feature=grid_feature([[1, 0], [0, 1]], name="@evil feature"), dataset="-dataset")
+    h = tmp_path / "home"
+    with Store(h) as s:
+        rid = s.create_run(base)
+        s.mark_failed(rid, evil)
+        create_study(s, "=study", "regularisers", base, expand("regularisers", base, regularisers=["none"], seeds=[0]))
+        texts = {"runs_csv": runs_csv(s)}
+    assert main(["runs", "list", "--csv", "--home", str(h)]) == 0
+    texts["runs list --csv"] = capsys.readouterr().out
+    assert main(["studies", "export", "=study", "--format", "csv", "--out", "-", "--home", str(h)]) == 0
+    texts["studies export csv"] = capsys.readouterr().out
+    for name, text in texts.items():
+        table = pd.read_csv(io.StringIO(text))
+        cells = [v for v in table.to_numpy().ravel() if isinstance(v, str)]
+        assert not [c for c in cells if c[:1] in "=+-@\t\r"], (name, cells)
+        assert "seed" not in table or table["seed"].dtype != object, name
+    runs = pd.read_csv(io.StringIO(texts["runs_csv"]))
+    assert runs.loc[runs["id"] == rid, "error"].item() == "'" + evil
+    assert runs.loc[runs["id"] == rid, "feature"].item() == "'@evil feature"
+    assert runs.loc[runs["id"] == rid, "dataset"].item() == "'-dataset"

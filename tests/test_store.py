@@ -404,3 +404,125 @@ def test_malicious_pickles_in_artifacts_are_refused_not_executed(tiny_data, tmp_
         with pytest.raises(StoreError, match="refused to load .*d_u.npy"):
             s.load_scores(rid)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------- liveness, privacy
+
+def _wait_running_epoch(home: Path, proc: subprocess.Popen, timeout: float = 90):
+    deadline = time.monotonic() + timeout
+    rec = None
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
+        if (home / "ufm.db").exists():
+            with Store(home, recover=False) as s:
+                runs = s.list_runs()
+                rec = runs[0] if runs else None
+            if rec is not None and rec.status == "running" and (rec.progress or {}).get("epoch", 0) >= 1:
+                return rec
+        time.sleep(0.05)
+    pytest.fail(f"the run never showed training progress: {rec}")
+
+
+def test_paused_cli_run_is_not_failed_and_records_its_result(tiny_data, tmp_path):
+    """SIGSTOP for longer than the stale window: the owner is alive on this host, so recovery leaves
+    the run alone; after SIGCONT it finishes, is recorded done and writes --out."""
+    home, out = tmp_path / "home", tmp_path / "result.json"
+    args = _cli_args(tiny_data, home, "--epochs", "60", "--patience", "60", "--quiet", "--out", str(out))
+    proc = subprocess.Popen([sys.executable, "-m", "ufm", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=ROOT, env=CHILD_ENV)
+    try:
+        rec = _wait_running_epoch(home, proc)
+        os.kill(proc.pid, signal.SIGSTOP)
+        assert (rec.progress or {}).get("epoch", 0) < 60
+        time.sleep(2.5)
+        with Store(home, stale_after=1) as s:  # its heartbeat is older than the stale window now
+            paused = s.get(rec.id)
+            assert time.time() - paused.heartbeat > 1
+            assert paused.status == "running" and paused.owner_pid == proc.pid and paused.owner_start is not None
+        os.kill(proc.pid, signal.SIGCONT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err.decode()[-3000:]
+    with Store(home) as s:
+        done = s.get(rec.id)
+        assert done.status == "done" and done.error is None
+        assert json.loads(out.read_text())["config"]["epochs"] == 60
+
+
+def test_result_of_a_run_marked_failed_or_cancelled_is_kept_with_a_note(tiny_data, tmp_path):
+    res = run_experiment(_cfg(tiny_data))
+    with Store(tmp_path) as s:
+        failed = s.create_run(res.config, status="running")
+        s.mark_failed(failed, "the process running it stopped sending heartbeats 400 s ago")
+        s.save_result(failed, res)
+        rec = s.get(failed)
+        assert rec.status == "done" and rec.summary["M"] == res.M
+        assert "marked failed" in rec.error and "heartbeats 400 s ago" in rec.error
+        assert s.load_result(failed).M == res.M
+        late = s.create_run(res.config, status="running")
+        s.request_cancel(late)
+        s.mark_cancelled(late, "cancelled by the user")
+        s.save_result(late, res)
+        assert s.get(late).status == "done" and "marked cancelled (cancelled by the user)" in s.get(late).error
+        with pytest.raises(StoreError, match="is done, not running"):
+            s.save_result(late, res)  # recorded once
+        queued = s.create_run(res.config)
+        with pytest.raises(StoreError, match="is queued, not running"):
+            s.save_result(queued, res)
+
+
+def test_recover_uses_the_owner_process_not_the_heartbeat_on_this_host(tiny_data, tmp_path):
+    cfg = _cfg(tiny_data)
+    with Store(tmp_path) as s:
+        old_beat = s.create_run(cfg, status="running")   # alive (this process), heartbeat long ago
+        reused = s.create_run(cfg, status="running")     # our pid, but another process's start time
+        me = s.get(old_beat)
+        assert me.owner_pid == os.getpid() and me.owner_start is not None
+        with s.transaction() as c:
+            c.execute("UPDATE runs SET heartbeat = ? WHERE id IN (?, ?)", (time.time() - 9999, old_beat, reused))
+            c.execute("UPDATE runs SET owner_start = owner_start - 1 WHERE id = ?", (reused,))
+    with Store(tmp_path, stale_after=1) as s:
+        assert s.get(old_beat).status == "running"
+        assert s.get(reused).status == "failed" and f"stopped (pid {os.getpid()})" in s.get(reused).error
+
+
+def _mode(p: Path) -> int:
+    return p.stat().st_mode & 0o777
+
+
+def test_store_files_are_private_and_old_stores_are_fixed(tiny_data, tmp_path):
+    home = tmp_path / "home"
+    with Store(home) as s:
+        s.create_run(_cfg(tiny_data))  # a write: the -wal and -shm files exist while it is open
+        wal, shm = home / "ufm.db-wal", home / "ufm.db-shm"
+        assert wal.exists() and shm.exists()
+        assert (_mode(home), _mode(home / "runs")) == (0o700, 0o700)
+        assert (_mode(home / "ufm.db"), _mode(wal), _mode(shm)) == (0o600, 0o600, 0o600)
+    os.chmod(home, 0o755)
+    os.chmod(home / "runs", 0o755)
+    os.chmod(home / "ufm.db", 0o644)
+    with Store(home) as s:  # a store made by an older ufm
+        assert (_mode(home), _mode(home / "runs"), _mode(home / "ufm.db")) == (0o700, 0o700, 0o600)
+        assert all(_mode(p) == 0o600 for p in home.glob("ufm.db-*"))
+
+
+def test_leftover_tmp_files_are_removed_on_open_unless_being_written(tiny_data, tmp_path):
+    with Store(tmp_path) as s:
+        active = s.create_run(_cfg(tiny_data), status="running")
+        ended = s.create_run(_cfg(tiny_data), status="running")
+        s.mark_failed(ended, "killed")
+        old = s.run_dir(active) / ".model.pt.a1b2.tmp"
+        fresh = s.run_dir(active) / ".d_u.npy.c3d4.tmp"
+        dead = s.run_dir(ended) / ".model.pt.e5f6.tmp"
+        keep = s.run_dir(ended) / "history.json"
+        for p in (old, fresh, dead, keep):
+            p.parent.mkdir(exist_ok=True)
+            p.write_bytes(b"partial")
+        os.utime(old, (time.time() - 120, time.time() - 120))
+    with Store(tmp_path) as s:
+        assert not old.exists() and not dead.exists()  # too old / its run has ended
+        assert fresh.exists() and keep.exists()         # may still be written; not a temp file

@@ -3,10 +3,14 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from ufm.canary import CanaryChoice
-from ufm.experiment import run_experiment
-from ufm.sweep import influence_scores, reference_config, sweep_canaries
+from ufm.experiment import prepare_data
+from ufm.store import Store
+from ufm.studies import get_study
+from ufm.sweep import (cached_influence, ensure_sweep_study, influence_path, influence_scores,
+                       reference_config, reference_train_indices, sweep_canaries)
 
 from .conftest import tiny_config
 
@@ -15,47 +19,93 @@ def _cfg(tiny_data, **kw):
     return tiny_config(tiny_data, **{"epochs": 6, "patience": 3, "lr": 3e-3, "candidates": 9, **kw})
 
 
-def test_influence_scores_every_training_image(tiny_data):
+def test_influence_scores_rank_only_the_reference_training_part(tiny_data):
     cfg = _cfg(tiny_data, canary=CanaryChoice("index", (5,)))
     infl = influence_scores(cfg, n_checkpoints=4)
-    assert len(infl.scores) == 300 and np.all(infl.scores >= 0) and len(infl.checkpoint_steps) <= 4
+    ref = prepare_data(reference_config(cfg))
+    assert len(infl.scores) == 270 and np.all(infl.scores >= 0) and len(infl.checkpoint_steps) <= 4
+    np.testing.assert_array_equal(infl.indices, ref.train_indices)   # no validation image is ranked
+    assert set(infl.indices).isdisjoint(set(range(300)) - set(ref.train_indices))
     assert infl.checkpoint_steps[0] == 0 and infl.reference_key == reference_config(cfg).key()
-    assert sorted(infl.ranks.tolist()) == list(range(300)) and infl.ranks[np.argmax(infl.scores)] == 0
+    assert sorted(infl.ranks.tolist()) == list(range(270)) and infl.ranks[np.argmax(infl.scores)] == 0
     top, bottom = infl.top_bottom(3, 2)
-    assert infl.scores[top[0]] == infl.scores.max() and infl.scores[bottom[0]] == infl.scores.min()
     table = infl.table()
     assert list(table.columns) == ["index", "label", "self_influence", "rank"]
-    # labels come back in training-set order, validation images included
+    by_index = table.set_index("index")
+    assert by_index.loc[top[0], "self_influence"] == infl.scores.max()
+    assert by_index.loc[bottom[0], "self_influence"] == infl.scores.min()
     from ufm.data import load_split
-    assert (table["label"].to_numpy() == load_split(cfg.dataset, "train").y.numpy()).all()
+    assert (table["label"].to_numpy() == load_split(cfg.dataset, "train").y.numpy()[infl.indices]).all()
 
 
-def test_sweep_writes_rows_and_resumes(tiny_data, tmp_path):
+def test_canary_models_of_a_sweep_differ_only_in_the_stamped_image(tiny_data):
     cfg = _cfg(tiny_data)
-    calls = []
+    train_part = reference_train_indices(cfg)
+    a, b = int(train_part[3]), int(train_part[200])
+    ref = prepare_data(reference_config(cfg))
+    da = prepare_data(cfg.replace(canary=CanaryChoice("index", (a,))))
+    db = prepare_data(cfg.replace(canary=CanaryChoice("index", (b,))))
+    # identical validation sets (the reference model's), tensors included
+    np.testing.assert_array_equal(da.train_indices, ref.train_indices)
+    np.testing.assert_array_equal(db.train_indices, ref.train_indices)
+    assert torch.equal(da.val.x, ref.val.x) and torch.equal(db.val.x, ref.val.x)
+    # training tensors differ exactly in the two stamped images
+    differs = (da.train.x != db.train.x).flatten(1).any(1).nonzero().flatten().tolist()
+    pos = {int(i): k for k, i in enumerate(da.train_indices)}
+    assert differs == sorted([pos[a], pos[b]])
+    assert torch.equal(da.train.y, db.train.y)
 
-    def counting_run(c):
-        calls.append(c.canary.indices)
-        return run_experiment(c)
 
-    res = sweep_canaries(cfg, tmp_path, top=2, bottom=1, n_checkpoints=3, run=counting_run)
-    assert len(calls) == 3 and len(res.table) == 3
+def test_sweep_is_a_store_study_that_resumes(tiny_data, tmp_path):
+    cfg = _cfg(tiny_data)
+    store = Store(tmp_path / "home")
+    out = tmp_path / "out"
+    res = sweep_canaries(cfg, out, store=store, top=2, bottom=1, n_checkpoints=3)
+    assert len(res.table) == 3 and res.pending == 0 and set(res.table["status"]) == {"done"}
     assert list(res.table["group"]) == ["top", "top", "bottom"]
-    assert res.table["self_influence"].iloc[0] >= res.table["self_influence"].iloc[1] >= res.table["self_influence"].iloc[2]
-    csv = pd.read_csv(tmp_path / "sweep.csv")
-    assert len(csv) == 3 and {"index", "self_influence", "M", "p_value", "exposure_p_value"} <= set(csv.columns)
-    meta = json.loads((tmp_path / "sweep.json").read_text())
+    si = res.table["self_influence"]
+    assert si.iloc[0] >= si.iloc[1] >= si.iloc[2]
+    # canaries come only from the reference model's training part
+    assert set(res.table["index"]) <= set(reference_train_indices(cfg))
+    # the influence table is cached under the store's home by the reference key, and copied to --out
+    cache = influence_path(store.home, reference_config(cfg).key(), 3)
+    assert cache.exists()
+    pd.testing.assert_frame_equal(pd.read_csv(out / "influence.csv"), pd.read_csv(cache))
+    csv = pd.read_csv(out / "sweep.csv")
+    assert len(csv) == 3 and {"index", "self_influence", "M", "p_value", "exposure_p_value", "run_id"} <= set(csv.columns)
+    meta = json.loads((out / "sweep.json").read_text())
     assert len(meta["rows"]) == 3 and (meta["pearson_r"] is None or -1 <= meta["pearson_r"] <= 1)
+    study = get_study(store, res.study)
+    assert study.kind == "canaries" and [e.run_id for e in study.entries] == list(res.table["run_id"])
 
-    # "killed" after the first canary: drop two rows, re-run, only those two are trained again
-    csv.iloc[:1].to_csv(tmp_path / "sweep.csv", index=False)
-    calls.clear()
-    res2 = sweep_canaries(cfg, tmp_path, top=2, bottom=1, n_checkpoints=3, run=counting_run)
-    assert len(calls) == 2 and len(res2.table) == 3
+    # the dashboard's study for the same sweep is this one
+    assert ensure_sweep_study(store, cfg, cached_influence(store.home, cfg, n_checkpoints=3), 2, 1) == res.study
+    # a lost run (e.g. deleted): the re-run trains only that canary and reuses the cached table
+    lost = res.table["run_id"].iloc[1]
+    store.delete_run(lost)
+    mtime = cache.stat().st_mtime_ns
+    events = []
+    res2 = sweep_canaries(cfg, out, store=store, top=2, bottom=1, n_checkpoints=3, progress=events.append)
+    assert [e.phase for e in events].count("sweep") == 1 and cache.stat().st_mtime_ns == mtime
+    assert "train" in [e.phase for e in events] and "influence" not in [e.phase for e in events]
+    assert len(res2.table) == 3 and res2.table["run_id"].iloc[1] != lost
     assert res2.table["M"].iloc[0] == pytest.approx(res.table["M"].iloc[0])
 
     with pytest.raises(ValueError, match="different configuration"):
-        sweep_canaries(cfg.replace(seed=4), tmp_path, top=1, bottom=1, run=counting_run)
+        sweep_canaries(cfg.replace(seed=4), out, store=store, top=1, bottom=1)
+
+
+def test_stale_influence_table_is_recomputed(tiny_data, tmp_path):
+    """A cached table ranking images the reference never trained on (ufm < 0.3) is not used."""
+    from ufm.sweep import load_influence_table
+
+    cfg = _cfg(tiny_data, epochs=2)
+    path = influence_path(tmp_path, reference_config(cfg).key())
+    path.parent.mkdir(parents=True)
+    pd.DataFrame({"index": range(300), "label": 0, "self_influence": 1.0, "rank": range(300)}).to_csv(path, index=False)
+    assert load_influence_table(path, cfg) is None
+    table = cached_influence(tmp_path, cfg)
+    assert len(table) == 270 and load_influence_table(path, cfg) is not None
 
 
 def test_killed_sweep_resumes(tiny_data, tmp_path):
@@ -70,7 +120,7 @@ def test_killed_sweep_resumes(tiny_data, tmp_path):
     args = [sys.executable, "-m", "ufm", "sweep-canaries", "--dataset", str(tiny_data["train"]), "--ood-source",
             str(tiny_data["ood"]), "--ood-size", "20", "--feature-size", "3", "--offset", "0", "0", "--epochs", "6",
             "--candidates", "5", "--device", "cpu", "--lr", "0.003", "--top", "2", "--bottom", "2",
-            "--checkpoints", "3", "--out", str(out)]
+            "--checkpoints", "3", "--out", str(out), "--home", str(tmp_path / "home")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -89,3 +139,4 @@ def test_killed_sweep_resumes(tiny_data, tmp_path):
     assert len(table) == 4 and table["index"].is_unique
     trained_again = rerun.stderr.count("[sweep]")
     assert trained_again == 4 - done_before or finished_before_kill
+    assert "[influence]" not in rerun.stderr  # the cached table is reused

@@ -75,6 +75,12 @@ def test_checkpoints_for_tracin():
     steps = [c.step for c in res.checkpoints]
     assert steps == [0, 3, 6, 9, 12, 15, 18]  # 6 steps per epoch x 3 epochs, plus the initial weights
     assert res.checkpoints[0].train_loss == pytest.approx(np.log(3), abs=0.3)
+    # every checkpoint's loss is the eval-mode loss of its own weights on the training images
+    from ufm.train import evaluate
+    model = _mlp()
+    for c in res.checkpoints:
+        model.load_state_dict(c.state_dict)
+        assert c.train_loss == pytest.approx(evaluate(model, _blobs())[0], rel=1e-5)
     assert not torch.equal(res.checkpoints[0].state_dict["1.weight"], res.checkpoints[-1].state_dict["1.weight"])
     thinned = train(_mlp(), _blobs(), _blobs(60, 1), TrainConfig(lr=1e-3, batch_size=40, max_epochs=3, patience=5,
                                                                  checkpoint_every=1, max_checkpoints=8))
@@ -101,9 +107,23 @@ def test_dp_sgd_trains_and_reports_epsilon():
                                                              dp=DPConfig(noise_multiplier=1.0)))
     assert res.epsilon is not None and 0 < res.epsilon < 100
     assert not hasattr(res.model, "_module")  # the Opacus wrapper is removed
-    res2 = train(_mlp(), _blobs(), _blobs(60, 1), TrainConfig(lr=1e-3, batch_size=32, max_epochs=2, patience=5,
-                                                              dp=DPConfig(noise_multiplier=None, target_epsilon=3.0)))
-    assert res2.epsilon <= 3.0 + 1e-6
+
+
+def test_dp_sgd_runs_the_epoch_budget_and_spends_the_target_epsilon():
+    """No early stopping under DP: a validation set that only gets worse (noise labels) would stop
+    a normal run after `patience` epochs; DP trains all epochs, so the epsilon Opacus calibrated
+    for `max_epochs` is the epsilon spent, and the last weights are returned."""
+    noise = ImageData(torch.rand(60, 1, 10, 10), torch.randint(0, 3, (60,)), ("a", "b", "c"), "noise")
+    cfg = TrainConfig(lr=1e-2, batch_size=32, max_epochs=6, patience=1,
+                      dp=DPConfig(noise_multiplier=None, target_epsilon=3.0))
+    res = train(_mlp(), _blobs(), noise, cfg)
+    assert res.epochs_trained == 6 and res.stopped == "max_epochs" and res.best_epoch == 6
+    assert res.epsilon == pytest.approx(3.0, rel=0.10)
+    from ufm.train import evaluate
+    assert evaluate(res.model, noise)[0] == pytest.approx(res.history[-1].val_loss, rel=1e-5)  # last weights
+    # the same run without DP stops early and restores its best epoch
+    plain = train(_mlp(), _blobs(), noise, TrainConfig(lr=1e-2, batch_size=32, max_epochs=6, patience=1))
+    assert plain.stopped == "early_stopping" and plain.epochs_trained < 6
 
 
 def test_dp_sgd_refuses_batchnorm_with_reason():

@@ -6,11 +6,15 @@ Bad flags or data print one line, ``ufm: error: ...``, and exit with status 2; n
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .fileio import atomic_write as write_atomic  # noqa: F401 - re-exported for the verbs
+from .fileio import check_writable
+from .limits import MAX_CANDIDATES, MAX_FEATURE_SIDE, MAX_OOD_SIZE, MAX_REPEATS
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -22,21 +26,42 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, not usage + error
+        # "argument --seed: must be >= 0" -> "--seed: must be >= 0": the flag leads the message
+        if message.startswith("argument ") and ": " in message:
+            message = message[len("argument "):]
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
-def _nonneg_int(s: str) -> int:
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+def int_in(lo: int, hi: int | None = None, why: str = "") -> Callable[[str], int]:
+    """An argparse type: an integer in ``[lo, hi]``. argparse puts the flag in front of the
+    message, so ``--seed -1`` ends as ``argument --seed: must be >= 0, got -1``."""
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        if hi is not None and v > hi:
+            raise argparse.ArgumentTypeError(f"must be at most {hi}{why}, got {v}")
+        return v
+    parse.__name__ = f"int_in_{lo}_{hi}"
+    return parse
+
+
+def finite_float(s: str) -> float:
+    """An argparse type: a finite number (``nan`` and ``inf`` are refused with the flag's name)."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {s!r}")
     return v
 
 
-def _pos_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+_nonneg_int = int_in(0)
+_pos_int = int_in(1)
 
 
 def add_experiment_args(p: argparse.ArgumentParser) -> None:
@@ -47,7 +72,8 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
                         "or a folder of class sub-folders)")
     d.add_argument("--data-dir", default=None, help="where datasets live (default $UFM_DATA_DIR or ~/.cache/ufm/data)")
     d.add_argument("--train-size", type=_pos_int, default=None, help="use the first N training images")
-    d.add_argument("--ood-size", type=_pos_int, default=1000, help="number of out-of-distribution inference images")
+    d.add_argument("--ood-size", type=int_in(2, MAX_OOD_SIZE), default=1000,
+                   help=f"number of out-of-distribution inference images (2..{MAX_OOD_SIZE})")
     d.add_argument("--ood-source", default=None, help="inference set (default: the paper's choice)")
     m = p.add_argument_group("model and training")
     m.add_argument("--arch", default="mlp", choices=["mlp", "cnn1", "cnn2", "densenet100"])
@@ -55,21 +81,22 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated: none,dropout,augment,batchnorm,weight-decay,dp-sgd")
     m.add_argument("--epochs", type=_pos_int, default=500, help="maximum epochs (early stopping ends sooner)")
     m.add_argument("--patience", type=_pos_int, default=10, help="early-stopping patience in epochs")
-    m.add_argument("--lr", type=float, default=None, help="learning rate (default: the paper's for --arch)")
+    m.add_argument("--lr", type=finite_float, default=None, help="learning rate (default: the paper's for --arch)")
     m.add_argument("--batch-size", type=_pos_int, default=None, help="batch size (default: the paper's for --arch)")
-    m.add_argument("--dropout", type=float, default=0.5, help="drop probability with --regulariser dropout")
-    m.add_argument("--weight-decay", type=float, default=5e-4, help="Adam weight decay with weight-decay")
-    m.add_argument("--dp-noise", type=float, default=None, help="DP-SGD noise multiplier (default 1.0)")
-    m.add_argument("--dp-epsilon", type=float, default=None, help="DP-SGD target epsilon (instead of --dp-noise)")
-    m.add_argument("--dp-clip", type=float, default=1.0, help="DP-SGD per-example clipping norm")
-    m.add_argument("--dp-delta", type=float, default=1e-5, help="DP-SGD delta")
+    m.add_argument("--dropout", type=finite_float, default=0.5, help="drop probability with --regulariser dropout")
+    m.add_argument("--weight-decay", type=finite_float, default=5e-4, help="Adam weight decay with weight-decay")
+    m.add_argument("--dp-noise", type=finite_float, default=None, help="DP-SGD noise multiplier (default 1.0)")
+    m.add_argument("--dp-epsilon", type=finite_float, default=None, help="DP-SGD target epsilon (instead of --dp-noise)")
+    m.add_argument("--dp-clip", type=finite_float, default=1.0, help="DP-SGD per-example clipping norm")
+    m.add_argument("--dp-delta", type=finite_float, default=1e-5, help="DP-SGD delta")
     f = p.add_argument_group("feature")
     f.add_argument("--feature", default="A", help="a glyph (A, X, plus, ...), text:JOHN DOE, or an image path")
-    f.add_argument("--feature-size", type=_pos_int, default=None,
-                   help="glyph/image size m (m x m), or the text height (default 5 for glyphs, 7 for text)")
+    f.add_argument("--feature-size", type=int_in(1, MAX_FEATURE_SIDE), default=None,
+                   help="glyph/image size m (m x m), or the text height (default 5 for glyphs, 7 for text); "
+                        "at most the image size")
     f.add_argument("--offset", type=_nonneg_int, nargs=2, metavar=("ROW", "COL"), default=(1, 1),
                    help="top-left pixel of the feature (default 1 1, as in the paper)")
-    f.add_argument("--intensity", type=float, default=1.0, help="feature brightness in (0, 1]")
+    f.add_argument("--intensity", type=finite_float, default=1.0, help="feature brightness in (0, 1]")
     c = p.add_argument_group("canary")
     g = c.add_mutually_exclusive_group()
     g.add_argument("--canary-index", type=_nonneg_int, nargs="+", metavar="N",
@@ -79,10 +106,12 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--canary-class", type=_nonneg_int, metavar="C", help="canaries drawn from class C")
     c.add_argument("--canaries", type=_pos_int, default=1, metavar="K", help="canary frequency for random/class")
     s = p.add_argument_group("score")
-    s.add_argument("--candidates", type=_pos_int, default=99, help="K candidate features for the exposure test")
+    s.add_argument("--candidates", type=int_in(1, MAX_CANDIDATES, " (each candidate is scored on every inference image)"),
+                   default=99, help=f"K candidate features for the exposure test (1..{MAX_CANDIDATES})")
     s.add_argument("--candidate-kind", default="permute", choices=["permute", "bernoulli", "uniform"])
-    s.add_argument("--repeats", type=_pos_int, default=1, help="R random features per inference image")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--repeats", type=int_in(1, MAX_REPEATS), default=1,
+                   help=f"R random features per inference image (1..{MAX_REPEATS})")
+    s.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (>= 0)")
     s.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
 
 
@@ -141,15 +170,25 @@ def summary_lines(result) -> list[str]:
         f"t-test p = {s.p_value:.3g} (Welch, one-tailed)   paired p = {s.p_value_paired:.3g}",
         f"exposure = {s.exposure:.2f} bits, rank {s.rank} of {k + 1}, empirical p = {s.exposure_p_value:.3g}",
         f"verdict: {s.verdict()}",
+        *(f"note: {n}" for n in getattr(result, "notes", [])),
+        f"trained on {result.n_train} images (+ {result.n_val} for validation)",
         f"canaries: {result.canary_indices[:10]}{' ...' if len(result.canary_indices) > 10 else ''}"
         f"  test accuracy {100 * result.test_accuracy:.2f}%  epochs {result.epochs_trained}"
         f"{'' if result.epsilon is None else f'  DP epsilon {result.epsilon:.3g}'}",
     ]
 
 
+def check_out(out: str | None, flag: str = "--out") -> None:
+    """Refuse an output path that cannot be written (a folder, a missing or read-only folder)
+    before any work starts; ``None`` and ``-`` (stdout) pass."""
+    if out not in (None, "-"):
+        check_writable(out, what=flag)
+
+
 def cmd_measure(a: argparse.Namespace) -> int:
     from .cli_runs import measure_in_store
 
+    check_out(a.out)
     config = config_from_args(a)
     # Recorded in the run store; an identical finished run is reused unless --force.
     run_id, result, cached = measure_in_store(a, config, StderrProgress(a.quiet))
@@ -207,12 +246,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nufm: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return _broken_pipe()
     except Exception as exc:  # noqa: BLE001 - filtered just below
         if isinstance(exc, _user_errors()):
             msg = " ".join(str(exc).split())
             print(f"ufm: error: {msg}", file=sys.stderr)
             return EXIT_USAGE
         raise
+
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command cut off by `| head`
+
+
+def _broken_pipe() -> int:
+    """The reader of stdout went away (``ufm runs show ID | head``): stop quietly.
+
+    Python's recipe: point stdout at /dev/null so the flush at exit does not raise a second
+    BrokenPipeError ("Exception ignored ...") on the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # stdout is not a real file (tests capture it): nothing will be flushed to the pipe
+    return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -11,31 +11,35 @@ from .fileio import atomic_write as write_atomic
 
 
 def cmd_influence(a: argparse.Namespace) -> int:
+    from .report import to_csv
     from .sweep import influence_scores
 
     cfg = config_from_args(a)
     infl = influence_scores(cfg, n_checkpoints=a.checkpoints, last_layer_only=a.last_layer,
                             progress=StderrProgress(a.quiet))
     table = infl.table()
-    write_atomic(Path(a.out), table.to_csv(index=False))
+    write_atomic(Path(a.out), to_csv(table))
     top, bottom = infl.top_bottom(min(a.show, len(table) // 2), min(a.show, len(table) // 2))
-    print(f"self-influence of {len(table)} training images from {len(infl.checkpoint_steps)} checkpoints "
+    print(f"self-influence of the {len(table)} images the reference model trained on from {len(infl.checkpoint_steps)} checkpoints "
           f"(steps {infl.checkpoint_steps}) in {infl.seconds:.1f} s; wrote {a.out}")
-    print("most self-influential (index:label): " + " ".join(f"{i}:{table['label'][i]}" for i in top))
-    print("least self-influential (index:label): " + " ".join(f"{i}:{table['label'][i]}" for i in bottom))
+    label = table.set_index("index")["label"]
+    print("most self-influential (index:label): " + " ".join(f"{i}:{label[i]}" for i in top))
+    print("least self-influential (index:label): " + " ".join(f"{i}:{label[i]}" for i in bottom))
     return 0
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
+    from .cli_runs import open_store
     from .sweep import sweep_canaries
 
     cfg = config_from_args(a)
-    res = sweep_canaries(cfg, a.out, top=a.top, bottom=a.bottom, n_checkpoints=a.checkpoints,
+    store = open_store(a)
+    res = sweep_canaries(cfg, a.out, store=store, top=a.top, bottom=a.bottom, n_checkpoints=a.checkpoints,
                          progress=StderrProgress(a.quiet))
-    cols = ["index", "label", "group", "self_influence", "M", "p_value", "exposure_p_value", "significant"]
+    cols = ["index", "label", "group", "self_influence", "M", "p_value", "exposure_p_value", "verdict", "verdict_test", "significant"]
     print(res.table[cols].to_string(index=False))
     print(res.summary())
-    print(f"wrote {Path(a.out) / 'sweep.csv'} and {Path(a.out) / 'sweep.json'}")
+    print(f"study {res.study!r} in {store.home}; wrote influence.csv, sweep.csv and sweep.json to {a.out}")
     return 0
 
 
@@ -71,12 +75,17 @@ def register(sub) -> None:
 
     p = sub.add_parser("sweep-canaries", help="one model per top/bottom self-influence canary; Pearson r",
                        description="Put the feature on the top-k and bottom-k self-influence images, one model "
-                                   "each, and correlate self-influence with M. Resumes from --out.")
+                                   "each, and correlate self-influence with M. The sweep is a study in the run "
+                                   "store (the dashboard's Influence page shows it); re-running resumes it, "
+                                   "training only the canaries without a finished run.")
     add_experiment_args(p)
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--bottom", type=int, default=15)
     p.add_argument("--checkpoints", type=int, default=10, help="TracIn checkpoints (paper: 10)")
     p.add_argument("--out", required=True, help="folder for influence.csv, sweep.csv, sweep.json")
+    p.add_argument("--home", default=None, metavar="DIR",
+                   help="ufm home holding the run store and the cached self-influence tables "
+                        "(default $UFM_HOME, else the per-user data folder)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_sweep)
 

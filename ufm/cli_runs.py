@@ -22,6 +22,11 @@ LIST_COLUMNS = ["id", "status", "created", "dataset", "arch", "regularisers", "c
                 "exposure_p_value", "test_accuracy", "note"]
 
 
+def _pos_int(s: str) -> int:
+    from .cli import int_in
+    return int_in(1)(s)
+
+
 def _usage(message: str) -> Exception:
     from .cli import UsageError
     return UsageError(message)
@@ -57,6 +62,12 @@ def measure_in_store(a: argparse.Namespace, config: "ExperimentConfig",
             raise _usage(f"{e} (cancelled from 'ufm runs cancel' or the dashboard); nothing was saved") from e
 
 
+def _check_out(a: argparse.Namespace) -> None:
+    """Refuse an unwritable ``--out`` before the store is read (see :func:`ufm.cli.check_out`)."""
+    from .cli import check_out
+    check_out(getattr(a, "out", None))
+
+
 def _write_out(text: str, out: str | None) -> None:
     from .fileio import atomic_write as write_atomic
 
@@ -79,8 +90,9 @@ def _resolve(store: Store, run_id: str) -> str:
 def cmd_runs_list(a: argparse.Namespace) -> int:
     import pandas as pd
 
-    from .report import RUN_TABLE_COLUMNS, fmt, run_row
+    from .report import RUN_TABLE_COLUMNS, fmt, run_row, to_csv
 
+    _check_out(a)
     with open_store(a) as store:
         records = store.list_runs(a.status, limit=a.limit)
         if a.json:
@@ -88,7 +100,7 @@ def cmd_runs_list(a: argparse.Namespace) -> int:
             return 0
         if a.csv:
             table = pd.DataFrame([run_row(r) for r in records], columns=RUN_TABLE_COLUMNS)
-            _write_out(table.to_csv(index=False), a.out)
+            _write_out(to_csv(table), a.out)
             return 0
     if not records:
         print(f"no runs in {store.db_path}" + (f" with status {a.status}" if a.status else ""), file=sys.stderr)
@@ -122,7 +134,7 @@ def cmd_runs_show(a: argparse.Namespace) -> int:
     if rec.status == "running":
         lines.append(f"progress: {describe_progress(rec)} (owner pid {rec.owner_pid} on {rec.owner_host})")
     if rec.error:
-        lines.append(f"error: {rec.error}")
+        lines.append(f"{'note' if rec.status == 'done' else 'error'}: {rec.error}")
     if rec.summary:
         s = rec.summary
         lines += [f"M = {fmt(s['M'])}  (X_u = {fmt(s['X_u'])}, X_r = {fmt(s['X_r'])}; nats)",
@@ -130,7 +142,10 @@ def cmd_runs_show(a: argparse.Namespace) -> int:
                   f"exposure = {fmt(s['exposure'])} bits, empirical p = {fmt(s['exposure_p_value'])}",
                   f"verdict: {s['verdict']}",
                   f"test accuracy {fmt(s['test_accuracy'])}  epochs {s['epochs_trained']}  "
-                  f"DP epsilon {fmt(s.get('epsilon'))}"]
+                  f"DP epsilon {fmt(s.get('epsilon'))}",
+                  f"images used: {fmt(s.get('n_train'))} training + {fmt(s.get('n_val'))} validation, "
+                  f"{fmt(s.get('n_ood'))} inference"]
+        lines += [f"note: {n}" for n in s.get("notes", [])]
     lines.append("config:")
     lines += [f"  {k}: {fmt(v)}" for k, v in config_rows(rec.config_data)]
     lines.append(f"artifacts: {run_dir}")
@@ -141,6 +156,7 @@ def cmd_runs_show(a: argparse.Namespace) -> int:
 def cmd_runs_export(a: argparse.Namespace) -> int:
     from .report import run_html, run_json
 
+    _check_out(a)
     with open_store(a) as store:
         run_id = _resolve(store, a.id)
         try:
@@ -211,15 +227,16 @@ def cmd_studies_show(a: argparse.Namespace) -> int:
 
 
 def cmd_studies_export(a: argparse.Namespace) -> int:
-    from .report import study_html
+    from .report import study_html, to_csv
     from .studies import get_study, runs_frame, study_to_dict, summary
 
+    _check_out(a)
     with open_store(a) as store:
         try:
             if a.format == "html":
                 text = study_html(store, a.name)
             elif a.format == "csv":
-                text = runs_frame(store, a.name).to_csv(index=False)
+                text = to_csv(runs_frame(store, a.name))
             else:
                 text = json.dumps({"study": study_to_dict(get_study(store, a.name)),
                                    "summary": json.loads(summary(store, a.name).to_json(orient="records"))}, indent=1)
@@ -247,7 +264,7 @@ def register(sub: Any) -> None:
     fmt.add_argument("--json", action="store_true", help="a JSON list of the run records")
     fmt.add_argument("--csv", action="store_true", help="one CSV row per run (numbers, config, versions)")
     p.add_argument("--status", choices=STATUSES, default=None, help="only runs with this status")
-    p.add_argument("--limit", type=int, default=None, help="at most N runs")
+    p.add_argument("--limit", type=_pos_int, default=None, help="at most N runs")
     p.add_argument("--out", default=None, help="write here instead of stdout")
     p.set_defaults(func=cmd_runs_list)
     p = rs.add_parser("show", help="one run: status, progress, numbers, config")

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .imageio import ImageError, open_image
+
 BENCHMARKS = ("mnist", "fashion-mnist", "cifar10", "chest-xray", "pneumoniamnist")
 _DOWNLOADABLE = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}
 # MedMNIST v2's PneumoniaMNIST (Yang et al. 2023, CC BY 4.0): 28x28 paediatric chest X-rays,
@@ -109,10 +111,49 @@ def _from_arrays(x: np.ndarray, y: np.ndarray, classes: Sequence[str] | None, na
         x, y = x[:limit], y[:limit]
     if len(x) != len(y):
         raise DataUnavailable(f"{name}: {len(x)} images but {len(y)} labels")
-    y_t = torch.as_tensor(np.asarray(y), dtype=torch.long)
+    y = check_labels(y, classes, name)
     if classes is None or len(classes) == 0:
-        classes = [str(c) for c in range(int(y_t.max()) + 1 if len(y_t) else 0)]
-    return ImageData(to_float_images(x), y_t, tuple(str(c) for c in classes), name)
+        classes = [str(c) for c in range(int(y.max()) + 1 if len(y) else 0)]
+    return ImageData(to_float_images(x), torch.as_tensor(y, dtype=torch.long), tuple(str(c) for c in classes), name)
+
+
+def check_labels(y: np.ndarray | Sequence[int], classes: Sequence[str] | None, name: str) -> np.ndarray:
+    """Labels ``y`` (N,) as int64, checked to be integers in ``0..len(classes) - 1``.
+
+    A label outside the class list would crash training (or silently train a class the test set
+    does not have), so it is refused here with the first offending value and its position.
+    Without ``classes`` the labels only need to be non-negative integers.
+
+    Raises:
+        DataUnavailable: labels that are not whole numbers, negative, or past the class list.
+    """
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise DataUnavailable(f"{name}: labels y must be a 1-D array (one label per image), got shape {y.shape}")
+    if y.dtype.kind not in "iub":
+        whole = y.dtype.kind == "f" and bool(np.all(np.isfinite(y))) and bool(np.all(y == np.round(y)))
+        if not whole:
+            raise DataUnavailable(f"{name}: labels y must be integers (class numbers 0, 1, ...), got dtype {y.dtype}; "
+                                  "store y as int64")
+    y = y.astype(np.int64)
+    k = len(classes) if classes is not None and len(classes) else None
+    bad = (y < 0) if k is None else (y < 0) | (y >= k)
+    if bad.any():
+        i = int(np.argmax(bad))
+        allowed = "non-negative integers" if k is None else f"0..{k - 1} (classes {', '.join(map(str, classes))})"
+        raise DataUnavailable(f"{name}: label {int(y[i])} at index {i} ({int(bad.sum())} bad in all) is outside "
+                              f"{allowed}; fix y, or list every class in 'classes' so label c names classes[c]")
+    return y
+
+
+def check_same_classes(train: ImageData, test: ImageData) -> None:
+    """Refuse a test split whose class list differs from the training split's: label c must name
+    the same class in both, or test accuracy (and a folder's extra class) would be meaningless."""
+    if tuple(train.classes) != tuple(test.classes):
+        raise DataUnavailable(
+            f"the test split of {test.name} has classes [{', '.join(test.classes)}] but the training split has "
+            f"[{', '.join(train.classes)}]: give both splits the same classes in the same order "
+            "(for class folders: the same sub-folder names under train/ and test/)")
 
 
 def _load_npz(path: Path, name: str, limit: int | None) -> ImageData:
@@ -193,16 +234,17 @@ def _folder(path: Path, split: str, limit: int | None, seed: int) -> ImageData:
         files, labels = [files[i] for i in sorted(keep)], [labels[i] for i in sorted(keep)]
     if limit is not None:
         files, labels = files[:limit], labels[:limit]
-    first = Image.open(files[0])
-    mode = "L" if first.mode in ("L", "1", "I", "I;16", "LA") else "RGB"
-    size = first.size
+    mode, size = None, None
     arrays = []
     for f in files:
         try:
-            with Image.open(f) as im:
-                arrays.append(np.asarray(im.convert(mode).resize(size, Image.Resampling.LANCZOS), dtype=np.uint8))
-        except OSError as exc:
-            raise DataUnavailable(f"could not read image {f}: {exc}; remove or replace it") from None
+            im = open_image(f)  # guarded: bombs, truncated or corrupt files, the first one included
+        except ImageError as exc:
+            raise DataUnavailable(f"{exc}; or remove {f} from the dataset") from None
+        if mode is None:  # the first image decides the mode and size of all
+            mode = "L" if im.mode in ("L", "1", "I", "I;16", "LA") else "RGB"
+            size = im.size
+        arrays.append(np.asarray(im.convert(mode).resize(size, Image.Resampling.LANCZOS), dtype=np.uint8))
     return _from_arrays(np.stack(arrays), np.array(labels), [d.name for d in class_dirs], str(path), None)
 
 
@@ -291,16 +333,25 @@ def train_val_split(n: int, val_fraction: float, *, exclude: Sequence[int] | np.
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split of ``range(n)`` into (train, validation) indices, both sorted.
 
-    Indices in ``exclude`` (the canaries) always stay in the training part: a canary in the
-    validation set would never be trained on.
+    The validation set is the first ``round(val_fraction * n)`` entries of a seeded permutation
+    of all ``n`` indices, skipping those in ``exclude`` (the canaries, which must be trained on).
+    So the split depends only on ``seed`` except where a canary is *displaced* from the
+    validation set (the next permuted index takes its place): a clean model and a canary model
+    whose canary lies in the clean training part have identical splits, and two such canary
+    models' training sets differ only in their stamped images.
     """
     if not 0 < val_fraction < 1:
         raise ValueError(f"validation fraction must be in (0, 1), got {val_fraction}")
-    keep = np.setdiff1d(np.arange(n), np.asarray(exclude, dtype=np.int64))
+    excluded = np.zeros(n, dtype=bool)
+    ex = np.asarray(exclude, dtype=np.int64).reshape(-1)
+    if ex.size and (ex.min() < 0 or ex.max() >= n):
+        raise ValueError(f"exclude holds indices outside 0..{n - 1}: {ex[(ex < 0) | (ex >= n)][:5].tolist()}")
+    excluded[ex] = True
     n_val = int(round(val_fraction * n))
-    if n_val < 1 or n_val >= keep.size:
+    if n_val < 1 or n_val >= n - int(excluded.sum()):
         raise ValueError(f"cannot take a validation split of {val_fraction:.0%} from {n} images; use more images")
-    val = np.sort(np.random.default_rng(seed).choice(keep, size=n_val, replace=False))
+    perm = np.random.default_rng(seed).permutation(n)
+    val = np.sort(perm[~excluded[perm]][:n_val])
     return np.setdiff1d(np.arange(n), val), val
 
 

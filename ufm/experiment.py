@@ -21,8 +21,9 @@ import torch
 
 from . import __version__
 from .canary import CANDIDATE_KINDS, RANDOM_KINDS, CanaryChoice, choose_canaries, stamp_feature
-from .data import ImageData, load_ood, load_split, train_val_split
+from .data import ImageData, check_same_classes, load_ood, load_split, train_val_split
 from .features import Feature, glyph
+from .limits import MAX_CANDIDATES, MAX_OOD_SIZE, MAX_REPEATS
 from .models import ARCHITECTURES, DEFAULT_BATCH, DEFAULT_LR, build_model
 from .scores import AccessScores, MScore, access_scores, memorisation_score
 from .train import (REGULARISERS, CancelFlag, Checkpoint, DPConfig, EpochLog, Progress, ProgressFn,
@@ -102,10 +103,16 @@ class ExperimentConfig:
             raise ValueError(f"epochs and patience must be >= 1, got {self.epochs} and {self.patience}")
         if self.train_size is not None and self.train_size < 20:
             raise ValueError(f"train size must be at least 20 images, got {self.train_size}")
-        if self.ood_size < 2:
-            raise ValueError(f"the inference set needs at least 2 images, got {self.ood_size}")
-        if self.candidates < 1 or self.repeats < 1:
-            raise ValueError("candidates K and repeats R must both be >= 1")
+        if not 2 <= self.ood_size <= MAX_OOD_SIZE:
+            raise ValueError(f"ood_size (inference images) must be between 2 and {MAX_OOD_SIZE}, got {self.ood_size}")
+        if not 1 <= self.candidates <= MAX_CANDIDATES:
+            raise ValueError(f"candidates K must be between 1 and {MAX_CANDIDATES}, got {self.candidates} "
+                             "(K = 99 gives p-values down to 0.01)")
+        if not 1 <= self.repeats <= MAX_REPEATS:
+            raise ValueError(f"repeats R must be between 1 and {MAX_REPEATS}, got {self.repeats}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        object.__setattr__(self, "seed", int(self.seed))  # a numpy integer would not serialise to JSON
         if self.candidate_kind not in CANDIDATE_KINDS:
             raise ValueError(f"unknown candidate kind {self.candidate_kind!r}; choose one of {', '.join(CANDIDATE_KINDS)}")
         if self.random_kind is not None and self.random_kind not in RANDOM_KINDS:
@@ -196,6 +203,9 @@ class Result:
     n_val: int
     n_ood: int
     versions: dict[str, str]
+    # What the run did differently from what the config asked, e.g. fewer training images than
+    # train_size because the dataset is smaller (n_train + n_val is what was used).
+    notes: list[str] = field(default_factory=list)
     model: torch.nn.Module | None = field(default=None, repr=False, compare=False)
     checkpoints: list[Checkpoint] = field(default_factory=list, repr=False, compare=False)
 
@@ -219,6 +229,7 @@ class Result:
             "history": [asdict(h) for h in self.history],
             "device": self.device, "train_seconds": self.train_seconds, "score_seconds": self.score_seconds,
             "n_train": self.n_train, "n_val": self.n_val, "n_ood": self.n_ood, "versions": self.versions,
+            "notes": list(self.notes),
         }
 
     def to_json(self, **kw: Any) -> str:
@@ -232,7 +243,8 @@ class Result:
                    epochs_trained=d["epochs_trained"], best_epoch=d["best_epoch"], stopped=d["stopped"],
                    history=[EpochLog(**h) for h in d["history"]], epsilon=d["epsilon"], device=d["device"],
                    train_seconds=d["train_seconds"], score_seconds=d["score_seconds"], n_train=d["n_train"],
-                   n_val=d["n_val"], n_ood=d["n_ood"], versions=d["versions"])
+                   n_val=d["n_val"], n_ood=d["n_ood"], versions=d["versions"],
+                   notes=list(d.get("notes", [])))
 
     @classmethod
     def from_json(cls, s: str) -> "Result":
@@ -279,6 +291,7 @@ class PreparedData:
     canary_indices: np.ndarray  # indices into the (first train_size) training set
     train_indices: np.ndarray   # which of those images are trained on (the rest is validation)
     canary_labels: list[int]
+    notes: list[str] = field(default_factory=list)  # see Result.notes
 
 
 def prepare_data(config: ExperimentConfig, device: torch.device | str = "cpu") -> PreparedData:
@@ -288,6 +301,11 @@ def prepare_data(config: ExperimentConfig, device: torch.device | str = "cpu") -
     config.feature.check_fits(full.x.shape)
     if test.image_shape != full.image_shape:
         raise ValueError(f"train images are {full.image_shape} but test images are {test.image_shape}")
+    check_same_classes(full, test)
+    notes = []
+    if config.train_size is not None and len(full) < config.train_size:
+        notes.append(f"train_size {config.train_size} asked for more images than {config.dataset} has: "
+                     f"used all {len(full)} (training + validation)")
     ood = _cached_ood(config.dataset, full.image_shape, config.ood_size, config.ood_source, config.data_dir)
     canaries = choose_canaries(config.canary, full.y, seed=config.seed)
     x = full.x.clone()
@@ -297,7 +315,7 @@ def prepare_data(config: ExperimentConfig, device: torch.device | str = "cpu") -
     stamped = ImageData(x, full.y, full.classes, full.name)
     return PreparedData(stamped.subset(train_idx).to(device), stamped.subset(val_idx).to(device),
                         test.to(device), ood.to(device), canaries, train_idx,
-                        full.y[torch.as_tensor(canaries, dtype=torch.long)].tolist())
+                        full.y[torch.as_tensor(canaries, dtype=torch.long)].tolist(), notes)
 
 
 def run_experiment(config: ExperimentConfig, progress: ProgressFn | None = None,
@@ -316,6 +334,8 @@ def run_experiment(config: ExperimentConfig, progress: ProgressFn | None = None,
     device = resolve_device(config.device)
     report(Progress("data", message=f"loading {config.dataset}"))
     data = prepare_data(config, device)
+    for note in data.notes:
+        report(Progress("data", message=f"note: {note}"))
     if is_cancelled(cancel):
         raise TrainingCancelled("cancelled before training")
 
@@ -352,7 +372,7 @@ def run_experiment(config: ExperimentConfig, progress: ProgressFn | None = None,
                   best_epoch=trained.best_epoch, stopped=trained.stopped, history=trained.history,
                   epsilon=trained.epsilon, device=str(device), train_seconds=trained.seconds,
                   score_seconds=score_seconds, n_train=len(data.train), n_val=len(data.val), n_ood=len(data.ood),
-                  versions=versions(), model=model, checkpoints=trained.checkpoints)
+                  versions=versions(), notes=list(data.notes), model=model, checkpoints=trained.checkpoints)
 
 
 def _majority(labels: list[int]) -> int:

@@ -25,7 +25,7 @@ import torch
 from plotly.subplots import make_subplots
 from torch import Tensor, nn
 
-from ufm.models import last_conv_layer
+from ufm.models import default_gradcam_layer
 
 __all__ = [
     "GradCamResult",
@@ -80,8 +80,9 @@ def gradcam(model: nn.Module, x: Tensor, target: int | Tensor | Sequence[int] | 
         target: class to explain: None = each image's predicted class; an int for all
             images; or ``N`` ints.
         layer: a ``Conv2d`` (or other module with a ``(N, C, h, w)`` output) inside ``model``.
-            Default: the last ``nn.Conv2d`` (:func:`ufm.models.last_conv_layer`); if the model
-            has none, input-gradient saliency is returned instead.
+            Default: :func:`ufm.models.default_gradcam_layer` (a DenseNet's final feature map,
+            else the last ``nn.Conv2d``); if the model has none, input-gradient saliency is
+            returned instead. :func:`ufm.models.gradcam_layers` lists the sensible choices.
         batch_size: images per pass.
 
     Returns:
@@ -96,10 +97,10 @@ def gradcam(model: nn.Module, x: Tensor, target: int | Tensor | Sequence[int] | 
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     names = {id(m): name for name, m in model.named_modules()}
     if layer is None:
-        layer = last_conv_layer(model)
+        layer = default_gradcam_layer(model)
     elif id(layer) not in names:
         raise ValueError(f"layer {layer!r} is not a submodule of model; pass e.g. "
-                         "ufm.models.last_conv_layer(model)")
+                         "one of ufm.models.gradcam_layers(model)")
     n, _, h, w = x.shape
     was_training = model.training
     model.eval()
@@ -441,7 +442,7 @@ def explain_run(model: nn.Module, config, canary_index: int, *, n_ood: int = 4,
         canary_index: training-set index of the canary to show.
         n_ood: how many inference images to explain (the first ``n_ood`` of the OOD set).
         target: class to explain for every image; None = each image's predicted class.
-        layer: conv layer for GradCAM; None = the last Conv2d (saliency for an MLP).
+        layer: layer for GradCAM; None = :func:`ufm.models.default_gradcam_layer` (saliency for an MLP).
     """
     from .canary import stamp_feature
     from .experiment import inference_images, training_split

@@ -16,14 +16,16 @@ Builders:
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont
+
+from .imageio import ImageError, open_image
+from .limits import MAX_FEATURE_SIDE, MAX_TEXT_CHARS
 
 # The paper's glyph (SPEC section 2), row by row.
 _PAPER_A = ("00100", "01010", "11111", "10001", "10001")
@@ -221,8 +223,9 @@ def glyph(name: str = "A", *, size: int | None = None, offset: tuple[int, int] =
         raise FeatureError(f"unknown glyph {name!r}; choose one of {', '.join(GLYPHS)}")
     arr = np.array([[int(ch) for ch in row] for row in GLYPHS[name]], dtype=np.float64)
     if size is not None and size != arr.shape[0]:
-        if size < 2:
-            raise FeatureError(f"feature size must be at least 2 pixels, got {size}")
+        if not 2 <= size <= MAX_FEATURE_SIDE:
+            raise FeatureError(f"glyph size must be between 2 and {MAX_FEATURE_SIDE} pixels, got {size}; "
+                               "a feature must also fit inside the images (e.g. at most 28 for MNIST)")
         idx = (np.arange(size) * arr.shape[0] // size)
         arr = arr[np.ix_(idx, idx)]
     # size only when scaled, so a glyph saved before recipes (which infers it from the pixels) is equal
@@ -260,6 +263,9 @@ def text_feature(text: str, height: int = 7, *, offset: tuple[int, int] = (1, 1)
     text = text.strip()
     if not text:
         raise FeatureError("text feature is empty: type some text, e.g. a name")
+    if len(text) > MAX_TEXT_CHARS:
+        raise FeatureError(f"text of {len(text)} characters is too long: use at most {MAX_TEXT_CHARS} "
+                           "(a name or an ID; longer text cannot fit on an image)")
     if not 3 <= height <= 64:
         raise FeatureError(f"text height must be between 3 and 64 pixels, got {height}")
     small = render_text(text, height, threshold=threshold)
@@ -285,6 +291,9 @@ def render_text(text: str, height: int, *, threshold: float | None = 0.5, width:
     canvas = canvas.crop(bbox)
     if width is None:
         width = max(1, round(canvas.width * height / canvas.height))
+    if width > MAX_FEATURE_SIDE:
+        raise FeatureError(f"text {text!r} at height {height} is {width} pixels wide, more than "
+                           f"{MAX_FEATURE_SIDE}: shorten the text or lower the height")
     small = np.asarray(canvas.resize((width, height), Image.Resampling.BOX), dtype=np.float64) / 255.0
     if threshold is not None:
         small = (small >= threshold).astype(np.float64)
@@ -302,8 +311,8 @@ def image_feature(source: str | Path | bytes | np.ndarray | Image.Image, size: i
         threshold: binarise greyscale values at this level in ``[0, 1]``; None keeps grey levels.
     """
     h, w = (size, size) if isinstance(size, int) else size
-    if h < 1 or w < 1:
-        raise FeatureError(f"feature size must be positive, got {h}x{w}")
+    if not (1 <= h <= MAX_FEATURE_SIDE and 1 <= w <= MAX_FEATURE_SIDE):
+        raise FeatureError(f"feature size must be between 1 and {MAX_FEATURE_SIDE} pixels per side, got {h}x{w}")
     img = _open_image(source)
     img = img.convert("RGB" if colour else "L").resize((w, h), Image.Resampling.LANCZOS)
     arr = np.clip(np.asarray(img, dtype=np.float64) / 255.0, 0, 1)
@@ -329,16 +338,9 @@ def _open_image(source: str | Path | bytes | np.ndarray | Image.Image) -> Image.
             a = np.clip(a * (255.0 if a.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
         return Image.fromarray(a)
     try:
-        if isinstance(source, (bytes, bytearray)):
-            img = Image.open(io.BytesIO(source))
-        else:
-            img = Image.open(Path(source))
-        img.load()
-        return img
-    except FileNotFoundError:
-        raise FeatureError(f"image file {source} does not exist: check the path") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise FeatureError(f"could not read the image ({exc}); upload a PNG, JPEG, BMP or GIF file") from None
+        return open_image(source)  # the guarded loader: bombs, huge chunks, corrupt files
+    except ImageError as exc:
+        raise FeatureError(str(exc)) from None
 
 
 def parse_feature_spec(spec: str, size: int | None = None, *, offset: tuple[int, int] = (1, 1),

@@ -38,3 +38,23 @@ def atomic_write(path: str | os.PathLike[str], data: str | bytes | Callable[[IO[
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def check_writable(path: str | os.PathLike[str], *, what: str = "--out") -> Path:
+    """Refuse, before any work is done, an output file that :func:`atomic_write` could not write.
+
+    ``path`` must not be a folder, its folder must exist and be writable (the temporary file
+    goes there). Checked up front so a long training run does not fail at its very end.
+
+    Raises:
+        ValueError: the message names ``what`` and the problem, e.g. ``--out: results/ is a folder``.
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ValueError(f"{what}: {path} is a folder; give a file name inside it, e.g. {p / 'result.json'}")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"{what}: the folder {parent} does not exist; create it first or choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}: cannot write in the folder {parent} (permission denied); choose another path")
+    return p

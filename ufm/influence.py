@@ -141,8 +141,9 @@ def self_influence(
     return scores.cpu()
 
 
-def tracin_checkpoints(losses: Sequence[float], n: int = 10, reduction: float = 0.95) -> list[int]:
-    """Indices of ``n`` evenly spaced checkpoints spanning a ``reduction`` of the training loss.
+def tracin_checkpoints(losses: Sequence[float], n: int = 10, reduction: float = 0.95, *,
+                       steps: Sequence[int] | None = None) -> list[int]:
+    """Indices of ``n`` checkpoints evenly spaced in steps over a ``reduction`` of the training loss.
 
     The paper takes "10 evenly spaced checkpoints which account for a 95% reduction in the
     training loss". Here the reduction is measured against the *drop actually achieved*:
@@ -151,17 +152,24 @@ def tracin_checkpoints(losses: Sequence[float], n: int = 10, reduction: float = 
     (A reduction relative to zero loss, ``losses[e] <= (1 - reduction) * L0``, is never reached
     by a model that cannot fit its training set, e.g. CIFAR-10 with early stopping.)
 
-    The returned indices are ``round(k * e / (n - 1))`` for ``k = 0..n-1`` (halves round up),
-    so the first is 0 and the last is ``e``. If fewer than ``n`` checkpoints exist up to ``e``
-    (``e + 1 < n``), all of ``0..e`` are returned, i.e. fewer than ``n``. ``n = 1`` returns
-    ``[e]``, the checkpoint that reached the reduction.
+    Every loss must be measured the same way (e.g. eval-mode mean cross-entropy on a fixed
+    set of training images, as :func:`ufm.train.train` records), or the threshold compares
+    unlike numbers.
+
+    The targets are the steps ``k * steps[e] / (n - 1)`` for ``k = 0..n-1``; each is matched to
+    a kept checkpoint in ``0..e``, distinct and in order, minimising the total distance in
+    steps (on a regular grid: the nearest one, halves to the earlier). The first is 0 and the
+    last is ``e``. If fewer than ``n`` checkpoints exist up to ``e`` (``e + 1 <= n``), all of
+    ``0..e`` are returned, i.e. fewer than ``n``. ``n = 1`` returns ``[e]``.
 
     Args:
-        losses: training loss (e.g. mean cross-entropy over the training set) at every saved
-            checkpoint, in save order; at least two values, finite.
+        losses: training loss at every saved checkpoint, in save order; at least two values,
+            finite.
         n: how many checkpoints to return, >= 1 (paper: 10).
         reduction: fraction of the achieved loss drop the checkpoints must span, in (0, 1]
             (paper: 0.95).
+        steps: optimiser step of every checkpoint, strictly increasing, ``steps[0]`` the
+            initial weights. Default ``0, 1, 2, ...`` (checkpoints taken at a fixed interval).
 
     Returns:
         Sorted, distinct checkpoint indices into ``losses``.
@@ -176,6 +184,11 @@ def tracin_checkpoints(losses: Sequence[float], n: int = 10, reduction: float = 
         raise ValueError(f"n must be an int >= 1 (paper: 10), got {n!r}")
     if not 0.0 < reduction <= 1.0:
         raise ValueError(f"reduction must be in (0, 1] (paper: 0.95), got {reduction!r}")
+    st = list(range(len(vals))) if steps is None else [int(v) for v in steps]
+    if len(st) != len(vals):
+        raise ValueError(f"steps has {len(st)} entries but losses has {len(vals)}; give one step per checkpoint")
+    if any(b <= a for a, b in zip(st, st[1:])):
+        raise ValueError(f"steps must be strictly increasing, got {st}")
     first, lowest = vals[0], min(vals)
     if lowest >= first:
         raise ValueError(f"the training loss never fell below its initial value {first:.4g}; "
@@ -186,8 +199,32 @@ def tracin_checkpoints(losses: Sequence[float], n: int = 10, reduction: float = 
         return [end]
     if end + 1 <= n:
         return list(range(end + 1))
-    # floor(v + 0.5): round half up, so consecutive indices (spacing > 1) stay distinct.
-    return [math.floor(k * end / (n - 1) + 0.5) for k in range(n)]
+    targets = [st[0] + k * (st[end] - st[0]) / (n - 1) for k in range(n)]
+    return _match_in_order(st[:end + 1], targets)
+
+
+def _match_in_order(cands: Sequence[int], targets: Sequence[float]) -> list[int]:
+    """Strictly increasing indices ``j_0 < ... < j_{n-1}`` into ``cands`` (sorted steps), the first
+    0 and the last ``len(cands) - 1``, minimising ``sum_k |cands[j_k] - targets[k]|`` (dynamic
+    programming, O(n m)); ties go to the earlier index. Needs ``len(cands) >= len(targets) >= 2``."""
+    m, n = len(cands), len(targets)
+    inf = float("inf")
+    # cost[k][j]: best total for targets 0..k with target k matched to candidate j
+    cost = [[inf] * m for _ in range(n)]
+    back = [[-1] * m for _ in range(n)]
+    cost[0][0] = abs(cands[0] - targets[0])
+    for k in range(1, n):
+        best, arg = inf, -1
+        for j in range(k, m - (n - 1 - k)):
+            if cost[k - 1][j - 1] < best:
+                best, arg = cost[k - 1][j - 1], j - 1
+            if arg >= 0:
+                cost[k][j] = best + abs(cands[j] - targets[k])
+                back[k][j] = arg
+    out = [m - 1]
+    for k in range(n - 1, 0, -1):
+        out.append(back[k][out[-1]])
+    return out[::-1]
 
 
 def rank_by_self_influence(scores: Tensor | Sequence[float]) -> tuple[Tensor, Tensor]:

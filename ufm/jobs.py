@@ -1,24 +1,28 @@
 """Run experiments off the caller's thread, with progress and cancellation through the run store.
 
-:class:`Runner` keeps one worker thread per device (``cpu``, ``cuda:0``, ...) with a queue in
-front of it, so a CPU run and a GPU run proceed side by side while two GPU runs do not fight over
-one card. Everything a user may want to see (status, epoch, losses) is written to the
-:class:`~ufm.store.Store`, so any Streamlit session, another process or ``ufm runs show`` reads it.
-A Runner is thread-safe: the dashboard holds one per process (``st.cache_resource``).
+:class:`Runner` runs each experiment in **its own process** (:mod:`ufm.worker`), with
+``workers_per_device`` slots per device (``cpu``, ``cuda:0``, ...) and a queue in front of them,
+so a CPU run and a GPU run proceed side by side while two GPU runs do not fight over one card.
+A run's process has its own RNG and torch flags (runs beside each other give the same numbers as
+alone), its own share of the cores, and can be stopped in any phase. Everything a user may want to
+see (status, epoch, losses) is written to the :class:`~ufm.store.Store` by the run's process, so
+any Streamlit session, another process or ``ufm runs show`` reads it. A Runner is thread-safe:
+the dashboard holds one per server process (``st.cache_resource``).
 
-:func:`measure` is the same thing in the calling thread (the CLI).
+:func:`measure` and :func:`execute` are the same thing in the calling thread (the CLI).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import experiment
-from .store import FINISHED, RunRecord, Store, StoreError
+from . import experiment, worker
+from .store import ACTIVE, FINISHED, RunRecord, Store, StoreError
 from .train import CancelFlag, Progress, ProgressFn, TrainingCancelled, is_cancelled
 
 if TYPE_CHECKING:
@@ -29,6 +33,8 @@ log = logging.getLogger(__name__)
 HEARTBEAT_INTERVAL = 10.0  # seconds between "still alive" writes; Store.stale_after is 30x this
 PROGRESS_INTERVAL = 0.5    # seconds: at most this often a training epoch is written (phase changes always)
 CANCEL_POLL = 1.0          # seconds between looks at the store's cancel flag (set by another process)
+CANCEL_GRACE = 3.0         # seconds a cancelled run's process has to stop by itself before it is terminated
+KILL_AFTER = 3.0           # seconds after SIGTERM before SIGKILL
 
 
 class Heartbeat:
@@ -174,26 +180,60 @@ def device_key(config: "ExperimentConfig") -> str:
     return dev.type
 
 
+def _run_main(home: str, run_id: str, config: "ExperimentConfig", env: dict[str, str], threads: int,
+              heartbeat_interval: float, progress_interval: float) -> None:
+    """A run's process: prepare it (:func:`ufm.worker.prepare_child`), open its own store, run
+    :func:`execute` with a heartbeat, and exit 0 when the run is recorded done or cancelled."""
+    import sys
+
+    worker.prepare_child(env, threads)
+    store = Store(home, recover=False)
+    code = 0
+    try:
+        with Heartbeat(store, heartbeat_interval):
+            execute(store, run_id, config, progress_interval=progress_interval)
+    except TrainingCancelled:
+        pass  # recorded by execute
+    except Exception:  # noqa: BLE001 - recorded as failed by execute; the exit code tells the parent
+        log.info("run %s failed", run_id, exc_info=True)
+        code = 1
+    finally:
+        store.close()
+    sys.exit(code)
+
+
 class Runner:
-    """Background execution of experiments: one worker thread per device, a queue behind each.
+    """Background execution of experiments, each in its own process; a queue per device.
 
     Args:
-        store: where runs, progress and results go.
-        workers_per_device: concurrent runs per device (1: runs on one GPU never compete).
-        heartbeat_interval: seconds between heartbeats of this process's runs.
+        store: where runs, progress and results go (the run processes open their own
+            connection to the same home).
+        workers_per_device: runs at once per device (1: runs on one GPU never compete). Each
+            run's process gets ``cores // workers_per_device`` torch threads (at least 1, at most
+            ``OMP_NUM_THREADS`` if set): fixed by the Runner's settings, not by what else runs, as
+            the thread count can change the order of float sums and so the last bits.
+        heartbeat_interval: seconds between heartbeats of queued runs and of running ones.
         progress_interval: the most often (seconds) a training epoch is written to the store.
+        cancel_grace: seconds a cancelled run has to stop by itself (it checks the flag every
+            batch) before its process is terminated (SIGTERM, then SIGKILL).
 
-    Workers are daemon threads: a process that exits mid-run leaves the run ``running`` with a
-    dead owner, and the next :class:`Store` opened marks it ``failed``.
+    One thread per slot waits on the run's process and, when it exits without having recorded
+    how the run ended (a crash, out of memory, killed), marks the run ``failed`` with the exit
+    code or signal. Run processes are daemons: they are terminated when this process exits, and
+    the next :class:`Store` opened marks their runs ``failed``.
     """
 
     def __init__(self, store: Store, *, workers_per_device: int = 1, heartbeat_interval: float = HEARTBEAT_INTERVAL,
-                 progress_interval: float = PROGRESS_INTERVAL) -> None:
+                 progress_interval: float = PROGRESS_INTERVAL, cancel_grace: float = CANCEL_GRACE) -> None:
         if workers_per_device < 1:
             raise ValueError(f"workers_per_device must be >= 1, got {workers_per_device}")
+        if cancel_grace < 0:
+            raise ValueError(f"cancel_grace must be >= 0 seconds, got {cancel_grace}")
         self.store = store
         self.workers_per_device = workers_per_device
+        self.heartbeat_interval = float(heartbeat_interval)
         self.progress_interval = progress_interval
+        self.cancel_grace = float(cancel_grace)
         self._lock = threading.Lock()
         self._queues: dict[str, queue.Queue] = {}
         self._threads: list[threading.Thread] = []
@@ -241,15 +281,17 @@ class Runner:
             if q is None:
                 q = self._queues[dev] = queue.Queue()
                 for i in range(self.workers_per_device):
-                    t = threading.Thread(target=self._work, args=(q,), name=f"ufm-worker-{dev}-{i}", daemon=True)
+                    t = threading.Thread(target=self._work, args=(q,), name=f"ufm-slot-{dev}-{i}", daemon=True)
                     t.start()
                     self._threads.append(t)
             q.put((run_id, config, ident))
         return run_id
 
     def cancel(self, run_id: str) -> str:
-        """Stop a run: a queued one is ``cancelled`` at once, a running one at its next batch
-        (also when another process runs it). Returns the status after the request."""
+        """Stop a run: a queued one is ``cancelled`` at once, a running one at its next batch,
+        or (in a phase without batches, e.g. scoring) within ``cancel_grace`` seconds when its
+        process is terminated. A run of another process is flagged; its owner stops it. Returns
+        the status after the request."""
         status = self.store.request_cancel(run_id)
         with self._lock:
             ev = self._cancel.get(run_id)
@@ -312,18 +354,60 @@ class Runner:
                 return
             run_id, config, ident = item
             try:
-                execute(self.store, run_id, config, cancel=self._cancel[run_id],
-                        progress_interval=self.progress_interval)
-            except TrainingCancelled:
-                pass  # recorded as cancelled by execute
-            except Exception:  # noqa: BLE001 - recorded as failed by execute; the worker lives on
-                log.info("run %s failed", run_id, exc_info=True)
-            except BaseException:
-                log.exception("worker for run %s stopped", run_id)
-                raise
+                self._run_in_process(run_id, config)
+            except Exception as e:  # noqa: BLE001 - the slot lives on for the next run
+                log.exception("slot for run %s failed", run_id)
+                try:
+                    self.store.mark_failed(run_id, f"the run could not be started or watched: {_describe(e)}")
+                except StoreError:
+                    log.warning("could not record run %s as failed", run_id)
             finally:
                 with self._lock:
                     if self._inflight.get(ident) == run_id:
                         del self._inflight[ident]
                     self._cancel.pop(run_id, None)
                     self._ended[run_id].set()
+
+    def _run_in_process(self, run_id: str, config: "ExperimentConfig") -> None:
+        """Start ``run_id``'s process, watch it (cancel: grace, then terminate), record how it
+        ended if it did not."""
+        if self.store.get(run_id).status != "queued":
+            return  # cancelled while it waited
+        with self._lock:
+            local = self._cancel[run_id]
+        ctx = worker.context()
+        proc = ctx.Process(target=_run_main, name=f"ufm-run-{run_id}", daemon=True,
+                           args=(str(self.store.home), run_id, config, dict(os.environ),
+                                 worker.threads_per_run(self.workers_per_device), self.heartbeat_interval,
+                                 self.progress_interval))
+        proc.start()
+        cancelled_at: float | None = None
+        next_poll = time.monotonic() + CANCEL_POLL
+        terminated = False
+        while proc.exitcode is None:
+            proc.join(0.1)
+            now = time.monotonic()
+            if cancelled_at is None:
+                if local.is_set():
+                    cancelled_at = now
+                elif now >= next_poll:  # `ufm runs cancel` in another process sets only the store's flag
+                    next_poll = now + CANCEL_POLL
+                    if self.store.cancel_requested(run_id):
+                        cancelled_at = now
+            elif proc.exitcode is None and now - cancelled_at >= self.cancel_grace:
+                # It did not stop by itself (a phase without batches): stop its process.
+                terminated = True
+                proc.terminate()
+                proc.join(KILL_AFTER)
+                if proc.exitcode is None:
+                    proc.kill()
+                    proc.join()
+        rec = self.store.get(run_id)
+        if rec.status in ACTIVE:  # the process ended without recording the end: we do
+            if cancelled_at is not None:
+                self.store.mark_cancelled(run_id, "cancelled by the user")
+            else:
+                self.store.mark_failed(run_id, f"the run's process (pid {proc.pid}) ended without finishing it "
+                                               f"({worker.describe_exit(proc.exitcode)})")
+        elif terminated:
+            log.info("run %s ended %s as its process was terminated", run_id, rec.status)

@@ -137,6 +137,39 @@ def last_conv_layer(model: nn.Module) -> nn.Conv2d | None:
     return convs[-1] if convs else None
 
 
+def gradcam_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Layers worth explaining with GradCAM, the default first, as ``(label, module)`` pairs.
+
+    The label starts with the module's name in ``model.named_modules()`` and says what it is,
+    e.g. ``"features.norm5 (final feature map, 342 ch)"``. DenseNet: the final feature map
+    (``features.norm5``, whose output goes through ReLU and global pooling to the classifier),
+    then each earlier dense block's output (concatenated features, before its transition).
+    Other models: every ``nn.Conv2d``, last first. An MLP has none (an empty list).
+    """
+    if isinstance(model, DenseNet):
+        feats = model.features
+        out = [(f"features.norm5 (final feature map, {feats.norm5.num_features} ch)", feats.norm5)]
+        blocks = [name for name, _ in feats.named_children() if name.startswith("denseblock")]
+        for k, name in reversed(list(enumerate(blocks[:-1], start=1))):
+            trans = getattr(feats, f"transition{k}", None)
+            ch = f", {trans.norm.num_features} ch" if trans is not None else ""
+            out.append((f"features.{name} (output of dense block {k}{ch})", getattr(feats, name)))
+        return out
+    named = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    out = []
+    for k, (name, m) in reversed(list(enumerate(named, start=1))):
+        what = "last conv" if k == len(named) else f"conv {k} of {len(named)}"
+        out.append((f"{name} ({what}, {m.out_channels} ch)", m))
+    return out
+
+
+def default_gradcam_layer(model: nn.Module) -> nn.Module | None:
+    """GradCAM's default layer: the final feature map of a DenseNet, else the last ``Conv2d``;
+    None for a model without convolutions (an MLP)."""
+    layers = gradcam_layers(model)
+    return layers[0][1] if layers else None
+
+
 def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 

@@ -88,8 +88,34 @@ def runs_table(store: Store, status: str | Sequence[str] | None = None) -> pd.Da
 
 
 def runs_csv(store: Store, status: str | Sequence[str] | None = None) -> str:
-    """:func:`runs_table` as CSV text."""
-    return runs_table(store, status).to_csv(index=False)
+    """:func:`runs_table` as CSV text (formula-safe, see :func:`to_csv`)."""
+    return to_csv(runs_table(store, status))
+
+
+# A spreadsheet runs a cell starting with one of these as a formula ("=HYPERLINK(...)" in a
+# feature name or an error message); tab and CR are OWASP's additions for Excel's parser.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: Any) -> Any:
+    """One CSV cell: a string that starts like a formula gets a leading ``'``; numbers (negative
+    ones included), None and booleans pass unchanged, so numeric columns stay numeric."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
+def to_csv(df: pd.DataFrame) -> str:
+    """``df`` as CSV text (no index) with every string cell and header passed through :func:`csv_safe`.
+
+    Every CSV that ufm writes goes through here (runs, studies, sweeps)."""
+    safe = df.rename(columns=lambda c: csv_safe(c) if isinstance(c, str) else c)
+    obj = [c for c in safe.columns if safe[c].dtype == object or pd.api.types.is_string_dtype(safe[c])]
+    if obj:
+        safe = safe.copy()
+        for c in obj:
+            safe[c] = safe[c].map(csv_safe)
+    return safe.to_csv(index=False)
 
 
 # ---------------------------------------------------------------------------------- HTML pieces

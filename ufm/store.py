@@ -17,12 +17,20 @@ and arrays through ``np.load(allow_pickle=False)``, so a crafted file is refused
 Several processes (the dashboard, ``ufm measure`` in a terminal, a worker) may use one store at
 once: SQLite's WAL mode lets readers run beside one writer, every write is a short
 ``BEGIN IMMEDIATE`` transaction and waits (busy timeout) rather than failing. A run whose owning
-process died is marked ``failed`` by :meth:`Store.recover` the next time any store is opened.
+process died is marked ``failed`` by :meth:`Store.recover` the next time any store is opened; on
+this machine that is decided by the owner's pid and start time alone (a paused process is alive),
+heartbeats decide for owners on other machines. A result that finishes is never thrown away
+(:meth:`Store.save_result` records it ``done``, with a note if it had been marked failed).
+
+The store is private to its user: the home and ``runs/`` are 0700, ``ufm.db`` and its -wal/-shm
+files 0600, artifacts 0600 (stores made by older ufm are fixed when opened). Temporary files of
+artifact writes that a killed process left behind are removed when a store is opened.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import secrets
@@ -46,6 +54,8 @@ if TYPE_CHECKING:  # torch and the experiment module are imported lazily: `ufm r
 
     from .experiment import ExperimentConfig, Result
     from .train import Checkpoint, EpochLog, Progress
+
+log = logging.getLogger(__name__)
 
 DB_NAME = "ufm.db"
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
@@ -104,7 +114,11 @@ def _statements(stmts: Sequence[str]) -> Callable[[sqlite3.Connection], None]:
     return migrate
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_statements(_V1)]
+# v2: the owner's process start time (clock ticks since boot, Linux), so a pid reused by another
+# process after the owner died is not taken for the owner.
+_V2 = ("ALTER TABLE runs ADD COLUMN owner_start INTEGER",)
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_statements(_V1), _statements(_V2)]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -160,6 +174,42 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def _proc_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, field 22 of ``/proc/PID/stat``), or
+    None where that is unknown (not Linux, no such process). Two processes that share a pid one
+    after the other have different start times."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _owner_alive(pid: int, start: int | None) -> bool:
+    """Is the process that owned a run (``pid``, started at ``start``) still running here?"""
+    if not _pid_alive(pid):
+        return False
+    if start is None:
+        return True  # recorded without a start time (older ufm, not Linux): the pid is all we know
+    now = _proc_start(pid)
+    return now is None or now == start
+
+
+def _make_private(path: Path, mode: int) -> None:
+    """chmod ``path`` to ``mode`` if it exists and is ours (a folder or file of another user is
+    left alone: we could not change it, and it is not ours to decide)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return
+    if (st.st_mode & 0o777) != mode:
+        os.chmod(path, mode)
+
+
+TMP_MAX_AGE = 60.0  # seconds: an artifact's temporary file untouched this long is a leftover
+
+
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, allow_nan=False, default=_json_default)
 
@@ -193,7 +243,7 @@ def result_summary(result: "Result") -> dict[str, Any]:
         "n_train": result.n_train, "n_val": result.n_val, "n_ood": result.n_ood,
         "device": result.device, "train_seconds": float(result.train_seconds),
         "score_seconds": float(result.score_seconds), "versions": dict(result.versions),
-        "access": result.access.to_dict(),
+        "access": result.access.to_dict(), "notes": list(result.notes),
     }.items()}
 
 
@@ -225,6 +275,7 @@ class RunRecord:
     owner_host: str | None
     heartbeat: float | None
     cancel_requested: bool
+    owner_start: int | None = None
 
     @property
     def config(self) -> "ExperimentConfig":
@@ -252,7 +303,8 @@ class RunRecord:
                    finished=r["finished"], config_data=json.loads(r["config_json"]), config_key=r["config_key"],
                    code_version=r["code_version"], error=r["error"], summary=js(r["summary_json"]),
                    progress=js(r["progress_json"]), model_meta=js(r["model_json"]), owner_pid=r["owner_pid"],
-                   owner_host=r["owner_host"], heartbeat=r["heartbeat"], cancel_requested=bool(r["cancel_requested"]))
+                   owner_host=r["owner_host"], heartbeat=r["heartbeat"], cancel_requested=bool(r["cancel_requested"]),
+                   owner_start=r["owner_start"] if "owner_start" in r.keys() else None)
 
 
 class Store:
@@ -282,15 +334,22 @@ class Store:
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
         try:
-            self.runs_dir.mkdir(parents=True, exist_ok=True)
+            # Private: artifacts and the database can show a private feature (a patient's name).
+            self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.runs_dir.mkdir(exist_ok=True, mode=0o700)
+            _make_private(self.home, 0o700)
+            _make_private(self.runs_dir, 0o700)
         except OSError as e:
             raise StoreError(f"cannot create the ufm home {self.home}: {e.strerror or e}; set UFM_HOME "
                              "(or --home) to a writable folder") from e
         self._check_file()
+        self._create_private_db()
         self._conn = self._connect()
+        self._fix_modes()
         self._migrate()
         if recover:
             self.recover()
+        self.remove_leftover_tmp()
 
     @classmethod
     def open(cls, home: str | os.PathLike[str] | None = None, **kwargs: Any) -> "Store":
@@ -353,6 +412,45 @@ class Store:
         shown = ", ".join(tables[:6]) + (" ..." if len(tables) > 6 else "")
         raise self._untouched(f"is an SQLite database of another program (tables: {shown or 'none'}; "
                               f"application id {app_id}), not a ufm run database")
+
+    def _create_private_db(self) -> None:
+        """Create the database file 0600 before SQLite does (SQLite gives its -wal and -shm files
+        the database file's mode), so it is never readable by others, not even for a moment."""
+        try:
+            fd = os.open(self.db_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return
+        except OSError as e:
+            raise StoreError(f"cannot create {self.db_path}: {e.strerror or e}; set UFM_HOME (or --home) to a "
+                             "writable folder") from e
+        os.close(fd)
+
+    def _fix_modes(self) -> None:
+        """Stores made by older ufm were world-readable (0644): make ours private on open."""
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                _make_private(self.db_path.with_name(DB_NAME + suffix), 0o600)
+            except OSError as e:  # e.g. a read-only file system: the store still works
+                log.warning("could not make %s private: %s", self.db_path.name + suffix, e)
+
+    def remove_leftover_tmp(self, max_age: float = TMP_MAX_AGE) -> list[Path]:
+        """Delete temporary files of artifact writes that never finished (the writer was killed);
+        return them. A file is left while it may still be written: its run is active and it was
+        touched less than ``max_age`` seconds ago."""
+        active = {r[0] for r in self.query("SELECT id FROM runs WHERE status IN ('queued', 'running')")}
+        removed, now = [], time.time()
+        for tmp in self.runs_dir.glob("*/*.tmp"):
+            try:
+                if tmp.parent.name in active and now - tmp.stat().st_mtime < max_age:
+                    continue
+                tmp.unlink()
+            except FileNotFoundError:
+                continue  # renamed into place or removed by its writer meanwhile
+            except OSError as e:
+                log.warning("could not remove the leftover %s: %s", tmp, e)
+                continue
+            removed.append(tmp)
+        return removed
 
     def _connect(self) -> sqlite3.Connection:
         try:
@@ -516,9 +614,9 @@ class Store:
             try:
                 with self.transaction() as c:
                     c.execute("INSERT INTO runs (id, created, started, status, config_json, config_key, code_version, "
-                              "owner_pid, owner_host, heartbeat) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                              "owner_pid, owner_host, owner_start, heartbeat) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                               (run_id, now, now if status == "running" else None, status, config.to_json(),
-                               config.key(), __version__, os.getpid(), self._host, now))
+                               config.key(), __version__, os.getpid(), self._host, _proc_start(os.getpid()), now))
                 return run_id
             except sqlite3.IntegrityError:
                 continue  # id clash (1 in 2^48): draw another
@@ -536,8 +634,8 @@ class Store:
         (cancelled meanwhile): the caller must not start it."""
         now = time.time()
         n = self._update("UPDATE runs SET status = 'running', started = ?, owner_pid = ?, owner_host = ?, "
-                         "heartbeat = ? WHERE id = ? AND status = 'queued'",
-                         (now, os.getpid(), self._host, now, run_id))
+                         "owner_start = ?, heartbeat = ? WHERE id = ? AND status = 'queued'",
+                         (now, os.getpid(), self._host, _proc_start(os.getpid()), now, run_id))
         if n == 0:
             self._require(run_id)
         return n == 1
@@ -590,14 +688,19 @@ class Store:
                     num_classes: int | None = None) -> None:
         """Write the artifacts of a running run, then mark it ``done`` with its summary.
 
+        A result that finished is never thrown away: a run that was meanwhile marked ``failed``
+        (another process took its owner for dead, e.g. while it was paused) or ``cancelled`` (the
+        cancel came too late to stop it) is recorded ``done`` all the same, with a note in its
+        ``error`` field saying what it had been marked and why. Its numbers are those of its
+        config: the run trained to the end.
+
         Args:
             input_shape, num_classes: the model's input ``(C, H, W)`` and classes, kept to rebuild
                 the model in :meth:`load_model`. None = read from the run's training data (already
                 in memory after :func:`ufm.run_experiment` in this process).
 
         Raises:
-            StoreError: the run is not ``running`` any more (e.g. marked failed by another
-                process that took its owner for dead); the artifacts stay on disk.
+            StoreError: the run is ``queued`` or already ``done``; the artifacts stay on disk.
         """
         meta = None
         if result.model is not None:
@@ -605,14 +708,21 @@ class Store:
                 input_shape, num_classes = _data_shape(result.config)
             meta = {"input_shape": [int(v) for v in input_shape], "num_classes": int(num_classes)}
         self._write_artifacts(run_id, result)
-        n = self._update("UPDATE runs SET status = 'done', finished = ?, error = NULL, summary_json = ?, "
-                         "model_json = ?, heartbeat = ? WHERE id = ? AND status = 'running'",
-                         (time.time(), _dumps(result_summary(result)), None if meta is None else _dumps(meta),
-                          time.time(), run_id))
-        if n == 0:
-            rec = self._require(run_id)
-            raise StoreError(f"run {run_id} is {rec.status}, not running ({rec.error or 'no reason given'}); its "
-                             f"result was written to {self.run_dir(run_id)} but not recorded as done")
+        summary, model_json = _dumps(result_summary(result)), None if meta is None else _dumps(meta)
+        with self.transaction() as c:
+            row = c.execute("SELECT status, error FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise RunNotFound(f"no run {run_id!r} in {self.db_path}; its result was written to "
+                                  f"{self.run_dir(run_id)} but not recorded")
+            status, error = row[0], row[1]
+            if status not in ("running", "failed", "cancelled"):
+                raise StoreError(f"run {run_id} is {status}, not running ({error or 'no reason given'}); its result "
+                                 f"was written to {self.run_dir(run_id)} but not recorded as done")
+            note = None if status == "running" else (f"finished and recorded after it had been marked {status} "
+                                                     f"({error or 'no reason given'})")
+            now = time.time()
+            c.execute("UPDATE runs SET status = 'done', finished = ?, error = ?, summary_json = ?, model_json = ?, "
+                      "heartbeat = ? WHERE id = ?", (now, note, summary, model_json, now, run_id))
 
     def add_result(self, result: "Result", **kwargs: Any) -> str:
         """Record a result computed elsewhere as a new ``done`` run; returns its id."""
@@ -638,18 +748,21 @@ class Store:
     def recover(self) -> list[str]:
         """Mark queued/running runs whose owner process is gone as ``failed``; return their ids.
 
-        An owner is gone when it ran on this machine and its pid no longer exists, or when its
-        heartbeat is older than ``stale_after`` seconds (another machine, or a reused pid).
+        On this machine the process decides: a run whose owner is alive is never failed, however
+        old its heartbeat (a paused process, a slow epoch), and one whose owner pid is gone, or now
+        belongs to another process (a different start time), is failed at once. Heartbeats older
+        than ``stale_after`` seconds decide only for owners on other machines (or without a pid).
         """
-        now, me = time.time(), os.getpid()
+        now = time.time()
         failed = []
-        for r in self.query("SELECT id, status, owner_pid, owner_host, heartbeat FROM runs "
+        for r in self.query("SELECT id, status, owner_pid, owner_host, owner_start, heartbeat FROM runs "
                             "WHERE status IN ('queued', 'running')"):
             pid, host, beat = r["owner_pid"], r["owner_host"], r["heartbeat"]
             verb = "running it" if r["status"] == "running" else "that queued it"
             reason = None
-            if host == self._host and pid is not None and pid != me and not _pid_alive(pid):
-                reason = f"the process {verb} stopped (pid {pid})"
+            if host == self._host and pid is not None:
+                if not _owner_alive(pid, r["owner_start"]):
+                    reason = f"the process {verb} stopped (pid {pid})"
             elif beat is not None and now - beat > self.stale_after:
                 reason = (f"the process {verb} (pid {pid} on {host}) stopped sending heartbeats "
                           f"{now - beat:.0f} s ago")
@@ -657,7 +770,7 @@ class Store:
                 continue
             # Only if nothing changed since we looked: the owner may have just finished it.
             n = self._update("UPDATE runs SET status = 'failed', finished = ?, error = ? WHERE id = ? AND status = ? "
-                             "AND heartbeat IS ?", (now, reason, r["id"], r["status"], beat))
+                             "AND heartbeat IS ? AND owner_pid IS ?", (now, reason, r["id"], r["status"], beat, pid))
             if n:
                 failed.append(r["id"])
         return failed

@@ -25,7 +25,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .reference import DEFAULT_REFERENCES
 from .store import ACTIVE, RunNotFound, Store, StoreError
+from .verdict import run_verdict
 
 if TYPE_CHECKING:
     from .canary import CanaryChoice
@@ -237,7 +239,9 @@ def attach_run(store: Store, name: str, position: int, run_id: str) -> None:
         raise StoreError(f"study {name!r} has no member {position}")
 
 
-def _needs_run(store: Store, entry: StudyEntry, force: bool) -> bool:
+def needs_run(store: Store, entry: StudyEntry, force: bool = False) -> bool:
+    """Whether member ``entry`` still needs a run: none attached, its run is gone, failed or
+    cancelled (or ``force``); never while its run is queued or running."""
     if entry.run_id is None:
         return True
     try:
@@ -252,7 +256,7 @@ def _needs_run(store: Store, entry: StudyEntry, force: bool) -> bool:
 def _launch(store: Store, name: str, force: bool, start: Callable[["ExperimentConfig"], str]) -> list[str]:
     ids = []
     for e in get_study(store, name).entries:
-        if _needs_run(store, e, force):
+        if needs_run(store, e, force):
             attach_run(store, name, e.position, run_id := start(e.config))
             ids.append(run_id)
         else:
@@ -276,12 +280,15 @@ def run_study(store: Store, name: str, *, force: bool = False, progress: "Progre
 # ---------------------------------------------------------------------------------- results
 
 RUN_COLUMNS = ["position", "group", "seed", "run_id", "status", "M", "X_u", "X_r", "p_value", "p_value_paired",
-               "exposure", "exposure_p_value", "significant", "test_accuracy", "epsilon", "error"]
+               "exposure", "exposure_p_value", "verdict", "verdict_test", "verdict_p", "significant", "test_accuracy",
+               "epsilon", "error"]
 
 
-def runs_frame(store: Store, name: str) -> pd.DataFrame:
+def runs_frame(store: Store, name: str, references: int = DEFAULT_REFERENCES) -> pd.DataFrame:
     """One row per member of study ``name``: its group, seed, run and the run's numbers
-    (NaN until the run is done). M, X_u, X_r in nats; exposure in bits."""
+    (NaN until the run is done). M, X_u, X_r in nats; exposure in bits. ``verdict`` /
+    ``significant`` come from :func:`ufm.verdict.run_verdict`: the reference test where the bank of
+    ``references`` clean models of the member's setting is complete (``verdict_test`` says which)."""
     rows = []
     for e in get_study(store, name).entries:
         rec = None
@@ -291,14 +298,17 @@ def runs_frame(store: Store, name: str) -> pd.DataFrame:
             except RunNotFound:
                 rec = None
         s = (rec.summary if rec is not None else None) or {}
+        v = run_verdict(store, rec, references) if rec is not None else None
         rows.append({"position": e.position, "group": e.group, "seed": e.config.seed, "run_id": e.run_id,
                      "status": rec.status if rec is not None else "not run",
                      **{k: s.get(k, np.nan) for k in ("M", "X_u", "X_r", "p_value", "p_value_paired", "exposure",
-                                                     "exposure_p_value", "significant", "test_accuracy")},
+                                                     "exposure_p_value", "test_accuracy")},
+                     "verdict": v.status if v else None, "verdict_test": v.test if v else None,
+                     "verdict_p": v.p_value if v else np.nan, "significant": v.memorised if v else np.nan,
                      "epsilon": s.get("epsilon", np.nan), "error": rec.error if rec is not None else None})
     df = pd.DataFrame(rows, columns=RUN_COLUMNS)
-    for col in ("M", "X_u", "X_r", "p_value", "p_value_paired", "exposure", "exposure_p_value", "test_accuracy",
-                "epsilon"):
+    for col in ("M", "X_u", "X_r", "p_value", "p_value_paired", "exposure", "exposure_p_value", "verdict_p",
+                "test_accuracy", "epsilon"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     return df
 
@@ -324,14 +334,15 @@ def t_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, fl
 
 
 SUMMARY_COLUMNS = ["group", "members", "done", "failed", "pending", "mean_M", "sd_M", "ci_low", "ci_high",
-                   "interval", "share_significant", "n_significant", "mean_test_accuracy"]
+                   "interval", "share_significant", "n_significant", "n_calibrated", "mean_test_accuracy"]
 
 
 def aggregate(runs: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame:
     """Per group (in first-seen order) over its ``done`` runs: mean and sd of M (nats), its
     ``level`` t-interval (``ci_low``/``ci_high``, NaN with the reason in ``interval`` when
-    n < 2), the share of runs the exposure test calls significant, and the mean test accuracy
-    (0-1). ``runs`` has the columns of :func:`runs_frame`."""
+    n < 2), the share of runs the verdict calls memorised (``n_calibrated`` of them decided by the
+    reference test, the rest by the provisional fast test), and the mean test accuracy (0-1).
+    ``runs`` has the columns of :func:`runs_frame`."""
     out = []
     for group, g in runs.groupby("group", sort=False):
         done = g[g["status"] == "done"]
@@ -341,6 +352,8 @@ def aggregate(runs: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame:
             note = "no finished runs yet"
         elif n == 1:
             note = "n = 1: no interval (needs at least 2 seeds)"
+        elif n == 2:
+            note = f"{level:.0%} t-interval over only 2 seeds: very wide, run at least 3"
         else:
             note = f"{level:.0%} t-interval over {n} seeds"
         sig = done["significant"].astype(bool) if n else pd.Series([], dtype=bool)
@@ -349,7 +362,7 @@ def aggregate(runs: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame:
                     "mean_M": mean, "sd_M": float(done["M"].std(ddof=1)) if n >= 2 else math.nan,
                     "ci_low": math.nan if lo is None else lo, "ci_high": math.nan if hi is None else hi,
                     "interval": note, "share_significant": float(sig.mean()) if n else math.nan,
-                    "n_significant": int(sig.sum()),
+                    "n_significant": int(sig.sum()), "n_calibrated": int((done["verdict_test"] == "reference").sum()),
                     "mean_test_accuracy": float(done["test_accuracy"].mean()) if n else math.nan})
     return pd.DataFrame(out, columns=SUMMARY_COLUMNS)
 

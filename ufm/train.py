@@ -29,6 +29,9 @@ warnings.filterwarnings("ignore", message="Secure RNG turned off")
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 REGULARISERS = ("none", "dropout", "augment", "batchnorm", "weight-decay", "dp-sgd")
+# TracIn compares checkpoint losses, so all are measured alike: eval-mode mean cross-entropy on
+# one fixed, seeded subset of the training images (all of them when fewer), at the checkpoint.
+CHECKPOINT_LOSS_IMAGES = 2048
 
 
 class TrainingCancelled(RuntimeError):
@@ -45,7 +48,9 @@ class DPConfig:
 
     Attributes:
         noise_multiplier: std of the Gaussian noise relative to ``max_grad_norm``.
-        target_epsilon: epsilon to reach after ``max_epochs`` (Opacus picks the noise).
+        target_epsilon: epsilon to reach after ``max_epochs`` (Opacus picks the noise). DP
+            runs always train exactly ``max_epochs`` (no early stopping), so the noise is
+            calibrated for the steps that really run.
         delta: the delta of (epsilon, delta)-DP; should be below 1 / training-set size.
         max_grad_norm: per-example gradient clipping norm.
     """
@@ -135,7 +140,11 @@ class EpochLog:
 
 @dataclass
 class Checkpoint:
-    """Weights kept for TracIn: after ``step`` optimiser steps (0 = initial weights)."""
+    """Weights kept for TracIn: after ``step`` optimiser steps (0 = initial weights).
+
+    ``train_loss``: eval-mode mean cross-entropy (nats) of these weights on a fixed subset of
+    :data:`CHECKPOINT_LOSS_IMAGES` training images, the same for every checkpoint of a run.
+    """
 
     step: int
     epoch: float
@@ -163,7 +172,7 @@ class TrainResult:
     history: list[EpochLog]
     best_epoch: int
     epochs_trained: int
-    stopped: str  # "early_stopping" | "max_epochs"
+    stopped: str  # "early_stopping" | "max_epochs" (DP-SGD always trains max_epochs)
     checkpoints: list[Checkpoint]
     epsilon: float | None
     seconds: float
@@ -252,6 +261,12 @@ def train(model: nn.Module, train_data: ImageData, val_data: ImageData, cfg: Tra
           progress: ProgressFn | None = None, cancel: CancelFlag = None) -> TrainResult:
     """Train ``model`` in place and return it with its best weights (lowest validation loss).
 
+    With ``cfg.dp`` (DP-SGD) there is no early stopping: exactly ``cfg.max_epochs`` run, so a
+    ``target_epsilon`` calibrates the noise for the steps actually taken, and the *last*
+    weights are returned, because they are what the reported epsilon (spent over all those
+    steps) describes; restoring an earlier epoch would measure a model trained to another,
+    unreported privacy level. ``epsilon`` is the spent epsilon (Opacus' RDP accountant).
+
     ``train_data`` and ``val_data`` must already be on the model's device. ``progress`` is
     called after every epoch; ``cancel`` (an Event or a callable) is checked between batches.
 
@@ -274,14 +289,14 @@ def train(model: nn.Module, train_data: ImageData, val_data: ImageData, cfg: Tra
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     every = steps_per_epoch if cfg.checkpoint_every == -1 else cfg.checkpoint_every
     if every:
-        init_loss, _ = evaluate(model, train_data)
-        checkpoints.append(Checkpoint(0, 0.0, cfg.lr, init_loss, _state_copy(model)))
+        loss_idx = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 2))[:CHECKPOINT_LOSS_IMAGES]
+        loss_data = train_data.subset(loss_idx.sort().values)
+        checkpoints.append(Checkpoint(0, 0.0, cfg.lr, evaluate(model, loss_data)[0], _state_copy(model)))
 
     best = (float("inf"), 0, _state_copy(model))
     history: list[EpochLog] = []
     stopped = "max_epochs"
     step = 0
-    window_loss, window_n = 0.0, 0
     for epoch in range(1, cfg.max_epochs + 1):
         te = time.perf_counter()
         model.train()
@@ -310,16 +325,12 @@ def train(model: nn.Module, train_data: ImageData, val_data: ImageData, cfg: Tra
                 tot_loss += loss.detach() * xb.shape[0]
                 tot_correct += (logits.argmax(1) == yb).sum()
             seen += xb.shape[0]
-            if every:
-                window_loss += loss.item()
-                window_n += 1
-                if step % every == 0:
-                    checkpoints.append(Checkpoint(step, step / steps_per_epoch, cfg.lr, window_loss / window_n,
-                                                  _state_copy(model)))
-                    window_loss, window_n = 0.0, 0
-                    if len(checkpoints) > cfg.max_checkpoints:
-                        checkpoints = checkpoints[::2]
-                        every *= 2
+            if every and step % every == 0:
+                checkpoints.append(Checkpoint(step, step / steps_per_epoch, cfg.lr, evaluate(model, loss_data)[0],
+                                              _state_copy(model)))
+                if len(checkpoints) > cfg.max_checkpoints:
+                    checkpoints = checkpoints[::2]
+                    every *= 2
         train_loss = (tot_loss / max(seen, 1)).item()
         if not math.isfinite(train_loss):
             raise TrainingDiverged(
@@ -330,6 +341,8 @@ def train(model: nn.Module, train_data: ImageData, val_data: ImageData, cfg: Tra
                                 time.perf_counter() - te))
         if progress is not None:
             progress(Progress("train", epoch, cfg.max_epochs, train_loss, val_loss, val_acc))
+        if engine is not None:
+            continue  # DP-SGD: the fixed epoch budget, last weights (see the docstring)
         if val_loss < best[0]:
             best = (val_loss, epoch, _state_copy(model))
         elif epoch - best[1] >= cfg.patience:
@@ -339,7 +352,9 @@ def train(model: nn.Module, train_data: ImageData, val_data: ImageData, cfg: Tra
     epsilon = engine.get_epsilon(cfg.dp.delta) if engine is not None else None
     if engine is not None:
         model = _unwrap(model)
-    model.load_state_dict(best[2])
+        best = (history[-1].val_loss, len(history), None)
+    else:
+        model.load_state_dict(best[2])
     model.eval()
     return TrainResult(model, history, best[1], len(history), stopped, checkpoints, epsilon,
                        time.perf_counter() - t0)

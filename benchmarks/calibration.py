@@ -1,0 +1,325 @@
+"""Calibration study: how often does each test call a feature "memorised" on models that never saw it?
+
+A clean model (no canary) does not depend on the feature, so one set of clean models scores many
+features. For every (model, feature) pair this records the decision of
+
+* the **reference test** (the verdict: the model's M among R clean reference models of the same
+  training setting, :mod:`ufm.reference`), with the product's own bank of reference seeds,
+* the **fast exposure test** with each candidate family that applies to the feature's kind,
+* the paper's **t-tests** (Welch and paired), and
+* the **access settings** (white-, grey-, black-box confidence gain): calibrated rank p-values
+  beside the paper's t-test p-values.
+
+The ``power`` part trains canary models (the feature on 1, 3, 10, 30, 100 random training images;
+one canary over 10 different canary images) and reports how often both tests detect it.
+
+Every training goes through the run store (``--home``), so an interrupted study resumes and the
+reference bank is exactly what the dashboard would train. Usage (each part can run in its own
+process; ``report`` merges them)::
+
+    python benchmarks/calibration.py clean --arch mlp  --models 50 --train-size 2000 --ood-size 300
+    python benchmarks/calibration.py clean --arch cnn1 --models 20 --train-size 500 --ood-size 100 --candidates 49
+    python benchmarks/calibration.py power --arch mlp --train-size 2000 --ood-size 300
+    python benchmarks/calibration.py report            # Markdown tables + ufm/calibration.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SCORE_SEED = 0
+ALPHA = 0.05
+
+
+def features():
+    """The study's features: 5 glyphs, 3 typed texts, 2 drawn patterns, 1 uploaded image (all fit 28x28)."""
+    from PIL import Image, ImageDraw
+
+    from ufm.features import glyph, grid_feature, image_feature, text_feature
+
+    smile = ["011110", "100001", "101101", "100001", "101101", "010010"]
+    zigzag = ["1000001", "0100010", "0010100", "0001000", "0010100", "0100010", "1111111"]
+    logo = Image.new("L", (64, 64), 0)
+    d = ImageDraw.Draw(logo)
+    d.ellipse((6, 6, 58, 58), outline=255, width=10)
+    d.rectangle((28, 14, 36, 50), fill=255)
+    buf = io.BytesIO()
+    logo.save(buf, format="PNG")
+    return [glyph("A"), glyph("X"), glyph("plus"), glyph("T"), glyph("L"),
+            text_feature("DOE", 7), text_feature("JD", 7), text_feature("ID42", 6),
+            grid_feature([[int(c) for c in r] for r in smile], name="drawn smile"),
+            grid_feature([[int(c) for c in r] for r in zigzag], name="drawn zigzag"),
+            image_feature(buf.getvalue(), 7, threshold=0.5, name="uploaded logo")]
+
+
+def families(feature) -> list[str]:
+    """Candidate families tried for a feature's kind (the first is the product's default)."""
+    from ufm.candidates import default_family
+
+    by_kind = {"glyph": ["strokes", "permute", "shift"], "drawn": ["strokes", "permute", "shift"],
+               "text": ["strings", "permute"], "image": ["permute", "shift"]}
+    fams = by_kind[feature.kind]
+    first = default_family(feature)
+    return [first] + [f for f in fams if f != first]
+
+
+def base_config(a, arch: str):
+    from ufm.canary import CanaryChoice
+    from ufm.experiment import ExperimentConfig
+    from ufm.features import glyph
+
+    return ExperimentConfig(feature=glyph("A"), dataset="mnist", data_dir=a.data_dir, arch=arch,
+                            canary=CanaryChoice("none", ()), train_size=a.train_size, epochs=a.epochs,
+                            patience=a.patience, ood_size=a.ood_size, candidates=a.candidates, device="cpu")
+
+
+def held_out(a, per_class: int):
+    """Up to ``per_class`` test images of each class (the access settings' held-out data)."""
+    import torch
+
+    from ufm.data import load_split
+
+    test = load_split("mnist", "test", data_dir=a.data_dir)
+    keep = torch.cat([torch.nonzero(test.y == c).flatten()[:per_class] for c in range(test.num_classes)])
+    return test.x[keep], test.y[keep]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def train_models(store, configs) -> list[str]:
+    from ufm.jobs import measure
+
+    ids = []
+    for i, cfg in enumerate(configs):
+        t0 = time.perf_counter()
+        run_id, res, cached = measure(store, cfg)
+        ids.append(run_id)
+        log(f"model {i + 1}/{len(configs)} seed {cfg.seed}: {'cached' if cached else f'{time.perf_counter() - t0:.1f} s'}")
+    return ids
+
+
+def clean(a) -> None:
+    """Clean models: every test's decision on every feature."""
+    from ufm.experiment import inference_images
+    from ufm.reference import bank_config, bank_configs, rank_test
+    from ufm.scores import access_scores, feature_effect, memorisation_score
+    from ufm.store import Store
+
+    store = Store(a.home)
+    base = base_config(a, a.arch)
+    feats = features()
+    log(f"{a.arch}: training {a.models} clean test models and a bank of {a.references} reference models")
+    test_ids = train_models(store, [bank_config(base, s) for s in range(a.models)])
+    bank_ids = train_models(store, bank_configs(base, a.references))
+    x_ood = inference_images(base).x
+    x_test, y_test = held_out(a, a.per_class)
+    label = 5  # the class of MNIST training image 0, the paper's canary
+
+    bank_m = {}
+    for j, run_id in enumerate(bank_ids):
+        model = store.load_model(run_id)
+        for f in feats:
+            d_u, d_r = feature_effect(model, x_ood, f, seed=SCORE_SEED)
+            bank_m.setdefault(f.name, []).append(float(d_u.mean() - d_r.mean()))
+    rows = []
+    for i, run_id in enumerate(test_ids):
+        t0 = time.perf_counter()
+        model = store.load_model(run_id)
+        rec = store.get(run_id)
+        for f in feats:
+            row = {"arch": a.arch, "model": i, "run_id": run_id, "feature": f.name, "kind": f.kind,
+                   "test_accuracy": rec.summary["test_accuracy"]}
+            for k, fam in enumerate(families(f)):
+                s = memorisation_score(model, x_ood, f, candidates=a.candidates, family=fam, seed=SCORE_SEED)
+                row[f"fast_{fam}_status"] = s.status
+                row[f"fast_{fam}_p"] = s.exposure_p_value
+                if k == 0:
+                    row.update(M=s.M, welch_p=s.p_value, paired_p=s.p_value_paired, family=fam)
+            d_u, d_r = feature_effect(model, x_ood, f, seed=SCORE_SEED)
+            assert float(d_u.mean() - d_r.mean()) == row["M"], "feature_effect and memorisation_score disagree"
+            ref = rank_test(row["M"], np.asarray(bank_m[f.name]), ALPHA)
+            row.update(reference_p=ref.p_value, reference_memorised=ref.memorised)
+            acc = access_scores(model, f, x_test=x_test, y_test=y_test, x_ood=x_ood, canary_label=label,
+                                candidates=a.candidates, seed=SCORE_SEED)
+            for name in ("white_box", "grey_box", "black_box_gain"):
+                g = getattr(acc, name)
+                row[f"{name}_p"] = g.p_value
+                row[f"{name}_p_paper"] = g.p_value_paper
+            rows.append(row)
+        log(f"scored model {i + 1}/{len(test_ids)} in {time.perf_counter() - t0:.1f} s")
+    write(f"calibration-clean-{a.arch}.json", {"settings": settings(a), "bank": bank_ids, "rows": rows})
+
+
+def power(a) -> None:
+    """Canary models: detection rate against canary frequency, reference and fast test on the same models."""
+    from ufm.canary import CanaryChoice
+    from ufm.experiment import inference_images
+    from ufm.features import glyph
+    from ufm.reference import bank_configs, rank_test, reference_scores
+    from ufm.scores import memorisation_score
+    from ufm.store import Store
+
+    store = Store(a.home)
+    feature = glyph("A")
+    base = base_config(a, a.arch).replace(feature=feature)
+    plan = [(1, s) for s in range(10)] + [(c, s) for c in (3, 10, 30, 100) for s in range(5)]
+    configs = [base.replace(canary=CanaryChoice("random", (), count=c), seed=s) for c, s in plan]
+    ids = train_models(store, configs)
+    bank_ids = train_models(store, bank_configs(base, a.references))
+    x_ood = inference_images(base).x
+    scoring = base.replace(seed=SCORE_SEED)  # reference_scores scores with config.seed
+    refs = reference_scores(store, scoring, bank_ids)
+    rows = []
+    for (c, s), run_id in zip(plan, ids):
+        model = store.load_model(run_id)
+        fast = memorisation_score(model, x_ood, feature, candidates=a.candidates, seed=SCORE_SEED)
+        ref = rank_test(fast.M, refs, ALPHA)
+        rows.append({"arch": a.arch, "canaries": c, "seed": s, "run_id": run_id, "M": fast.M,
+                     "canary_indices": store.get(run_id).summary["canary_indices"],
+                     "reference_p": ref.p_value, "reference_memorised": ref.memorised,
+                     "fast_family": fast.family, "fast_p": fast.exposure_p_value, "fast_status": fast.status,
+                     "welch_p": fast.p_value})
+        log(f"{c} canaries seed {s}: M = {fast.M:.4g} reference p = {ref.p_value:.3g} fast p = {fast.exposure_p_value:.3g}")
+    write(f"calibration-power-{a.arch}.json", {"settings": settings(a), "bank": bank_ids, "rows": rows})
+
+
+def settings(a) -> dict:
+    import torch
+
+    from ufm import __version__
+    return {k: v for k, v in vars(a).items() if k not in ("func",)} | {
+        "ufm": __version__, "torch": torch.__version__, "score_seed": SCORE_SEED, "alpha": ALPHA,
+        "cpu_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+
+
+def write(name: str, payload: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / name).write_text(json.dumps(payload, indent=1, default=float))
+    log(f"wrote {RESULTS / name}")
+
+
+# ----------------------------------------------------------------------------------------- report
+
+def wilson(k: int, n: int) -> tuple[float, float, float]:
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    ci = binomtest(k, n).proportion_ci(0.95, method="wilson")
+    return k / n, float(ci.low), float(ci.high)
+
+
+def _rate(calls) -> str:
+    k, n = int(np.sum(calls)), len(calls)
+    r, lo, hi = wilson(k, n)
+    return f"{k}/{n} = {r:.1%} [{lo:.1%}, {hi:.1%}]"
+
+
+def report(a) -> None:
+    import pandas as pd
+
+    clean_frames, power_frames, cal_rows, meta = [], [], [], {}
+    for p in sorted(RESULTS.glob("calibration-clean-*.json")):
+        d = json.loads(p.read_text())
+        clean_frames.append(pd.DataFrame(d["rows"]))
+        meta[d["settings"]["arch"]] = d["settings"]
+    for p in sorted(RESULTS.glob("calibration-power-*.json")):
+        power_frames.append(pd.DataFrame(json.loads(p.read_text())["rows"]))
+    out = []
+    if clean_frames:
+        df = pd.concat(clean_frames, ignore_index=True)
+        out.append("### Clean models: share called memorised (95% Wilson interval)\n")
+        for arch, s in meta.items():
+            out.append(f"- {arch}: {s['models']} clean models + {s['references']} reference models, "
+                       f"{s['train_size']} MNIST training images, {s['ood_size']} inference images, "
+                       f"K = {s['candidates']} candidates, {s['per_class']} held-out images per class.")
+        out.append("")
+        out.append("| arch | kind | features | verdict (reference test) | fast test, default family | t-test (Welch) | paired t-test |")
+        out.append("|---|---|---|---|---|---|---|")
+        for (arch, kind), g in df.groupby(["arch", "kind"], sort=False):
+            fam = g["family"].iloc[0]
+            out.append(f"| {arch} | {kind} | {g['feature'].nunique()} | {_rate(g['reference_memorised'])} | "
+                       f"{fam}: {_rate(g[f'fast_{fam}_status'] == 'memorised')} | {_rate(g['welch_p'] < ALPHA)} | "
+                       f"{_rate(g['paired_p'] < ALPHA)} |")
+        out.append("\n### Fast test by candidate family (clean models; inconclusive counts as not memorised)\n")
+        out.append("| arch | kind | family | called memorised | inconclusive |")
+        out.append("|---|---|---|---|---|")
+        for (arch, kind), g in df.groupby(["arch", "kind"], sort=False):
+            for col in [c for c in g.columns if c.startswith("fast_") and c.endswith("_status")]:
+                fam = col[len("fast_"):-len("_status")]
+                st = g[col].dropna()
+                if st.empty:
+                    continue
+                calls = st == "memorised"
+                out.append(f"| {arch} | {kind} | {fam} | {_rate(calls)} | {int((st == 'inconclusive').sum())} |")
+                r, lo, hi = wilson(int(calls.sum()), len(calls))
+                cal_rows.append({"kind": kind, "family": fam, "arch": arch, "rate": r, "low": lo, "high": hi,
+                                 "calls": int(calls.sum()), "tests": int(len(calls)),
+                                 "models": int(g["model"].nunique()), "alpha": ALPHA})
+        out.append("\n### Per feature (clean models): verdict and fast test (default family)\n")
+        out.append("| arch | feature | verdict (reference) | fast test | Welch t-test |")
+        out.append("|---|---|---|---|---|")
+        for (arch, feat), g in df.groupby(["arch", "feature"], sort=False):
+            fam = g["family"].iloc[0]
+            out.append(f"| {arch} | {feat} | {_rate(g['reference_memorised'])} | {_rate(g[f'fast_{fam}_status'] == 'memorised')} | "
+                       f"{_rate(g['welch_p'] < ALPHA)} |")
+        out.append("\n### Access settings on clean models: calibrated rank p vs the paper's t-test\n")
+        out.append("| arch | setting | calibrated (rank among candidates) | paper's t-test |")
+        out.append("|---|---|---|---|")
+        for arch, g in df.groupby("arch", sort=False):
+            for name in ("white_box", "grey_box", "black_box_gain"):
+                out.append(f"| {arch} | {name} | {_rate(g[f'{name}_p'] < ALPHA)} | {_rate(g[f'{name}_p_paper'] < ALPHA)} |")
+    if power_frames:
+        df = pd.concat(power_frames, ignore_index=True)
+        out.append("\n### Power: glyph A on random canaries (detection rate)\n")
+        out.append("| arch | canaries | models | verdict (reference test) | fast test | mean M (nats) |")
+        out.append("|---|---|---|---|---|---|")
+        for (arch, c), g in df.groupby(["arch", "canaries"]):
+            out.append(f"| {arch} | {c} | {len(g)} | {_rate(g['reference_memorised'])} | "
+                       f"{_rate(g['fast_status'] == 'memorised')} | {g['M'].mean():.4f} |")
+    text = "\n".join(out) + "\n"
+    (RESULTS / "calibration.md").write_text(text)
+    print(text)
+    if cal_rows:
+        (ROOT / "ufm" / "calibration.json").write_text(json.dumps({
+            "source": "benchmarks/calibration.py (see benchmarks/results/calibration.md)",
+            "fast_test": cal_rows}, indent=1))
+        log("wrote ufm/calibration.json")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("part", choices=["clean", "power", "report"])
+    ap.add_argument("--arch", default="mlp", choices=["mlp", "cnn1"])
+    ap.add_argument("--models", type=int, default=50, help="clean test models")
+    ap.add_argument("--references", type=int, default=24, help="R reference models (the product's default)")
+    ap.add_argument("--train-size", type=int, default=2000)
+    ap.add_argument("--ood-size", type=int, default=300)
+    ap.add_argument("--candidates", type=int, default=99)
+    ap.add_argument("--per-class", type=int, default=30, help="held-out images per class for the access settings")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--patience", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--home", default=os.environ.get("UFM_CALIBRATION_HOME", "/tmp/ufm-calibration"))
+    ap.add_argument("--data-dir", default=os.environ.get("UFM_DATA_DIR") or str(ROOT.parent / "shared" / "data"))
+    a = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(a.threads)
+    {"clean": clean, "power": power, "report": report}[a.part](a)
+
+
+if __name__ == "__main__":
+    main()

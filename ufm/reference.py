@@ -1,0 +1,262 @@
+"""Reference models: a calibrated, feature-specific null for the memorisation verdict.
+
+The fast exposure test ranks the unique feature among candidate features on the *same* model, so
+it assumes the model reacts to ``z_u`` like to a typical candidate unless it memorised ``z_u``. For
+structured features that is not true (a letter moves a digit classifier differently from its own
+pixels scattered), so the fast test can flag clean models.
+
+The calibrated question is instead: *is the canary model's M for this feature larger than the M of
+the same feature on models trained the same way without the canary?* A model trained without the
+canary does not depend on the feature, so one **bank** of R clean reference models per training
+setting (dataset, architecture, regularisers, train size, budget; different seeds) serves every
+feature. Each reference model's M is computed with exactly the scoring procedure of the canary run
+(same inference images, same random features: :func:`ufm.scores.feature_effect` with the run's
+seed), and the p-value is the canary model's rank among them::
+
+    p = (1 + #{M_ref >= M_obs}) / (R + 1)        (ties count against memorisation)
+
+Without memorisation the canary model and the R reference models are exchangeable, so
+``P(p <= a) <= a`` exactly, for every feature (offline LiRA-style calibration, Carlini et al. 2022,
+applied to a feature). The floor of p is ``1 / (R + 1)``: with the default R = 24 it is 0.04, so the
+strict ``p < 0.05`` verdict says "memorised" only when the canary model beats all 24 references
+(level 4%). Larger R gives smaller p-values and a steadier answer at the cost of R trainings, done
+once per setting and shared by every feature, canary and seed.
+
+Reference seeds come from their own range (:data:`REFERENCE_SEED_BASE`), never equal to the canary
+model's seed (its clean twin would not be an independent draw).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+
+from .canary import CanaryChoice
+
+if TYPE_CHECKING:
+    from .experiment import ExperimentConfig
+    from .jobs import Runner
+    from .store import Store
+    from .train import CancelFlag, ProgressFn
+
+DEFAULT_REFERENCES = 24
+MAX_REFERENCES = 200
+REFERENCE_SEED_BASE = 1_000_000
+SCORES_FILE = "reference_scores.json"
+
+
+def check_references(references: int) -> int:
+    """Validate R: at least 19 (so that ``p`` can reach 0.05) and at most :data:`MAX_REFERENCES`."""
+    r = int(references)
+    if not 19 <= r <= MAX_REFERENCES:
+        raise ValueError(f"the number of reference models R must be between 19 and {MAX_REFERENCES}, got {references}: "
+                         f"the smallest p-value is 1/(R + 1), so R < 19 can never reach 0.05")
+    return r
+
+
+def reference_seeds(config: "ExperimentConfig", references: int = DEFAULT_REFERENCES) -> list[int]:
+    """The R training seeds of the bank for ``config``: a fixed range, skipping the canary run's seed."""
+    r = check_references(references)
+    seeds = [REFERENCE_SEED_BASE + i for i in range(r + 1) if REFERENCE_SEED_BASE + i != config.seed]
+    return seeds[:r]
+
+
+def bank_config(config: "ExperimentConfig", seed: int) -> "ExperimentConfig":
+    """The clean reference model of ``config``'s training setting with training seed ``seed``.
+
+    Everything that changes training is kept; the canary is removed; everything that only changes
+    scoring is set to one canonical value, so the same bank serves every feature and scoring choice
+    (each reference model is re-scored for a feature by :func:`reference_scores`).
+    """
+    from .features import glyph
+
+    return config.replace(canary=CanaryChoice("none", ()), seed=int(seed), feature=glyph("A", size=2, offset=(0, 0)),
+                          ood_size=2, repeats=1, candidates=1, random_kind=None, checkpoint_every=0)
+
+
+def bank_configs(config: "ExperimentConfig", references: int = DEFAULT_REFERENCES) -> list["ExperimentConfig"]:
+    return [bank_config(config, s) for s in reference_seeds(config, references)]
+
+
+def bank_key(config: "ExperimentConfig") -> str:
+    """One key per training setting (the bank's identity; seed-independent)."""
+    return bank_config(config, 0).replace(seed=0).key()
+
+
+@dataclass(frozen=True)
+class BankStatus:
+    """Which reference models of a bank are finished (``run_ids``) and which are not (``missing``)."""
+
+    references: int
+    run_ids: tuple[str, ...]
+    missing: tuple["ExperimentConfig", ...]
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+    @property
+    def done(self) -> int:
+        return len(self.run_ids)
+
+
+def bank_status(store: "Store", config: "ExperimentConfig", references: int = DEFAULT_REFERENCES) -> BankStatus:
+    """Look the bank of ``config`` up in the run store (finished, cached runs only)."""
+    found, missing = [], []
+    for cfg in bank_configs(config, references):
+        hit = store.find_cached(cfg)
+        if hit is None:
+            missing.append(cfg)
+        else:
+            found.append(hit.id)
+    return BankStatus(int(references), tuple(found), tuple(missing))
+
+
+def submit_bank(runner: "Runner", config: "ExperimentConfig", references: int = DEFAULT_REFERENCES) -> list[str]:
+    """Queue the missing reference models of ``config`` on ``runner`` (background); returns their run ids.
+    Finished ones are reused by the store's cache, queued ones are not queued twice."""
+    return [runner.submit(cfg) for cfg in bank_configs(config, references)]
+
+
+def build_bank(store: "Store", config: "ExperimentConfig", references: int = DEFAULT_REFERENCES, *,
+               progress: "Callable[[int, int], None] | None" = None, cancel: "CancelFlag" = None) -> list[str]:
+    """Train the missing reference models in this process (the CLI); returns all R run ids."""
+    from .jobs import measure
+
+    cfgs = bank_configs(config, references)
+    ids = []
+    for i, cfg in enumerate(cfgs):
+        if progress is not None:
+            progress(i, len(cfgs))
+        ids.append(measure(store, cfg, cancel=cancel)[0])
+    if progress is not None:
+        progress(len(cfgs), len(cfgs))
+    return ids
+
+
+def score_key(config: "ExperimentConfig") -> str:
+    """What fixes a reference model's M for a feature: the feature, the inference images and the
+    scoring randomness (the canary run's seed)."""
+    d = {"feature": config.feature.to_dict(), "dataset": config.dataset, "ood_source": config.ood_source,
+         "ood_size": config.ood_size, "repeats": config.repeats, "random_kind": config.random_kind,
+         "seed": config.seed}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def reference_scores(store: "Store", config: "ExperimentConfig", run_ids: Sequence[str], *,
+                     device: str = "cpu") -> np.ndarray:
+    """M of ``config``'s feature on each reference model (nats), (R,) float64.
+
+    Scored by :func:`ufm.scores.feature_effect` on ``config``'s inference images with ``config.seed``:
+    the same computation as the canary run's M. Cached per reference run and score key.
+    """
+    from .experiment import inference_images
+    from .fileio import atomic_write
+    from .scores import feature_effect
+
+    key = score_key(config)
+    x = None
+    out = []
+    for run_id in run_ids:
+        path = store.run_dir(run_id) / SCORES_FILE
+        cache = _read_cache(path)
+        if key not in cache:
+            if x is None:
+                x = inference_images(config).x.to(device)
+            model = store.load_model(run_id, device=device)
+            d_u, d_r = feature_effect(model, x, config.feature, repeats=config.repeats,
+                                      random_kind=config.random_kind, seed=config.seed)
+            cache[key] = float(np.mean(d_u) - np.mean(d_r))
+            atomic_write(path, json.dumps(cache), private=True)
+        out.append(cache[key])
+    return np.asarray(out, dtype=np.float64)
+
+
+def _read_cache(path) -> dict[str, float]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: float(v) for k, v in data.items() if isinstance(v, (int, float))} if isinstance(data, dict) else {}
+
+
+@dataclass(frozen=True)
+class ReferenceTest:
+    """The calibrated verdict's numbers.
+
+    Attributes:
+        observed_M: the canary model's M (nats).
+        reference_M: (R,) the reference models' M for the same feature (nats).
+        rank: 1 + number of reference models with M >= observed (ties within tolerance included).
+        p_value: rank / (R + 1).
+        alpha: level of the verdict (memorised when p < alpha).
+    """
+
+    observed_M: float
+    reference_M: tuple[float, ...]
+    rank: int
+    p_value: float
+    alpha: float
+    run_ids: tuple[str, ...] = ()
+
+    @property
+    def references(self) -> int:
+        return len(self.reference_M)
+
+    @property
+    def memorised(self) -> bool:
+        return self.p_value < self.alpha
+
+    def text(self) -> str:
+        r = self.references
+        beaten = r + 1 - self.rank
+        if self.memorised:
+            return (f"Memorised at the {self.alpha:.0%} level: the model's M for this feature is larger than on all "
+                    f"{r} reference models trained the same way without the canary (calibrated p = {self.p_value:.2g}).")
+        return (f"No evidence of memorisation at the {self.alpha:.0%} level: the model's M for this feature exceeds "
+                f"{beaten} of {r} reference models trained without the canary (calibrated p = {self.p_value:.2g}). "
+                f"This does not prove the feature was not memorised: one canary can only be detected or not.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"observed_M": self.observed_M, "reference_M": list(self.reference_M), "rank": self.rank,
+                "p_value": self.p_value, "alpha": self.alpha, "references": self.references,
+                "memorised": self.memorised, "run_ids": list(self.run_ids)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ReferenceTest":
+        return cls(float(d["observed_M"]), tuple(float(v) for v in d["reference_M"]), int(d["rank"]),
+                   float(d["p_value"]), float(d["alpha"]), tuple(d.get("run_ids", ())))
+
+
+def rank_test(observed: float, reference: np.ndarray, alpha: float = 0.05,
+              run_ids: Sequence[str] = ()) -> ReferenceTest:
+    """Rank ``observed`` among ``reference`` with the exposure test's tie rule."""
+    from .scores import exposure_test
+
+    rank, _, p = exposure_test(float(observed), np.asarray(reference, dtype=np.float64))
+    return ReferenceTest(float(observed), tuple(float(v) for v in reference), rank, p, float(alpha), tuple(run_ids))
+
+
+def reference_test(store: "Store", config: "ExperimentConfig", observed_M: float,
+                   references: int = DEFAULT_REFERENCES, *, device: str = "cpu") -> ReferenceTest | None:
+    """The calibrated test of a finished canary run of ``config`` with M = ``observed_M``, or None
+    while the bank is incomplete (see :func:`bank_status`)."""
+    status = bank_status(store, config, references)
+    if not status.complete:
+        return None
+    refs = reference_scores(store, config, status.run_ids, device=device)
+    return rank_test(observed_M, refs, config.alpha, status.run_ids)
+
+
+def report_bank_progress(progress: "ProgressFn | None") -> Callable[[int, int], None]:
+    """Adapt :func:`build_bank`'s (done, total) callback to a :class:`ufm.train.Progress` callback."""
+    from .train import Progress
+
+    def report(done: int, total: int) -> None:
+        if progress is not None:
+            progress(Progress("reference", done, total, message=f"reference models {done}/{total}"))
+    return report
