@@ -259,7 +259,8 @@ class MScore:
         k = len(self.candidate_X)
         pct = f"{self.alpha:.0%}"
         if self.status == "inconclusive":
-            return f"Inconclusive: the fast exposure test cannot decide for this feature. {self.inconclusive_reason}"
+            # no "Inconclusive:" prefix: ufm.verdict puts the headline in front of this text
+            return f"No verdict from the fast exposure test: {self.inconclusive_reason}"
         if self.status == "memorised":
             return (f"Memorised at the {pct} level by the fast exposure test: the model reacts more to the unique "
                     f"feature than to {k + 1 - self.rank} of {k} candidate features ({self.family}) "
