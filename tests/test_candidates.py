@@ -169,3 +169,13 @@ def test_candidate_patches_alias_still_works():
     p = candidate_patches(f, 7, kind="bernoulli", generator=torch.Generator().manual_seed(0))
     assert p.shape == (7, 5, 5) and len(set(_keys(p))) == 7
     assert math.isclose(float(candidate_patches(f, 3).sum()), 3 * float(f.array().sum()))
+
+
+def test_cli_candidate_kind_choices_are_the_families():
+    from ufm.cli import build_parser
+
+    parser = build_parser()
+    measure = next(a for a in parser._subparsers._group_actions[0].choices.values()
+                   if any("--candidate-kind" in x.option_strings for x in a._actions))
+    action = next(x for x in measure._actions if "--candidate-kind" in x.option_strings)
+    assert tuple(action.choices) == CANDIDATE_KINDS and action.default == "auto"

@@ -108,7 +108,11 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("score")
     s.add_argument("--candidates", type=int_in(1, MAX_CANDIDATES, " (each candidate is scored on every inference image)"),
                    default=99, help=f"K candidate features for the exposure test (1..{MAX_CANDIDATES})")
-    s.add_argument("--candidate-kind", default="permute", choices=["permute", "bernoulli", "uniform"])
+    # = ufm.canary.CANDIDATE_KINDS, spelt out so --help does not import torch
+    s.add_argument("--candidate-kind", default="auto",
+                   choices=["auto", "permute", "strings", "strokes", "shift", "bernoulli", "uniform"],
+                   help="candidate family of the exposure test; auto = by the feature's kind (text: strings, "
+                        "glyph or drawing: strokes, image: permute)")
     s.add_argument("--repeats", type=int_in(1, MAX_REPEATS), default=1,
                    help=f"R random features per inference image (1..{MAX_REPEATS})")
     s.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (>= 0)")
