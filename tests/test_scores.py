@@ -7,11 +7,13 @@ import torch
 from scipy import special, stats
 from torch import nn
 
-from ufm.candidates import candidate_set, derived_generator
+from ufm.candidates import FAMILIES, candidate_set, derived_generator
 from ufm.canary import random_patches
-from ufm.features import glyph, grid_feature
-from ufm.scores import (MScore, access_scores, confidence_gain, exposure_test, kl_divergence,
-                        memorisation_score, ttests)
+from ufm.features import FeatureError, glyph, grid_feature, text_feature
+from ufm.scores import (TIE_RTOL, AccessScores, GainStat, MScore, _feature_stamp, _Forward, access_scores,
+                        confidence_gain, exposure_test, feature_effect, kl_divergence, memorisation_score,
+                        model_learned, rank_against, ttests)
+from ufm.train import TrainingCancelled
 
 
 def test_kl_matches_scipy_entropy():
@@ -176,12 +178,6 @@ def test_confidence_gain_and_access_settings():
 
 # ----------------------------------------------------------------------------- issue 8: verdicts you can trust
 
-from ufm.candidates import FAMILIES  # noqa: E402
-from ufm.features import FeatureError, text_feature  # noqa: E402
-from ufm.scores import (TIE_RTOL, GainStat, AccessScores, _feature_stamp, _Forward, feature_effect,  # noqa: E402
-                        model_learned, rank_against)
-from ufm.train import TrainingCancelled  # noqa: E402
-
 
 def _mlp(seed, side=8, classes=3):
     torch.manual_seed(seed)
@@ -248,6 +244,7 @@ def test_float64_path_identical_inputs_give_identical_kl(one_torch_thread):
     np.testing.assert_array_equal(res.d_u, kl[0])
 
 
+@pytest.mark.filterwarnings("ignore:Precision loss")  # the t-tests on identical d_u values
 def test_shifted_copies_tie_exactly_on_a_translation_invariant_model():
     """The model sums the pixels; on black images the pattern stamped anywhere gives the same logits,
     so every shift candidate equals X_u exactly and ranks against memorisation: p = 1, not 1/(K+1)."""
