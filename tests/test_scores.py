@@ -15,6 +15,8 @@ from ufm.scores import (TIE_RTOL, AccessScores, GainStat, MScore, _feature_stamp
                         model_learned, rank_against, ttests)
 from ufm.train import TrainingCancelled
 
+from .conftest import tiny_config
+
 
 def test_kl_matches_scipy_entropy():
     rng = np.random.default_rng(0)
@@ -350,6 +352,22 @@ def test_calibrated_access_p_values_on_clean_models(one_torch_thread):
     calibrated = np.array(calibrated)
     assert np.all(calibrated >= 1 / 20) and np.all(calibrated.mean(axis=0) > 0.2)
     assert np.median(paper) < 1e-3  # the paper's statistic flags clean models
+
+
+def test_calibrated_access_p_values_on_briefly_trained_clean_models(tiny_data, one_torch_thread):
+    """Clean models trained a few epochs (no canary): the black-box t-test flags them, the rank does not."""
+    from ufm.canary import CanaryChoice
+    from ufm.experiment import run_experiment
+
+    cal, paper = [], []
+    for seed in range(4):
+        res = run_experiment(tiny_config(tiny_data, canary=CanaryChoice("none", ()), seed=seed, candidates=19,
+                                         epochs=4, feature=glyph("A", size=4, offset=(1, 1))))
+        assert res.test_accuracy > 0.9 and res.score.status != "memorised"
+        assert res.access.family == "strokes" and res.access.candidates == 19
+        cal.append([res.access.grey_box.p_value, res.access.black_box_gain.p_value])
+        paper.append(res.access.black_box_gain.p_value_paper)
+    assert np.all(np.array(cal).mean(axis=0) > 0.2) and np.max(paper) < 0.01
 
 
 def test_access_p_value_is_the_rank_among_candidates():
