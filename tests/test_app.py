@@ -55,7 +55,7 @@ def test_every_page_renders(app_env):
     assert {b.key for b in at.button} >= {"demo_teaching", "demo_clinical"}
     assert any("Datasets available offline" in m.value for m in at.markdown)
     for page in PAGES:
-        at.switch_page(f"pages/{page}.py").run()
+        at.switch_page(f"app_pages/{page}.py").run()
         assert not at.exception, (page, at.exception)
 
 
@@ -72,7 +72,7 @@ def test_clinical_demo_falls_back_to_pneumoniamnist_and_says_so(app_env):
 
 
 def test_feature_page_kinds_and_bad_input(app_env):
-    at = _app().switch_page("pages/feature.py").run()
+    at = _app().switch_page("app_pages/feature.py").run()
     assert at.radio(key="feat_kind").options == ["Glyph", "Draw", "Text", "Upload"]
     at.radio(key="feat_kind").set_value("Draw").run()
     assert len([c for c in at.checkbox if c.key and c.key.startswith("px_")]) == 25
@@ -96,7 +96,7 @@ def test_feature_page_kinds_and_bad_input(app_env):
 
 
 def test_quick_run_from_train_page_shows_numbers(app_env):
-    at = _app().switch_page("pages/train.py").run()
+    at = _app().switch_page("app_pages/train.py").run()
     assert at.selectbox(key="tr_dataset").value == "mnist" and at.selectbox(key="tr_arch").value == "mlp"
     assert at.multiselect(key="tr_regs").options[-1] == "dp-sgd"
     assert at.radio(key="tr_budget").value.startswith("Quick") and at.button(key="tr_start").label == "Start"
@@ -119,12 +119,12 @@ def test_quick_run_from_train_page_shows_numbers(app_env):
     # the result is in the store: a new session (a reload) finds it through the query string
     at2 = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
     at2.query_params["run"] = run_id
-    at2.switch_page("pages/train.py").run()
+    at2.switch_page("app_pages/train.py").run()
     assert {m.label for m in at2.metric} >= {"M = X_u - X_r (nats)"}
     # the other pages now have something to show
-    at.switch_page("pages/explain.py").run()
+    at.switch_page("app_pages/explain.py").run()
     assert not at.exception and any(m.label.startswith("box share") for m in at.metric)
-    at.switch_page("pages/runs.py").run()
+    at.switch_page("app_pages/runs.py").run()
     assert not at.exception and at.selectbox(key="runs_pick").value == run_id
 
 
@@ -134,15 +134,15 @@ def test_teaching_demo_ends_on_result(app_env):
     assert not at.exception
     run_id = at.session_state["run_id"]
     _wait_done(run_id)
-    at.switch_page("pages/train.py").run()
+    at.switch_page("app_pages/train.py").run()
     assert any(m.label == "M = X_u - X_r (nats)" for m in at.metric)
 
 
 def test_compare_and_influence_pages_run_small_studies(app_env):
-    at = _app().switch_page("pages/train.py").run()
+    at = _app().switch_page("app_pages/train.py").run()
     at.number_input(key="tr_epochs").set_value(2).run()
     at.number_input(key="tr_ood").set_value(40).run()
-    at.switch_page("pages/compare.py").run()
+    at.switch_page("app_pages/compare.py").run()
     at.multiselect(key="cmp_regs").set_value(["none", "dropout"])
     at.number_input(key="cmp_seeds").set_value(2)
     at.button(key="FormSubmitter:cmp_form-Run the comparison").click().run()
@@ -152,7 +152,7 @@ def test_compare_and_influence_pages_run_small_studies(app_env):
         _wait_done(rid)
     at.run()
     assert not at.exception and len(at.dataframe) >= 1
-    at.switch_page("pages/influence.py").run()
+    at.switch_page("app_pages/influence.py").run()
     at.button(key="inf_start").click().run()
     deadline = time.time() + 240
     from ufm.sweep import reference_config

@@ -35,7 +35,7 @@ rec = store.get(run_id)
 a, b, c, d = st.columns(4)
 if a.button("Show on Train & measure", key="runs_open"):
     st.session_state[state.RUN] = run_id
-    st.switch_page("pages/train.py")
+    st.switch_page("app_pages/train.py")
 b.download_button("Export JSON", run_json(store, run_id) if rec.status == "done" else "",
                   f"ufm-run-{state.short(run_id)}.json", key="runs_json", disabled=rec.status != "done")
 c.download_button("Export HTML report", run_html(store, run_id) if rec.status == "done" else "",

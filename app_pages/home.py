@@ -36,4 +36,4 @@ for col, (key, demo) in zip(cols, DEMOS.items()):
             st.info(demo.note(offline))
         if st.button(f"Run the {demo.title.lower()} demo", key=f"demo_{key}", type="primary"):
             start_demo(demo)
-            st.switch_page("pages/train.py")
+            st.switch_page("app_pages/train.py")
