@@ -1,8 +1,15 @@
-"""ufm dashboard: `streamlit run app.py`."""
+"""ufm dashboard: `streamlit run app.py` (private to this machine by default; see .streamlit/config.toml)."""
+
+import logging
 
 import streamlit as st
 
+from dashboard import access
+
 st.set_page_config(page_title="ufm: unique feature memorisation", page_icon=":material/fingerprint:", layout="wide")
+
+if not access.gate():
+    st.stop()  # no page code runs before sign-in
 
 pages = [
     st.Page("app_pages/home.py", title="Home", icon=":material/home:", default=True),
@@ -13,4 +20,11 @@ pages = [
     st.Page("app_pages/compare.py", title="Compare", icon=":material/compare:"),
     st.Page("app_pages/runs.py", title="Runs", icon=":material/history:"),
 ]
-st.navigation(pages).run()
+page = st.navigation(pages)
+try:
+    page.run()
+except Exception:  # st.stop / st.rerun / st.switch_page are BaseExceptions and pass through
+    # Known user errors are caught on the pages with their own messages; anything reaching here is
+    # a bug or an environment problem whose traceback (paths, ids) belongs in the server log only.
+    logging.getLogger("ufm.dashboard").exception("page %r failed", page.title)
+    st.error("Something went wrong; the details are in the server log.")
