@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from dashboard import state, views
+from dashboard import access, state, views
 from ufm.report import run_html, run_json, runs_csv, runs_table
 
 st.title("Runs")
@@ -40,7 +40,8 @@ b.download_button("Export JSON", run_json(store, run_id) if rec.status == "done"
                   f"ufm-run-{state.short(run_id)}.json", key="runs_json", disabled=rec.status != "done")
 c.download_button("Export HTML report", run_html(store, run_id) if rec.status == "done" else "",
                   f"ufm-run-{state.short(run_id)}.html", "text/html", key="runs_html", disabled=rec.status != "done")
-if d.button("Delete", key="runs_delete", disabled=rec.status in ("queued", "running")):
+if access.confirm_button("Delete", "runs_delete", target=run_id, where=d, disabled=rec.status in ("queued", "running"),
+                         prompt=f"Delete run {state.short(run_id)} with its model and scores? This cannot be undone."):
     store.delete_run(run_id)
     if st.session_state.get(state.RUN) == run_id:
         del st.session_state[state.RUN]

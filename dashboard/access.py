@@ -95,3 +95,43 @@ def gate() -> bool:
         time.sleep(WRONG_PASSWORD_DELAY)
         st.error("Wrong password.")
     return False
+
+
+STARTED_KEY = "_ufm_started_runs"  # session state: ids of the runs this session submitted
+
+
+def mark_started(*run_ids: str) -> None:
+    """Remember that this session submitted these runs (it may cancel them without confirming)."""
+    st.session_state.setdefault(STARTED_KEY, set()).update(run_ids)
+
+
+def started_here(run_id: str) -> bool:
+    return run_id in st.session_state.get(STARTED_KEY, ())
+
+
+def confirm_button(label: str, key: str, *, target: str, prompt: str, needed: bool = True,
+                   disabled: bool = False, where=None) -> bool:
+    """A button for a destructive action on ``target``; True once the action should happen.
+
+    With ``needed``, a click only asks: a warning with "Confirm" (key ``{key}_yes``) and "Keep"
+    (key ``{key}_no``) buttons appears below, and the action happens on "Confirm". The pending
+    question remembers its ``target``, so picking another run meanwhile does not confirm that one.
+    ``where``: the container of the first button (default: the current one).
+    """
+    flag = f"_confirm_{key}"
+    if (where or st).button(label, key=key, disabled=disabled):
+        if not needed:
+            return True
+        st.session_state[flag] = target
+    if st.session_state.get(flag) != target or disabled:
+        st.session_state.pop(flag, None)
+        return False
+    st.warning(prompt)
+    yes, no = st.columns(2)
+    if yes.button(f"Confirm: {label.lower()}", key=f"{key}_yes", type="primary"):
+        st.session_state.pop(flag, None)
+        return True
+    if no.button("Keep it", key=f"{key}_no"):
+        st.session_state.pop(flag, None)
+        st.rerun()
+    return False
