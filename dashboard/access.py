@@ -90,6 +90,7 @@ def gate() -> bool:
     if submitted:
         if hmac.compare_digest(given.encode(), password.encode()):
             st.session_state[AUTH_KEY] = _fingerprint(password)
+            del st.session_state["ufm_password_input"]  # keep no plain copy in the session
             st.rerun()
         log.warning("wrong dashboard password")
         time.sleep(WRONG_PASSWORD_DELAY)
