@@ -4,6 +4,7 @@ import streamlit as st
 
 from dashboard import access, state, views
 from ufm.report import run_html, run_json, runs_csv, runs_table
+from ufm.store import RunNotFound
 
 st.title("Runs")
 store = state.store()
@@ -31,7 +32,10 @@ if shown.empty:
     st.stop()
 run_id = st.selectbox("open run", list(shown["id"]), key="runs_pick",
                       format_func=lambda i: f"{state.short(i)} · {shown.set_index('id').loc[i, 'status']}")
-rec = store.get(run_id)
+try:
+    rec = store.get(run_id)
+except RunNotFound:  # deleted by another session since the table was read
+    st.rerun()
 a, b, c, d = st.columns(4)
 if a.button("Show on Train & measure", key="runs_open"):
     st.session_state[state.RUN] = run_id
