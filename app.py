@@ -8,9 +8,7 @@ from dashboard import access
 
 st.set_page_config(page_title="ufm: unique feature memorisation", page_icon=":material/fingerprint:", layout="wide")
 
-if not access.gate():
-    st.stop()  # no page code runs before sign-in
-
+allowed = access.gate()  # the sign-in form or the refusal when not
 pages = [
     st.Page("app_pages/home.py", title="Home", icon=":material/home:", default=True),
     st.Page("app_pages/feature.py", title="Feature", icon=":material/draw:"),
@@ -20,7 +18,10 @@ pages = [
     st.Page("app_pages/compare.py", title="Compare", icon=":material/compare:"),
     st.Page("app_pages/runs.py", title="Runs", icon=":material/history:"),
 ]
-page = st.navigation(pages)
+# Resolved even when locked (hidden, not run), so the page asked for in the URL opens after sign-in.
+page = st.navigation(pages, position="sidebar" if allowed else "hidden")
+if not allowed:
+    st.stop()  # no page code runs before sign-in
 try:
     page.run()
 except Exception:  # st.stop / st.rerun / st.switch_page are BaseExceptions and pass through
