@@ -1,7 +1,5 @@
 """ufm dashboard: `streamlit run app.py` (private to this machine by default; see .streamlit/config.toml)."""
 
-import logging
-
 import streamlit as st
 
 from dashboard import access
@@ -27,5 +25,5 @@ try:
 except Exception:  # st.stop / st.rerun / st.switch_page are BaseExceptions and pass through
     # Known user errors are caught on the pages with their own messages; anything reaching here is
     # a bug or an environment problem whose traceback (paths, ids) belongs in the server log only.
-    logging.getLogger("ufm.dashboard").exception("page %r failed", page.title)
+    access.server_log().exception("page %r failed", page.title)
     st.error("Something went wrong; the details are in the server log.")

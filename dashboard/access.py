@@ -25,6 +25,17 @@ WRONG_PASSWORD_DELAY = 1.0  # seconds; slows guessing down without bothering a p
 log = logging.getLogger("ufm.dashboard")
 
 
+def server_log() -> logging.Logger:
+    """The dashboard's logger, writing to the server's stderr with a time stamp (set up once per process)."""
+    parent = logging.getLogger("ufm")
+    if not parent.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        parent.addHandler(handler)
+        parent.setLevel(logging.INFO)
+    return log
+
+
 def configured_password() -> str | None:
     """``$UFM_PASSWORD``, else ``ufm_password`` from Streamlit's secrets, else None (no password)."""
     env = os.environ.get(PASSWORD_ENV)
@@ -92,7 +103,7 @@ def gate() -> bool:
             st.session_state[AUTH_KEY] = _fingerprint(password)
             del st.session_state["ufm_password_input"]  # keep no plain copy in the session
             st.rerun()
-        log.warning("wrong dashboard password")
+        server_log().warning("wrong dashboard password")
         time.sleep(WRONG_PASSWORD_DELAY)
         st.error("Wrong password.")
     return False
