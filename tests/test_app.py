@@ -299,3 +299,32 @@ def test_own_run_is_cancelled_without_asking(app_env):
     at.switch_page("app_pages/train.py").run()
     at.button(key=f"cancel_{run_id}").click().run()
     assert not at.exception and state.store().get(run_id).status == "cancelled"
+
+
+def test_live_curve_is_rebuilt_only_when_an_epoch_arrives(app_env, monkeypatch):
+    from dashboard import state, views
+    run_id = _parked_run("queued")
+    store = state.store()
+    assert store.mark_running(run_id)
+    built = []
+    real = views.loss_curve_figure
+    monkeypatch.setattr(views, "loss_curve_figure", lambda rows, **kw: built.append(len(rows)) or real(rows, **kw))
+
+    def epoch(e: int) -> None:
+        store.update_progress(run_id, dict(phase="train", epoch=e, max_epochs=10, train_loss=1.0 / e,
+                                           val_loss=1.1 / e, val_acc=0.5))
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.query_params["run"] = run_id
+    epoch(1)
+    at.switch_page("app_pages/train.py").run()
+    epoch(2)
+    at.run()
+    at.run()  # a tick without a new epoch
+    assert not at.exception and built == [2]
+    assert any(m.label == "validation accuracy" for m in at.metric)
+    assert [c.key for c in at.get("plotly_chart") if c.key.startswith("live_")] == [f"live_{run_id}"]
+    epoch(3)
+    at.run()
+    assert built == [2, 3]
+    store.mark_cancelled(run_id)
