@@ -1,16 +1,29 @@
-"""ufm dashboard: `streamlit run app.py`."""
+"""ufm dashboard: `streamlit run app.py` (private to this machine by default; see .streamlit/config.toml)."""
 
 import streamlit as st
 
+from dashboard import access
+
 st.set_page_config(page_title="ufm: unique feature memorisation", page_icon=":material/fingerprint:", layout="wide")
 
+allowed = access.gate()  # the sign-in form or the refusal when not
 pages = [
-    st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
-    st.Page("pages/feature.py", title="Feature", icon=":material/draw:"),
-    st.Page("pages/train.py", title="Train & measure", icon=":material/model_training:"),
-    st.Page("pages/influence.py", title="Influence", icon=":material/scatter_plot:"),
-    st.Page("pages/explain.py", title="Explain", icon=":material/visibility:"),
-    st.Page("pages/compare.py", title="Compare", icon=":material/compare:"),
-    st.Page("pages/runs.py", title="Runs", icon=":material/history:"),
+    st.Page("app_pages/home.py", title="Home", icon=":material/home:", default=True),
+    st.Page("app_pages/feature.py", title="Feature", icon=":material/draw:"),
+    st.Page("app_pages/train.py", title="Train & measure", icon=":material/model_training:"),
+    st.Page("app_pages/influence.py", title="Influence", icon=":material/scatter_plot:"),
+    st.Page("app_pages/explain.py", title="Explain", icon=":material/visibility:"),
+    st.Page("app_pages/compare.py", title="Compare", icon=":material/compare:"),
+    st.Page("app_pages/runs.py", title="Runs", icon=":material/history:"),
 ]
-st.navigation(pages).run()
+# Resolved even when locked (hidden, not run), so the page asked for in the URL opens after sign-in.
+page = st.navigation(pages, position="sidebar" if allowed else "hidden")
+if not allowed:
+    st.stop()  # no page code runs before sign-in
+try:
+    page.run()
+except Exception:  # st.stop / st.rerun / st.switch_page are BaseExceptions and pass through
+    # Known user errors are caught on the pages with their own messages; anything reaching here is
+    # a bug or an environment problem whose traceback (paths, ids) belongs in the server log only.
+    access.server_log().exception("page %r failed", page.title)
+    st.error("Something went wrong; the details are in the server log.")

@@ -1,1 +1,1 @@
-"""UI-side helpers for the Streamlit dashboard (app.py, pages/). The science lives in ufm/."""
+"""UI-side helpers for the Streamlit dashboard (app.py, app_pages/). The science lives in ufm/."""

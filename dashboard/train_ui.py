@@ -9,6 +9,7 @@ import streamlit as st
 
 from ufm.canary import CanaryChoice
 from ufm.models import ARCHITECTURES
+from ufm.paths import PathNotAllowed, check_user_path
 from ufm.plots import image_figure
 from ufm.train import REGULARISERS, DPConfig
 
@@ -19,15 +20,25 @@ GALLERY = 24
 
 
 def setup_form() -> dict:
-    """Dataset, architecture, regularisers and budget; returns the new setup dict."""
+    """Dataset, architecture, regularisers and budget; returns the new setup dict.
+
+    Raises:
+        PathNotAllowed: the typed data path is outside the allowed data folders (shown by the page).
+    """
     s = dict(state.current_setup())
     choices = state.dataset_choices() + ["your own data (a folder or .npz pair)"]
     ds = s["dataset"] if s["dataset"] in choices else choices[-1]
     c1, c2, c3 = st.columns(3)
     pick = c1.selectbox("dataset", choices, index=choices.index(ds), key="tr_dataset")
+    refused = None
     if pick == choices[-1]:
-        pick = c1.text_input("path to your data", s["dataset"] if ds == choices[-1] else "", key="tr_path",
-                             help="A folder with train.npz and test.npz, or a folder of class sub-folders of images.")
+        typed = c1.text_input("path to your data", s["dataset"] if ds == choices[-1] else "", key="tr_path",
+                              help="A folder with train.npz and test.npz, or a folder of class sub-folders of "
+                                   "images, inside the data folders the operator allows.")
+        try:  # before anything lists or loads it: the server's file system is not the user's
+            pick = str(check_user_path(typed))
+        except PathNotAllowed as e:
+            refused, pick = e, s["dataset"] if s["dataset"] in choices[:-1] else choices[0]
     s["dataset"] = pick
     s["arch"] = c2.selectbox("architecture", ARCHITECTURES, index=ARCHITECTURES.index(s["arch"]), key="tr_arch")
     s["regularisers"] = c3.multiselect("regularisers", [r for r in REGULARISERS if r != "none"],
@@ -52,6 +63,8 @@ def setup_form() -> dict:
         s["device"] = b[3].selectbox("device", ["auto", "cpu", "cuda", "mps"], key="tr_device")
     if dp_on:
         dp_settings(s)
+    if refused is not None:
+        raise refused  # after the other widgets, so the form keeps its shape
     return s
 
 

@@ -12,9 +12,9 @@ import streamlit as st
 from ufm.canary import stamp_feature
 from ufm.data import load_split
 from ufm.plots import histogram_figure, image_figure, loss_curve_figure
-from ufm.store import RunRecord
+from ufm.store import RunNotFound, RunRecord
 
-from . import state
+from . import access, state
 
 CAVEAT = ("The verdict comes from the calibrated exposure test: the unique feature is ranked among "
           "random candidate features stamped on the same images. The t-test p-values are the paper's "
@@ -30,9 +30,18 @@ def fmt(v: float | None, digits: int = 4) -> str:
     return f"{v:.{digits}g}"
 
 
-def run_panel(run_id: str) -> None:
-    """Progress while a run is queued or running; its result once done; the error otherwise."""
-    rec = state.store().get(run_id)
+def run_panel(run_id: str) -> bool:
+    """Progress while a run is queued or running; its result once done; the error otherwise.
+
+    Returns False (after a warning) when there is no such run: a stale or crafted id, or a run
+    deleted meanwhile; the caller should forget the id.
+    """
+    try:
+        rec = state.store().get(run_id)
+    except RunNotFound:
+        # The store's message names the database path: not for the browser.
+        st.warning("Run not found: it may have been deleted. Start a new one below or open one on the Runs page.")
+        return False
     if rec.status in ("queued", "running"):
         progress_fragment(run_id)
     elif rec.status == "done":
@@ -41,11 +50,16 @@ def run_panel(run_id: str) -> None:
         st.warning(f"Run {state.short(run_id)} was cancelled. Start it again from the Train & measure page.")
     else:
         st.error(f"Run {state.short(run_id)} failed: {rec.error}")
+    return True
 
 
-@st.fragment(run_every=1.0)
+@st.fragment(run_every=2.0)
 def progress_fragment(run_id: str) -> None:
-    rec = state.store().get(run_id)
+    """The live view of a queued or running run; every open session polls it, so it stays cheap."""
+    try:
+        rec = state.store().get(run_id)
+    except RunNotFound:
+        st.rerun()  # deleted by someone else: the page says so
     if rec.status not in ("queued", "running"):
         st.rerun()  # finished: redraw the whole page with the result
     p = rec.progress or {}
@@ -68,9 +82,17 @@ def progress_fragment(run_id: str) -> None:
             c2.metric("validation loss (nats)", fmt(p["val_loss"]))
             c3.metric("validation accuracy", f"{100 * p['val_acc']:.1f}%")
         if len(curve) >= 2:
-            st.plotly_chart(loss_curve_figure(sorted(curve.values(), key=lambda r: r["epoch"]),
-                                              title="Training curves (live)"), key=f"live_{run_id}")
-    if st.button("Cancel run", key=f"cancel_{run_id}", type="secondary"):
+            # Rebuilt only when an epoch arrived; between epochs the tick reuses the last figure.
+            cached = st.session_state.get(f"curve_fig_{run_id}")
+            if cached is None or cached[0] != len(curve):
+                cached = (len(curve), loss_curve_figure(sorted(curve.values(), key=lambda r: r["epoch"]),
+                                                        title="Training curves (live)"))
+                st.session_state[f"curve_fig_{run_id}"] = cached
+            st.plotly_chart(cached[1], key=f"live_{run_id}")
+    mine = access.started_here(run_id)
+    if access.confirm_button("Cancel run", f"cancel_{run_id}", target=run_id, needed=not mine,
+                             prompt=f"Run {state.short(run_id)} was not started in this session: someone else may "
+                                    "be waiting for it. Cancel it anyway?"):
         state.runner().cancel(run_id)
         st.rerun()
 

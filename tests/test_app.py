@@ -28,6 +28,10 @@ def app_env(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("UFM_DATA_DIR", str(root / "data"))
     mp.setenv("UFM_HOME", str(root / "home"))
+    mp.delenv("UFM_PASSWORD", raising=False)
+    from streamlit import config as st_config
+    address = st_config.get_option("server.address")
+    st_config.set_option("server.address", "localhost")  # whatever the working directory's config says
     st.cache_resource.clear()
     st.cache_data.clear()
     yield root
@@ -35,6 +39,7 @@ def app_env(tmp_path_factory):
     state.runner().shutdown(cancel=True, wait=True, timeout=30)
     st.cache_resource.clear()
     st.cache_data.clear()
+    st_config.set_option("server.address", address)
     mp.undo()
 
 
@@ -55,7 +60,7 @@ def test_every_page_renders(app_env):
     assert {b.key for b in at.button} >= {"demo_teaching", "demo_clinical"}
     assert any("Datasets available offline" in m.value for m in at.markdown)
     for page in PAGES:
-        at.switch_page(f"pages/{page}.py").run()
+        at.switch_page(f"app_pages/{page}.py").run()
         assert not at.exception, (page, at.exception)
 
 
@@ -72,7 +77,7 @@ def test_clinical_demo_falls_back_to_pneumoniamnist_and_says_so(app_env):
 
 
 def test_feature_page_kinds_and_bad_input(app_env):
-    at = _app().switch_page("pages/feature.py").run()
+    at = _app().switch_page("app_pages/feature.py").run()
     assert at.radio(key="feat_kind").options == ["Glyph", "Draw", "Text", "Upload"]
     at.radio(key="feat_kind").set_value("Draw").run()
     assert len([c for c in at.checkbox if c.key and c.key.startswith("px_")]) == 25
@@ -96,7 +101,7 @@ def test_feature_page_kinds_and_bad_input(app_env):
 
 
 def test_quick_run_from_train_page_shows_numbers(app_env):
-    at = _app().switch_page("pages/train.py").run()
+    at = _app().switch_page("app_pages/train.py").run()
     assert at.selectbox(key="tr_dataset").value == "mnist" and at.selectbox(key="tr_arch").value == "mlp"
     assert at.multiselect(key="tr_regs").options[-1] == "dp-sgd"
     assert at.radio(key="tr_budget").value.startswith("Quick") and at.button(key="tr_start").label == "Start"
@@ -119,12 +124,12 @@ def test_quick_run_from_train_page_shows_numbers(app_env):
     # the result is in the store: a new session (a reload) finds it through the query string
     at2 = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
     at2.query_params["run"] = run_id
-    at2.switch_page("pages/train.py").run()
+    at2.switch_page("app_pages/train.py").run()
     assert {m.label for m in at2.metric} >= {"M = X_u - X_r (nats)"}
     # the other pages now have something to show
-    at.switch_page("pages/explain.py").run()
+    at.switch_page("app_pages/explain.py").run()
     assert not at.exception and any(m.label.startswith("box share") for m in at.metric)
-    at.switch_page("pages/runs.py").run()
+    at.switch_page("app_pages/runs.py").run()
     assert not at.exception and at.selectbox(key="runs_pick").value == run_id
 
 
@@ -134,15 +139,15 @@ def test_teaching_demo_ends_on_result(app_env):
     assert not at.exception
     run_id = at.session_state["run_id"]
     _wait_done(run_id)
-    at.switch_page("pages/train.py").run()
+    at.switch_page("app_pages/train.py").run()
     assert any(m.label == "M = X_u - X_r (nats)" for m in at.metric)
 
 
 def test_compare_and_influence_pages_run_small_studies(app_env):
-    at = _app().switch_page("pages/train.py").run()
+    at = _app().switch_page("app_pages/train.py").run()
     at.number_input(key="tr_epochs").set_value(2).run()
     at.number_input(key="tr_ood").set_value(40).run()
-    at.switch_page("pages/compare.py").run()
+    at.switch_page("app_pages/compare.py").run()
     at.multiselect(key="cmp_regs").set_value(["none", "dropout"])
     at.number_input(key="cmp_seeds").set_value(2)
     at.button(key="FormSubmitter:cmp_form-Run the comparison").click().run()
@@ -152,7 +157,7 @@ def test_compare_and_influence_pages_run_small_studies(app_env):
         _wait_done(rid)
     at.run()
     assert not at.exception and len(at.dataframe) >= 1
-    at.switch_page("pages/influence.py").run()
+    at.switch_page("app_pages/influence.py").run()
     at.button(key="inf_start").click().run()
     deadline = time.time() + 240
     from ufm.sweep import reference_config
@@ -174,7 +179,7 @@ def test_compare_and_influence_pages_run_small_studies(app_env):
 
 
 def test_train_page_dp_sgd_settings_reach_the_run(app_env):
-    at = _app().switch_page("pages/train.py").run()
+    at = _app().switch_page("app_pages/train.py").run()
     assert at.number_input(key="tr_epochs").disabled is False
     assert not any(r.key == "tr_dp_how" for r in at.radio)  # hidden without dp-sgd
     at.multiselect(key="tr_regs").set_value(["dp-sgd"]).run()
@@ -199,3 +204,127 @@ def test_train_page_dp_sgd_settings_reach_the_run(app_env):
     # DP settings do not leak into the config (and cache key) of a run without dp-sgd
     setup = dict(at.session_state["setup"], regularisers=[])
     assert state.config_from_setup(setup).dp == state.config_from_setup(dict(setup, dp=None)).dp
+
+
+def _parked_run(status: str) -> str:
+    """A run recorded in the store but never trained: ``queued`` (no worker takes it) or ``cancelled``."""
+    from dashboard import state
+    from ufm.canary import CanaryChoice
+    from ufm.experiment import ExperimentConfig
+    from ufm.features import glyph
+
+    state.runner()  # first, so its start-up recovery has already looked at the store
+    cfg = ExperimentConfig(feature=glyph("A"), dataset="mnist", canary=CanaryChoice("index", (0,)), epochs=1,
+                           seed=int(time.time() * 1000) % 10_000)
+    run_id = state.store().create_run(cfg, status="queued")
+    if status == "cancelled":
+        state.store().mark_cancelled(run_id)
+    return run_id
+
+
+@pytest.mark.parametrize("bad", ["zzz", "0123456789ab", "'; DROP TABLE runs; --", "deleted"])
+def test_train_page_survives_a_bad_run_in_the_url(app_env, bad):
+    from dashboard import state
+    if bad == "deleted":
+        bad = _parked_run("cancelled")
+        state.store().delete_run(bad)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.query_params["run"] = bad
+    at.switch_page("app_pages/train.py").run()
+    assert not at.exception and not at.error
+    assert [w.value for w in at.warning if "Run not found" in w.value]
+    assert all(bad not in w.value and "runs.sqlite" not in w.value for w in at.warning)  # no echo, no db path
+    assert at.button(key="tr_start").label == "Start"  # the form still renders
+    assert "run" not in at.query_params and state.RUN not in at.session_state
+    at.run()  # and stays healthy
+    assert not at.warning and at.button(key="tr_start")
+
+
+def test_train_page_refuses_data_outside_the_allowed_folders(app_env, tmp_path):
+    (tmp_path / "private").mkdir()
+    at = _app().switch_page("app_pages/train.py").run()
+    own = at.selectbox(key="tr_dataset").options[-1]
+    at.selectbox(key="tr_dataset").set_value(own).run()
+    for typed in (str(tmp_path / "private"), str(tmp_path / "absent"), str(app_env / "data" / ".." / "home")):
+        at.text_input(key="tr_path").input(typed).run()
+        assert not at.exception
+        msgs = [e.value for e in at.error]
+        assert msgs == [f"{typed} is outside the allowed data folders; ask the operator to add it to "
+                        "UFM_ALLOWED_DATA"], msgs
+        assert at.selectbox(key="tr_arch").value == "mlp"  # the rest of the form is still there
+    at.text_input(key="tr_path").input(str(app_env / "data" / "mnist")).run()  # inside: accepted and loaded
+    assert not at.exception and not at.error and at.button(key="tr_start")
+
+
+def test_runs_page_asks_before_deleting(app_env):
+    from dashboard import state
+    run_id = _parked_run("cancelled")
+    at = _app().switch_page("app_pages/runs.py").run()
+    at.selectbox(key="runs_pick").set_value(run_id).run()
+    at.button(key="runs_delete").click().run()
+    assert any("cannot be undone" in w.value for w in at.warning)
+    assert state.store().get(run_id).status == "cancelled"  # only asked
+    at.button(key="runs_delete_no").click().run()
+    assert not any("cannot be undone" in w.value for w in at.warning)
+    at.button(key="runs_delete").click().run()
+    at.button(key="runs_delete_yes").click().run()
+    assert not at.exception
+    from ufm.store import RunNotFound
+    with pytest.raises(RunNotFound):
+        state.store().get(run_id)
+
+
+def test_cancelling_a_run_of_another_session_asks_first(app_env):
+    from dashboard import state
+    run_id = _parked_run("queued")
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.query_params["run"] = run_id
+    at.switch_page("app_pages/train.py").run()
+    assert any("queued" in i.value for i in at.info)
+    at.button(key=f"cancel_{run_id}").click().run()
+    assert any("not started in this session" in w.value for w in at.warning)
+    assert state.store().get(run_id).status == "queued"
+    at.button(key=f"cancel_{run_id}_yes").click().run()
+    assert not at.exception and state.store().get(run_id).status == "cancelled"
+    at.run()
+    assert any("was cancelled" in w.value for w in at.warning)
+
+
+def test_own_run_is_cancelled_without_asking(app_env):
+    from dashboard import access, state
+    run_id = _parked_run("queued")
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.session_state[state.RUN] = run_id
+    at.session_state[access.STARTED_KEY] = {run_id}
+    at.switch_page("app_pages/train.py").run()
+    at.button(key=f"cancel_{run_id}").click().run()
+    assert not at.exception and state.store().get(run_id).status == "cancelled"
+
+
+def test_live_curve_is_rebuilt_only_when_an_epoch_arrives(app_env, monkeypatch):
+    from dashboard import state, views
+    run_id = _parked_run("queued")
+    store = state.store()
+    assert store.mark_running(run_id)
+    built = []
+    real = views.loss_curve_figure
+    monkeypatch.setattr(views, "loss_curve_figure", lambda rows, **kw: built.append(len(rows)) or real(rows, **kw))
+
+    def epoch(e: int) -> None:
+        store.update_progress(run_id, dict(phase="train", epoch=e, max_epochs=10, train_loss=1.0 / e,
+                                           val_loss=1.1 / e, val_acc=0.5))
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.query_params["run"] = run_id
+    epoch(1)
+    at.switch_page("app_pages/train.py").run()
+    epoch(2)
+    at.run()
+    at.run()  # a tick without a new epoch
+    assert not at.exception and built == [2]
+    assert any(m.label == "validation accuracy" for m in at.metric)
+    assert [c.key for c in at.get("plotly_chart") if c.key.startswith("live_")] == [f"live_{run_id}"]
+    epoch(3)
+    at.run()
+    assert built == [2, 3]
+    store.mark_cancelled(run_id)

@@ -241,7 +241,7 @@ def test_feature_page_shows_the_loaders_message_and_keeps_the_feature(app_env):
     from .test_app import _app
     from .test_imageio import bomb_png
 
-    at = _app().switch_page("pages/feature.py").run()
+    at = _app().switch_page("app_pages/feature.py").run()
     at.radio(key="feat_kind").set_value("Upload").run()
     kept = at.session_state["feature"]
     at.file_uploader(key="upload").set_value(("bomb.png", bomb_png(30_000), "image/png")).run()

@@ -2,8 +2,9 @@
 
 import streamlit as st
 
-from dashboard import state, views
+from dashboard import access, state, views
 from ufm.report import run_html, run_json, runs_csv, runs_table
+from ufm.store import RunNotFound
 
 st.title("Runs")
 store = state.store()
@@ -31,16 +32,20 @@ if shown.empty:
     st.stop()
 run_id = st.selectbox("open run", list(shown["id"]), key="runs_pick",
                       format_func=lambda i: f"{state.short(i)} · {shown.set_index('id').loc[i, 'status']}")
-rec = store.get(run_id)
+try:
+    rec = store.get(run_id)
+except RunNotFound:  # deleted by another session since the table was read
+    st.rerun()
 a, b, c, d = st.columns(4)
 if a.button("Show on Train & measure", key="runs_open"):
     st.session_state[state.RUN] = run_id
-    st.switch_page("pages/train.py")
+    st.switch_page("app_pages/train.py")
 b.download_button("Export JSON", run_json(store, run_id) if rec.status == "done" else "",
                   f"ufm-run-{state.short(run_id)}.json", key="runs_json", disabled=rec.status != "done")
 c.download_button("Export HTML report", run_html(store, run_id) if rec.status == "done" else "",
                   f"ufm-run-{state.short(run_id)}.html", "text/html", key="runs_html", disabled=rec.status != "done")
-if d.button("Delete", key="runs_delete", disabled=rec.status in ("queued", "running")):
+if access.confirm_button("Delete", "runs_delete", target=run_id, where=d, disabled=rec.status in ("queued", "running"),
+                         prompt=f"Delete run {state.short(run_id)} with its model and scores? This cannot be undone."):
     store.delete_run(run_id)
     if st.session_state.get(state.RUN) == run_id:
         del st.session_state[state.RUN]

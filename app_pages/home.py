@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from dashboard import state
+from dashboard import access, state
 from dashboard.demos import DEMOS, start_demo
 from ufm.train import describe_device
 
@@ -35,5 +35,5 @@ for col, (key, demo) in zip(cols, DEMOS.items()):
         if demo.note(offline):
             st.info(demo.note(offline))
         if st.button(f"Run the {demo.title.lower()} demo", key=f"demo_{key}", type="primary"):
-            start_demo(demo)
-            st.switch_page("pages/train.py")
+            access.mark_started(start_demo(demo))
+            st.switch_page("app_pages/train.py")

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from dashboard import state, views
+from dashboard import access, state, views
 from dashboard.train_ui import canary_chooser, canary_preview, setup_form
 from ufm.data import DataUnavailable
 from ufm.features import FeatureError
@@ -15,14 +15,18 @@ if "run" in st.query_params and state.RUN not in st.session_state:
     st.session_state[state.RUN] = st.query_params["run"]  # a reload keeps showing the same run
 run_id = st.session_state.get(state.RUN)
 if run_id:
-    st.query_params["run"] = run_id
-    views.run_panel(run_id)  # the latest run first; the form for a new one below
-    st.divider()
+    if views.run_panel(run_id):  # the latest run first; the form for a new one below
+        st.query_params["run"] = run_id
+        st.divider()
+    else:  # stale, crafted or deleted: forget it so the page works from here on
+        st.session_state.pop(state.RUN, None)
+        st.query_params.pop("run", None)
+        run_id = None
 
 st.header("New run" if run_id else "Setup")
 with st.container(border=True):
-    setup = setup_form()
     try:
+        setup = setup_form()
         canary = canary_chooser(setup)
         left, right = st.columns([3, 1])
         with right:
@@ -35,6 +39,7 @@ with st.container(border=True):
             if st.button("Start", type="primary", key="tr_start"):
                 st.session_state[state.SETUP] = setup
                 st.session_state[state.RUN] = state.runner().submit(config, force=force)
+                access.mark_started(st.session_state[state.RUN])
                 st.rerun()
             if not run_id:
                 st.info("Press **Start** to train; the run continues in the background if you switch pages.")

@@ -1,0 +1,149 @@
+"""Who may use the dashboard: an optional password, required once it is served beyond this machine.
+
+The password comes from ``$UFM_PASSWORD`` or ``ufm_password`` in ``.streamlit/secrets.toml``. With
+one set, every page shows only a sign-in form until the session has given it. Without one, the
+dashboard runs only when Streamlit listens on a loopback address (the default of
+``.streamlit/config.toml``); bound wider, every page refuses and says how to set a password.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+import os
+import time
+
+import streamlit as st
+
+PASSWORD_ENV = "UFM_PASSWORD"
+SECRET_KEY = "ufm_password"
+AUTH_KEY = "_ufm_signed_in"  # session state: the fingerprint of the password this session gave
+WRONG_PASSWORD_DELAY = 1.0  # seconds; slows guessing down without bothering a person who mistyped
+
+log = logging.getLogger("ufm.dashboard")
+
+
+def server_log() -> logging.Logger:
+    """The dashboard's logger, writing to the server's stderr with a time stamp (set up once per process)."""
+    parent = logging.getLogger("ufm")
+    if not parent.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        parent.addHandler(handler)
+        parent.setLevel(logging.INFO)
+    return log
+
+
+def configured_password() -> str | None:
+    """``$UFM_PASSWORD``, else ``ufm_password`` from Streamlit's secrets, else None (no password)."""
+    env = os.environ.get(PASSWORD_ENV)
+    if env:
+        return env
+    if st.secrets.load_if_toml_exists():  # False (not an exception) when there is no secrets file
+        value = st.secrets.get(SECRET_KEY)
+        if value:
+            return str(value)
+    return None
+
+
+def is_local_address(address: str | None) -> bool:
+    """True for a loopback bind address. Unset or empty means every interface (Streamlit's default)."""
+    if not address or not address.strip():
+        return False
+    a = address.strip().strip("[]").lower()
+    if a == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(a).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve to anything
+
+
+def _fingerprint(password: str) -> str:
+    return hashlib.sha256(password.encode()).hexdigest()
+
+
+def signed_in(password: str) -> bool:
+    """Whether this session gave ``password`` (a changed password signs every session out)."""
+    given = st.session_state.get(AUTH_KEY)
+    return isinstance(given, str) and hmac.compare_digest(given, _fingerprint(password))
+
+
+def gate() -> bool:
+    """Show the sign-in form or the refusal when needed; True when this session may see the pages.
+
+    Call before ``st.navigation(...).run()`` and stop the script when it returns False, so no page
+    code runs for a visitor who has not signed in.
+    """
+    password = configured_password()
+    if password is None:
+        address = st.get_option("server.address")
+        if is_local_address(address):
+            return True
+        where = f"on {address}" if address else "on every network address"
+        st.title("Password required")
+        st.error(f"This dashboard is served {where}, so anyone who can reach it could see, delete and start "
+                 "runs, and it has no password. Set one and restart: `UFM_PASSWORD=... streamlit run app.py "
+                 "--server.address ...`, or put `ufm_password = \"...\"` in `.streamlit/secrets.toml`. Or "
+                 "serve it on this machine only: `streamlit run app.py` (localhost).")
+        return False
+    if signed_in(password):
+        if st.sidebar.button("Sign out", key="ufm_sign_out"):
+            del st.session_state[AUTH_KEY]
+            st.rerun()
+        return True
+    st.title("Sign in")
+    with st.form("ufm_login"):
+        given = st.text_input("password", type="password", key="ufm_password_input")
+        submitted = st.form_submit_button("Sign in", type="primary")
+    if submitted:
+        if hmac.compare_digest(given.encode(), password.encode()):
+            st.session_state[AUTH_KEY] = _fingerprint(password)
+            del st.session_state["ufm_password_input"]  # keep no plain copy in the session
+            st.rerun()
+        server_log().warning("wrong dashboard password")
+        time.sleep(WRONG_PASSWORD_DELAY)
+        st.error("Wrong password.")
+    return False
+
+
+STARTED_KEY = "_ufm_started_runs"  # session state: ids of the runs this session submitted
+
+
+def mark_started(*run_ids: str) -> None:
+    """Remember that this session submitted these runs (it may cancel them without confirming)."""
+    st.session_state.setdefault(STARTED_KEY, set()).update(run_ids)
+
+
+def started_here(run_id: str) -> bool:
+    return run_id in st.session_state.get(STARTED_KEY, ())
+
+
+def confirm_button(label: str, key: str, *, target: str, prompt: str, needed: bool = True,
+                   disabled: bool = False, where=None) -> bool:
+    """A button for a destructive action on ``target``; True once the action should happen.
+
+    With ``needed``, a click only asks: a warning with "Confirm" (key ``{key}_yes``) and "Keep"
+    (key ``{key}_no``) buttons appears below, and the action happens on "Confirm". The pending
+    question remembers its ``target``, so picking another run meanwhile does not confirm that one.
+    ``where``: the container of the first button (default: the current one).
+    """
+    flag = f"_confirm_{key}"
+    if (where or st).button(label, key=key, disabled=disabled):
+        if not needed:
+            return True
+        st.session_state[flag] = target
+    if st.session_state.get(flag) != target or disabled:
+        st.session_state.pop(flag, None)
+        return False
+    st.warning(prompt)
+    yes, no = st.columns(2)
+    if yes.button(f"Confirm: {label.lower()}", key=f"{key}_yes", type="primary"):
+        st.session_state.pop(flag, None)
+        return True
+    if no.button("Keep it", key=f"{key}_no"):
+        st.session_state.pop(flag, None)
+        st.rerun()
+    return False
