@@ -85,7 +85,7 @@ def test_verdict_precedence():
     assert fast.headline == "Memorised (provisional)"
     ref = decide(summary, rank_test(0.0, np.linspace(0.1, 1, 24)), arch="mlp")
     assert ref.test == "reference" and ref.status == "not_shown" and not ref.provisional
-    dead = decide(dict(summary, learned=False, learned_note="accuracy 10% = chance"), None)
+    dead = decide(dict(summary, learned=False, learned_note="the model did not learn: accuracy 10%"), None)
     assert dead.status == "inconclusive" and "did not learn" in dead.text
     old = decide({"significant": False, "verdict": "old text", "exposure_p_value": 0.3})
     assert old.status == "not_shown" and "uncalibrated" in old.calibration

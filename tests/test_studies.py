@@ -94,6 +94,7 @@ def test_aggregate_known_answer():
         "status": ["done", "done", "done", "done", "failed", "queued"],
         "M": [1.0, 2.0, 3.0, 0.5, np.nan, np.nan],
         "significant": [True, False, True, False, np.nan, np.nan],
+        "verdict_test": ["reference", "fast", "reference", "fast", None, None],
         "test_accuracy": [0.9, 0.8, 0.7, 0.95, np.nan, np.nan],
     })
     agg = aggregate(runs).set_index("group")
@@ -101,7 +102,7 @@ def test_aggregate_known_answer():
     a, b, c = agg.loc["a"], agg.loc["b"], agg.loc["c"]
     half = stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3)  # sd of 1, 2, 3 is 1
     assert (a.mean_M, a.ci_low, a.ci_high) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
-    assert a.share_significant == pytest.approx(2 / 3) and a.n_significant == 2
+    assert a.share_significant == pytest.approx(2 / 3) and a.n_significant == 2 and a.n_calibrated == 2
     assert a.mean_test_accuracy == pytest.approx(0.8) and a.sd_M == pytest.approx(1.0)
     assert "95% t-interval over 3 seeds" == a.interval
     assert b.mean_M == 0.5 and math.isnan(b.ci_low) and b.interval.startswith("n = 1: no interval")

@@ -25,7 +25,7 @@ from .data import ImageData, check_same_classes, load_ood, load_split, train_val
 from .features import Feature, glyph
 from .limits import MAX_CANDIDATES, MAX_OOD_SIZE, MAX_REPEATS
 from .models import ARCHITECTURES, DEFAULT_BATCH, DEFAULT_LR, build_model
-from .scores import AccessScores, MScore, access_scores, memorisation_score
+from .scores import AccessScores, MScore, access_scores, memorisation_score, model_learned
 from .train import (REGULARISERS, CancelFlag, Checkpoint, DPConfig, EpochLog, Progress, ProgressFn,
                     TrainConfig, TrainingCancelled, evaluate, is_cancelled, resolve_device, train)
 
@@ -206,6 +206,10 @@ class Result:
     # What the run did differently from what the config asked, e.g. fewer training images than
     # train_size because the dataset is smaller (n_train + n_val is what was used).
     notes: list[str] = field(default_factory=list)
+    # False when the model did not learn (test accuracy not above the majority class): then its
+    # reaction to the feature says nothing about memorisation and the verdict is inconclusive.
+    learned: bool = True
+    learned_note: str = ""
     model: torch.nn.Module | None = field(default=None, repr=False, compare=False)
     checkpoints: list[Checkpoint] = field(default_factory=list, repr=False, compare=False)
 
@@ -229,7 +233,7 @@ class Result:
             "history": [asdict(h) for h in self.history],
             "device": self.device, "train_seconds": self.train_seconds, "score_seconds": self.score_seconds,
             "n_train": self.n_train, "n_val": self.n_val, "n_ood": self.n_ood, "versions": self.versions,
-            "notes": list(self.notes),
+            "notes": list(self.notes), "learned": self.learned, "learned_note": self.learned_note,
         }
 
     def to_json(self, **kw: Any) -> str:
@@ -244,7 +248,8 @@ class Result:
                    history=[EpochLog(**h) for h in d["history"]], epsilon=d["epsilon"], device=d["device"],
                    train_seconds=d["train_seconds"], score_seconds=d["score_seconds"], n_train=d["n_train"],
                    n_val=d["n_val"], n_ood=d["n_ood"], versions=d["versions"],
-                   notes=list(d.get("notes", [])))
+                   notes=list(d.get("notes", [])), learned=bool(d.get("learned", True)),
+                   learned_note=str(d.get("learned_note", "")))
 
     @classmethod
     def from_json(cls, s: str) -> "Result":
@@ -351,6 +356,7 @@ def run_experiment(config: ExperimentConfig, progress: ProgressFn | None = None,
         trained = train(model, data.train, data.val, config.train_config(hflip=hflip), progress=report, cancel=cancel)
         model = trained.model
         _, test_acc = evaluate(model, data.test)
+        learned, learned_note = model_learned(test_acc, data.test.y, data.train.num_classes)
 
         report(Progress("score", trained.epochs_trained, config.epochs, message="measuring memorisation"))
         t0 = time.perf_counter()
@@ -372,7 +378,7 @@ def run_experiment(config: ExperimentConfig, progress: ProgressFn | None = None,
                   best_epoch=trained.best_epoch, stopped=trained.stopped, history=trained.history,
                   epsilon=trained.epsilon, device=str(device), train_seconds=trained.seconds,
                   score_seconds=score_seconds, n_train=len(data.train), n_val=len(data.val), n_ood=len(data.ood),
-                  versions=versions(), notes=list(data.notes), model=model, checkpoints=trained.checkpoints)
+                  versions=versions(), notes=list(data.notes), learned=learned, learned_note=learned_note, model=model, checkpoints=trained.checkpoints)
 
 
 def _majority(labels: list[int]) -> int:

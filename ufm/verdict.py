@@ -76,10 +76,9 @@ def decide(summary: Mapping[str, Any], reference: ReferenceTest | None = None, *
         arch, kind, family (from the summary): look up the fast test's measured false-positive rate.
     """
     if summary.get("learned") is False:
+        note = summary.get("learned_note") or "the model did not learn: its accuracy is at chance"
         return Verdict(INCONCLUSIVE, "none", None,
-                       f"Inconclusive: the model did not learn ({summary.get('learned_note') or 'accuracy at chance'}), "
-                       "so its reaction to the feature says nothing about memorisation. Lower the learning rate or "
-                       "train longer, then measure again.")
+                       f"Inconclusive: {note}. A model that did not learn says nothing about memorisation either way.")
     if reference is not None:
         return Verdict(MEMORISED if reference.memorised else NOT_SHOWN, "reference", reference.p_value,
                        reference.text())
