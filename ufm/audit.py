@@ -209,6 +209,7 @@ class AuditConfig:
             :func:`ufm.scores.memorisation_score`; ``family="auto"`` = a calibrated family for the
             feature's kind (:func:`choose_family`).
         data_dir: where benchmark datasets live.
+        classes: the model's class names, if known (their number must be the model's K).
     """
 
     feature: Feature
@@ -224,6 +225,7 @@ class AuditConfig:
     seed: int = 0
     data_dir: str | None = None
     batch_size: int = 1024
+    classes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.feature, Feature):
@@ -245,16 +247,19 @@ class AuditConfig:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         object.__setattr__(self, "seed", int(self.seed))
+        object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["feature"] = self.feature.to_dict()
+        d["classes"] = list(self.classes)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AuditConfig":
         d = dict(d)
         d["feature"] = Feature.from_dict(d["feature"])
+        d["classes"] = tuple(d.get("classes") or ())
         return cls(**d)
 
 
@@ -363,6 +368,9 @@ def run_audit(model: OnnxModel, config: AuditConfig, *, x_ood: torch.Tensor | No
         raise ValueError(f"inference images are {tuple(x.shape[1:])} but the model takes {shape} (C, H, W)")
     family, cal, reason = choose_family(config.feature, config.family)
     model.probe(x)
+    if config.classes and len(config.classes) != model.num_classes:
+        raise ValueError(f"{len(config.classes)} class names given but the model outputs {model.num_classes} class "
+                         "scores: list exactly one name per output, in the model's order")
     if is_cancelled(cancel):
         raise TrainingCancelled("cancelled before scoring")
 
@@ -438,24 +446,49 @@ class AuditRecord:
                 "family": s.get("family"), "inference images": s.get("n_ood"), "ood": s.get("ood")}
 
 
-def save_audit(store: "Store", result: AuditResult) -> str:
-    """Record a finished audit (one INSERT: all or nothing). Returns its id (12 hex digits)."""
+def new_audit_id() -> str:
+    return secrets.token_hex(6)
+
+
+def save_audit(store: "Store", result: AuditResult, audit_id: str | None = None) -> str:
+    """Record a finished audit (one INSERT: all or nothing). Returns its id (12 hex digits;
+    ``audit_id`` when given, e.g. drawn by the dashboard before the audit started)."""
     import sqlite3
 
+    from .store import StoreError
+
     payload = result.to_json()
-    for _ in range(5):
-        audit_id = secrets.token_hex(6)
+    fixed = audit_id is not None
+    for _ in range(1 if fixed else 5):
+        aid = audit_id if fixed else new_audit_id()
         try:
             with store.transaction() as c:
                 c.execute("INSERT INTO audits (id, created, model_name, model_sha256, input_spec_json, feature_json, "
                           "status, summary_json, result_json, code_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                          (audit_id, time.time(), result.model_name, result.model_sha256,
+                          (aid, time.time(), result.model_name, result.model_sha256,
                            json.dumps(result.input_spec), json.dumps(result.config.feature.to_dict()), result.status,
                            json.dumps(result.summary(), allow_nan=False), payload, __version__))
-            return audit_id
+            return aid  # type: ignore[return-value]
         except sqlite3.IntegrityError:
             continue  # an id clash: draw again
-    raise RuntimeError("could not draw a fresh audit id")
+    raise StoreError(f"audit id {audit_id} is already taken" if fixed else "could not draw a fresh audit id")
+
+
+def audit_task(report: Any, model_path: str, config: dict[str, Any], spec: dict[str, Any], home: str,
+               audit_id: str, cancel_path: str | None = None) -> None:
+    """A background audit (``ufm.worker.run_task`` / the dashboard's tasks): load the model from
+    ``model_path`` with the spec statements ``spec`` (``input_size``, ``channels``, ``layout``,
+    ``mean``, ``std``), run :func:`run_audit` and record it under ``audit_id`` in the store at
+    ``home``. Cancelled when the file ``cancel_path`` appears; nothing is stored then."""
+    from .onnx_model import load_onnx
+    from .store import Store
+
+    model = load_onnx(model_path, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items()})
+    cancel = (lambda: Path(cancel_path).exists()) if cancel_path else None
+    result = run_audit(model, AuditConfig.from_dict(config), progress=lambda p: report(p.message), cancel=cancel)
+    with Store(home) as store:
+        save_audit(store, result, audit_id)
+    report(f"done: {result.verdict.headline}")
 
 
 def _record(r: Any) -> AuditRecord:

@@ -157,6 +157,10 @@ def cmd_runs_export(a: argparse.Namespace) -> int:
     from .report import run_html, run_json
 
     _check_out(a)
+    if (a.mean or a.std) and a.format != "onnx":
+        raise _usage("--mean/--std apply only to --format onnx")
+    if a.format == "onnx":
+        return _export_onnx(a)
     with open_store(a) as store:
         run_id = _resolve(store, a.id)
         try:
@@ -169,6 +173,28 @@ def cmd_runs_export(a: argparse.Namespace) -> int:
         except StoreError as e:
             raise _usage(str(e)) from e
     _write_out(text, a.out)
+    return 0
+
+
+def _export_onnx(a: argparse.Namespace) -> int:
+    """``ufm runs export ID --format onnx --out model.onnx``: the run's model with its input spec in
+    the ONNX metadata (with ``--mean/--std`` the graph takes normalised inputs, as deployed models do)."""
+    from .fileio import atomic_write
+    from .onnx_model import export_run
+
+    if a.out in (None, "-"):
+        raise _usage("an ONNX model is a binary file: give --out FILE (e.g. --out model.onnx)")
+    with open_store(a) as store:
+        run_id = _resolve(store, a.id)
+        rec = store.get(run_id)
+        if rec.status != "done":
+            raise _usage(f"run {run_id} is {rec.status}; only finished (done) runs have a model to export")
+        try:
+            data = export_run(store, run_id, mean=a.mean, std=a.std)
+        except StoreError as e:
+            raise _usage(str(e)) from e
+    atomic_write(Path(a.out), data)
+    print(f"wrote {a.out} (run {run_id}, {len(data) / 1024:.0f} KB)", file=sys.stderr)
     return 0
 
 
@@ -249,6 +275,8 @@ def cmd_studies_export(a: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     """Add ``runs`` and ``studies`` to the ``ufm`` subcommands, and ``--home``/``--force`` to
     ``measure`` (it is registered before the extra commands)."""
+    from .cli import finite_float
+
     measure = sub.choices.get("measure")
     if measure is not None:
         _add_home(measure)
@@ -273,8 +301,12 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_runs_show)
     p = rs.add_parser("export", help="a run as JSON (full result) or as a self-contained HTML report")
     p.add_argument("id")
-    p.add_argument("--format", choices=["json", "html"], default="json")
+    p.add_argument("--format", choices=["json", "html", "onnx"], default="json",
+                   help="json (full result), html (report) or onnx (the trained model, for 'ufm audit')")
     p.add_argument("--out", default=None, help="file to write (default stdout)")
+    p.add_argument("--mean", type=finite_float, nargs="+", default=None,
+                   help="onnx only: export a graph that takes (pixel - mean) / std inputs (one value or one per channel)")
+    p.add_argument("--std", type=finite_float, nargs="+", default=None, help="onnx only: see --mean")
     p.set_defaults(func=cmd_runs_export)
     p = rs.add_parser("cancel", help="stop a queued or running run (also one running in another process)")
     p.add_argument("id")
