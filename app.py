@@ -15,6 +15,7 @@ pages = [
     st.Page("app_pages/explain.py", title="Explain", icon=":material/visibility:"),
     st.Page("app_pages/compare.py", title="Compare", icon=":material/compare:"),
     st.Page("app_pages/runs.py", title="Runs", icon=":material/history:"),
+    st.Page("app_pages/audit.py", title="Audit a model", icon=":material/policy:"),
 ]
 # Resolved even when locked (hidden, not run), so the page asked for in the URL opens after sign-in.
 page = st.navigation(pages, position="sidebar" if allowed else "hidden")

@@ -4,6 +4,7 @@ measurement, the verdict follows the calibration table, bad input stops with one
 from __future__ import annotations
 
 import io
+import time
 import json
 import warnings
 from pathlib import Path
@@ -348,3 +349,57 @@ def test_audit_task_records_under_the_given_id_and_honours_cancel(tmp_path, audi
         audit_task(msgs.append, str(path), cfg, {}, home, "0123456789ac", str(flag))
     with Store(home) as s:
         assert [r.id for r in list_audits(s)] == ["0123456789ab"]
+
+
+# ------------------------------------------------------------------------------------ dashboard
+
+from .test_app import _app, app_env  # noqa: E402,F401 - the dashboard's test data folder and home
+
+
+def test_audit_page_upload_run_verdict(app_env, one_torch_thread):
+    from ufm.models import build_model
+    from ufm.onnx_model import export_onnx
+
+    from dashboard import audit_ui, state
+
+    torch.manual_seed(0)
+    data = export_onnx(build_model("mlp", 1, (28, 28), 3), (1, 28, 28))
+    at = _app().switch_page("app_pages/audit.py").run()
+    assert not at.exception and any("Upload an .onnx file" in i.value for i in at.info)
+    at.file_uploader(key="audit_upload").upload("notes.onnx", b"hello, not a model").run()
+    assert any("notes.onnx is not an ONNX model" in e.value for e in at.error)
+    at.file_uploader(key="audit_upload").set_value(("deployed.onnx", data, "application/octet-stream")).run()
+    assert not at.exception and not at.error
+    assert any("NCHW 1x28x28" in c.value for c in at.caption)
+    assert at.selectbox(key="audit_dataset").value == "mnist"
+    at.selectbox(key="audit_dataset").set_value("cifar10")  # RGB 32x32 test images, made 1x28x28 like training
+    at.number_input(key="audit_n").set_value(20)
+    at.number_input(key="audit_k").set_value(5).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert len(at.get("image")) == 1  # the stamped previews
+    at.button(key="audit_run").click().run()
+    assert not at.exception
+    audit_id = at.session_state[audit_ui.AUDIT]
+    deadline = time.time() + 120
+    while time.time() < deadline and state.tasks().status(f"audit-{audit_id}")[0] == "running":
+        time.sleep(0.5)
+    assert state.tasks().status(f"audit-{audit_id}")[0] == "done", state.tasks().status(f"audit-{audit_id}")
+    at.run()
+    assert not at.exception
+    labels = {m.label: m.value for m in at.metric}
+    stored = load_audit(state.store(), audit_id)
+    assert labels["M = X_u - X_r (nats)"] == f"{stored.score.M:.4g}"
+    boxes = [*at.error, *at.success, *at.warning]
+    assert any(stored.verdict.headline in b.value for b in boxes)
+    at.switch_page("app_pages/runs.py").run()
+    assert not at.exception and at.selectbox(key="runs_audit_pick").value == audit_id
+
+
+def test_accept_upload_refuses_before_storing(tmp_path):
+    from ufm.onnx_model import OnnxModelError
+
+    from dashboard import audit_ui
+
+    with pytest.raises(OnnxModelError, match="not an ONNX model"):
+        audit_ui.accept_upload("x.onnx", b"\x08\x01junk", tmp_path)
+    assert not list((tmp_path / "audits" / "models").glob("*"))

@@ -134,7 +134,8 @@ class InputSpec:
 
 # ------------------------------------------------------------------------------------ reading
 
-def _read(source: str | os.PathLike | bytes, max_bytes: int) -> tuple[bytes, str]:
+def read_model_bytes(source: str | os.PathLike | bytes, max_bytes: int = MAX_ONNX_BYTES) -> tuple[bytes, str]:
+    """The bytes of a model file or upload (size-checked before reading) and a name for messages."""
     too_big = f"is larger than {max_bytes / 2**20:.0f} MB (the limit for a model to audit)"
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) > max_bytes:
@@ -405,7 +406,7 @@ def load_onnx(source: str | os.PathLike | bytes, *, input_size: tuple[int, int] 
     """
     import onnxruntime as ort
 
-    data, default_name = _read(source, max_bytes)
+    data, default_name = read_model_bytes(source, max_bytes)
     what = name or default_name
     proto = parse_onnx(data, what)
     gi = graph_input(proto, what)
