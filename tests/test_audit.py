@@ -201,6 +201,28 @@ def test_model_exported_outside_ufm_with_its_own_normalisation_and_softmax(tmp_p
     assert result.access.black_box_gain.label == 0  # the feature pushes towards the canaries' class
 
 
+def test_labelled_images_give_white_and_grey_box_gains_and_the_accuracy_check(tmp_path, audit_data, cal_table,
+                                                                            one_torch_thread):
+    cal_table(_row())
+    home = tmp_path / "home"
+    rec = _measure(home, audit_data, "mlp", "--canary-class", "0", "--canaries", "100", epochs=8)
+    path = tmp_path / "m.onnx"
+    assert main(["runs", "export", rec.id, "--format", "onnx", "--out", str(path), "--home", str(home)]) == 0
+    a = _audit(home, path, audit_data, tmp_path, "--labelled", str(audit_data["train"]), "--canary-class", "0")
+    assert a["test_accuracy"] == pytest.approx(rec.summary["test_accuracy"]) and a["learned"] is True
+    assert a["access"]["white_box"]["label"] == 0 and a["access"]["white_box"]["gain"] > 0
+    native = rec.summary["access"]
+    assert a["access"]["grey_box"]["gain"] == pytest.approx(native["grey_box"]["gain"], rel=1e-4)
+    assert a["access"]["black_box_gain"]["gain"] == pytest.approx(native["black_box_gain"]["gain"], rel=1e-4)
+    # an untrained model says nothing either way
+    from ufm.models import build_model
+    from ufm.onnx_model import export_onnx
+    torch.manual_seed(3)
+    (tmp_path / "untrained.onnx").write_bytes(export_onnx(build_model("mlp", 1, (12, 12), 3), (1, 12, 12)))
+    b = _audit(home, tmp_path / "untrained.onnx", audit_data, tmp_path, "--labelled", str(audit_data["train"]))
+    assert b["learned"] is False and b["verdict"]["status"] == "inconclusive" and "did not learn" in b["verdict"]["text"]
+
+
 # ------------------------------------------------------------------------------------ calibration
 
 def test_choose_family_follows_the_calibration_table(cal_table):

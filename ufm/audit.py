@@ -31,7 +31,7 @@ import json
 import math
 import secrets
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -407,7 +407,7 @@ def run_audit(model: OnnxModel, config: AuditConfig, *, x_ood: torch.Tensor | No
     report(Progress("done", message=f"M = {score.M:.4g}: {verdict.headline}"))
     from .experiment import versions
     import onnxruntime
-    return AuditResult(config=replace(config, family=config.family), model_name=model.name,
+    return AuditResult(config=config, model_name=model.name,
                        model_sha256=model.sha256, input_spec=model.spec.to_dict(), output_kind=model.output_kind or "",
                        num_classes=int(model.num_classes or 0), score=score, access=access, verdict=verdict,
                        family_reason=reason, n_ood=int(len(x)), test_accuracy=test_acc, learned=learned,

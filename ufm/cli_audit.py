@@ -49,7 +49,7 @@ def summary_lines(result: Any, audit_id: str | None) -> list[str]:
              f"exposure p = {s.exposure_p_value:.3g} (rank {s.rank} of {len(s.candidate_X) + 1}, {s.family} candidates)",
              f"black-box confidence gain = {result.access.black_box_gain.gain:.4g} (class "
              f"{result.access.black_box_gain.label}, calibrated p = {result.access.black_box_gain.p_value:.3g})",
-             f"verdict: {result.verdict.headline}. {result.verdict.text}"]
+             f"verdict: {result.verdict.headline}", f"  {result.verdict.text}"]
     if result.verdict.calibration:
         lines.append(f"calibration: {result.verdict.calibration}")
     if audit_id:
@@ -67,10 +67,11 @@ def cmd_audit(a: argparse.Namespace) -> int:
             records = list_audits(store)
         if not records:
             print(f"no audits in {store.db_path}", file=sys.stderr)
+        from .report import fmt
         for r in records:
             row = r.to_row()
-            print(f"{row['id']}  {row['created']}  {row['model']}  {row['feature']}  M = {row['M']}  "
-                  f"exposure p = {row['exposure_p_value']}  {row['verdict']}")
+            print(f"{row['id']}  {row['created']}  {row['model']}  {row['feature']}  M = {fmt(row['M'])}  "
+                  f"exposure p = {fmt(row['exposure_p_value'])}  {row['verdict']}")
         return 0
     missing = [f for f, v in (("--model", a.model), ("--ood", a.ood)) if not v]
     if missing:
