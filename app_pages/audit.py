@@ -49,7 +49,6 @@ chans = cols[1].selectbox("channels", [1, 3], index=0 if (c or 1) == 1 else 1, k
 height = cols[2].number_input("height", 1, 4096, h or 28, key="audit_h", disabled=h is not None)
 width = cols[3].number_input("width", 1, 4096, w or 28, key="audit_w", disabled=w is not None)
 norm = st.columns(2)
-meta_spec = gi.metadata.get("ufm.input_spec", "")
 mean_txt = norm[0].text_input("normalisation mean (per channel, comma-separated; empty = none)", key="audit_mean",
                               help="The model's input is (pixel - mean) / std with pixels in [0, 1]. A file exported "
                                    "by ufm carries its own; leave empty to use it.")
@@ -69,7 +68,7 @@ except OnnxModelError as e:
     st.error(str(e))
     st.stop()
 st.caption(f"{chosen['name']}: {model.spec.describe()} · sha256 {model.sha256[:12]}"
-           + (" · normalisation read from the file's ufm metadata" if meta_spec and not mean else ""))
+           + (" · normalisation read from the file's ufm metadata" if model.spec.normalised and not mean else ""))
 
 st.subheader("Feature and inference images")
 feature = state.current_feature()
@@ -119,7 +118,7 @@ if st.button("Run audit", type="primary", key="audit_run"):
     except ValueError as e:
         st.error(str(e))
         st.stop()
-    st.session_state[audit_ui.AUDIT] = audit_ui.start_audit(chosen["path"], config, spec, home)
+    st.session_state[audit_ui.AUDIT] = audit_ui.start_audit(chosen["path"], config, spec, home, chosen["name"])
 
 audit_id = st.session_state.get(audit_ui.AUDIT)
 if audit_id:

@@ -93,9 +93,11 @@ def preview_images(source: str, shape: tuple[int, int, int], n: int, root: str) 
     return inference_images(source, shape, n, data_dir=root).numpy()
 
 
-def start_audit(model_path: str, config: AuditConfig, spec: dict, home: str) -> str:
-    """Queue the audit as a background task; returns its (future) audit id."""
+def start_audit(model_path: str, config: AuditConfig, spec: dict, home: str, name: str) -> str:
+    """Queue the audit as a background task; returns its (future) audit id. ``name``: the file
+    name the user knows (the kept copy is named by its hash)."""
     audit_id = new_audit_id()
+    spec = {**spec, "name": name}
     cancel = _audit_dir(home, "cancel") / audit_id
     state.tasks().submit(f"audit-{audit_id}", audit_task, model_path, config.to_dict(), spec, home, audit_id,
                          str(cancel))
@@ -108,7 +110,10 @@ def cancel_audit(home: str, audit_id: str) -> None:
 
 def verdict_box(result: AuditResult) -> None:
     v = result.verdict
-    HEADLINE_BOX[v.status](f"**{v.headline}.** {v.text}")
+    body = v.text
+    for prefix in ("Inconclusive: ", "Provisional: "):  # the headline says it already
+        body = body.removeprefix(prefix)
+    HEADLINE_BOX[v.status](f"**{v.headline}.** {body}")
     if v.calibration:
         st.caption(v.calibration)
 

@@ -414,6 +414,7 @@ def test_audit_page_upload_run_verdict(app_env, one_torch_thread):
     boxes = [*at.error, *at.success, *at.warning]
     assert any(stored.verdict.headline in b.value for b in boxes)
     at.switch_page("app_pages/runs.py").run()
+    assert stored.model_name == "deployed.onnx"  # the name the user knows, not the kept copy's hash
     assert not at.exception and at.selectbox(key="runs_audit_pick").value == audit_id
 
 
