@@ -6,7 +6,7 @@ from dashboard import audit_ui, state
 from ufm.audit import AuditConfig, load_audit, stamped_examples
 from ufm.data import DataUnavailable
 from ufm.features import FeatureError
-from ufm.onnx_model import OnnxModelError, graph_input, parse_onnx
+from ufm.onnx_model import OnnxModelError
 from ufm.paths import PathNotAllowed, check_user_path
 from ufm.store import StoreError
 
@@ -38,7 +38,7 @@ if not chosen:
     st.info("Upload an .onnx file to begin. To try it on a model known to have memorised, export a finished run: "
             "`ufm runs export ID --format onnx --out model.onnx`.")
     st.stop()
-gi = graph_input(parse_onnx(open(chosen["path"], "rb").read(), chosen["name"]), chosen["name"])
+gi = audit_ui.graph_of(chosen["path"], chosen["name"])
 c, h, w = gi.chw()
 
 st.subheader("Model input")

@@ -10,14 +10,14 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from ufm.audit import (AuditConfig, AuditResult, audit_html, audit_task, inference_images, list_audits, load_audit,
-                       new_audit_id)
+from ufm.audit import (AuditConfig, AuditResult, audit_html, audit_task, delete_audit, inference_images, list_audits,
+                       load_audit, new_audit_id)
 from ufm.fileio import atomic_write
 from ufm.limits import MAX_ONNX_BYTES
 from ufm.onnx_model import GraphInput, OnnxModel, graph_input, load_onnx, parse_onnx
 from ufm.plots import histogram_figure
 
-from . import state, views
+from . import access, state, views
 
 MODEL = "audit_model"      # session key: {"path", "name", "sha256"} of the accepted model file
 AUDIT = "audit_id"         # session key: the audit this session started or opened
@@ -43,12 +43,18 @@ def accept_upload(name: str, data: bytes, home: str | Path) -> tuple[Path, Graph
 
     if len(data) > MAX_ONNX_BYTES:
         raise OnnxModelError(f"{name} is larger than {MAX_ONNX_BYTES / 2**20:.0f} MB (the limit for a model to audit)")
-    proto = parse_onnx(data, name)
-    gi = graph_input(proto, name)
     path = _audit_dir(home, "models") / f"{hashlib.sha256(data).hexdigest()}.onnx"
-    if not path.is_file():
-        atomic_write(path, data, private=True)
+    if path.is_file():  # accepted before (the page reruns on every click): checked when it was kept
+        return path, graph_of(str(path), name)
+    gi = graph_input(parse_onnx(data, name), name)
+    atomic_write(path, data, private=True)
     return path, gi
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def graph_of(path: str, name: str) -> GraphInput:
+    """The image input of a kept (already checked) model file."""
+    return graph_input(parse_onnx(Path(path).read_bytes(), name), name)
 
 
 def accept_path(path: Path, home: str | Path) -> tuple[Path, GraphInput]:
@@ -162,3 +168,8 @@ def audits_section(store) -> None:
         pick = st.selectbox("open audit", list(table["id"]), key="runs_audit_pick",
                             format_func=lambda i: f"{state.short(i)} · {table.set_index('id').loc[i, 'model']}")
         audit_view(load_audit(store, pick), pick)
+        if access.confirm_button("Delete audit", "runs_audit_delete", target=pick,
+                                 prompt=f"Delete audit {state.short(pick)}? This cannot be undone."):
+            delete_audit(store, pick)
+            st.toast(f"Deleted audit {state.short(pick)}")
+            st.rerun()

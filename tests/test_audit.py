@@ -253,8 +253,10 @@ def _tiny_onnx(tmp_path, audit_data, canary=True) -> Path:
 def test_miscalibrated_kind_gives_no_verdict_but_the_numbers(tmp_path, audit_data, cal_table, one_torch_thread):
     path = _tiny_onnx(tmp_path, audit_data)
     cal_table(*[_row(family=f, rate=0.4) for f in ("strokes", "permute", "shift", "bernoulli", "uniform")])
-    a = _audit(tmp_path / "home", path, audit_data, tmp_path)
+    a = _audit(tmp_path / "home", path, audit_data, tmp_path, "--report", str(tmp_path / "r.html"))
     assert a["verdict"]["status"] == "inconclusive" and "miscalibrated" in a["verdict"]["text"]
+    html = (tmp_path / "r.html").read_text()
+    assert "Inconclusive" in html and "miscalibrated" in html and a["model_sha256"] in html
     assert a["score"]["status"] == "memorised"  # the fast test's own call is kept as a number, not the verdict
     assert a["score"]["M"] > 0
     cal_table()  # no table at all: no verdict either
@@ -416,6 +418,9 @@ def test_audit_page_upload_run_verdict(app_env, one_torch_thread):
     at.switch_page("app_pages/runs.py").run()
     assert stored.model_name == "deployed.onnx"  # the name the user knows, not the kept copy's hash
     assert not at.exception and at.selectbox(key="runs_audit_pick").value == audit_id
+    at.button(key="runs_audit_delete").click().run()
+    at.button(key="runs_audit_delete_yes").click().run()
+    assert not at.exception and list_audits(state.store()) == []
 
 
 def test_accept_upload_refuses_before_storing(tmp_path):
