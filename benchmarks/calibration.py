@@ -18,8 +18,9 @@ reference bank is exactly what the dashboard would train. Usage (each part can r
 process; ``report`` merges them)::
 
     python benchmarks/calibration.py clean --arch mlp --models 50 --train-size 2000 --ood-size 200 --per-class 20
-    python benchmarks/calibration.py clean --arch cnn1 --models 20 --train-size 500 --ood-size 100 \
-        --candidates 49 --per-class 10 --epochs 15 --patience 3 --families default --access one-per-kind
+    python benchmarks/calibration.py clean --arch cnn1 --models 20 --train-size 500 --ood-size 50 \
+        --candidates 49 --per-class 5 --epochs 15 --patience 3 --families default --access one-per-kind \
+        --home /tmp/ufm-calibration-cnn1
     python benchmarks/calibration.py power --arch mlp --train-size 2000 --ood-size 200
     python benchmarks/calibration.py report            # Markdown tables + ufm/calibration.json
 """
