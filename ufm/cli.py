@@ -231,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
 EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 from .cli_runs import register as _register_runs  # noqa: E402 - runs, studies, measure --home/--force
 EXTRA_COMMANDS.append(_register_runs)
+from .cli_privacy import register as _register_privacy  # noqa: E402 - privacy-audit
+EXTRA_COMMANDS.append(_register_privacy)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -65,6 +65,7 @@ DEFAULT_DELTA = 1e-5
 DEFAULT_CONFIDENCE = 0.95
 FEATURE_KINDS = ("random", "text")
 OUT_MODES = ("clean", "removed")
+PLACEMENTS = ("fixed", "random")
 MAX_AUDIT_CANARIES = 10_000
 
 
@@ -93,10 +94,10 @@ def p_value(m: int, r: int, v: int, eps: float, delta: float = DEFAULT_DELTA) ->
         raise ValueError(f"delta must be in [0, 1], got {delta}")
     q = 1.0 / (1.0 + math.exp(-eps))
     tail = float(stats.binom.sf(v - 1, r, q))  # f(v) = P[W >= v]
-    alpha, below = 0.0, 0.0  # below = f(v - i) - f(v) = P[v - i <= W < v]
-    for i in range(1, v + 1):
-        below += float(stats.binom.pmf(v - i, r, q))
-        alpha = max(alpha, below / i)
+    alpha = 0.0
+    if v > 0:  # below[i-1] = f(v - i) - f(v) = P[v - i <= W < v], i = 1..v
+        below = np.cumsum(stats.binom.pmf(np.arange(v - 1, -1, -1), r, q))
+        alpha = float(np.max(below / np.arange(1, v + 1)))
     return min(1.0, tail + 2 * m * delta * alpha)
 
 
@@ -245,12 +246,16 @@ def _rng(seed: int, purpose: str) -> np.random.Generator:
 
 
 def audit_features(kind: str, m: int, size: int, image_shape: Sequence[int], *, offset: tuple[int, int] = (1, 1),
-                   text_length: int = 4, seed: int = 0) -> list:
+                   text_length: int = 4, seed: int = 0, placement: str = "fixed") -> list:
     """``m`` distinct unique features that fit images of ``image_shape`` (C, H, W).
 
-    ``kind="random"``: ``size x size`` binary patterns, pixels Bernoulli(0.5), all distinct and
-    none empty. ``kind="text"``: distinct random strings of ``text_length`` capital letters
+    ``kind="random"``: ``size x size`` binary patterns with exactly ``floor(size^2 / 2)`` pixels
+    set, at random places, all distinct. The ink is fixed because a pattern's effect on the
+    outputs grows with its ink: with Bernoulli(0.5) pixels the spread of ink between features
+    would add score variance that has nothing to do with memorisation. ``kind="text"``: distinct random strings of ``text_length`` capital letters
     rendered ``size`` pixels tall (:func:`ufm.features.text_feature`), distinct as pixels.
+    ``placement="fixed"``: every feature at ``offset``; ``"random"``: each at its own seeded
+    random position on the image (the feature is then unique in pattern *and* place).
 
     Raises:
         FeatureError: a feature does not fit the images, or ``size`` cannot give m distinct ones.
@@ -260,6 +265,8 @@ def audit_features(kind: str, m: int, size: int, image_shape: Sequence[int], *, 
     if kind not in FEATURE_KINDS:
         raise ValueError(f"unknown audit feature kind {kind!r}; choose one of {', '.join(FEATURE_KINDS)}")
     c, h, w = (int(v) for v in image_shape[-3:])
+    if placement == "random":
+        offset = (0, 0)  # checked at the corner, placed afterwards (_place)
     if size < 1:
         raise FeatureError(f"feature size must be >= 1 pixel, got {size}")
     rng = _rng(seed, "features")
@@ -268,18 +275,22 @@ def audit_features(kind: str, m: int, size: int, image_shape: Sequence[int], *, 
         if size + offset[0] > h or size + offset[1] > w:
             raise FeatureError(f"a {size}x{size} feature at offset (row {offset[0]}, col {offset[1]}) does not fit "
                                f"the {h}x{w} images: use --feature-size <= {min(h - offset[0], w - offset[1])}")
-        available = 2 ** (size * size) - 1
+        ink = max(1, size * size // 2)
+        available = math.comb(size * size, ink)
         if m > available:
-            raise FeatureError(f"{size}x{size} binary patterns give only {available} distinct non-empty features, "
+            raise FeatureError(f"{size}x{size} binary patterns with {ink} pixels set give only {available} distinct "
+                               "features, "
                                f"fewer than the {m} canaries: use a larger --feature-size")
         while len(out) < m:
-            bits = rng.random((size, size)) < 0.5
+            bits = np.zeros(size * size, dtype=bool)
+            bits[rng.choice(size * size, size=ink, replace=False)] = True
+            bits = bits.reshape(size, size)
             key = bits.tobytes()
-            if not bits.any() or key in seen:
+            if key in seen:
                 continue
             seen.add(key)
             out.append(grid_feature(bits.astype(np.float64), offset=offset, name=f"random {size}x{size} #{len(out)}"))
-        return out
+        return _place(out, placement, (h, w), rng)
     if not 3 <= size <= 64:
         raise FeatureError(f"text height (--feature-size) must be between 3 and 64 pixels, got {size}")
     if text_length < 1:
@@ -305,6 +316,18 @@ def audit_features(kind: str, m: int, size: int, image_shape: Sequence[int], *, 
         f.check_fits((c, h, w))  # the width grows with the text: say so rather than clip it
         seen.add(key)
         out.append(f)
+    return _place(out, placement, (h, w), rng)
+
+
+def _place(feats: list, placement: str, hw: tuple[int, int], rng: np.random.Generator) -> list:
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown placement {placement!r}; choose one of {', '.join(PLACEMENTS)}")
+    if placement == "fixed":
+        return feats
+    out = []
+    for f in feats:
+        fh, fw = f.size
+        out.append(f.with_offset(int(rng.integers(0, hw[0] - fh + 1)), int(rng.integers(0, hw[1] - fw + 1))))
     return out
 
 
@@ -321,7 +344,8 @@ class AuditConfig:
         features: ``"random"`` (binary patterns) or ``"text"`` (random capital-letter strings).
         feature_size: pattern side, or text height, in pixels.
         text_length: letters per string for ``features="text"``.
-        offset: where every feature sits (row, col).
+        offset: where every feature sits (row, col) with ``placement="fixed"``.
+        placement: ``"fixed"`` (all at ``offset``) or ``"random"`` (each its own seeded place).
         out_mode: ``"clean"`` (OUT image trained on without its feature) or ``"removed"``.
         delta, confidence: of the bound.
         k_plus, k_minus: fixed guess counts, or None for the Bonferroni grid.
@@ -333,6 +357,7 @@ class AuditConfig:
     feature_size: int = 5
     text_length: int = 4
     offset: tuple[int, int] = (1, 1)
+    placement: str = "fixed"
     out_mode: str = "clean"
     delta: float = DEFAULT_DELTA
     confidence: float = DEFAULT_CONFIDENCE
@@ -342,12 +367,14 @@ class AuditConfig:
     def __post_init__(self) -> None:
         from .canary import CanaryChoice
         from .experiment import ExperimentConfig
+        from .features import glyph
 
         exp = self.experiment if self.experiment is not None else ExperimentConfig()
         if not isinstance(exp, ExperimentConfig):
             raise ValueError("experiment must be an ufm.experiment.ExperimentConfig")
-        # The audit stamps its own canaries: the experiment's single canary is switched off.
-        object.__setattr__(self, "experiment", exp.replace(canary=CanaryChoice("none", ())))
+        # The audit draws its own features and canaries: the experiment's are set to fixed values
+        # so that the same audit asked for from the CLI or any page has the same key.
+        object.__setattr__(self, "experiment", exp.replace(canary=CanaryChoice("none", ()), feature=glyph("A")))
         if isinstance(self.canaries, bool) or not isinstance(self.canaries, (int, np.integer)):
             raise ValueError(f"canaries must be a whole number, got {self.canaries!r}")
         if self.canaries < 2:
@@ -358,6 +385,8 @@ class AuditConfig:
         object.__setattr__(self, "canaries", int(self.canaries))
         if self.features not in FEATURE_KINDS:
             raise ValueError(f"unknown audit features {self.features!r}; choose one of {', '.join(FEATURE_KINDS)}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"unknown placement {self.placement!r}; choose one of {', '.join(PLACEMENTS)}")
         if self.out_mode not in OUT_MODES:
             raise ValueError(f"unknown out_mode {self.out_mode!r}; choose one of {', '.join(OUT_MODES)}")
         if not 0 <= self.delta < 1:
@@ -499,7 +528,7 @@ def run_audit(config: AuditConfig, progress: Callable[[Any], None] | None = None
         raise ValueError(f"--canaries {m} is larger than the training set allows: {n} images, {n_val} of them held "
                          f"out for validation; use at most {n - n_val - 1} canaries or a larger --train-size")
     feats = audit_features(config.features, m, config.feature_size, full.image_shape, offset=config.offset,
-                           text_length=config.text_length, seed=exp.seed)
+                           text_length=config.text_length, seed=exp.seed, placement=config.placement)
     idx = np.sort(_rng(exp.seed, "images").choice(n, size=m, replace=False)).astype(np.int64)
     is_in = _rng(exp.seed, "draw").random(m) < 0.5
     x = full.x.clone()
