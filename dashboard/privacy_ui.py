@@ -75,6 +75,18 @@ def start(config: AuditConfig) -> str:
     return key
 
 
+def start_study_audits(study: str, members: list, canaries: int) -> None:
+    """One audit per (group, experiment config) of a Compare study, queued in the background and
+    recorded with the study so its table gains the epsilon-lower-bound column."""
+    from ufm.privacy_audit import attach_study_audits
+
+    audits = [(group, AuditConfig(cfg, canaries=canaries)) for group, cfg in members]
+    attach_study_audits(home(), study, audits)
+    for _, cfg in audits:
+        if load_audit(home(), cfg) is None:
+            state.tasks().submit(f"audit:{cfg.key()}", compute_audit, cfg, home())
+
+
 def status(key: str) -> tuple[str, str | None]:
     return state.tasks().status(f"audit:{key}")
 

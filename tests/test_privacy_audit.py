@@ -267,3 +267,43 @@ def test_audit_page_runs_in_background_and_survives_reload(app_env):
     assert any(m.label == "epsilon lower bound (95%)" for m in at.metric)
     fresh = _app().switch_page("app_pages/privacy.py").run()  # a reload: a new session
     assert not fresh.exception and any(m.label == "guesses correct" for m in fresh.metric)
+
+
+def test_compare_page_audit_column(app_env):
+    import time
+
+    from dashboard import state
+    from tests.test_app import _app
+
+    at = _app().switch_page("app_pages/compare.py").run()
+    at.multiselect(key="cmp_regs").set_value(["none"])
+    at.number_input(key="cmp_seeds").set_value(1)
+    at.text_input(key="cmp_name").set_value("audited study")
+    at.checkbox(key="cmp_audit").check()
+    at.number_input(key="cmp_audit_m").set_value(10)
+    at.button(key="FormSubmitter:cmp_form-Run the comparison").click().run()
+    assert not at.exception
+    for rid in state.runner().active():
+        state.runner().wait(rid, timeout=240)
+    from ufm.privacy_audit import study_audit_table, study_audits
+    audits = study_audits(state.store().home, "audited study")
+    assert len(audits) == 1 and audits[0][1].canaries == 10
+    deadline = time.time() + 240
+    key = f"audit:{audits[0][1].key()}"
+    while time.time() < deadline and state.tasks().status(key)[0] in ("running", "none"):
+        time.sleep(1)
+    table = study_audit_table(state.store().home, "audited study")
+    assert table["audits_done"].tolist() == [1] and table["eps_lower_bound"].notna().all()
+    at.selectbox(key="cmp_study").set_value("audited study")
+    at.run()
+    assert not at.exception
+    assert any("eps_lower_bound" in df.value.columns for df in at.dataframe)
+
+
+def test_compare_without_audit_keeps_its_columns(app_env):
+    from dashboard.compare_ui import with_audits
+    import pandas as pd
+
+    agg = pd.DataFrame({"group": ["none"], "mean_M": [0.1]})
+    out, cols = with_audits("never audited", agg)
+    assert cols == [] and out.equals(agg)

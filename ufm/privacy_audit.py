@@ -544,30 +544,36 @@ def run_audit(config: AuditConfig, progress: Callable[[Any], None] | None = None
     if is_cancelled(cancel):
         raise TrainingCancelled("cancelled before training")
 
-    torch.manual_seed(exp.seed)
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        c, h, w = train_data.image_shape
-        model = build_model(exp.arch, c, (h, w), train_data.num_classes,
+    def fit(data: ImageData):
+        torch.manual_seed(exp.seed)
+        c, h, w = data.image_shape
+        model = build_model(exp.arch, c, (h, w), data.num_classes,
                             dropout=exp.dropout if "dropout" in exp.regularisers else 0.0,
                             batchnorm="batchnorm" in exp.regularisers).to(device)
-        trained = train(model, train_data, val_data, exp.train_config(hflip=exp.dataset == "cifar10"),
-                        progress=report, cancel=cancel)
-        model = trained.model
-        _, test_acc = evaluate(model, test.to(device))
-        report(Progress("score", trained.epochs_trained, exp.epochs, message=f"scoring {m} features"))
-        t0 = time.perf_counter()
-        scores = []
+        return train(model, data, val_data, exp.train_config(hflip=exp.dataset == "cifar10"),
+                     progress=report, cancel=cancel)
+
+    def score_all(model, what: str) -> list[float]:
+        out = []
         for j, f in enumerate(feats):
             if is_cancelled(cancel):
                 raise TrainingCancelled("cancelled while scoring")
             # The same z_r draws for every feature (same seed): the baselines differ only by the
             # feature's shape, and the M of equal-shape features are compared on equal terms.
             d_u, d_r = feature_effect(model, ood.x, f, repeats=exp.repeats, seed=exp.seed)
-            scores.append(float(np.mean(d_u) - np.mean(d_r)))
-            if (j + 1) % max(1, m // 10) == 0:
-                report(Progress("score", trained.epochs_trained, exp.epochs, message=f"scored {j + 1} of {m} features"))
+            out.append(float(np.mean(d_u) - np.mean(d_r)))
+            if (j + 1) % max(1, m // 5) == 0:
+                report(Progress("score", 0, exp.epochs, message=f"{what}: scored {j + 1} of {m} features"))
+        return out
+
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        trained = fit(train_data)
+        model = trained.model
+        _, test_acc = evaluate(model, test.to(device))
+        t0 = time.perf_counter()
+        scores = score_all(model, "audit model")
         score_seconds = time.perf_counter() - t0
     finally:
         torch.use_deterministic_algorithms(prev_det)
@@ -580,8 +586,9 @@ def run_audit(config: AuditConfig, progress: Callable[[Any], None] | None = None
             notes.append(f"the audit's delta {config.delta:g} differs from the accountant's {claimed_delta:g}: "
                          "the two epsilons are not directly comparable")
         if config.out_mode == "clean":
-            notes.append("the accountant's epsilon is for adding/removing one image; the audit replaced images "
-                         "(out_mode clean), for which DP-SGD guarantees at most twice that epsilon (group privacy)")
+            notes.append("the accountant's epsilon is for adding/removing one image; the audit replaces images "
+                         "(out_mode clean), for which group privacy guarantees (2 epsilon, (1 + e^epsilon) delta); "
+                         "use out_mode removed to audit the accountant's own claim")
     report(Progress("done", trained.epochs_trained, exp.epochs, message=f"epsilon >= {bound.epsilon:.3f}"))
     return AuditResult(config=config, bound=bound, scores=scores, is_in=[bool(b) for b in is_in],
                        indices=[int(i) for i in idx], labels=full.y[torch.as_tensor(idx)].tolist(),
@@ -666,3 +673,48 @@ def audit_histogram(result: AuditResult, bins: int = 30):
     title = f"Scores of IN vs OUT canaries: epsilon >= {b.epsilon:.2f} at {b.confidence:.0%} ({b.correct}/{b.guesses} guesses right)"
     return _layout(fig, title, "score M = X_u - X_r of the canary's feature (nats)", "canaries",
                    barmode="overlay", bargap=0)
+
+
+# ----------------------------------------------------------------------------------- studies
+
+def _study_file(home: str | Path, study: str) -> Path:
+    return audit_dir(home) / "studies" / f"{hashlib.sha256(study.encode()).hexdigest()[:16]}.json"
+
+
+def attach_study_audits(home: str | Path, study: str, audits: Sequence[tuple[str, AuditConfig]]) -> Path:
+    """Record which audits (group, config) belong to ``study`` (the Compare page's epsilon column)."""
+    from .fileio import atomic_write
+
+    path = _study_file(home, study)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps({"study": study, "audits": [{"group": g, "config": c.to_dict()} for g, c in audits]}))
+    return path
+
+
+def study_audits(home: str | Path, study: str) -> list[tuple[str, AuditConfig]]:
+    """The (group, config) audits recorded for ``study``; empty when none were asked for."""
+    try:
+        d = json.loads(_study_file(home, study).read_text())
+        return [(a["group"], AuditConfig.from_dict(a["config"])) for a in d["audits"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def study_audit_table(home: str | Path, study: str):
+    """Per group of ``study``: audits asked for and done, epsilon lower bound mean / min / max over
+    the finished ones, and the DP-SGD accountant's mean claim. None when the study has no audits."""
+    import pandas as pd
+
+    audits = study_audits(home, study)
+    if not audits:
+        return None
+    rows = []
+    for group in dict.fromkeys(g for g, _ in audits):
+        done = [r for g, c in audits if g == group for r in [load_audit(home, c)] if r is not None]
+        eps = [r.epsilon for r in done]
+        claims = [r.claimed_epsilon for r in done if r.claimed_epsilon is not None]
+        rows.append({"group": group, "audits": sum(g == group for g, _ in audits), "audits_done": len(done),
+                     "eps_lower_bound": float(np.mean(eps)) if eps else None,
+                     "eps_lb_min": min(eps) if eps else None, "eps_lb_max": max(eps) if eps else None,
+                     "claimed_epsilon": float(np.mean(claims)) if claims else None})
+    return pd.DataFrame(rows)
