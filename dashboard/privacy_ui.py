@@ -43,13 +43,13 @@ def audit_form() -> AuditConfig | None:
         m = d1.number_input("canaries m", 2, 5000, 200, key="pa_m",
                             help="distinct features on distinct training images, each IN with probability 1/2")
         kind = d2.selectbox("features", ["random", "text"], key="pa_kind",
-                            help="random: distinct binary patterns; text: distinct random 4-letter strings")
-        size = d3.number_input("feature size (px)", 2, 64, 5, key="pa_size",
+                            help="random: distinct binary patterns; text: distinct random 3-letter strings")
+        size = d3.number_input("feature size (px)", 2, 64, 7, key="pa_size",
                                help="pattern side, or text height")
         seed = d4.number_input("seed", 0, 10_000, int(setup.get("seed", 0)), key="pa_seed")
         e1, e2, e3 = st.columns(3)
-        placement = e1.selectbox("placement", ["fixed", "random"], key="pa_place",
-                                 help="fixed: every feature at the top-left (1, 1); random: each its own place")
+        placement = e1.selectbox("placement", ["random", "fixed"], key="pa_place",
+                                 help="random: each feature at its own place; fixed: all at the top-left (1, 1)")
         out_mode = e2.selectbox("OUT canaries", ["clean", "removed"], key="pa_out",
                                 help="clean: the image is trained on without its feature; removed: left out "
                                      "(the neighbouring datasets of DP-SGD's accountant)")

@@ -89,12 +89,12 @@ def register(sub) -> None:
                    help="m >= 2 distinct features on m distinct training images (100 or more for a useful bound)")
     a.add_argument("--features", choices=["random", "text"], default="random",
                    help="random: distinct random binary S x S patterns; text: distinct random strings S pixels tall")
-    a.add_argument("--feature-size", type=int_in(1, MAX_FEATURE_SIDE), default=5, metavar="S",
-                   help="pattern side or text height in pixels (default 5)")
-    a.add_argument("--text-length", type=int_in(1, 16), default=4, help="letters per string with --features text")
+    a.add_argument("--feature-size", type=int_in(1, MAX_FEATURE_SIDE), default=7, metavar="S",
+                   help="pattern side or text height in pixels (default 7)")
+    a.add_argument("--text-length", type=int_in(1, 16), default=3, help="letters per string with --features text")
     a.add_argument("--offset", type=_nonneg_int, nargs=2, metavar=("ROW", "COL"), default=(1, 1))
-    a.add_argument("--placement", choices=["fixed", "random"], default="fixed",
-                   help="fixed: every feature at --offset; random: each at its own seeded place")
+    a.add_argument("--placement", choices=["fixed", "random"], default="random",
+                   help="random (default): each feature at its own seeded place; fixed: every feature at --offset")
     a.add_argument("--out-mode", choices=["clean", "removed"], default="clean",
                    help="OUT canary: image trained on without its feature (clean) or left out (removed)")
     a.add_argument("--delta", type=finite_float, default=1e-5, help="delta of the bound (default 1e-5)")

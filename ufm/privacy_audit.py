@@ -246,7 +246,7 @@ def _rng(seed: int, purpose: str) -> np.random.Generator:
 
 
 def audit_features(kind: str, m: int, size: int, image_shape: Sequence[int], *, offset: tuple[int, int] = (1, 1),
-                   text_length: int = 4, seed: int = 0, placement: str = "fixed") -> list:
+                   text_length: int = 3, seed: int = 0, placement: str = "fixed") -> list:
     """``m`` distinct unique features that fit images of ``image_shape`` (C, H, W).
 
     ``kind="random"``: ``size x size`` binary patterns with exactly ``floor(size^2 / 2)`` pixels
@@ -345,7 +345,9 @@ class AuditConfig:
         feature_size: pattern side, or text height, in pixels.
         text_length: letters per string for ``features="text"``.
         offset: where every feature sits (row, col) with ``placement="fixed"``.
-        placement: ``"fixed"`` (all at ``offset``) or ``"random"`` (each its own seeded place).
+        placement: ``"random"`` (each feature at its own seeded place; the default: measured on
+            MNIST it separates IN from OUT better than one shared corner, where the model learns
+            to ignore the many patterns that share it) or ``"fixed"`` (all at ``offset``).
         out_mode: ``"clean"`` (OUT image trained on without its feature) or ``"removed"``.
         delta, confidence: of the bound.
         k_plus, k_minus: fixed guess counts, or None for the Bonferroni grid.
@@ -354,10 +356,10 @@ class AuditConfig:
     experiment: Any = None
     canaries: int = 100
     features: str = "random"
-    feature_size: int = 5
-    text_length: int = 4
+    feature_size: int = 7
+    text_length: int = 3
     offset: tuple[int, int] = (1, 1)
-    placement: str = "fixed"
+    placement: str = "random"
     out_mode: str = "clean"
     delta: float = DEFAULT_DELTA
     confidence: float = DEFAULT_CONFIDENCE
