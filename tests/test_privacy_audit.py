@@ -199,17 +199,17 @@ def test_audit_runs_is_deterministic_and_round_trips(tiny_data, one_torch_thread
 
 @pytest.mark.parametrize("target", [1.0, 4.0])
 def test_dp_sgd_audit_never_exceeds_the_claim(tiny_data, one_torch_thread, target):
-    """Validity: repeated audits of DP-SGD models (3 seeds per claim, both adjacencies) never give
-    a lower bound above the accountant's epsilon."""
+    """Validity: repeated audits of DP-SGD models (3 per claim: two seeds leaving OUT images out,
+    the adjacency the accountant's epsilon is for, and one replacing them) never give a lower
+    bound above the accountant's epsilon."""
     from ufm.train import DPConfig
 
-    for seed in range(3):
-        for mode in ("removed", "clean"):
-            exp = tiny_config(tiny_data, regularisers=("dp-sgd",), epochs=3, seed=seed,
-                              dp=DPConfig(noise_multiplier=None, target_epsilon=target))
-            res = run_audit(AuditConfig(exp, canaries=100, feature_size=3, offset=(0, 0), out_mode=mode))
-            assert res.claimed_epsilon == pytest.approx(target, rel=0.05)
-            assert 0 <= res.epsilon <= res.claimed_epsilon
+    for seed, mode in ((0, "removed"), (1, "removed"), (2, "clean")):
+        exp = tiny_config(tiny_data, regularisers=("dp-sgd",), epochs=3, seed=seed,
+                          dp=DPConfig(noise_multiplier=None, target_epsilon=target))
+        res = run_audit(AuditConfig(exp, canaries=100, feature_size=3, offset=(0, 0), out_mode=mode))
+        assert res.claimed_epsilon == pytest.approx(target, rel=0.05)
+        assert 0 <= res.epsilon <= res.claimed_epsilon
 
 
 # ----------------------------------------------------------------------------- CLI

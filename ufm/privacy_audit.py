@@ -225,15 +225,18 @@ def audit_bound(scores: Sequence[float] | np.ndarray, is_in: Sequence[bool] | np
     if not pairs:
         raise ValueError("the (k+, k-) grid is empty")
     beta = (1 - confidence) / len(pairs)
-    best: AuditBound | None = None
+    best, best_rank = None, None
     for kp, km in pairs:
         g = make_guesses(s, kp, km)
         r = int(np.count_nonzero(g))
         v = int(np.sum((g == 1) & truth) + np.sum((g == -1) & ~truth))
         eps = epsilon_lower_bound(m, r, v, delta=delta, beta=beta)
-        cand = AuditBound(eps, confidence, delta, m, kp, km, r, v, len(pairs), p_value(m, r, v, eps, delta))
-        if best is None or cand.epsilon > best.epsilon:
-            best = cand
+        # the largest bound; among equal bounds (all 0, typically) the pair with the most evidence
+        # against eps = 0, so the guesses reported are the most telling ones
+        rank = (eps, -p_value(m, r, v, 0.0, delta))
+        if best_rank is None or rank > best_rank:
+            best, best_rank = AuditBound(eps, confidence, delta, m, kp, km, r, v, len(pairs),
+                                         p_value(m, r, v, eps, delta)), rank
     assert best is not None
     return best
 
