@@ -33,8 +33,9 @@ canaries, is not used: it halves m, which costs more than the log(G) of Bonferro
 
 The audit job (:func:`run_audit`)
 ---------------------------------
-m distinct unique features (distinct random binary ``S x S`` patterns, or distinct random typed
-strings ``S`` pixels tall) on m distinct training images; each canary IN with probability 1/2
+m distinct unique features (distinct random binary ``S x S`` patterns with half the pixels set,
+or distinct random typed strings ``S`` pixels tall), each at its own random place by default, on
+m distinct training images; each canary IN with probability 1/2
 (seeded). IN: the image carries its feature; OUT: the image stays clean (``out_mode="clean"``,
 neighbouring datasets differ by *replacing* one image) or is left out of training
 (``out_mode="removed"``, add/remove neighbours, the adjacency of DP-SGD's accountant). All m
