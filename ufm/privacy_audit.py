@@ -428,7 +428,7 @@ class AuditConfig:
         return cls(**d)
 
     def key(self) -> str:
-        """A hash of everything that changes the numbers (data_dir and device excluded)."""
+        """A hash of everything that changes the numbers (data_dir excluded)."""
         d = self.to_dict()
         d["experiment"].pop("data_dir")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
