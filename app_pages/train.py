@@ -6,6 +6,8 @@ from dashboard import access, state, views
 from dashboard.train_ui import canary_chooser, canary_preview, setup_form
 from ufm.data import DataUnavailable
 from ufm.features import FeatureError
+from ufm.jobs import QueueFull
+from ufm.reference import DEFAULT_REFERENCES, submit_bank
 
 st.title("Train with a canary and measure memorisation")
 feature = state.current_feature()
@@ -36,12 +38,19 @@ with st.container(border=True):
         feature.check_fits(state.images(setup["dataset"], "train", state.data_dir(), 1)[0].shape)
         with left:
             force = st.checkbox("train again even if an identical run exists", key="tr_force")
+            bank = st.checkbox(f"also train the {DEFAULT_REFERENCES} reference models for the calibrated verdict",
+                               value=state.auto_references(), key="tr_bank",
+                               help="Clean models trained the same way without the canary, once per training "
+                                    "setting; they serve every feature, canary and seed. Until they exist the "
+                                    "verdict is the fast test's, marked provisional.")
             if st.button("Start", type="primary", key="tr_start"):
                 st.session_state[state.SETUP] = setup
                 st.session_state[state.RUN] = state.runner().submit(config, force=force)
                 access.mark_started(st.session_state[state.RUN])
+                if bank:  # queued behind the run, so the run's own result comes first
+                    access.mark_started(*submit_bank(state.runner(), config))
                 st.rerun()
             if not run_id:
                 st.info("Press **Start** to train; the run continues in the background if you switch pages.")
-    except (ValueError, FeatureError, DataUnavailable) as e:
+    except (ValueError, FeatureError, DataUnavailable, QueueFull) as e:
         st.error(str(e))

@@ -43,6 +43,12 @@ def runner() -> Runner:
     return Runner(store())
 
 
+def auto_references() -> bool:
+    """Whether Start and the demos also queue the reference models for the calibrated verdict
+    (default yes; ``UFM_AUTO_REFERENCES=0`` turns it off, e.g. on a shared machine or in tests)."""
+    return os.environ.get("UFM_AUTO_REFERENCES", "1").strip() not in ("0", "false", "no", "")
+
+
 def data_dir() -> str:
     return str(default_data_dir())
 

@@ -12,16 +12,22 @@ import streamlit as st
 from ufm.canary import stamp_feature
 from ufm.data import load_split
 from ufm.plots import histogram_figure, image_figure, loss_curve_figure
+from ufm.reference import bank_status, submit_bank
 from ufm.store import RunNotFound, RunRecord
+from ufm.verdict import run_verdict
 
 from . import access, state
 
-CAVEAT = ("The verdict comes from the calibrated exposure test: the unique feature is ranked among "
-          "random candidate features stamped on the same images. The t-test p-values are the paper's "
-          "statistics; they treat every inference image as independent although all share one feature, "
-          "so a clean model that merely reacts more to this pattern than to an average random one can "
-          "pass them: they are shown but do not decide. A single run is one draw: train "
-          "more seeds (Compare page) before concluding.")
+CAVEAT = ("How the verdict is reached: the model's M for this feature is compared with the M of the same "
+          "feature on reference models trained the same way without the canary (the calibrated test; its "
+          "false-positive rate on clean models is at most 1/(R + 1)). Until those reference models exist, the fast "
+          "exposure test ranks the feature among candidate features on this model alone: a provisional answer, "
+          "labelled with its measured false-positive rate for this kind of feature. The t-test p-values are the "
+          "paper's statistics; they treat every inference image as independent although all share one feature, so "
+          "they are shown but never decide. One canary can be detected or not; it cannot prove the absence of "
+          "memorisation.")
+STATUS_STYLE = {"memorised": (st.error, ":material/warning:"), "not_shown": (st.success, ":material/check_circle:"),
+                "inconclusive": (st.warning, ":material/help:")}
 
 
 def fmt(v: float | None, digits: int = 4) -> str:
@@ -97,27 +103,54 @@ def progress_fragment(run_id: str) -> None:
         st.rerun()
 
 
-def verdict_box(summary: dict) -> None:
-    if summary.get("significant"):
-        st.error(f"**Memorised.** {summary['verdict']}", icon=":material/warning:")
-    else:
-        st.success(f"**Not shown to be memorised.** {summary['verdict']}", icon=":material/check_circle:")
+@st.cache_data(show_spinner="Scoring the feature on the reference models ...", max_entries=64)
+def _verdict(run_id: str, bank_ids: tuple[str, ...]) -> dict:
+    """The run's verdict, recomputed only when its bank changes (reference scores are cached on disk too)."""
+    return run_verdict(state.store(), state.store().get(run_id)).to_dict()
+
+
+def verdict_box(rec: RunRecord) -> dict:
+    """The verdict (calibrated once the bank of reference models is complete), what decided it, and
+    the bank's progress with a button to train it. Returns the verdict as a dict."""
+    bank = bank_status(state.store(), rec.config)
+    v = _verdict(rec.id, bank.run_ids if bank.complete else ())
+    box, icon = STATUS_STYLE[v["status"]]
+    box(f"**{v['headline']}.** {v['text']}", icon=icon)
+    if v["provisional"] or (v["status"] == "inconclusive" and not bank.complete):
+        if v.get("calibration"):
+            st.caption(v["calibration"])
+        c1, c2 = st.columns([3, 1])
+        c1.info(f"Reference models for this setting: {bank.done} of {bank.references} finished. When all are done "
+                "the calibrated verdict replaces the provisional one (they are trained once per dataset, "
+                "architecture, regularisers and budget, and serve every feature, canary and seed).")
+        if c2.button("Train the reference models", key=f"bank_{rec.id}", disabled=bank.complete):
+            access.mark_started(*submit_bank(state.runner(), rec.config))
+            st.rerun()
     st.caption(CAVEAT)
+    return v
 
 
-def metrics_row(summary: dict) -> None:
+def metrics_row(summary: dict, verdict: dict) -> None:
     c = st.columns(4)
-    c[0].metric("M = X_u - X_r (nats)", fmt(summary["M"]), help="Mean KL change with the unique feature minus "
-                "with random features, over the inference images.")
-    c[1].metric("X_u (nats)", fmt(summary["X_u"]))
-    c[2].metric("X_r (nats)", fmt(summary["X_r"]))
-    c[3].metric("exposure p", fmt(summary["exposure_p_value"], 3),
-                help=f"rank {summary['rank']} of {summary['candidates'] + 1} candidate features")
+    c[0].metric("M = X_u - X_r (nats)", fmt(summary["M"]), help="How much more the model's outputs move (KL "
+                "divergence, in nats) when the unique feature is pasted on an unseen image than when a random "
+                "pattern is, averaged over the inference images. Above 0 suggests memorisation.")
+    c[1].metric("X_u (nats)", fmt(summary["X_u"]), help="Mean KL change with the unique feature.")
+    c[2].metric("X_r (nats)", fmt(summary["X_r"]), help="Mean KL change with random features.")
+    ref = verdict["test"] == "reference"
+    c[3].metric("calibrated p (reference models)" if ref else "fast test p (provisional)",
+                fmt(verdict["p_value"] if ref else summary["exposure_p_value"], 3),
+                help="Rank of this model's M among the reference models' M" if ref else
+                f"Rank {summary['rank']} of {summary['candidates'] + 1} among candidate features "
+                f"({summary.get('family') or 'permute'} family) on this model")
     c = st.columns(4)
-    c[0].metric("t-test p (Welch, one-tailed)", fmt(summary["p_value"], 3))
-    c[1].metric("paired t-test p", fmt(summary["p_value_paired"], 3))
-    c[2].metric("exposure (bits)", fmt(summary["exposure"], 3))
+    c[0].metric("t-test p (paper's, Welch)", fmt(summary["p_value"], 3), help="Shown, never decides: see below.")
+    c[1].metric("paired t-test p (paper's)", fmt(summary["p_value_paired"], 3))
+    c[2].metric("exposure (bits)", fmt(summary["exposure"], 3), help="log2(K + 1) - log2(rank) of the fast test.")
     c[3].metric("test accuracy", f"{100 * summary['test_accuracy']:.2f}%")
+    if summary.get("epsilon") is not None:
+        st.metric("DP-SGD epsilon spent", fmt(summary["epsilon"], 3),
+                  help="The (epsilon, delta) the Opacus accountant reports for the epochs actually trained.")
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -134,8 +167,10 @@ def result_view(rec: RunRecord) -> None:
     st.caption(f"{cfg.dataset} · {cfg.arch} · regularisers: {', '.join(cfg.regularisers) or 'none'} · "
                f"{cfg.canary.describe()} · feature {cfg.feature.name} at {cfg.feature.offset} · seed {cfg.seed} · "
                f"{s['epochs_trained']} epochs on {s['device']}")
-    verdict_box(s)
-    metrics_row(s)
+    verdict = verdict_box(rec)
+    metrics_row(s, verdict)
+    for note in s.get("notes") or []:
+        st.caption(f"Note: {note}")
     left, right = st.columns([3, 1])
     with left:
         log_x = st.toggle("log-scale KL axis", key=f"logx_{rec.id}", value=True)
@@ -156,6 +191,9 @@ def result_view(rec: RunRecord) -> None:
             st.info("Clean control: no training image carried the feature.")
     with st.expander("Access settings (white-, grey-, black-box confidence gain)"):
         st.dataframe(access_table(s["access"]), hide_index=True)
+        st.caption("The calibrated p ranks the feature's gain among the same gain for the candidate features on "
+                   "the same images. The paper's t-test p is shown for comparison only: on clean models it is often "
+                   "tiny (see README, statistics).")
     with st.expander("Training curves"):
         st.plotly_chart(loss_curve_figure(state.store().load_history(rec.id)), key=f"loss_{rec.id}")
     with st.expander("Configuration"):
@@ -163,12 +201,13 @@ def result_view(rec: RunRecord) -> None:
 
 
 def access_table(access: dict) -> pd.DataFrame:
+    """The three access settings: gain, the calibrated p-value (rank among candidate features) and
+    the paper's t-test p-value (uncalibrated: it flags clean models)."""
     rows = []
     for name, key in (("white-box (label known)", "white_box"), ("grey-box (max over classes)", "grey_box"),
                       ("black-box (max over classes, OOD images)", "black_box_gain")):
-        g = access.get(key)
-        if g is None:
-            rows.append(dict(setting=name, **{"class": None, "gain": None, "p-value": None, "images": None}))
-        else:
-            rows.append({"setting": name, "class": g["label"], "gain": g["gain"], "p-value": g["p_value"], "images": g["n"]})
+        g = access.get(key) or {}
+        rows.append({"setting": name, "class": g.get("label"), "gain": g.get("gain"),
+                     "calibrated p": g.get("p_value"), "paper's t-test p (uncalibrated)": g.get("p_value_paper"),
+                     "images": g.get("n")})
     return pd.DataFrame(rows)

@@ -29,6 +29,7 @@ def app_env(tmp_path_factory):
     mp.setenv("UFM_DATA_DIR", str(root / "data"))
     mp.setenv("UFM_HOME", str(root / "home"))
     mp.delenv("UFM_PASSWORD", raising=False)
+    mp.setenv("UFM_AUTO_REFERENCES", "0")  # no background banks of 24 models in the tests
     from streamlit import config as st_config
     address = st_config.get_option("server.address")
     st_config.set_option("server.address", "localhost")  # whatever the working directory's config says
@@ -116,7 +117,7 @@ def test_quick_run_from_train_page_shows_numbers(app_env):
     _wait_done(run_id)
     at.run()
     labels = {m.label: m.value for m in at.metric}
-    assert "M = X_u - X_r (nats)" in labels and "exposure p" in labels and "test accuracy" in labels
+    assert "M = X_u - X_r (nats)" in labels and "fast test p (provisional)" in labels and "test accuracy" in labels
     from dashboard import state
     rec = state.store().get(run_id)
     assert rec.status == "done" and labels["M = X_u - X_r (nats)"] == f"{rec.summary['M']:.4g}"

@@ -15,11 +15,21 @@ from typing import TYPE_CHECKING, Any
 from .store import STATUSES, Store, StoreError
 
 if TYPE_CHECKING:
+    from .verdict import Verdict
     from .experiment import ExperimentConfig, Result
     from .train import ProgressFn
 
 LIST_COLUMNS = ["id", "status", "created", "dataset", "arch", "regularisers", "canary", "seed", "M",
                 "exposure_p_value", "test_accuracy", "note"]
+
+
+def _references(s: str) -> int:
+    from .cli import int_in
+    from .reference import MAX_REFERENCES
+    v = int_in(0, MAX_REFERENCES)(s)
+    if 0 < v < 19:
+        raise argparse.ArgumentTypeError(f"must be 0 or at least 19 (the smallest p-value is 1/(R + 1)), got {v}")
+    return v
 
 
 def _pos_int(s: str) -> int:
@@ -47,19 +57,28 @@ def open_store(a: argparse.Namespace) -> Store:
 
 
 def measure_in_store(a: argparse.Namespace, config: "ExperimentConfig",
-                     progress: "ProgressFn | None") -> tuple[str, "Result", bool]:
-    """``ufm measure``'s work: train (or reuse an identical finished run unless ``--force``) and
-    record the run. Returns ``(run_id, result, cached)``."""
+                     progress: "ProgressFn | None") -> tuple[str, "Result", bool, "Verdict"]:
+    """``ufm measure``'s work: train (or reuse an identical finished run unless ``--force``), record
+    the run, and with ``--references R`` train the bank of R clean reference models (once per
+    setting) for the calibrated verdict. Returns ``(run_id, result, cached, verdict)``; without a
+    complete bank the verdict is the provisional fast test's."""
     from .jobs import measure
+    from .reference import DEFAULT_REFERENCES, build_bank, report_bank_progress
     from .train import TrainingCancelled
+    from .verdict import run_verdict
 
+    references = getattr(a, "references", 0) or 0
     with open_store(a) as store:
         try:
-            return measure(store, config, force=a.force, progress=progress)
+            run_id, result, cached = measure(store, config, force=a.force, progress=progress)
+            if references:
+                build_bank(store, config, references, progress=report_bank_progress(progress))
+            verdict = run_verdict(store, store.get(run_id), references or DEFAULT_REFERENCES)
         except StoreError as e:
             raise _usage(str(e)) from e
         except TrainingCancelled as e:
             raise _usage(f"{e} (cancelled from 'ufm runs cancel' or the dashboard); nothing was saved") from e
+    return run_id, result, cached, verdict
 
 
 def _check_out(a: argparse.Namespace) -> None:
@@ -255,6 +274,12 @@ def register(sub: Any) -> None:
         measure.add_argument("--force", action="store_true",
                              help="train even when an identical finished run (same config and ufm version) is "
                                   "in the store")
+        from .reference import MAX_REFERENCES
+        measure.add_argument("--references", type=_references, default=0, metavar="R",
+                             help="also train R clean reference models (19 to %d, e.g. 24; once per training setting, "
+                                  "shared by every feature, canary and seed) and give the calibrated verdict; "
+                                  "0 (default) uses a complete bank of 24 already in the store, else the verdict is "
+                                  "the fast test's, marked provisional" % MAX_REFERENCES)
 
     runs = sub.add_parser("runs", help="list, show, export, cancel or delete recorded runs",
                           description="Runs recorded in the store ($UFM_HOME or --home). IDs may be shortened.")
