@@ -186,7 +186,9 @@ class AuditBound:
 
     @property
     def correction(self) -> str:
-        return "none (k+ and k- fixed in advance)" if self.grid_size == 1 else f"Bonferroni over {self.grid_size} (k+, k-) pairs"
+        if self.grid_size == 1:
+            return "none (k+ and k- fixed in advance)"
+        return f"Bonferroni over {self.grid_size} (k+, k-) pairs"
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -254,10 +256,10 @@ def audit_features(kind: str, m: int, size: int, image_shape: Sequence[int], *, 
     """``m`` distinct unique features that fit images of ``image_shape`` (C, H, W).
 
     ``kind="random"``: ``size x size`` binary patterns with exactly ``floor(size^2 / 2)`` pixels
-    set, at random places, all distinct. The ink is fixed because a pattern's effect on the
+    set (at random pixels), all distinct. The ink is fixed because a pattern's effect on the
     outputs grows with its ink: with Bernoulli(0.5) pixels the spread of ink between features
-    would add score variance that has nothing to do with memorisation. ``kind="text"``: distinct random strings of ``text_length`` capital letters
-    rendered ``size`` pixels tall (:func:`ufm.features.text_feature`), distinct as pixels.
+    would add score variance that has nothing to do with memorisation. ``kind="text"``: distinct
+    random strings of ``text_length`` capital letters rendered ``size`` pixels tall (:func:`ufm.features.text_feature`), distinct as pixels.
     ``placement="fixed"``: every feature at ``offset``; ``"random"``: each at its own seeded
     random position on the image (the feature is then unique in pattern *and* place).
 
@@ -401,7 +403,8 @@ class AuditConfig:
             raise ValueError(f"confidence must be in (0, 1), e.g. 0.95, got {self.confidence}")
         if (self.k_plus is None) != (self.k_minus is None):
             raise ValueError("give both k_plus and k_minus or neither (then the Bonferroni grid is used)")
-        if self.k_plus is not None and (self.k_plus < 0 or self.k_minus < 0 or not 0 < self.k_plus + self.k_minus <= self.canaries):
+        if self.k_plus is not None and (self.k_plus < 0 or self.k_minus < 0
+                                        or not 0 < self.k_plus + self.k_minus <= self.canaries):
             raise ValueError(f"k_plus + k_minus must be between 1 and canaries = {self.canaries}, "
                              f"got {self.k_plus} and {self.k_minus}")
         if len(self.offset) != 2 or any(int(o) != o or o < 0 for o in self.offset):
@@ -676,7 +679,8 @@ def audit_histogram(result: AuditResult, bins: int = 30):
         fig.add_bar(x=(edges[:-1] + edges[1:]) / 2, y=counts, width=np.diff(edges), name=name,
                     marker_color=colour, opacity=0.6)
     b = result.bound
-    title = f"Scores of IN vs OUT canaries: epsilon >= {b.epsilon:.2f} at {b.confidence:.0%} ({b.correct}/{b.guesses} guesses right)"
+    title = (f"Scores of IN vs OUT canaries: epsilon >= {b.epsilon:.2f} at {b.confidence:.0%} "
+             f"({b.correct}/{b.guesses} guesses right)")
     return _layout(fig, title, "score M = X_u - X_r of the canary's feature (nats)", "canaries",
                    barmode="overlay", bargap=0)
 
