@@ -319,7 +319,12 @@ def audit_features(kind: str, m: int, size: int, image_shape: Sequence[int], *, 
         key = np.asarray(f.pattern).tobytes()
         if key in seen:
             continue
-        f.check_fits((c, h, w))  # the width grows with the text: say so rather than clip it
+        try:  # the width grows with the text: say so rather than clip it
+            f.check_fits((c, h, w))
+        except FeatureError as exc:
+            raise FeatureError(f"{exc} (audit text features: {text_length} letters at height {size} are "
+                               f"{f.size[1]} px wide; use fewer letters, --text-length, or a smaller "
+                               "--feature-size)") from None
         seen.add(key)
         out.append(f)
     return _place(out, placement, (h, w), rng)
