@@ -14,6 +14,7 @@ pages = [
     st.Page("app_pages/influence.py", title="Influence", icon=":material/scatter_plot:"),
     st.Page("app_pages/explain.py", title="Explain", icon=":material/visibility:"),
     st.Page("app_pages/compare.py", title="Compare", icon=":material/compare:"),
+    st.Page("app_pages/privacy.py", title="Audit privacy", icon=":material/shield:"),
     st.Page("app_pages/runs.py", title="Runs", icon=":material/history:"),
     st.Page("app_pages/audit.py", title="Audit a model", icon=":material/policy:"),
 ]

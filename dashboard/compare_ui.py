@@ -25,6 +25,11 @@ def new_study_form() -> str | None:
         archs = c2.multiselect("architectures", ARCHITECTURES, default=[setup["arch"]], key="cmp_archs")
         n_seeds = c3.number_input("seeds", 1, 20, 3, key="cmp_seeds")
         name = st.text_input("study name", f"{setup['dataset']} {time.strftime('%Y-%m-%d %H:%M:%S')}", key="cmp_name")
+        a1, a2 = st.columns([3, 1])
+        audit = a1.checkbox("also audit privacy (one audit model per regulariser and seed)", key="cmp_audit",
+                            help="Adds an epsilon-lower-bound column: each audit trains one more model with "
+                                 "many distinct features (see the Audit privacy page).")
+        audit_m = a2.number_input("audit canaries", 2, 5000, 200, key="cmp_audit_m")
         st.caption(f"Feature, canary ({setup['canary'].describe()}), dataset and budget come from the Feature and "
                    "Train & measure pages. Every setting is trained once per seed.")
         if not st.form_submit_button("Run the comparison", type="primary"):
@@ -43,7 +48,21 @@ def new_study_form() -> str | None:
     create_study(state.store(), name, "custom" if len(archs) > 1 else "regularisers", base, members,
                  description=f"{', '.join(regs)} x {', '.join(archs)} over {int(n_seeds)} seeds")
     submit_study(state.runner(), name)
+    if audit:
+        from .privacy_ui import start_study_audits
+        start_study_audits(name, [(m.group, m.config) for m in members], int(audit_m))
     return name
+
+
+def with_audits(name: str, agg: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """``agg`` with the study's epsilon-lower-bound columns (when it was audited) and their names."""
+    from ufm.privacy_audit import study_audit_table
+
+    table = study_audit_table(state.store().home, name)
+    if table is None:
+        return agg, []
+    return agg.merge(table, on="group", how="left"), ["eps_lower_bound", "eps_lb_min", "eps_lb_max", "claimed_epsilon",
+                                                       "audits_done"]
 
 
 def small_multiples(runs: pd.DataFrame, log_x: bool = True):

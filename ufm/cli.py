@@ -246,6 +246,8 @@ from .cli_runs import register as _register_runs  # noqa: E402 - runs, studies, 
 EXTRA_COMMANDS.append(_register_runs)
 from .cli_audit import register as _register_audit  # noqa: E402 - audit (ONNX models ufm did not train)
 EXTRA_COMMANDS.append(_register_audit)
+from .cli_privacy import register as _register_privacy  # noqa: E402 - privacy-audit
+EXTRA_COMMANDS.append(_register_privacy)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
