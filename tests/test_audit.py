@@ -81,7 +81,8 @@ def rgb_data(tmp_path):
 def _measure(home, data, arch, *canary, epochs=12):
     args = ["measure", "--dataset", str(data["train"]), "--ood-source", str(data["ood"]), "--ood-size", "60",
             "--arch", arch, "--epochs", str(epochs), "--patience", str(epochs), "--candidates", "29", "--lr", "1e-3",
-            "--batch-size", "32", "--device", "cpu", "--quiet", "--home", str(home), *FEATURE_ARGS, *canary]
+            "--batch-size", "32", "--device", "cpu", "--quiet", "--home", str(home), "--candidate-kind", "strokes",
+            *FEATURE_ARGS, *canary]
     assert main(args) == 0
     with Store(home) as s:
         return s.list_runs()[0]
@@ -230,9 +231,9 @@ def test_choose_family_follows_the_calibration_table(cal_table):
     cal_table(_row(family="strokes", rate=0.2), _row(family="permute", rate=0.03))
     fam, cal, reason = choose_family(feat)
     assert (fam, reason) == ("permute", None) and cal.rate == 0.03
-    cal_table(_row(family="strokes", rate=0.2), _row(family="permute", rate=0.3))
-    fam, cal, reason = choose_family(feat)
-    assert fam == "strokes" and "miscalibrated" in reason and "strokes" in reason
+    cal_table(_row(family="strokes", rate=0.2), _row(family="permute", rate=0.3), _row(family="shift", rate=0.1))
+    fam, cal, reason = choose_family(feat)  # the kind's default (shift) is reported, every family is named
+    assert fam == "shift" and "miscalibrated" in reason and "strokes" in reason
     cal_table(_row(family="strokes", rate=0.01, arch="cnn1"))  # only another architecture was measured
     fam, cal, reason = choose_family(feat)
     assert cal is None and "no measurement" in reason

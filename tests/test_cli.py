@@ -232,7 +232,7 @@ def test_measure_with_references_gives_the_calibrated_verdict(tiny_data, tmp_pat
     assert v["test"] in ("reference", "none") and not v["provisional"]
     if d["learned"]:  # a model that learned is judged by the 19 reference models
         assert v["test"] == "reference" and v["p_value"] in [k / 20 for k in range(1, 21)]
-    # a plain measure looks for the default bank of 24: the 19 above are its first 19, so not complete yet
+    # a plain measure looks for the default bank of 39: the 19 above are its first 19, so not complete yet
     assert main(_tiny_measure(tiny_data, "--out", str(out), "--seed", "1")) == 0
     assert json.loads(out.read_text())["final_verdict"]["test"] in ("fast", "none")
 

@@ -304,9 +304,9 @@ def register(sub: Any) -> None:
                                   "in the store")
         from .reference import MAX_REFERENCES
         measure.add_argument("--references", type=_references, default=0, metavar="R",
-                             help="also train R clean reference models (19 to %d, e.g. 24; once per training setting, "
+                             help="also train R clean reference models (19 to %d, default bank 39; once per training setting, "
                                   "shared by every feature, canary and seed) and give the calibrated verdict; "
-                                  "0 (default) uses a complete bank of 24 already in the store, else the verdict is "
+                                  "0 (default) uses a complete bank of 39 already in the store, else the verdict is "
                                   "the fast test's, marked provisional" % MAX_REFERENCES)
 
     runs = sub.add_parser("runs", help="list, show, export, cancel or delete recorded runs",
