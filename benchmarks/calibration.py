@@ -281,6 +281,15 @@ def _rate(calls) -> str:
     return f"{k}/{n} = {r:.1%} [{lo:.1%}, {hi:.1%}]"
 
 
+def _default(g) -> str:
+    """The product's current default family for these rows' kind (ufm.candidates.DEFAULT_FAMILY)."""
+    from ufm.candidates import DEFAULT_FAMILY
+
+    fam = DEFAULT_FAMILY[g["kind"].iloc[0]]
+    col = f"fast_{fam}_status"
+    return fam if col in g.columns and g[col].notna().all() else g["family"].iloc[0]
+
+
 def report(a) -> None:
     import pandas as pd
 
@@ -303,7 +312,7 @@ def report(a) -> None:
         out.append("| arch | kind | features | verdict (reference test) | fast test, default family | t-test (Welch) | paired t-test |")
         out.append("|---|---|---|---|---|---|---|")
         for (arch, kind), g in df.groupby(["arch", "kind"], sort=False):
-            fam = g["family"].iloc[0]
+            fam = _default(g)
             out.append(f"| {arch} | {kind} | {g['feature'].nunique()} | {_rate(g['reference_memorised'])} | "
                        f"{fam}: {_rate(g[f'fast_{fam}_status'] == 'memorised')} | {_rate(g['welch_p'] < ALPHA)} | "
                        f"{_rate(g['paired_p'] < ALPHA)} |")
@@ -323,10 +332,10 @@ def report(a) -> None:
                                  "calls": int(calls.sum()), "tests": int(len(calls)),
                                  "models": int(g["model"].nunique()), "alpha": ALPHA})
         out.append("\n### Per feature (clean models): verdict and fast test (default family)\n")
-        out.append("| arch | feature | verdict (reference) | fast test | Welch t-test |")
+        out.append("| arch | feature | verdict (reference) | fast test (default family) | Welch t-test |")
         out.append("|---|---|---|---|---|")
         for (arch, feat), g in df.groupby(["arch", "feature"], sort=False):
-            fam = g["family"].iloc[0]
+            fam = _default(g)
             out.append(f"| {arch} | {feat} | {_rate(g['reference_memorised'])} | {_rate(g[f'fast_{fam}_status'] == 'memorised')} | "
                        f"{_rate(g['welch_p'] < ALPHA)} |")
         out.append("\n### Access settings on clean models: calibrated rank p vs the paper's t-test\n")
