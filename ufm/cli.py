@@ -231,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
 EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 from .cli_runs import register as _register_runs  # noqa: E402 - runs, studies, measure --home/--force
 EXTRA_COMMANDS.append(_register_runs)
+from .cli_reproduce import register as _register_reproduce  # noqa: E402 - ufm reproduce
+EXTRA_COMMANDS.append(_register_reproduce)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
