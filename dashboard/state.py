@@ -16,6 +16,7 @@ from ufm.canary import CanaryChoice
 from ufm.data import BENCHMARKS, available_offline, default_data_dir, load_split
 from ufm.experiment import ExperimentConfig
 from ufm.features import Feature, glyph
+from ufm.executors import Executor, executor_from_env
 from ufm.jobs import Runner
 from ufm.store import Store
 from ufm.train import DPConfig
@@ -41,6 +42,13 @@ def store() -> Store:
 def runner() -> Runner:
     """One background runner per server: one worker per device, a queue behind it."""
     return Runner(store())
+
+
+@st.cache_resource
+def executor() -> Executor:
+    """Where Compare and Influence send their studies: a Ray cluster when ``$UFM_RAY_ADDRESS`` is
+    set, else this server's :func:`runner`. Either way progress and results land in :func:`store`."""
+    return executor_from_env(store(), runner())
 
 
 def data_dir() -> str:

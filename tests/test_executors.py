@@ -66,18 +66,42 @@ def test_ray_study_matches_local(tiny_data, tmp_path, ray_session):
 
 
 def test_ray_progress_and_cancel(tiny_data, tmp_path, ray_session):
+    """Progress reaches the store; cancel works through the executor and through the store's
+    flag (what `ufm runs cancel` and the dashboard's Cancel button set)."""
     with Store(tmp_path / "home") as store:
         ex = RayExecutor(store)
         try:
-            run_id = ex.submit(tiny_config(tiny_data, device="auto", epochs=100000, patience=100000))
+            ids = [ex.submit(tiny_config(tiny_data, device="auto", epochs=100000, patience=100000, seed=s))
+                   for s in (0, 1)]
             deadline = time.monotonic() + 60
-            while (store.get(run_id).progress or {}).get("epoch", 0) < 2:
-                assert time.monotonic() < deadline, store.get(run_id)
+            while min((store.get(r).progress or {}).get("epoch", 0) for r in ids) < 2:
+                assert time.monotonic() < deadline, [store.get(r) for r in ids]
                 time.sleep(0.1)
-            assert store.get(run_id).status == "running"
-            ex.cancel(run_id)
-            (rec,) = ex.wait([run_id], timeout=60)
-            assert rec.status == "cancelled", rec.error
+            assert [store.get(r).status for r in ids] == ["running", "running"]
+            assert sorted(ex.active()) == sorted(ids)
+            ex.cancel(ids[0])
+            assert store.request_cancel(ids[1]) == "running"
+            recs = ex.wait(ids, timeout=60)
+            assert [r.status for r in recs] == ["cancelled", "cancelled"], [r.error for r in recs]
+            assert ex.active() == []
+        finally:
+            ex.shutdown()
+
+
+def test_executor_from_env(tmp_path, monkeypatch, ray_session):
+    from ufm.executors import executor_from_env
+    from ufm.jobs import Runner
+
+    with Store(tmp_path / "home") as store:
+        monkeypatch.delenv("UFM_RAY_ADDRESS", raising=False)
+        with Runner(store) as runner:
+            ex = executor_from_env(store, runner)
+            assert isinstance(ex, LocalExecutor) and ex.runner is runner
+            ex.shutdown()
+        monkeypatch.setenv("UFM_RAY_ADDRESS", "auto")  # Ray is up in this process: it is used as it is
+        ex = executor_from_env(store)
+        try:
+            assert isinstance(ex, RayExecutor)
         finally:
             ex.shutdown()
 

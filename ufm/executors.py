@@ -335,13 +335,14 @@ class RayExecutor(Executor):
     def _watch(self) -> None:
         next_cancel_poll = 0.0
         while not self._stop.is_set():
+            poll_cancels = time.monotonic() >= next_cancel_poll
+            if poll_cancels:
+                next_cancel_poll = time.monotonic() + CANCEL_POLL
             try:
-                self._step(time.monotonic() >= next_cancel_poll)
+                self._step(poll_cancels)
             except Exception:  # noqa: BLE001 - the loop must outlive one bad step; say what happened
                 log.exception("the Ray driver loop hit an error; retrying")
                 time.sleep(1.0)
-            if time.monotonic() >= next_cancel_poll:
-                next_cancel_poll = time.monotonic() + CANCEL_POLL
 
     def _step(self, poll_cancels: bool) -> None:
         ray = self._ray
@@ -355,10 +356,15 @@ class RayExecutor(Executor):
         self._record_progress(ray.get(self._channel.drain.remote()))
         for ref in ready:
             self._finish(by_ref[ref], ref)
-        if poll_cancels:  # `ufm runs cancel` in another process sets only the store's flag
+        if poll_cancels:  # a cancel through the store (`ufm runs cancel`, a page's Runner) reaches Ray here
             for run_id in set(refs) - {by_ref[r] for r in ready}:
-                if run_id not in self._cancelled and self.store.cancel_requested(run_id):
-                    self.cancel(run_id)
+                if run_id in self._cancelled:
+                    continue
+                rec = self.store.get(run_id)
+                if rec.status == "cancelled" or self.store.cancel_requested(run_id):
+                    with self._lock:
+                        self._cancelled.add(run_id)
+                    ray.cancel(refs[run_id])
 
     def _record_progress(self, latest: dict[str, dict]) -> None:
         for run_id, p in latest.items():
@@ -429,3 +435,12 @@ def make_executor(kind: str, store: Store, *, address: str | None = None, **kwar
     if kind == "ray":
         return RayExecutor(store, address=address, **kwargs)
     raise ValueError(f"unknown executor {kind!r}; choose one of {', '.join(EXECUTORS)}")
+
+
+def executor_from_env(store: Store, runner: Runner | None = None) -> Executor:
+    """Ray at ``$UFM_RAY_ADDRESS`` when it is set (the dashboard's Compare and Influence pages),
+    else this machine: ``runner`` (or a new :class:`~ufm.jobs.Runner`) as a :class:`LocalExecutor`."""
+    address = os.environ.get(RAY_ADDRESS_ENV, "").strip()
+    if address:
+        return RayExecutor(store, address=address)
+    return LocalExecutor(store, runner=runner)
