@@ -177,3 +177,13 @@ def test_killed_driver_resumes_with_the_missing_runs_only(tmp_path):
         n_done = s.query("SELECT COUNT(*) FROM runs WHERE status = 'done'")[0][0]
     assert n_done == 6  # one finished run per canary model: nothing trained twice
     assert pd.read_csv(out / "table1.csv")["done"].tolist() == [3, 3]
+
+
+def test_cli_reproduce_bad_input_is_one_line(tmp_path, capsys):
+    assert main(["reproduce", "table1", "--ray-address", "auto", "--home", str(tmp_path / "h")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ufm: error: --ray-address needs --executor ray"]
+    assert main(["reproduce", "table9"]) == 2
+    assert "invalid choice: 'table9'" in capsys.readouterr().err
+    assert main(["reproduce", "table1", "--seed", "-1", "--home", str(tmp_path / "h")]) == 2
+    assert capsys.readouterr().err.strip() == "ufm: error: --seed must be >= 0, got -1"
