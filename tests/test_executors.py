@@ -131,3 +131,21 @@ def test_make_executor_rejects_bad_choices(tmp_path):
         ex = make_executor("local", store)
         assert isinstance(ex, LocalExecutor) and ex.store is store
         ex.shutdown()
+
+
+def test_sweep_on_ray_matches_the_sweep_in_this_thread(tiny_data, tmp_path, ray_session):
+    from ufm.sweep import sweep_canaries
+
+    cfg = tiny_config(tiny_data, device="auto")
+    with Store(tmp_path / "a") as s1:
+        here = sweep_canaries(cfg, tmp_path / "out_a", store=s1, top=1, bottom=1, n_checkpoints=2)
+    with Store(tmp_path / "b") as s2:
+        ex = RayExecutor(s2)
+        try:
+            remote = sweep_canaries(cfg, tmp_path / "out_b", store=s2, top=1, bottom=1, n_checkpoints=2, executor=ex)
+        finally:
+            ex.shutdown()
+    assert remote.pending == 0 and len(remote.table) == 2
+    for col in ("index", "group", "self_influence", "M", "p_value", "exposure_p_value"):
+        assert here.table[col].tolist() == remote.table[col].tolist(), col
+    assert (tmp_path / "out_b" / "sweep.csv").read_text().count("\n") == 3
