@@ -144,9 +144,16 @@ def _ray_progress_channel(ray: Any) -> Any:
     class ProgressChannel:
         def __init__(self) -> None:
             self._latest: dict[str, dict] = {}
+            self._starts: dict[str, int] = {}
 
         def report(self, run_id: str, progress: dict) -> None:
             self._latest[run_id] = progress
+            if progress.get("phase") == "start":
+                self._starts[run_id] = self._starts.get(run_id, 0) + 1
+
+        def attempts(self, run_id: str) -> int:
+            """How many times a task of ``run_id`` started (a retry starts again)."""
+            return self._starts.pop(run_id, 0)
 
         def drain(self) -> dict[str, dict]:
             out, self._latest = self._latest, {}
@@ -377,6 +384,10 @@ class RayExecutor(Executor):
             except StoreError as e:
                 log.warning("progress of run %s not recorded: %s", run_id, e)
 
+    def _tries(self, run_id: str) -> str:
+        n = self._ray.get(self._channel.attempts.remote(run_id))
+        return f"{n} {'try' if n == 1 else 'tries'} (retries allowed: {self.max_retries})"
+
     def _finish(self, run_id: str, ref: Any) -> None:
         ray = self._ray
         try:
@@ -390,12 +401,10 @@ class RayExecutor(Executor):
                     self.store.mark_cancelled(run_id, "cancelled by the user")
                 else:
                     cause = e.cause if getattr(e, "cause", None) is not None else e
-                    self.store.mark_failed(run_id, f"failed on Ray after {self.max_retries + 1} tries: "
-                                                   f"{_describe(cause)}")
+                    self.store.mark_failed(run_id, f"failed on Ray after {self._tries(run_id)}: {_describe(cause)}")
                 return
             except ray.exceptions.RayError as e:  # worker died twice, node lost, ...
-                self.store.mark_failed(run_id, f"the Ray task failed after {self.max_retries + 1} tries: "
-                                               f"{_describe(e)}")
+                self.store.mark_failed(run_id, f"the Ray task failed after {self._tries(run_id)}: {_describe(e)}")
                 return
             rec = self.store.get(run_id)
             if rec.status == "queued":
@@ -409,6 +418,7 @@ class RayExecutor(Executor):
             except StoreError:
                 pass
         finally:
+            self._channel.attempts.remote(run_id)  # forget its count (fire and forget)
             with self._lock:
                 self._refs.pop(run_id, None)
                 self._cancelled.discard(run_id)
