@@ -47,7 +47,7 @@ def new_study_form() -> str | None:
             members += [StudyMember(group, cfg.replace(seed=s)) for s in range(int(n_seeds))]
     create_study(state.store(), name, "custom" if len(archs) > 1 else "regularisers", base, members,
                  description=f"{', '.join(regs)} x {', '.join(archs)} over {int(n_seeds)} seeds")
-    submit_study(state.runner(), name)
+    submit_study(state.executor(), name)
     if audit:
         from .privacy_ui import start_study_audits
         start_study_audits(name, [(m.group, m.config) for m in members], int(audit_m))

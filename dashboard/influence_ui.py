@@ -46,7 +46,7 @@ def gallery(config: ExperimentConfig, table: pd.DataFrame, which: str, k: int) -
 def start_sweep(config: ExperimentConfig, table: pd.DataFrame, top: int, bottom: int) -> str:
     """One run per top-/bottom-k canary, as the sweep study ``ufm sweep-canaries`` uses; returns its name."""
     name = ensure_sweep_study(state.store(), config, table, top, bottom)
-    submit_study(state.runner(), name)
+    submit_study(state.executor(), name)
     return name
 
 

@@ -16,6 +16,7 @@ from ufm.canary import CanaryChoice
 from ufm.data import BENCHMARKS, available_offline, default_data_dir, load_split
 from ufm.experiment import ExperimentConfig
 from ufm.features import Feature, glyph
+from ufm.executors import Executor, executor_from_env
 from ufm.jobs import Runner
 from ufm.store import Store
 from ufm.train import DPConfig
@@ -47,6 +48,13 @@ def auto_references() -> bool:
     """Whether Start and the demos also queue the reference models for the calibrated verdict
     (default yes; ``UFM_AUTO_REFERENCES=0`` turns it off, e.g. on a shared machine or in tests)."""
     return os.environ.get("UFM_AUTO_REFERENCES", "1").strip() not in ("0", "false", "no", "")
+
+
+@st.cache_resource
+def executor() -> Executor:
+    """Where Compare and Influence send their studies: a Ray cluster when ``$UFM_RAY_ADDRESS`` is
+    set, else this server's :func:`runner`. Either way progress and results land in :func:`store`."""
+    return executor_from_env(store(), runner())
 
 
 def data_dir() -> str:

@@ -248,6 +248,8 @@ from .cli_audit import register as _register_audit  # noqa: E402 - audit (ONNX m
 EXTRA_COMMANDS.append(_register_audit)
 from .cli_privacy import register as _register_privacy  # noqa: E402 - privacy-audit
 EXTRA_COMMANDS.append(_register_privacy)
+from .cli_reproduce import register as _register_reproduce  # noqa: E402 - ufm reproduce
+EXTRA_COMMANDS.append(_register_reproduce)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -32,6 +32,7 @@ from .verdict import run_verdict
 if TYPE_CHECKING:
     from .canary import CanaryChoice
     from .experiment import ExperimentConfig
+    from .executors import Executor
     from .jobs import Runner
     from .train import ProgressFn
 
@@ -264,9 +265,11 @@ def _launch(store: Store, name: str, force: bool, start: Callable[["ExperimentCo
     return ids
 
 
-def submit_study(runner: "Runner", name: str, *, force: bool = False) -> list[str]:
-    """Queue every member of ``name`` that has no finished run on ``runner``; returns the run ids
-    in member order. Finished identical runs are reused (the run cache) unless ``force``."""
+def submit_study(runner: "Runner | Executor", name: str, *, force: bool = False) -> list[str]:
+    """Queue every member of ``name`` that has no finished run on ``runner`` (a
+    :class:`ufm.jobs.Runner` or any :class:`ufm.executors.Executor`, e.g. Ray); returns the run
+    ids in member order. Finished identical runs are reused (the run cache) unless ``force``, so a
+    study whose driver was killed resumes with the missing runs only."""
     return _launch(runner.store, name, force, lambda cfg: runner.submit(cfg, force=force))
 
 

@@ -262,14 +262,16 @@ class SweepResult:
 
 def sweep_canaries(config: ExperimentConfig, out_dir: str | Path, *, store: Any = None, top: int = 15,
                    bottom: int = 15, n_checkpoints: int = DEFAULT_CHECKPOINTS, progress: ProgressFn | None = None,
-                   cancel: CancelFlag = None) -> SweepResult:
+                   cancel: CancelFlag = None, executor: Any = None) -> SweepResult:
     """Train one model per top-/bottom-k self-influence canary and relate M to self-influence.
 
     The sweep is the study :func:`ensure_sweep_study` in ``store`` (default: the store of
     ``$UFM_HOME``), the same one the dashboard's Influence page runs; the self-influence table
     is :func:`cached_influence` under the store's home. Canaries run one after the other in
-    this thread; a canary whose identical run already finished in the store is not trained
-    again, so a killed sweep resumes with the missing canaries only.
+    this thread, or all at once on ``executor`` (a :class:`ufm.executors.Executor` on the same
+    store, e.g. Ray; the table is rewritten as each finishes); a canary whose identical run
+    already finished in the store is not trained again, so a killed sweep resumes with the
+    missing canaries only.
 
     Writes ``out_dir/influence.csv`` (the ranked images), ``out_dir/sweep.csv`` (one row per
     finished canary, rewritten after each) and ``out_dir/sweep.json`` (rows + Pearson r + the
@@ -297,6 +299,8 @@ def sweep_canaries(config: ExperimentConfig, out_dir: str | Path, *, store: Any 
     _write_sweep(store, name, table, config, base_key, csv_path, meta_path)
 
     entries = get_study(store, name).entries
+    if executor is not None:
+        return _sweep_on(executor, store, name, table, config, base_key, csv_path, meta_path, cancel)
     for k, e in enumerate(entries):
         if is_cancelled(cancel):
             raise TrainingCancelled("the sweep was cancelled")
@@ -312,6 +316,30 @@ def sweep_canaries(config: ExperimentConfig, out_dir: str | Path, *, store: Any 
             run_id = measure(store, e.config, progress=progress, cancel=cancel)[0]
         attach_run(store, name, e.position, run_id)
         _write_sweep(store, name, table, config, base_key, csv_path, meta_path)
+    return _write_sweep(store, name, table, config, base_key, csv_path, meta_path)
+
+
+def _sweep_on(executor: Any, store: Any, name: str, table: pd.DataFrame, config: ExperimentConfig, base_key: str,
+              csv_path: Path, meta_path: Path, cancel: CancelFlag) -> SweepResult:
+    """The canaries of sweep ``name`` submitted together to ``executor``; waits for them."""
+    from .studies import submit_study
+
+    if executor.store.home != store.home:
+        raise ValueError(f"the executor records runs in {executor.store.home}, the sweep in {store.home}; "
+                         "give both the same store")
+    ids = submit_study(executor, name)
+    pending = set(ids)
+    while pending:
+        if is_cancelled(cancel):
+            for run_id in pending:
+                executor.cancel(run_id)
+            raise TrainingCancelled("the sweep was cancelled")
+        finished = {r for r in pending if store.get(r).status in ("done", "failed", "cancelled")}
+        if finished:
+            pending -= finished
+            _write_sweep(store, name, table, config, base_key, csv_path, meta_path)
+        else:
+            time.sleep(0.2)
     return _write_sweep(store, name, table, config, base_key, csv_path, meta_path)
 
 
