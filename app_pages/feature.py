@@ -19,20 +19,26 @@ if "feat_kind" not in st.session_state:  # the page opens (or reloads): its widg
 left, right = st.columns([1, 1])
 with left:
     kind = st.radio("kind", KINDS, horizontal=True, key="feat_kind")
+    feature = None
     try:
         base = build_feature(kind)
-        r, c = st.columns(2)
-        row = r.number_input("row of the top-left pixel", 0, 200, key="feat_row")
-        col = c.number_input("column of the top-left pixel", 0, 200, key="feat_col")
-        intensity = st.slider("intensity (1 = white)", 0.05, 1.0, step=0.05, key="feat_intensity")
-        feature = base.with_offset(int(row), int(col)).with_intensity(float(intensity))
     except NoUpload:
         st.info(f"Upload an image to turn it into a feature; the current feature ({current.name}) stays in use "
                 "meanwhile.")
-        feature = None
+        base = None
     except FeatureError as e:
         st.error(f"{e}. The current feature ({current.name}) is kept.")
-        feature = None
+        base = None
+    # always drawn, also while the pattern is refused: a widget left out of one run loses its value
+    r, c = st.columns(2)
+    row = r.number_input("row of the top-left pixel", 0, 200, key="feat_row")
+    col = c.number_input("column of the top-left pixel", 0, 200, key="feat_col")
+    intensity = st.slider("intensity (1 = white)", 0.05, 1.0, step=0.05, key="feat_intensity")
+    if base is not None:
+        try:
+            feature = base.with_offset(int(row), int(col)).with_intensity(float(intensity))
+        except FeatureError as e:
+            st.error(f"{e}. The current feature ({current.name}) is kept.")
 
 with right:
     choices = state.dataset_choices()

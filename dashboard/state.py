@@ -80,6 +80,23 @@ def images(dataset: str, split: str, root: str, limit: int | None = 200):
     return d.x.numpy(), d.y.numpy(), d.classes
 
 
+@st.cache_data(show_spinner="Loading images ...", max_entries=16)
+def training_images(dataset: str, root: str, train_size: int | None, indices: tuple[int, ...]):
+    """(x, y, classes) of the training images at ``indices`` as a run with ``train_size`` sees them
+    (the stratified subset of :func:`ufm.experiment.training_split`), so that "image 10" in a gallery
+    is the image a run's canary index 10 stamps. Indices past the set are left out.
+
+    Raises:
+        ValueError: the set holds one class, or ``train_size`` is below the number of classes.
+    """
+    if train_size is None:  # everything, in the official order: only read what is asked for
+        d = load_split(dataset, "train", data_dir=root, limit=max(indices, default=0) + 1)
+    else:
+        d = load_split(dataset, "train", data_dir=root, limit=train_size, stratified=True)
+    idx = [i for i in indices if 0 <= i < len(d)]
+    return d.x[idx].numpy(), d.y[idx].numpy(), d.classes
+
+
 def dataset_choices() -> list[str]:
     """Offline datasets first; the downloadable benchmarks after them."""
     offline = offline_datasets(data_dir())

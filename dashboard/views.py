@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pandas as pd
 import streamlit as st
+import torch
 
 from ufm.canary import stamp_feature
-from ufm.data import load_split
 from ufm.plots import histogram_figure, image_figure, loss_curve_figure
 from ufm.reference import bank_status, submit_bank
 from ufm.store import RunNotFound, RunRecord
@@ -156,8 +156,8 @@ def metrics_row(summary: dict, verdict: dict) -> None:
 @st.cache_data(show_spinner=False, max_entries=32)
 def canary_image(dataset: str, root: str, train_size: int | None, index: int, feature_json: str) -> np.ndarray:
     from ufm.features import Feature
-    d = load_split(dataset, "train", data_dir=root, limit=index + 1 if train_size is None else min(train_size, index + 1))
-    return stamp_feature(d.x[index:index + 1], Feature.from_dict(json.loads(feature_json)))[0].numpy()
+    x = state.training_images(dataset, root, train_size, (index,))[0]  # the run's (stratified) training set
+    return stamp_feature(torch.from_numpy(x[:1]), Feature.from_dict(json.loads(feature_json)))[0].numpy()
 
 
 def result_view(rec: RunRecord) -> None:
@@ -182,8 +182,10 @@ def result_view(rec: RunRecord) -> None:
             img = canary_image(cfg.dataset, cfg.data_dir or state.data_dir(), cfg.train_size, i,
                                json.dumps(cfg.feature.to_dict()))
             h, w = cfg.feature.size
+            classes = state.training_images(cfg.dataset, cfg.data_dir or state.data_dir(), cfg.train_size, (i,))[2]
+            lab = s["canary_labels"][0]
             st.plotly_chart(image_figure(img, box=(*cfg.feature.offset, h, w),
-                                         title=f"canary {i} (label {s['canary_labels'][0]})"),
+                                         title=f"canary {i} ({classes[lab] if lab < len(classes) else lab})"),
                             key=f"canary_{rec.id}")
             if len(s["canary_indices"]) > 1:
                 st.caption(f"{len(s['canary_indices'])} canaries; the first is shown.")
