@@ -385,7 +385,7 @@ def test_gallery_canary_reaches_the_run_and_survives_a_page_change(app_env):
     assert at.number_input(key="tr_index").value == 10
     assert at.session_state["setup"]["canary"].indices == (10,)
     at.switch_page("app_pages/compare.py").run()
-    assert any("image 10" in c.value for c in at.caption)  # the study would use the same canary
+    assert any("canary at index 10" in c.value for c in at.caption)  # the study would use the same canary
     at.switch_page("app_pages/train.py").run()
     assert at.number_input(key="tr_index").value == 10
     at.number_input(key="tr_epochs").set_value(2).run()
@@ -444,3 +444,28 @@ def test_compare_shows_the_new_study_at_once_and_reruns_by_name_or_replace(app_e
         _wait_done(rid)
     at.run()
     assert any("n = 1" in w.value for w in at.warning)  # one seed: no interval, said so
+
+
+def test_canvas_drawing_is_area_averaged_into_the_feature_grid():
+    from PIL import Image, ImageDraw
+
+    from dashboard.feature_ui import CANVAS_PX, canvas_to_pattern, pattern_to_drawing
+    img = Image.new("RGBA", (CANVAS_PX, CANVAS_PX), (0, 0, 0, 255))
+    ImageDraw.Draw(img).line([(160, 20), (160, 300)], fill=(255, 255, 255, 255), width=64)  # a vertical stroke
+    p = canvas_to_pattern(np.asarray(img), 5)
+    assert p[:, 2].sum() >= 4 and p[:, [0, 1, 3, 4]].sum() == 0  # ink in one column band only
+    grey = canvas_to_pattern(np.asarray(img), 10, threshold=None)
+    assert 0 < grey.max() <= 1 and set(np.flatnonzero(grey.sum(0))) <= {4, 5, 6}  # 64 px = 2 of 32-px cells (+edges)
+    transparent = np.zeros((CANVAS_PX, CANVAS_PX, 4), np.uint8)  # an untouched transparent canvas is no ink
+    assert canvas_to_pattern(transparent, 5).sum() == 0
+    # a pattern drawn onto the canvas as squares reads back as itself (the grid <-> canvas round trip)
+    pattern = (np.random.default_rng(0).random((7, 7)) > 0.5).astype(float)
+    back = Image.new("RGB", (CANVAS_PX, CANVAS_PX))
+    d = ImageDraw.Draw(back)
+    for o in pattern_to_drawing(pattern)["objects"]:
+        d.rectangle([o["left"], o["top"], o["left"] + o["width"] - 1, o["top"] + o["height"] - 1], fill=(255, 255, 255))
+    assert np.array_equal(canvas_to_pattern(np.asarray(back), 7, threshold=0.5), pattern)
+    with pytest.raises(ValueError, match="between"):
+        canvas_to_pattern(np.asarray(img), 40)
+    with pytest.raises(ValueError, match="canvas image"):
+        canvas_to_pattern(np.zeros((5, 5)), 5)
