@@ -14,8 +14,9 @@ st.title("Design the unique feature")
 st.write("The feature is pasted, opaque, onto the canary image(s) for training, and onto every "
          "inference image to measure memorisation. The current feature is used by every page.")
 current = state.current_feature()
-if "feat_kind" not in st.session_state:  # the page opens (or reloads): its widgets show the feature in use
-    init_widgets(current)
+# The page opens (or reloads): its widgets show the feature in use; later, any widget whose value
+# Streamlit dropped comes back from the feature in use.
+init_widgets(current, only_missing="feat_kind" in st.session_state)
 left, right = st.columns([1, 1])
 with left:
     kind = st.radio("kind", KINDS, horizontal=True, key="feat_kind")

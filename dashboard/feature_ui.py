@@ -125,33 +125,33 @@ def draw_editor() -> np.ndarray:
         ss["_canvas_gen"] = ss.get("_canvas_gen", 0) + 1
         ss["_canvas_init"] = pattern_to_drawing(grid_now)
         ss["_canvas_pattern"], ss["_canvas_rgba"], ss["_canvas_params"] = grid_now, None, params
-    left, right = st.columns([3, 2])
-    with left:
-        st_canvas, why = _canvas()
-        if st_canvas is None:
-            st.warning(f"The drawing canvas is not available ({why}); use the grid below, which edits the same "
-                       "feature. To enable it: pip install 'streamlit-drawable-canvas[image]>=0.13'.")
-        else:
-            st.caption("Draw with the mouse or a finger. The canvas is the feature enlarged "
-                       f"({CANVAS_PX // m} screen pixels per feature pixel). Its toolbar has undo, redo and reset. "
-                       "If no canvas appears, its script was blocked: the grid below edits the same feature.")
-            res = st_canvas(stroke_width=max(1, int(round(brush * CANVAS_PX / m))),
-                            stroke_color="#000000" if eraser else "#ffffff", background_color="#000000",
-                            height=CANVAS_PX, width=CANVAS_PX, drawing_mode="freedraw",
-                            initial_drawing=ss["_canvas_init"], return_image_data=True,
-                            key=f"draw_canvas_{ss['_canvas_gen']}")
-            rgba = res.image_data
-            if rgba is not None:
-                digest = hashlib.sha1(np.ascontiguousarray(rgba).tobytes()).hexdigest()
-                if digest != ss.get("_canvas_seen"):
-                    ss["_canvas_seen"], ss["_canvas_rgba"], ss["_canvas_params"] = digest, rgba, params
-                    pattern = canvas_to_pattern(rgba, m, threshold)
-                    _fill(pattern)
-                    ss["_canvas_pattern"] = pattern
-    with right:
-        from ufm.plots import pattern_figure
-        shown = ss["_canvas_pattern"] if grey and ss.get("_canvas_rgba") is not None else _grid_values(m)
-        st.plotly_chart(pattern_figure(shown, title=f"the feature, {m}x{m} pixels"), key="draw_pixels")
+    # Not in a nested column: a canvas wider than its column scrolls, and the scrolling box
+    # swallows the pointer events (nothing draws).
+    st_canvas, why = _canvas()
+    if st_canvas is None:
+        st.warning(f"The drawing canvas is not available ({why}); use the grid below, which edits the same "
+                   "feature. To enable it: pip install 'streamlit-drawable-canvas[image]>=0.13'.")
+    else:
+        st.caption("Draw with the mouse or a finger. The canvas is the feature enlarged "
+                   f"({CANVAS_PX // m} screen pixels per feature pixel). Its toolbar has undo, redo and reset. "
+                   "If no canvas appears, its script was blocked: the grid below edits the same feature.")
+        res = st_canvas(stroke_width=max(1, int(round(brush * CANVAS_PX / m))),
+                        stroke_color="#000000" if eraser else "#ffffff", background_color="#000000",
+                        height=CANVAS_PX, width=CANVAS_PX, drawing_mode="freedraw",
+                        initial_drawing=ss["_canvas_init"], return_image_data=True,
+                        key=f"draw_canvas_{ss['_canvas_gen']}")
+        rgba = res.image_data
+        if rgba is not None:
+            digest = hashlib.sha1(np.ascontiguousarray(rgba).tobytes()).hexdigest()
+            if digest != ss.get("_canvas_seen"):
+                ss["_canvas_seen"], ss["_canvas_rgba"], ss["_canvas_params"] = digest, rgba, params
+                pattern = canvas_to_pattern(rgba, m, threshold)
+                _fill(pattern)
+                ss["_canvas_pattern"] = pattern
+    from ufm.plots import pattern_figure
+    shown = ss["_canvas_pattern"] if grey and ss.get("_canvas_rgba") is not None else _grid_values(m)
+    st.plotly_chart(pattern_figure(shown, title=f"the feature, {m}x{m} pixels, pixel-exact").update_layout(
+        height=300, width=300), key="draw_pixels", width="content")
     with st.expander("Precise editor: one tick box per pixel", expanded=st_canvas is None):
         b1, b2, b3 = st.columns(3)
         b1.button("Start from the letter A", on_click=_fill, args=(glyph("A", size=m).array(),), key="draw_from_a")
@@ -175,30 +175,42 @@ def draw_grid() -> np.ndarray:
 
 # ------------------------------------------------------------------ the widgets as a view of the feature
 
-def init_widgets(feature: Feature) -> None:
+def init_widgets(feature: Feature, *, only_missing: bool = False) -> None:
     """Set the Feature page's widgets from ``feature`` (when the page opens, or after a reload), so
-    that showing the page never replaces the feature in use with the widgets' defaults."""
+    that showing the page never replaces the feature in use with the widgets' defaults.
+
+    ``only_missing``: set only the widgets whose value is gone. Streamlit forgets a widget's value
+    when a run ends without drawing it (a run cut short by the next event, a refused pattern); the
+    feature in use is then the right value to bring back, not the widget's minimum.
+    """
     ss = st.session_state
+
+    def put(key: str, value) -> None:
+        if not only_missing or key not in ss:
+            ss[key] = value
+
     kind = KIND_OF.get(feature.kind, "Draw")
-    ss["feat_kind"] = kind
-    ss["feat_row"], ss["feat_col"] = feature.offset
-    ss["feat_intensity"] = min(1.0, max(0.05, round(feature.intensity * 20) / 20))
+    put("feat_kind", kind)
+    put("feat_row", feature.offset[0])
+    put("feat_col", feature.offset[1])
+    put("feat_intensity", min(1.0, max(0.05, round(feature.intensity * 20) / 20)))
+    if ss["feat_kind"] != kind:  # the user is building another kind: its own defaults apply
+        return
     recipe = feature.recipe_dict
     h, w = feature.size
     if kind == "Glyph":
-        ss["glyph_name"] = recipe["glyph"]
-        ss["glyph_size"] = min(MAX_GRID, max(MIN_GRID, int(recipe.get("size", h))))
+        put("glyph_name", recipe["glyph"])
+        put("glyph_size", min(MAX_GRID, max(MIN_GRID, int(recipe.get("size", h)))))
     elif kind == "Text":
-        ss["text_value"] = recipe["text"]
-        ss["text_height"] = min(MAX_GRID, max(3, int(recipe.get("height", h))))
-    elif kind == "Draw":
+        put("text_value", recipe["text"])
+        put("text_height", min(MAX_GRID, max(3, int(recipe.get("height", h)))))
+    elif kind == "Draw" and h == w and MIN_GRID <= h <= MAX_GRID and (not only_missing or _px(0, 0) not in ss):
         arr = feature.array()
-        arr = arr if arr.ndim == 2 else arr.mean(0)
-        if h == w and MIN_GRID <= h <= MAX_GRID:
-            ss["draw_size"] = h
-            _fill(arr)
-    for k in ("_canvas_pattern", "_canvas_rgba", "_canvas_params"):
-        ss.pop(k, None)
+        put("draw_size", h)
+        _fill(arr if arr.ndim == 2 else arr.mean(0))
+    if not only_missing:
+        for k in ("_canvas_pattern", "_canvas_rgba", "_canvas_params"):
+            ss.pop(k, None)
 
 
 def _default(key: str, value) -> None:

@@ -469,3 +469,39 @@ def test_canvas_drawing_is_area_averaged_into_the_feature_grid():
         canvas_to_pattern(np.asarray(img), 40)
     with pytest.raises(ValueError, match="canvas image"):
         canvas_to_pattern(np.zeros((5, 5)), 5)
+
+
+def test_clinical_ladder_runs_in_the_background_and_ends_on_one_chart(app_env, monkeypatch):
+    from dashboard import demos, state
+    from ufm.canary import CanaryChoice
+    from ufm.features import text_feature
+    tiny = demos.Demo("Clinical", "test", text_feature("JD", height=5, offset=(2, 2)),
+                      dict(dataset="mnist", arch="mlp", regularisers=[], canary=CanaryChoice("index", (0,)), seed=0,
+                           train_size=None, epochs=2, patience=1, ood_size=40))
+    monkeypatch.setitem(demos.DEMOS, "clinical", tiny)
+    at = _app()
+    at.button(key="demo_clinical").click().run()
+    assert not at.exception
+    name, _ = at.session_state[demos.LADDER_KEY]
+    from ufm.studies import runs_frame
+    runs = runs_frame(state.store(), name)
+    assert list(runs["group"]) == ["name on 1 X-ray", "name on 3 X-rays", "name on 10 X-rays"]
+    for rid in runs["run_id"]:
+        _wait_done(rid)
+    counts = [state.store().get(r).config.canary.count for r in runs["run_id"]]
+    assert counts == [1, 3, 10]
+    at.run()
+    assert not at.exception
+    assert any("All 3 models trained in" in c.value for c in at.caption)
+    assert any("cannot prove" in i.value for i in at.info)
+    assert at.session_state["feature"].name == "text 'JD'"  # the demo's feature is the current one
+
+
+def test_clinician_sentence_says_what_a_run_shows_and_cannot_prove():
+    from dashboard.demos import clinician_sentence
+    none = clinician_sentence([{"k": 1, "M": 0.0, "verdict": "not_shown", "test": "reference"},
+                               {"k": 10, "M": 0.01, "verdict": "not_shown", "test": "reference"}])
+    assert "up to 10 X-rays" in none and "not a guarantee" in none and "provisional" not in none
+    some = clinician_sentence([{"k": 1, "M": 0.0, "verdict": "not_shown", "test": "fast"},
+                               {"k": 3, "M": 0.4, "verdict": "memorised", "test": "fast"}])
+    assert "on 3 training X-rays" in some and "memorised" in some and "provisional" in some

@@ -101,7 +101,7 @@ def _nav(page, title: str) -> None:
 def _check_navigation_and_wide_layout(pg) -> None:
     nav = pg.locator('[data-testid="stSidebarNav"]')
     nav.wait_for(timeout=60_000)
-    links = [t.strip() for t in nav.get_by_role("link").all_inner_texts()]
+    links = [t.strip().splitlines()[-1].strip() for t in nav.get_by_role("link").all_inner_texts()]  # after the icon
     assert {"Home", "Feature", "Train & measure", "Compare", "Runs"} <= set(links), links
     assert not {"app", "feature", "train"} & set(links), links  # no raw file names
     main = pg.locator('[data-testid="stMainBlockContainer"]')
@@ -135,9 +135,10 @@ def test_draw_a_stroke_with_the_mouse(page, shots):
     page.get_by_text("Precise editor: one tick box per pixel").click()  # open the grid
     page.get_by_role("button", name="Clear").click()
     page.get_by_text("feature is empty").wait_for(timeout=30_000)
-    canvas = page.locator("canvas.upper-canvas")
+    page.wait_for_load_state("networkidle")
+    page.wait_for_timeout(1500)  # Clear remounts the canvas (blank); the old one may linger a moment
+    canvas = page.locator("canvas.upper-canvas").last
     canvas.wait_for(timeout=30_000)
-    page.wait_for_timeout(1000)
     box = canvas.bounding_box()
     x = box["x"] + box["width"] / 2  # the middle column of the 5x5 feature
     page.mouse.move(x, box["y"] + 10)

@@ -95,3 +95,12 @@ def test_histogram_labels_do_not_collide_hover_is_formatted_and_small_multiples_
 def test_loss_curve_ticks_are_whole_epochs():
     f = loss_curve_figure([dict(epoch=e, train_loss=1.0 / e, val_loss=1.0 / e, val_acc=0.5) for e in (1, 2, 3)])
     assert f.layout.xaxis.tickformat == "d" and f.layout.xaxis.dtick == 1
+
+
+def test_ladder_figure_colours_bars_by_verdict_and_leaves_unfinished_rungs_empty():
+    from ufm.plots import VERDICT_COLOURS, ladder_figure
+    f = ladder_figure(["1", "3", "10"], [0.001, 0.2, None], ["not_shown", "memorised", None])
+    bar = f.data[0]
+    assert list(bar.marker.color) == [VERDICT_COLOURS["not_shown"], VERDICT_COLOURS["memorised"], VERDICT_COLOURS[None]]
+    assert list(bar.y) == [0.001, 0.2, 0.0] and bar.text[2] == "still training" and "M = 0.2" in bar.text[1]
+    assert f.layout.xaxis.title.text and "nats" in f.layout.yaxis.title.text

@@ -255,3 +255,27 @@ def pattern_figure(pattern: np.ndarray, *, title: str = "the feature") -> go.Fig
     h, w = p.shape[-2:]
     return zoom_figure(p, (0, 0, h, w), margin=0, scale=max(1, 240 // max(h, w)), title=title,
                        outline=False)
+
+
+VERDICT_COLOURS = {"memorised": "#d62728", "not_shown": "#2ca02c", "inconclusive": "#7f7f7f", None: "#c7c7c7"}
+VERDICT_WORDS = {"memorised": "memorised", "not_shown": "not shown", "inconclusive": "inconclusive",
+                 None: "still training"}
+
+
+def ladder_figure(rungs: Sequence[str], m: Sequence[float], verdicts: Sequence[str | None], *,
+                  details: Sequence[str] | None = None,
+                  title: str = "Does the model memorise the name? One run per rung") -> go.Figure:
+    """One bar of M (nats) per rung of a canary-frequency ladder, coloured and labelled by its verdict
+    (``memorised`` / ``not_shown`` / ``inconclusive``; None = not finished, no bar)."""
+    mm = np.array([np.nan if v is None else v for v in m], dtype=np.float64)
+    words = [VERDICT_WORDS.get(v, str(v)) for v in verdicts]
+    fig = go.Figure(go.Bar(
+        x=list(rungs), y=np.nan_to_num(mm), marker_color=[VERDICT_COLOURS.get(v, "#c7c7c7") for v in verdicts],
+        text=[w if np.isnan(x) else f"M = {x:.3g}<br>{w}" for x, w in zip(mm, words)], textposition="outside",
+        customdata=list(details) if details is not None else words, name="M and the verdict",
+        hovertemplate="%{x}<br>M = %{y:.3g} nats<br>%{customdata}<extra></extra>"))
+    fig.add_hline(y=0, line_color="black", line_width=1)
+    top = np.nanmax(np.abs(mm)) if np.isfinite(mm).any() else 1.0
+    fig.update_yaxes(range=[min(0.0, np.nanmin(mm) if np.isfinite(mm).any() else 0.0) - 0.25 * top, 1.35 * top])
+    return _layout(fig, title, "how many training X-rays carry the name",
+                   "M: extra output change for the name (nats)")
