@@ -149,8 +149,9 @@ def canary_chooser(setup: dict) -> CanaryChoice:
     idx = int(st.number_input("canary image index", 0, 59_999, key="tr_index",
                               help="The training image that carries the feature; the gallery sets this box."))
     with st.popover("Pick from a gallery of training images"):
-        cols = st.columns(8)
         for i in range(min(GALLERY, len(x))):
+            if i % 8 == 0:  # one row of columns per 8 images: reading and tab order run row by row
+                cols = st.columns(8)
             with cols[i % 8]:
                 st.image(x[i].transpose(1, 2, 0), caption=f"{i}: {classes[y[i]]}", clamp=True, width=56)
                 st.button("use", key=f"tr_use_{i}", on_click=_use, args=(i,),

@@ -157,11 +157,11 @@ def test_gallery_canary_is_the_one_trained_and_m_appears(page, shots):
     _nav(page, "Train & measure")
     page.get_by_text("Feature for the next run: drawn").wait_for(timeout=30_000)
     page.get_by_text("Pick from a gallery of training images").click()
-    use = page.get_by_role("button", name="use")
+    use = page.get_by_role("button", name="use", exact=True)
     use.nth(10).wait_for(timeout=30_000)
     use.nth(10).click()
     page.keyboard.press("Escape")
-    index = page.get_by_label("canary image index")
+    index = page.locator('input[aria-label="canary image index"]')
     page.wait_for_function("() => [...document.querySelectorAll('input')].some("
                            "i => i.getAttribute('aria-label') === 'canary image index' && i.value === '10')",
                            timeout=30_000)
@@ -186,7 +186,7 @@ def test_gallery_canary_is_the_one_trained_and_m_appears(page, shots):
 def test_type_a_feature_train_and_see_m(page, shots):
     _nav(page, "Feature")
     page.get_by_text("Text", exact=True).click()
-    box = page.get_by_label("text (a name, an ID number)")
+    box = page.get_by_label("text (a name, an ID number)", exact=True)
     box.wait_for(timeout=30_000)
     box.fill("JD")
     box.press("Enter")
