@@ -505,3 +505,14 @@ def test_clinician_sentence_says_what_a_run_shows_and_cannot_prove():
     some = clinician_sentence([{"k": 1, "M": 0.0, "verdict": "not_shown", "test": "fast"},
                                {"k": 3, "M": 0.4, "verdict": "memorised", "test": "fast"}])
     assert "on 3 training X-rays" in some and "memorised" in some and "provisional" in some
+
+
+def test_disagreement_note_only_when_m_and_the_rank_test_point_different_ways():
+    from dashboard.views import disagreement_note
+    note = disagreement_note({"M": -1.93, "X_r": 2.0, "exposure_p_value": 0.048})
+    assert note and "negative" in note and "disagree" in note and "-1.93" in note
+    assert "p = 0.048" in note  # formatted, never 000...0002
+    assert disagreement_note({"M": 0.5, "X_r": 1.0, "exposure_p_value": 0.9})  # positive M, rank finds nothing
+    assert disagreement_note({"M": 0.5, "X_r": 1.0, "exposure_p_value": 0.01}) is None  # agree
+    assert disagreement_note({"M": -0.1, "X_r": 1.0, "exposure_p_value": 0.6}) is None  # agree
+    assert disagreement_note({"M": float("nan"), "exposure_p_value": 0.01}) is None

@@ -104,3 +104,10 @@ def test_ladder_figure_colours_bars_by_verdict_and_leaves_unfinished_rungs_empty
     assert list(bar.marker.color) == [VERDICT_COLOURS["not_shown"], VERDICT_COLOURS["memorised"], VERDICT_COLOURS[None]]
     assert list(bar.y) == [0.001, 0.2, 0.0] and bar.text[2] == "still training" and "M = 0.2" in bar.text[1]
     assert f.layout.xaxis.title.text and "nats" in f.layout.yaxis.title.text
+
+
+def test_log_axis_ticks_show_kl_values_not_their_logarithm():
+    du, dr = np.full(50, 1e-4), np.full((1, 50), 1e-2)
+    ax = histogram_figure(du, dr, log_x=True).layout.xaxis
+    assert list(ax.ticktext)[:1] == ["0.0001"] and "0.01" in list(ax.ticktext)
+    assert np.allclose(np.log10([float(t) for t in ax.ticktext]), ax.tickvals)  # exact: 1 and 3 per decade

@@ -45,7 +45,19 @@ def histogram_figure(d_u: np.ndarray, d_r: np.ndarray, *, log_x: bool = False, b
                                 (scale(xu), "z_u", "X_u", "top right" if left_r else "top left")):
         fig.add_vline(x=float(m), line_dash="dash", line_color=COLOURS[key], annotation_text=label,
                       annotation_position=side, annotation_font_color=COLOURS[key])
+    if log_x:
+        _log_ticks(fig, np.concatenate([_log10(du), _log10(dr)]))
     return _layout(fig, title, _kl_label(log_x), "share of inference images", barmode="overlay", bargap=0)
+
+
+def _log_ticks(fig: go.Figure, log_values: np.ndarray, **where) -> None:
+    """Ticks of a log10(KL) axis labelled with the KL values themselves (0.001, 0.003, ...), not log10."""
+    lo, hi = float(np.min(log_values)), float(np.max(log_values))
+    decades = np.arange(np.floor(lo), np.ceil(hi) + 1)
+    mult = (1.0, 3.0) if hi - lo <= 3 else (1.0,)  # 1, 3, 10, 30, ... on a short axis
+    ticks = np.array([d + np.log10(m) for d in decades for m in mult])
+    ticks = ticks[(ticks >= lo - 0.5) & (ticks <= hi + 0.5)]
+    fig.update_xaxes(tickvals=ticks, ticktext=[f"{10 ** t:.1g}" for t in ticks], **where)
 
 
 def _log10(v):
@@ -108,8 +120,10 @@ def histogram_grid(panels: dict[str, tuple[np.ndarray, np.ndarray] | None], *, l
             fig.add_trace(bar, row=k // cols + 1, col=k % cols + 1)
         first = False
     fig.update_layout(barmode="overlay", bargap=0, height=280 * rows, title=title, template="plotly_white")
-    fig.update_xaxes(title_text="log10 of KL (nats)" if log_x else "KL (nats)", range=[edges[0], edges[-1]],
+    fig.update_xaxes(title_text="KL (nats, log scale)" if log_x else "KL (nats)", range=[edges[0], edges[-1]],
                      showticklabels=True)
+    if log_x:
+        _log_ticks(fig, edges)
     fig.update_yaxes(title_text="share of images")
     return fig
 
