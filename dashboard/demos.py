@@ -73,8 +73,8 @@ DEMOS = {
 
 def start_demo(demo: Demo) -> str:
     demo = demo.resolved(state.offline_datasets(state.data_dir()))
-    st.session_state[state.FEATURE] = demo.feature
-    st.session_state[state.SETUP] = dict(demo.setup)
+    state.set_feature(demo.feature)  # saved with the design, so a reload keeps the demo's feature
+    state.set_setup(dict(demo.setup))
     config = state.config_from_setup()
     run_id = state.runner().submit(config)
     st.session_state[state.RUN] = run_id
