@@ -135,6 +135,7 @@ def draw_editor() -> np.ndarray:
         st.caption("Draw with the mouse or a finger. The canvas is the feature enlarged "
                    f"({CANVAS_PX // m} screen pixels per feature pixel). Its toolbar has undo, redo and reset. "
                    "If no canvas appears, its script was blocked: the grid below edits the same feature.")
+        st.write("")  # room for the canvas's floating toolbar, which sits just above the drawing
         res = st_canvas(stroke_width=max(1, int(round(brush * CANVAS_PX / m))),
                         stroke_color="#000000" if eraser else "#ffffff", background_color="#000000",
                         height=CANVAS_PX, width=CANVAS_PX, drawing_mode="freedraw",
