@@ -14,7 +14,9 @@ pages = [
     st.Page("app_pages/influence.py", title="Influence", icon=":material/scatter_plot:"),
     st.Page("app_pages/explain.py", title="Explain", icon=":material/visibility:"),
     st.Page("app_pages/compare.py", title="Compare", icon=":material/compare:"),
+    st.Page("app_pages/privacy.py", title="Audit privacy", icon=":material/shield:"),
     st.Page("app_pages/runs.py", title="Runs", icon=":material/history:"),
+    st.Page("app_pages/audit.py", title="Audit a model", icon=":material/policy:"),
 ]
 # Resolved even when locked (hidden, not run), so the page asked for in the URL opens after sign-in.
 page = st.navigation(pages, position="sidebar" if allowed else "hidden")

@@ -3,7 +3,7 @@
 import streamlit as st
 
 from dashboard import state
-from dashboard.compare_ui import interval_warning, new_study_form, small_multiples, study_selector
+from dashboard.compare_ui import interval_warning, new_study_form, small_multiples, study_selector, with_audits
 from ufm.plots import m_bar_figure
 from ufm.report import study_html
 from ufm.studies import list_studies, runs_frame, summary
@@ -28,13 +28,17 @@ def show(name: str) -> None:
     pending = int(agg["pending"].sum())
     if pending:
         st.progress(1 - pending / len(runs), text=f"{len(runs) - pending} of {len(runs)} runs finished")
+    agg, audit_cols = with_audits(name, agg)  # epsilon lower bounds when the study was audited
     st.dataframe(agg[["group", "done", "mean_M", "ci_low", "ci_high", "interval", "share_significant",
-                      "mean_test_accuracy"]], hide_index=True, width="stretch",
+                      "mean_test_accuracy", *audit_cols]], hide_index=True, width="stretch",
                  column_config={"share_significant": st.column_config.ProgressColumn("share significant", min_value=0, max_value=1),
                                 "mean_M": st.column_config.NumberColumn("mean M (nats)", format="%.4g"),
                                 "ci_low": st.column_config.NumberColumn("95% low", format="%.4g"),
                                 "ci_high": st.column_config.NumberColumn("95% high", format="%.4g"),
-                                "mean_test_accuracy": st.column_config.NumberColumn("test accuracy", format="percent")})
+                                "mean_test_accuracy": st.column_config.NumberColumn("test accuracy", format="percent"),
+                                "eps_lower_bound": st.column_config.NumberColumn(
+                                    "epsilon lower bound (95%, mean)", format="%.2f",
+                                    help="one-run privacy audit per regulariser and seed (Audit privacy page)")})
     warn = interval_warning(agg)
     if warn:
         st.warning(warn)

@@ -2,12 +2,13 @@
 
 import streamlit as st
 
-from dashboard import access, state, views
+from dashboard import access, audit_ui, state, views
 from ufm.report import run_html, run_json, runs_csv, runs_table
 from ufm.store import RunNotFound
 
 st.title("Runs")
 store = state.store()
+audit_ui.audits_section(store)
 table = runs_table(store)
 if table.empty:
     st.info("No runs yet: start one on the Train & measure page or with a guided demo on Home.")

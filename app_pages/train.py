@@ -6,6 +6,7 @@ from dashboard import access, state, views
 from dashboard.train_ui import canary_chooser, canary_preview, setup_form
 from ufm.data import DataUnavailable
 from ufm.features import FeatureError
+from ufm.jobs import QueueFull
 from ufm.reference import DEFAULT_REFERENCES, submit_bank
 
 st.title("Train with a canary and measure memorisation")
@@ -53,5 +54,5 @@ with st.container(border=True):
                 st.rerun()
             if not run_id:
                 st.info("Press **Start** to train; the run continues in the background if you switch pages.")
-    except (ValueError, FeatureError, DataUnavailable) as e:
+    except (ValueError, FeatureError, DataUnavailable, QueueFull) as e:
         st.error(str(e))

@@ -4,9 +4,9 @@
 
 Runs, with the dashboard's Quick budget on MNIST (MLP, 3,000 images): the teaching demo's run, a
 regulariser comparison (none / dropout / dp-sgd, 2 seeds), the self-influence ranking and a
-3 + 3 canary sweep; then drives Debian's chromium through every page (never `playwright install`),
-draws a plus sign on the Feature page's canvas with mouse strokes, and runs the clinical ladder
-from Home (timed; printed at the end).
+3 + 3 canary sweep; then drives Debian's chromium through every page (never `playwright install`), ending with
+an audit of the teaching run's model exported to ONNX, a plus sign drawn on the Feature page's
+canvas with mouse strokes, and the clinical ladder run from Home (timed; printed at the end).
 """
 
 from __future__ import annotations
@@ -48,6 +48,27 @@ def fill_store(home: Path) -> None:
             runner.wait(rid)
     infl = influence_scores(base)
     atomic_write(home / "influence" / f"{reference_config(base).key()}.csv", infl.table().to_csv(index=False))
+
+
+def audit_shot(page, home: Path) -> None:
+    """The Audit a model page on the teaching run's model, exported to ONNX and audited on CIFAR-10."""
+    from ufm.onnx_model import export_run
+    from ufm.store import Store
+
+    with Store(home) as store:
+        first = store.list_runs("done")[-1].id  # the teaching demo's run: one canary, MNIST MLP
+        model = home / "mnist-mlp.onnx"
+        model.write_bytes(export_run(store, first))
+    page.get_by_role("link", name="Audit a model").first.click()
+    page.get_by_text("Upload an .onnx file to begin").wait_for(timeout=60_000)
+    page.locator('input[type="file"]').first.set_input_files(str(model))
+    page.get_by_text("NCHW 1x28x28").first.wait_for(timeout=60_000)
+    page.locator('[data-testid="stSelectbox"]', has_text="dataset (its test split)").click()
+    page.get_by_role("option", name="cifar10").click()
+    page.get_by_role("button", name="Run audit").click()
+    page.get_by_text("M = X_u - X_r (nats)").wait_for(timeout=300_000)
+    page.wait_for_timeout(2500)
+    page.screenshot(path=str(OUT / "audit.png"), full_page=True)
 
 
 def draw_plus(page) -> None:
@@ -123,6 +144,7 @@ def main() -> None:
             page.screenshot(path=str(OUT / "influence.png"))
             visit("Explain", "explain", "box share, canary with feature")
             visit("Runs", "runs", "Export all runs (CSV)")
+            audit_shot(page, home)
             draw_plus(page)
             page.get_by_role("link", name="Home").first.click()
             page.get_by_role("button", name="Run the clinical demo").click()

@@ -18,8 +18,9 @@ reference bank is exactly what the dashboard would train. Usage (each part can r
 process; ``report`` merges them)::
 
     python benchmarks/calibration.py clean --arch mlp --models 50 --train-size 2000 --ood-size 200 --per-class 20
-    python benchmarks/calibration.py clean --arch cnn1 --models 20 --train-size 500 --ood-size 100 \
-        --candidates 49 --per-class 10 --epochs 15 --patience 3 --families default --access one-per-kind
+    python benchmarks/calibration.py clean --arch cnn1 --models 20 --train-size 500 --ood-size 50 \
+        --candidates 49 --per-class 5 --epochs 15 --patience 3 --families default --access one-per-kind \
+        --home /tmp/ufm-calibration-cnn1
     python benchmarks/calibration.py power --arch mlp --train-size 2000 --ood-size 200
     python benchmarks/calibration.py report            # Markdown tables + ufm/calibration.json
 """
@@ -193,15 +194,59 @@ def power(a) -> None:
     rows = []
     for (c, s), run_id in zip(plan, ids):
         model = store.load_model(run_id)
-        fast = memorisation_score(model, x_ood, feature, candidates=a.candidates, seed=SCORE_SEED)
-        ref = rank_test(fast.M, refs, ALPHA)
-        rows.append({"arch": a.arch, "canaries": c, "seed": s, "run_id": run_id, "M": fast.M,
-                     "canary_indices": store.get(run_id).summary["canary_indices"],
-                     "reference_p": ref.p_value, "reference_memorised": ref.memorised,
-                     "fast_family": fast.family, "fast_p": fast.exposure_p_value, "fast_status": fast.status,
-                     "welch_p": fast.p_value})
-        log(f"{c} canaries seed {s}: M = {fast.M:.4g} reference p = {ref.p_value:.3g} fast p = {fast.exposure_p_value:.3g}")
+        row = {"arch": a.arch, "canaries": c, "seed": s, "run_id": run_id,
+               "canary_indices": store.get(run_id).summary["canary_indices"]}
+        for k, fam in enumerate(families(feature)):
+            fast = memorisation_score(model, x_ood, feature, candidates=a.candidates, family=fam, seed=SCORE_SEED)
+            row[f"fast_{fam}_status"], row[f"fast_{fam}_p"] = fast.status, fast.exposure_p_value
+            if k == 0:
+                row.update(M=fast.M, family=fam, welch_p=fast.p_value)
+        ref = rank_test(row["M"], refs, ALPHA)
+        row.update(reference_p=ref.p_value, reference_memorised=ref.memorised)
+        rows.append(row)
+        log(f"{c} canaries seed {s}: M = {row['M']:.4g} reference p = {ref.p_value:.3g}")
     write(f"calibration-power-{a.arch}.json", {"settings": settings(a), "bank": bank_ids, "rows": rows})
+
+
+def extend(a) -> None:
+    """Grow the bank of a finished ``clean`` part to ``--references`` models (re-deciding the reference
+    test of every row) and add candidate families (``--add-families``) to its fast test."""
+    from ufm.experiment import inference_images
+    from ufm.reference import bank_configs, rank_test
+    from ufm.scores import feature_effect, memorisation_score
+    from ufm.store import Store
+
+    path = RESULTS / f"calibration-clean-{a.arch}.json"
+    d = json.loads(path.read_text())
+    st = d["settings"]
+    for k in ("train_size", "epochs", "patience", "ood_size", "data_dir"):
+        setattr(a, k, st[k])
+    store = Store(a.home)
+    base = base_config(a, a.arch)
+    feats = {f.name: f for f in features()}
+    bank_ids = train_models(store, bank_configs(base, a.references))
+    x_ood = inference_images(base).x
+    bank_m = {name: [] for name in feats}
+    for run_id in bank_ids:
+        model = store.load_model(run_id)
+        for name, f in feats.items():
+            d_u, d_r = feature_effect(model, x_ood, f, seed=SCORE_SEED)
+            bank_m[name].append(float(d_u.mean() - d_r.mean()))
+    add = [f for f in (a.add_families or "").split(",") if f]
+    models = {}
+    for row in d["rows"]:
+        ref = rank_test(row["M"], np.asarray(bank_m[row["feature"]]), ALPHA)
+        row.update(reference_p=ref.p_value, reference_memorised=ref.memorised)
+        f = feats[row["feature"]]
+        for fam in add:
+            if fam not in families(f) or f"fast_{fam}_status" in row:
+                continue
+            model = models.get(row["run_id"]) or models.setdefault(row["run_id"], store.load_model(row["run_id"]))
+            s = memorisation_score(model, x_ood, f, candidates=st["candidates"], family=fam, seed=SCORE_SEED)
+            row[f"fast_{fam}_status"], row[f"fast_{fam}_p"] = s.status, s.exposure_p_value
+    d["settings"]["references"] = a.references
+    d["bank"] = bank_ids
+    write(path.name, d)
 
 
 def settings(a) -> dict:
@@ -294,11 +339,14 @@ def report(a) -> None:
     if power_frames:
         df = pd.concat(power_frames, ignore_index=True)
         out.append("\n### Power: glyph A on random canaries (detection rate)\n")
-        out.append("| arch | canaries | models | verdict (reference test) | fast test | mean M (nats) |")
-        out.append("|---|---|---|---|---|---|")
+        fams = [c[len("fast_"):-len("_status")] for c in df.columns if c.startswith("fast_") and c.endswith("_status")]
+        out.append("| arch | canaries | models | verdict (reference test) | " + " | ".join(f"fast test, {f}" for f in fams)
+                   + " | mean M (nats) |")
+        out.append("|---|---|---|---|" + "---|" * len(fams) + "---|")
         for (arch, c), g in df.groupby(["arch", "canaries"]):
             out.append(f"| {arch} | {c} | {len(g)} | {_rate(g['reference_memorised'])} | "
-                       f"{_rate(g['fast_status'] == 'memorised')} | {g['M'].mean():.4f} |")
+                       + " | ".join(_rate(g[f"fast_{f}_status"] == "memorised") for f in fams)
+                       + f" | {g['M'].mean():.4f} |")
     text = "\n".join(out) + "\n"
     (RESULTS / "calibration.md").write_text(text)
     print(text)
@@ -311,10 +359,11 @@ def report(a) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["clean", "power", "report"])
+    ap.add_argument("part", choices=["clean", "power", "extend", "report"])
     ap.add_argument("--arch", default="mlp", choices=["mlp", "cnn1"])
     ap.add_argument("--models", type=int, default=50, help="clean test models")
-    ap.add_argument("--references", type=int, default=24, help="R reference models (the product's default)")
+    ap.add_argument("--references", type=int, default=39, help="R reference models (the product's default)")
+    ap.add_argument("--add-families", default="", help="extend: comma-separated candidate families to add")
     ap.add_argument("--train-size", type=int, default=2000)
     ap.add_argument("--ood-size", type=int, default=300)
     ap.add_argument("--candidates", type=int, default=99)
@@ -332,7 +381,7 @@ def main(argv=None) -> None:
     import torch
 
     torch.set_num_threads(a.threads)
-    {"clean": clean, "power": power, "report": report}[a.part](a)
+    {"clean": clean, "power": power, "extend": extend, "report": report}[a.part](a)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ def _exists(name: str) -> bool:
     return not studies.empty and name.strip() in set(studies["name"])
 
 
-def build_study(name: str, regs: list[str], archs: list[str], n_seeds: int, *, replace: bool = False) -> str:
+def build_study(name: str, regs: list[str], archs: list[str], n_seeds: int, *, replace: bool = False,
+                audit: bool = False, audit_m: int = 200) -> str:
     """Store and queue a regulariser (x architecture) study of the current setup; returns its name.
 
     Raises:
@@ -51,6 +52,9 @@ def build_study(name: str, regs: list[str], archs: list[str], n_seeds: int, *, r
                          description=f"{', '.join(regs)} x {', '.join(archs)} over {int(n_seeds)} seeds",
                          replace=replace)
     submit_study(state.runner(), study.name)
+    if audit:
+        from .privacy_ui import start_study_audits
+        start_study_audits(study.name, [(m.group, m.config) for m in members], int(audit_m))
     return study.name
 
 
@@ -59,7 +63,8 @@ def _submit() -> None:
     ss = st.session_state
     try:
         name = build_study(ss["cmp_name"], ss["cmp_regs"], ss["cmp_archs"], ss["cmp_seeds"],
-                           replace=ss.get("cmp_replace", False))
+                           replace=ss.get("cmp_replace", False), audit=ss.get("cmp_audit", False),
+                           audit_m=ss.get("cmp_audit_m", 200))
     except ValueError as e:
         ss[ERROR] = str(e)
         return
@@ -85,6 +90,11 @@ def new_study_form() -> None:
         n1.text_input("study name", key="cmp_name")
         n2.checkbox("replace the study of that name", key="cmp_replace",
                     help="Overwrites the study's list of runs; runs already trained are kept and reused.")
+        a1, a2 = st.columns([3, 1])
+        a1.checkbox("also audit privacy (one audit model per regulariser and seed)", key="cmp_audit",
+                    help="Adds an epsilon-lower-bound column: each audit trains one more model with "
+                         "many distinct features (see the Audit privacy page).")
+        a2.number_input("audit canaries", 2, 5000, 200, key="cmp_audit_m")
         st.caption(f"Feature ({state.current_feature().name}), canary ({setup['canary'].describe()}), dataset "
                    f"({setup['dataset']}) and budget come from the Feature and Train & measure pages. Every setting "
                    "is trained once per seed.")
@@ -111,6 +121,17 @@ def interval_warning(agg: pd.DataFrame) -> str | None:
     groups = ", ".join(f"{g} (n = {int(n)})" for g, n in zip(few["group"], few["done"]))
     return (f"Few runs behind these intervals: {groups}. With 1 run there is no interval; with 2 the 95% "
             "t-interval is very wide (t = 12.7). Run at least 3 seeds before comparing settings.")
+
+
+def with_audits(name: str, agg: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """``agg`` with the study's epsilon-lower-bound columns (when it was audited) and their names."""
+    from ufm.privacy_audit import study_audit_table
+
+    table = study_audit_table(state.store().home, name)
+    if table is None:
+        return agg, []
+    return agg.merge(table, on="group", how="left"), ["eps_lower_bound", "eps_lb_min", "eps_lb_max", "claimed_epsilon",
+                                                       "audits_done"]
 
 
 def small_multiples(runs: pd.DataFrame, log_x: bool = True):

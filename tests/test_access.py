@@ -36,7 +36,7 @@ def test_streamlit_config_is_private_and_quiet():
     assert conf["client.showErrorDetails"] == "none"
     assert conf["server.fileWatcherType"] == "none"
     assert conf["runner.postScriptGC"] is False
-    assert conf["client.toolbarMode"] == "minimal"
+    assert conf["client.toolbarMode"] == "minimal" and conf["ui.hideTopBar"] is True  # no Deploy, no Stop
     assert conf["server.maxUploadSize"] <= 20
     assert conf["server.enableXsrfProtection"] is True and conf["server.enableAgentApi"] is False
     # every key is one Streamlit knows (a typo would be ignored silently) ...

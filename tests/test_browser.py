@@ -201,3 +201,35 @@ def test_type_a_feature_train_and_see_m(page, shots):
         page.wait_for_timeout(2500)
         assert page.locator('[data-testid="stException"]').count() == 0, title
         page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
+
+
+def test_audit_page_upload_run_verdict(page, shots, tmp_path):
+    """Upload an ONNX export of a positive control (the feature on 100 MNIST images of class 0),
+    audit it on CIFAR-10 and see the verdict and M."""
+    from ufm.cli import main
+
+    home = tmp_path / "home"
+    assert main(["measure", "--dataset", "mnist", "--data-dir", str(SHARED), "--train-size", "2000", "--epochs", "8",
+                 "--canary-class", "0", "--canaries", "100", "--ood-size", "100", "--candidates", "19",
+                 "--device", "cpu", "--quiet", "--home", str(home)]) == 0
+    from ufm.store import Store
+    with Store(home) as s:
+        run_id = s.list_runs()[0].id
+    model = tmp_path / "mnist-positive.onnx"
+    assert main(["runs", "export", run_id, "--format", "onnx", "--out", str(model), "--home", str(home)]) == 0
+
+    _nav(page, "Audit a model")
+    page.get_by_text("Upload an .onnx file to begin").wait_for(timeout=30_000)
+    page.locator('input[type="file"]').first.set_input_files(str(model))
+    page.get_by_text("NCHW 1x28x28").first.wait_for(timeout=60_000)
+    page.locator('[data-testid="stSelectbox"]', has_text="dataset (its test split)").click()
+    page.get_by_role("option", name="cifar10").click()
+    page.get_by_role("button", name="Run audit").click()
+    page.get_by_text("M = X_u - X_r (nats)").wait_for(timeout=300_000)
+    headline = page.get_by_text("Memorised").or_(page.get_by_text("Not shown to be memorised")).or_(
+        page.get_by_text("Inconclusive"))
+    assert headline.count() >= 1
+    assert page.locator('[data-testid="stException"]').count() == 0
+    page.locator(".js-plotly-plot", has_text="unique feature z_u").first.wait_for(timeout=30_000)
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(shots / "audit.png"), full_page=True)

@@ -27,13 +27,13 @@ def test_derived_generators_are_stable_and_separate():
 
 
 def test_default_family_by_kind():
-    assert DEFAULT_FAMILY == {"text": "strings", "glyph": "strokes", "drawn": "strokes", "image": "permute"}
+    assert DEFAULT_FAMILY == {"text": "strings", "glyph": "shift", "drawn": "strokes", "image": "permute"}
     assert default_family(text_feature("AB")) == "strings"
-    assert default_family(glyph("A")) == "strokes"
+    assert default_family(glyph("A")) == "shift"
     assert default_family(grid_feature([[1, 0], [0, 1]])) == "strokes"
     assert default_family(grid_feature([[0.5, 0], [0, 1]])) == "permute"  # strokes needs a binary pattern
     assert default_family(image_feature(np.eye(4), 4)) == "permute"
-    assert resolve_family(glyph("A"), "auto") == "strokes" and resolve_family(glyph("A"), None) == "strokes"
+    assert resolve_family(glyph("A"), "auto") == "shift" and resolve_family(glyph("A"), None) == "shift"
     assert set(CANDIDATE_KINDS) == set(FAMILIES) | {"auto"}
     with pytest.raises(FeatureError, match="choose one of permute, strokes, shift, bernoulli, uniform"):
         resolve_family(glyph("A"), "strings")

@@ -217,3 +217,27 @@ def test_broken_pipe_on_stdout_exits_quietly(tmp_path):
         os.close(w)
         assert proc.returncode in (0, 141), (args, proc.stderr)
         assert proc.stderr == "", (args, proc.stderr)
+
+
+def test_measure_with_references_gives_the_calibrated_verdict(tiny_data, tmp_path, monkeypatch, capsys,
+                                                               one_torch_thread):
+    monkeypatch.setenv("UFM_HOME", str(tmp_path / "home"))
+    out = tmp_path / "r.json"
+    assert main(_tiny_measure(tiny_data, "--out", str(out))) == 0
+    first = json.loads(out.read_text())["final_verdict"]
+    assert first["test"] in ("fast", "none") and "verdict: " in capsys.readouterr().out
+    assert main(_tiny_measure(tiny_data, "--references", "19", "--out", str(out))) == 0
+    d = json.loads(out.read_text())
+    v = d["final_verdict"]
+    assert v["test"] in ("reference", "none") and not v["provisional"]
+    if d["learned"]:  # a model that learned is judged by the 19 reference models
+        assert v["test"] == "reference" and v["p_value"] in [k / 20 for k in range(1, 21)]
+    # a plain measure looks for the default bank of 39: the 19 above are its first 19, so not complete yet
+    assert main(_tiny_measure(tiny_data, "--out", str(out), "--seed", "1")) == 0
+    assert json.loads(out.read_text())["final_verdict"]["test"] in ("fast", "none")
+
+
+@pytest.mark.parametrize("bad", ["5", "-1", "201"])
+def test_references_flag_bounds(bad, capsys):
+    assert main(["measure", "--references", bad]) == 2
+    assert "--references" in capsys.readouterr().err

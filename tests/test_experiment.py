@@ -98,3 +98,17 @@ def test_cancel_before_training(tiny_data):
 def test_dp_sgd_experiment_records_epsilon(tiny_data):
     res = run_experiment(_tiny_config(tiny_data, regularisers=("dp-sgd",), epochs=2))
     assert res.epsilon is not None and res.epsilon > 0
+
+
+def test_a_model_that_did_not_learn_gets_an_inconclusive_verdict(tiny_data, one_torch_thread):
+    """The audit's lr = 1e6 case: a dead model must not read as 'no evidence of memorisation'."""
+    from ufm.experiment import run_experiment
+    from ufm.store import result_summary
+    from ufm.verdict import decide
+
+    res = run_experiment(tiny_config(tiny_data, lr=1e-9, epochs=1))
+    assert not res.learned and "did not learn" in res.learned_note
+    v = decide(result_summary(res))
+    assert v.status == "inconclusive" and "did not learn" in v.text
+    learned = run_experiment(tiny_config(tiny_data, epochs=4, patience=4))
+    assert learned.learned and result_summary(learned)["learned"] is True

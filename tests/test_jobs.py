@@ -244,3 +244,17 @@ def test_run_task_in_its_own_process_reports_progress_and_failure():
         worker.run_task(f"{__name__}:report_task", (1,), {"fail": True})
     with pytest.raises(ValueError, match="module-level function"):
         worker.run_task(lambda report: None)
+
+
+def test_runner_refuses_more_than_max_pending(tiny_data, tmp_path):
+    from ufm.jobs import QueueFull
+
+    store = Store(tmp_path / "home")
+    with Runner(store, max_pending=2) as runner:
+        a = runner.submit(tiny_config(tiny_data, seed=1, epochs=50, patience=50))
+        b = runner.submit(tiny_config(tiny_data, seed=2))
+        with pytest.raises(QueueFull, match="limit is 2"):
+            runner.submit(tiny_config(tiny_data, seed=3))
+        assert runner.submit(tiny_config(tiny_data, seed=2)) == b  # an identical queued run is not a new one
+        runner.cancel(a)
+        runner.cancel(b)

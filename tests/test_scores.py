@@ -112,7 +112,7 @@ def test_insensitive_model_gives_zero_m_and_no_verdict():
         def forward(self, x):
             return torch.zeros(x.shape[0], 3) + torch.tensor([1.0, 2.0, 3.0])
 
-    res = memorisation_score(Const(), torch.rand(20, 1, 8, 8), glyph("A"), candidates=19)
+    res = memorisation_score(Const(), torch.rand(20, 1, 8, 8), glyph("A"), candidates=19, family="strokes")
     assert res.M == 0 and res.X_u == 0 and not res.significant
     assert res.rank == 20 and res.exposure_p_value == 1.0  # ties count against memorisation
     assert "No evidence" in res.verdict()
@@ -129,7 +129,7 @@ def test_model_that_reads_the_feature_is_detected():
             s = (x * template).sum((1, 2, 3))
             return torch.stack([s, torch.zeros_like(s), torch.zeros_like(s)], 1)
 
-    res = memorisation_score(Detector(), torch.rand(50, 1, 8, 8) * 0.1, glyph("A"), candidates=49)
+    res = memorisation_score(Detector(), torch.rand(50, 1, 8, 8) * 0.1, glyph("A"), candidates=49, family="strokes")
     assert res.M > 0 and res.rank == 1 and res.significant and res.p_value < 1e-6
     assert "Memorised" in res.verdict()
 
@@ -288,7 +288,7 @@ def _candidates(feat, k, seed):
 def test_family_choice_and_validation():
     x = torch.rand(4, 1, 12, 60)
     model = nn.Sequential(nn.Flatten(), nn.Linear(720, 3))
-    assert memorisation_score(model, x, glyph("A"), candidates=3).family == "strokes"
+    assert memorisation_score(model, x, glyph("A"), candidates=3).family == "shift"
     res = memorisation_score(model, x, text_feature("AB 1", offset=(1, 1)), candidates=3)
     assert res.family == res.candidate_kind == "strings"
     assert memorisation_score(model, x, glyph("A"), candidates=3, candidate_kind="permute").family == "permute"
@@ -308,7 +308,7 @@ def test_cancel_is_checked_between_candidate_batches():
 
     with pytest.raises(TrainingCancelled):
         memorisation_score(_mlp(0), torch.rand(50, 1, 8, 8), glyph("A"), candidates=99, batch_size=100,
-                           cancel=cancel)
+                           family="strokes", cancel=cancel)
     assert len(calls) == 4
 
 
@@ -345,7 +345,7 @@ def test_calibrated_access_p_values_on_clean_models(one_torch_thread):
         xt, yt, xo = torch.rand(60, 1, 12, 12), torch.arange(60) % 3, torch.rand(40, 1, 12, 12)
         model = _mlp(seed, side=12)
         a = access_scores(model, glyph("A", size=4, offset=(1, 1)), x_test=xt, y_test=yt, x_ood=xo,
-                          canary_label=0, candidates=19, seed=seed, max_per_class=15)
+                          canary_label=0, candidates=19, family="strokes", seed=seed, max_per_class=15)
         assert a.candidates == 19 and a.family == "strokes" and a.white_box.n == 15
         calibrated.append([a.white_box.p_value, a.grey_box.p_value, a.black_box_gain.p_value])
         paper.append([a.grey_box.p_value_paper, a.black_box_gain.p_value_paper])
@@ -362,7 +362,8 @@ def test_calibrated_access_p_values_on_briefly_trained_clean_models(tiny_data, o
     cal, paper = [], []
     for seed in range(4):
         res = run_experiment(tiny_config(tiny_data, canary=CanaryChoice("none", ()), seed=seed, candidates=19,
-                                         epochs=4, feature=glyph("A", size=4, offset=(1, 1))))
+                                         epochs=4, feature=glyph("A", size=4, offset=(1, 1)),
+                                         candidate_kind="strokes"))
         assert res.test_accuracy > 0.9 and res.score.status != "memorised"
         assert res.access.family == "strokes" and res.access.candidates == 19
         cal.append([res.access.grey_box.p_value, res.access.black_box_gain.p_value])
@@ -382,7 +383,7 @@ def test_access_p_value_is_the_rank_among_candidates():
 
     x = torch.rand(30, 1, 8, 8) * 0.1
     acc = access_scores(Detector(), glyph("A"), x_test=x, y_test=torch.arange(30) % 3, x_ood=x, canary_label=2,
-                        candidates=19)
+                        candidates=19, family="strokes")
     assert acc.white_box.p_value == acc.grey_box.p_value == acc.black_box_gain.p_value == pytest.approx(1 / 20)
     solid = access_scores(Detector(), grid_feature([[1, 1], [1, 1]]), x_test=x, y_test=torch.arange(30) % 3,
                           x_ood=x, canary_label=2, candidates=19)

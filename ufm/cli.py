@@ -6,6 +6,7 @@ Bad flags or data print one line, ``ufm: error: ...``, and exit with status 2; n
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -166,19 +167,31 @@ class StderrProgress:
         self.stream.flush()
 
 
-def summary_lines(result) -> list[str]:
+def summary_lines(result, verdict=None) -> list[str]:
+    """What ``ufm measure`` prints: the numbers, the fast test, and the verdict (calibrated when the
+    reference bank is complete, else provisional)."""
     s = result.score
     k = len(s.candidate_X)
-    return [
+    fast = (f"fast test ({s.family} candidates): inconclusive: {s.inconclusive_reason}" if s.status == "inconclusive"
+            else f"fast test ({s.family} candidates): exposure = {s.exposure:.2f} bits, rank {s.rank} of {k + 1}, "
+                 f"p = {s.exposure_p_value:.3g}")
+    lines = [
         f"M = {s.M:.5g}  (X_u = {s.X_u:.5g}, X_r = {s.X_r:.5g}; nats)",
-        f"t-test p = {s.p_value:.3g} (Welch, one-tailed)   paired p = {s.p_value_paired:.3g}",
-        f"exposure = {s.exposure:.2f} bits, rank {s.rank} of {k + 1}, empirical p = {s.exposure_p_value:.3g}",
-        f"verdict: {s.verdict()}",
+        f"paper's t-tests (shown, never decide): Welch p = {s.p_value:.3g}, paired p = {s.p_value_paired:.3g}",
+        fast,
+    ]
+    if verdict is None:
+        lines.append(f"verdict: {s.verdict()}")
+    else:
+        lines.append(f"verdict: {verdict.headline}. {verdict.text}")
+        if verdict.calibration:
+            lines.append(f"calibration: {verdict.calibration}")
+    return lines + [
         *(f"note: {n}" for n in getattr(result, "notes", [])),
         f"trained on {result.n_train} images (+ {result.n_val} for validation)",
         f"canaries: {result.canary_indices[:10]}{' ...' if len(result.canary_indices) > 10 else ''}"
         f"  test accuracy {100 * result.test_accuracy:.2f}%  epochs {result.epochs_trained}"
-        f"{'' if result.epsilon is None else f'  DP epsilon {result.epsilon:.3g}'}",
+        f"{'' if result.epsilon is None else f'  DP epsilon spent {result.epsilon:.3g}'}",
     ]
 
 
@@ -195,13 +208,13 @@ def cmd_measure(a: argparse.Namespace) -> int:
     check_out(a.out)
     config = config_from_args(a)
     # Recorded in the run store; an identical finished run is reused unless --force.
-    run_id, result, cached = measure_in_store(a, config, StderrProgress(a.quiet))
-    payload = result.to_json(indent=1)
+    run_id, result, cached, verdict = measure_in_store(a, config, StderrProgress(a.quiet))
+    payload = json.dumps({**result.to_dict(), "final_verdict": verdict.to_dict()}, indent=1)
     if a.out == "-":
         print(payload)
     elif a.out:
         write_atomic(Path(a.out), payload)
-    for line in summary_lines(result):
+    for line in summary_lines(result, verdict):
         print(line, file=sys.stderr if a.out == "-" else sys.stdout)
     print(f"run {run_id}" + ("  (cached: an identical finished run; nothing trained, --force retrains)" if cached else ""),
           file=sys.stderr if a.out == "-" else sys.stdout)
@@ -231,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
 EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 from .cli_runs import register as _register_runs  # noqa: E402 - runs, studies, measure --home/--force
 EXTRA_COMMANDS.append(_register_runs)
+from .cli_audit import register as _register_audit  # noqa: E402 - audit (ONNX models ufm did not train)
+EXTRA_COMMANDS.append(_register_audit)
+from .cli_privacy import register as _register_privacy  # noqa: E402 - privacy-audit
+EXTRA_COMMANDS.append(_register_privacy)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -15,11 +15,21 @@ from typing import TYPE_CHECKING, Any
 from .store import STATUSES, Store, StoreError
 
 if TYPE_CHECKING:
+    from .verdict import Verdict
     from .experiment import ExperimentConfig, Result
     from .train import ProgressFn
 
 LIST_COLUMNS = ["id", "status", "created", "dataset", "arch", "regularisers", "canary", "seed", "M",
                 "exposure_p_value", "test_accuracy", "note"]
+
+
+def _references(s: str) -> int:
+    from .cli import int_in
+    from .reference import MAX_REFERENCES
+    v = int_in(0, MAX_REFERENCES)(s)
+    if 0 < v < 19:
+        raise argparse.ArgumentTypeError(f"must be 0 or at least 19 (the smallest p-value is 1/(R + 1)), got {v}")
+    return v
 
 
 def _pos_int(s: str) -> int:
@@ -47,19 +57,28 @@ def open_store(a: argparse.Namespace) -> Store:
 
 
 def measure_in_store(a: argparse.Namespace, config: "ExperimentConfig",
-                     progress: "ProgressFn | None") -> tuple[str, "Result", bool]:
-    """``ufm measure``'s work: train (or reuse an identical finished run unless ``--force``) and
-    record the run. Returns ``(run_id, result, cached)``."""
+                     progress: "ProgressFn | None") -> tuple[str, "Result", bool, "Verdict"]:
+    """``ufm measure``'s work: train (or reuse an identical finished run unless ``--force``), record
+    the run, and with ``--references R`` train the bank of R clean reference models (once per
+    setting) for the calibrated verdict. Returns ``(run_id, result, cached, verdict)``; without a
+    complete bank the verdict is the provisional fast test's."""
     from .jobs import measure
+    from .reference import DEFAULT_REFERENCES, build_bank, report_bank_progress
     from .train import TrainingCancelled
+    from .verdict import run_verdict
 
+    references = getattr(a, "references", 0) or 0
     with open_store(a) as store:
         try:
-            return measure(store, config, force=a.force, progress=progress)
+            run_id, result, cached = measure(store, config, force=a.force, progress=progress)
+            if references:
+                build_bank(store, config, references, progress=report_bank_progress(progress))
+            verdict = run_verdict(store, store.get(run_id), references or DEFAULT_REFERENCES)
         except StoreError as e:
             raise _usage(str(e)) from e
         except TrainingCancelled as e:
             raise _usage(f"{e} (cancelled from 'ufm runs cancel' or the dashboard); nothing was saved") from e
+    return run_id, result, cached, verdict
 
 
 def _check_out(a: argparse.Namespace) -> None:
@@ -157,6 +176,10 @@ def cmd_runs_export(a: argparse.Namespace) -> int:
     from .report import run_html, run_json
 
     _check_out(a)
+    if (a.mean or a.std) and a.format != "onnx":
+        raise _usage("--mean/--std apply only to --format onnx")
+    if a.format == "onnx":
+        return _export_onnx(a)
     with open_store(a) as store:
         run_id = _resolve(store, a.id)
         try:
@@ -169,6 +192,28 @@ def cmd_runs_export(a: argparse.Namespace) -> int:
         except StoreError as e:
             raise _usage(str(e)) from e
     _write_out(text, a.out)
+    return 0
+
+
+def _export_onnx(a: argparse.Namespace) -> int:
+    """``ufm runs export ID --format onnx --out model.onnx``: the run's model with its input spec in
+    the ONNX metadata (with ``--mean/--std`` the graph takes normalised inputs, as deployed models do)."""
+    from .fileio import atomic_write
+    from .onnx_model import export_run
+
+    if a.out in (None, "-"):
+        raise _usage("an ONNX model is a binary file: give --out FILE (e.g. --out model.onnx)")
+    with open_store(a) as store:
+        run_id = _resolve(store, a.id)
+        rec = store.get(run_id)
+        if rec.status != "done":
+            raise _usage(f"run {run_id} is {rec.status}; only finished (done) runs have a model to export")
+        try:
+            data = export_run(store, run_id, mean=a.mean, std=a.std)
+        except StoreError as e:
+            raise _usage(str(e)) from e
+    atomic_write(Path(a.out), data)
+    print(f"wrote {a.out} (run {run_id}, {len(data) / 1024:.0f} KB)", file=sys.stderr)
     return 0
 
 
@@ -249,12 +294,20 @@ def cmd_studies_export(a: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     """Add ``runs`` and ``studies`` to the ``ufm`` subcommands, and ``--home``/``--force`` to
     ``measure`` (it is registered before the extra commands)."""
+    from .cli import finite_float
+
     measure = sub.choices.get("measure")
     if measure is not None:
         _add_home(measure)
         measure.add_argument("--force", action="store_true",
                              help="train even when an identical finished run (same config and ufm version) is "
                                   "in the store")
+        from .reference import MAX_REFERENCES
+        measure.add_argument("--references", type=_references, default=0, metavar="R",
+                             help="also train R clean reference models (19 to %d, default bank 39; once per training setting, "
+                                  "shared by every feature, canary and seed) and give the calibrated verdict; "
+                                  "0 (default) uses a complete bank of 39 already in the store, else the verdict is "
+                                  "the fast test's, marked provisional" % MAX_REFERENCES)
 
     runs = sub.add_parser("runs", help="list, show, export, cancel or delete recorded runs",
                           description="Runs recorded in the store ($UFM_HOME or --home). IDs may be shortened.")
@@ -273,8 +326,12 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_runs_show)
     p = rs.add_parser("export", help="a run as JSON (full result) or as a self-contained HTML report")
     p.add_argument("id")
-    p.add_argument("--format", choices=["json", "html"], default="json")
+    p.add_argument("--format", choices=["json", "html", "onnx"], default="json",
+                   help="json (full result), html (report) or onnx (the trained model, for 'ufm audit')")
     p.add_argument("--out", default=None, help="file to write (default stdout)")
+    p.add_argument("--mean", type=finite_float, nargs="+", default=None,
+                   help="onnx only: export a graph that takes (pixel - mean) / std inputs (one value or one per channel)")
+    p.add_argument("--std", type=finite_float, nargs="+", default=None, help="onnx only: see --mean")
     p.set_defaults(func=cmd_runs_export)
     p = rs.add_parser("cancel", help="stop a queued or running run (also one running in another process)")
     p.add_argument("id")

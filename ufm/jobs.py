@@ -202,6 +202,15 @@ def _run_main(home: str, run_id: str, config: "ExperimentConfig", env: dict[str,
     sys.exit(code)
 
 
+# Unfinished runs one Runner accepts: a bank of reference models is 24, a study a few dozen; a
+# dashboard open to others must not let one visitor queue days of training.
+MAX_PENDING = int(os.environ.get("UFM_MAX_PENDING", "200"))
+
+
+class QueueFull(RuntimeError):
+    """The runner holds ``max_pending`` unfinished runs; the message says what to do."""
+
+
 class Runner:
     """Background execution of experiments, each in its own process; a queue per device.
 
@@ -224,7 +233,10 @@ class Runner:
     """
 
     def __init__(self, store: Store, *, workers_per_device: int = 1, heartbeat_interval: float = HEARTBEAT_INTERVAL,
-                 progress_interval: float = PROGRESS_INTERVAL, cancel_grace: float = CANCEL_GRACE) -> None:
+                 progress_interval: float = PROGRESS_INTERVAL, cancel_grace: float = CANCEL_GRACE,
+                 max_pending: int = MAX_PENDING) -> None:
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
         if workers_per_device < 1:
             raise ValueError(f"workers_per_device must be >= 1, got {workers_per_device}")
         if cancel_grace < 0:
@@ -234,6 +246,7 @@ class Runner:
         self.heartbeat_interval = float(heartbeat_interval)
         self.progress_interval = progress_interval
         self.cancel_grace = float(cancel_grace)
+        self.max_pending = int(max_pending)
         self._lock = threading.Lock()
         self._queues: dict[str, queue.Queue] = {}
         self._threads: list[threading.Thread] = []
@@ -259,6 +272,7 @@ class Runner:
         Raises:
             ValueError: the config's device is not available here.
             RuntimeError: the runner was shut down.
+            QueueFull: ``max_pending`` runs are already queued or running.
         """
         from . import __version__
 
@@ -273,6 +287,10 @@ class Runner:
                     return hit.id
                 if ident in self._inflight:
                     return self._inflight[ident]
+            pending = sum(not ev.is_set() for ev in self._ended.values())
+            if pending >= self.max_pending:
+                raise QueueFull(f"{pending} runs are already queued or running here (the limit is {self.max_pending}, "
+                                "UFM_MAX_PENDING): wait for some to finish or cancel them on the Runs page")
             run_id = self.store.create_run(config, status="queued")
             self._cancel[run_id] = threading.Event()
             self._ended[run_id] = threading.Event()

@@ -36,3 +36,7 @@ MAX_IMAGE_PIXELS = 40_000_000
 # Bytes of one image file or upload: far above any feature logo or dataset image (a 40 MP JPEG
 # is ~15 MB), and stops a stray video or archive being read into memory.
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
+
+# Bytes of an ONNX model file or upload to audit: a DenseNet-100 is ~3 MB, a ResNet-50 ~100 MB;
+# 512 MB covers any image classifier the audit is meant for (the whole graph is read into memory).
+MAX_ONNX_BYTES = 512 * 1024 * 1024

@@ -3,7 +3,7 @@
 Layout under the home directory (``$UFM_HOME``, else the per-user data directory, see
 :func:`default_home`)::
 
-    ufm.db                      SQLite in WAL mode: tables runs, studies, study_runs
+    ufm.db                      SQLite in WAL mode: tables runs, studies, study_runs, audits
     runs/<id>/result.json       the full Result JSON (written last: its presence marks a complete set)
     runs/<id>/model.pt          best weights, a state dict of tensors
     runs/<id>/checkpoints.pt    TracIn checkpoints, when the run kept any
@@ -118,7 +118,24 @@ def _statements(stmts: Sequence[str]) -> Callable[[sqlite3.Connection], None]:
 # process after the owner died is not taken for the owner.
 _V2 = ("ALTER TABLE runs ADD COLUMN owner_start INTEGER",)
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_statements(_V1), _statements(_V2)]
+# v3: audits of models ufm did not train (ufm.audit): one row per finished audit, written whole.
+_V3 = (
+    """CREATE TABLE audits (
+        id TEXT PRIMARY KEY,
+        created REAL NOT NULL,              -- unix seconds
+        model_name TEXT NOT NULL,           -- the ONNX file's name
+        model_sha256 TEXT NOT NULL,         -- hash of the ONNX file
+        input_spec_json TEXT NOT NULL,      -- ufm.onnx_model.InputSpec.to_dict()
+        feature_json TEXT NOT NULL,         -- Feature.to_dict()
+        status TEXT NOT NULL,               -- the verdict: memorised | not_shown | inconclusive
+        summary_json TEXT NOT NULL,         -- M, X_u, X_r, p-values, verdict, settings
+        result_json TEXT NOT NULL,          -- the full AuditResult (d_u, d_r, candidates, access)
+        code_version TEXT NOT NULL
+    )""",
+    "CREATE INDEX audits_by_created ON audits (created)",
+)
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_statements(_V1), _statements(_V2), _statements(_V3)]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -1,0 +1,175 @@
+"""The "Audit a model" page's pieces: accepting an uploaded ONNX file, the inference images, the
+background audit and the result view (also used by the Runs page's Audits section)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from ufm.audit import (AuditConfig, AuditResult, audit_html, audit_task, delete_audit, inference_images, list_audits,
+                       load_audit, new_audit_id)
+from ufm.fileio import atomic_write
+from ufm.limits import MAX_ONNX_BYTES
+from ufm.onnx_model import GraphInput, OnnxModel, graph_input, load_onnx, parse_onnx
+from ufm.plots import histogram_figure
+
+from . import access, state, views
+
+MODEL = "audit_model"      # session key: {"path", "name", "sha256"} of the accepted model file
+AUDIT = "audit_id"         # session key: the audit this session started or opened
+HEADLINE_BOX = {"memorised": st.error, "not_shown": st.success, "inconclusive": st.warning}
+
+
+def _audit_dir(home: str | Path, *parts: str) -> Path:
+    d = Path(home) / "audits"
+    for p in parts:
+        d = d / p
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return d
+
+
+def accept_upload(name: str, data: bytes, home: str | Path) -> tuple[Path, GraphInput]:
+    """Check an uploaded ONNX file (size, format, one image input, no external data) before
+    anything uses it, then keep it (0600) under ``home/audits/models/<sha256>.onnx``.
+
+    Raises:
+        OnnxModelError: the file is too large, not ONNX, or has an unsupported input or output.
+    """
+    from ufm.onnx_model import OnnxModelError
+
+    if len(data) > MAX_ONNX_BYTES:
+        raise OnnxModelError(f"{name} is larger than {MAX_ONNX_BYTES / 2**20:.0f} MB (the limit for a model to audit)")
+    path = _audit_dir(home, "models") / f"{hashlib.sha256(data).hexdigest()}.onnx"
+    if path.is_file():  # accepted before (the page reruns on every click): checked when it was kept
+        return path, graph_of(str(path), name)
+    gi = graph_input(parse_onnx(data, name), name)
+    atomic_write(path, data, private=True)
+    return path, gi
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def graph_of(path: str, name: str) -> GraphInput:
+    """The image input of a kept (already checked) model file."""
+    return graph_input(parse_onnx(Path(path).read_bytes(), name), name)
+
+
+def accept_path(path: Path, home: str | Path) -> tuple[Path, GraphInput]:
+    """:func:`accept_upload` for a model file already on the server (an allowed path)."""
+    from ufm.onnx_model import read_model_bytes
+
+    data, name = read_model_bytes(path)
+    return accept_upload(name, data, home)
+
+
+@st.fragment(run_every=1.0)
+def progress(audit_id: str, home: str) -> None:
+    """Live progress of a running audit; the whole page reruns once it has finished."""
+    status, info = state.tasks().status(f"audit-{audit_id}")
+    if status != "running":
+        st.rerun()
+    st.progress(0.5, text=f"auditing: {info or 'starting'}")
+    if st.button("Cancel audit", key="audit_cancel"):
+        cancel_audit(home, audit_id)
+
+
+def accept_images(name: str, data: bytes, home: str | Path) -> Path:
+    """Keep an uploaded ``.npz`` of inference images (0600); it is read with ``allow_pickle=False``."""
+    from ufm.limits import MAX_IMAGE_BYTES
+
+    if len(data) > 8 * MAX_IMAGE_BYTES:
+        raise ValueError(f"{name} is larger than {8 * MAX_IMAGE_BYTES / 2**20:.0f} MB: use fewer images")
+    path = _audit_dir(home, "images") / f"{hashlib.sha256(data).hexdigest()}.npz"
+    if not path.is_file():
+        atomic_write(path, data, private=True)
+    return path
+
+
+@st.cache_resource(max_entries=4, show_spinner="Opening the model ...")
+def open_model(path: str, name: str, spec: tuple) -> OnnxModel:
+    """The model with the user's statements (``spec``: sorted (key, value) pairs for load_onnx)."""
+    return load_onnx(path, name=name, **dict(spec))
+
+
+@st.cache_data(max_entries=8, show_spinner="Loading inference images ...")
+def preview_images(source: str, shape: tuple[int, int, int], n: int, root: str) -> np.ndarray:
+    return inference_images(source, shape, n, data_dir=root).numpy()
+
+
+def start_audit(model_path: str, config: AuditConfig, spec: dict, home: str, name: str) -> str:
+    """Queue the audit as a background task; returns its (future) audit id. ``name``: the file
+    name the user knows (the kept copy is named by its hash)."""
+    audit_id = new_audit_id()
+    spec = {**spec, "name": name}
+    cancel = _audit_dir(home, "cancel") / audit_id
+    state.tasks().submit(f"audit-{audit_id}", audit_task, model_path, config.to_dict(), spec, home, audit_id,
+                         str(cancel))
+    return audit_id
+
+
+def cancel_audit(home: str, audit_id: str) -> None:
+    (_audit_dir(home, "cancel") / audit_id).touch()
+
+
+def verdict_box(result: AuditResult) -> None:
+    v = result.verdict
+    body = v.text
+    for prefix in ("Inconclusive: ", "Provisional: "):  # the headline says it already
+        body = body.removeprefix(prefix)
+    HEADLINE_BOX[v.status](f"**{v.headline}.** {body}")
+    if v.calibration:
+        st.caption(v.calibration)
+
+
+def audit_view(result: AuditResult, audit_id: str) -> None:
+    """Verdict, numbers, histogram, access gains and the HTML report of one audit."""
+    s = result.summary()
+    st.subheader(f"Audit {state.short(audit_id)} of {result.model_name}")
+    spec = result.input_spec
+    st.caption(f"{spec['layout']} {spec['channels']}x{spec['height']}x{spec['width']} · {result.num_classes} classes · "
+               f"outputs read as {result.output_kind} · feature {result.config.feature.name} at "
+               f"{result.config.feature.offset} · {result.n_ood} inference images from {result.config.ood} · "
+               f"sha256 {result.model_sha256[:12]}")
+    verdict_box(result)
+    c = st.columns(4)
+    c[0].metric("M = X_u - X_r (nats)", views.fmt(s["M"]))
+    c[1].metric("X_u (nats)", views.fmt(s["X_u"]))
+    c[2].metric("X_r (nats)", views.fmt(s["X_r"]))
+    c[3].metric("exposure p", views.fmt(s["exposure_p_value"], 3),
+                help=f"rank {s['rank']} of {s['candidates'] + 1} candidate features ({s['family']})")
+    c = st.columns(3)
+    c[0].metric("t-test p (paper's statistic)", views.fmt(s["p_value"], 3))
+    c[1].metric("paired t-test p", views.fmt(s["p_value_paired"], 3))
+    c[2].metric("black-box gain", views.fmt(result.access.black_box_gain.gain, 3),
+                help=f"class {result.access.black_box_gain.label}, calibrated p = "
+                     f"{views.fmt(result.access.black_box_gain.p_value, 3)}")
+    st.plotly_chart(histogram_figure(result.score.d_u, result.score.d_r, log_x=True), key=f"audit_hist_{audit_id}")
+    with st.expander("Access settings (white-, grey-, black-box confidence gain)"):
+        st.dataframe(views.access_table(result.access.to_dict()), hide_index=True)
+    st.download_button("Download HTML report", audit_html(result, audit_id), f"ufm-audit-{state.short(audit_id)}.html",
+                       "text/html", key=f"audit_html_{audit_id}")
+
+
+def audits_table(store) -> pd.DataFrame:
+    return pd.DataFrame([r.to_row() for r in list_audits(store)])
+
+
+def audits_section(store) -> None:
+    """The Runs page's list of audits, with one opened below it."""
+    table = audits_table(store)
+    with st.expander(f"Audits of models you did not train ({len(table)})"):
+        if table.empty:
+            st.caption("None yet: audit an ONNX model on the Audit a model page or with `ufm audit`.")
+            return
+        st.dataframe(table, hide_index=True, width="stretch")
+        pick = st.selectbox("open audit", list(table["id"]), key="runs_audit_pick",
+                            format_func=lambda i: f"{state.short(i)} · {table.set_index('id').loc[i, 'model']}")
+        audit_view(load_audit(store, pick), pick)
+        if access.confirm_button("Delete audit", "runs_audit_delete", target=pick,
+                                 prompt=f"Delete audit {state.short(pick)}? This cannot be undone."):
+            delete_audit(store, pick)
+            st.toast(f"Deleted audit {state.short(pick)}")
+            st.rerun()

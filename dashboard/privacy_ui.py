@@ -1,0 +1,120 @@
+"""The Audit privacy page's pieces: the form, the background audit and the result panel.
+
+An audit trains one model, so it runs as a background task in its own process
+(``state.tasks()``); the result is saved under the store's home (:func:`ufm.privacy_audit.save_audit`)
+by the task itself, so it survives reloads, page switches and restarts.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from ufm.models import ARCHITECTURES
+from ufm.privacy_audit import AuditConfig, AuditResult, audit_histogram, cached_audit, list_audits, load_audit
+from ufm.train import REGULARISERS, DPConfig
+
+from . import state
+
+AUDIT = "privacy_audit_key"  # session-state key: the audit this session looks at
+
+
+def compute_audit(report, config: AuditConfig, home: str) -> None:
+    """The background task (its own process, see ``state.Tasks``): run and save the audit."""
+    def progress(p) -> None:
+        report(f"epoch {p.epoch} of at most {p.max_epochs}" if p.phase == "train" else p.message)
+
+    cached_audit(home, config, progress=progress)
+
+
+def home() -> str:
+    return str(state.store().home)
+
+
+def audit_form() -> AuditConfig | None:
+    """The audit's settings (dataset and budget from the Train page); returns the config on submit."""
+    setup = state.current_setup()
+    with st.form("pa_form"):
+        c1, c2, c3 = st.columns(3)
+        arch = c1.selectbox("architecture", ARCHITECTURES, index=ARCHITECTURES.index(setup["arch"]), key="pa_arch")
+        regs = c2.multiselect("regularisers", [r for r in REGULARISERS if r != "none"],
+                              default=list(setup["regularisers"]), key="pa_regs")
+        dp_eps = c3.number_input("DP-SGD target epsilon (with dp-sgd)", 0.1, 100.0, 4.0, key="pa_dp_eps")
+        d1, d2, d3, d4 = st.columns(4)
+        m = d1.number_input("canaries m", 2, 5000, 200, key="pa_m",
+                            help="distinct features on distinct training images, each IN with probability 1/2")
+        kind = d2.selectbox("features", ["random", "text"], key="pa_kind",
+                            help="random: distinct binary patterns; text: distinct random 3-letter strings")
+        size = d3.number_input("feature size (px)", 2, 64, 7, key="pa_size",
+                               help="pattern side, or text height")
+        seed = d4.number_input("seed", 0, 10_000, int(setup.get("seed", 0)), key="pa_seed")
+        e1, e2, e3 = st.columns(3)
+        placement = e1.selectbox("placement", ["random", "fixed"], key="pa_place",
+                                 help="random: each feature at its own place; fixed: all at the top-left (1, 1)")
+        out_mode = e2.selectbox("OUT canaries", ["clean", "removed"], key="pa_out",
+                                help="clean: the image is trained on without its feature; removed: left out "
+                                     "(the neighbouring datasets of DP-SGD's accountant)")
+        confidence = e3.select_slider("confidence", [0.9, 0.95, 0.99], 0.95, key="pa_conf")
+        st.caption(f"Dataset {setup['dataset']}, {setup['train_size'] or 'all'} training images, at most "
+                   f"{setup['epochs']} epochs (from Train & measure). delta = 1e-5; the guess counts are chosen "
+                   "with a Bonferroni correction over a fixed grid.")
+        if not st.form_submit_button("Audit privacy", type="primary"):
+            return None
+    dp = DPConfig(noise_multiplier=None, target_epsilon=float(dp_eps)) if "dp-sgd" in regs else None
+    exp = state.config_from_setup(setup, arch=arch, regularisers=tuple(regs), seed=int(seed),
+                                  **({"dp": dp} if dp is not None else {}))
+    return AuditConfig(exp, canaries=int(m), features=kind, feature_size=int(size), placement=placement,
+                       out_mode=out_mode, confidence=float(confidence))
+
+
+def start(config: AuditConfig) -> str:
+    """Queue the audit (unless it is saved already); returns its key."""
+    key = config.key()
+    if load_audit(home(), config) is None:
+        state.tasks().submit(f"audit:{key}", compute_audit, config, home())
+    st.session_state[AUDIT] = key
+    return key
+
+
+def start_study_audits(study: str, members: list, canaries: int) -> None:
+    """One audit per (group, experiment config) of a Compare study, queued in the background and
+    recorded with the study so its table gains the epsilon-lower-bound column."""
+    from ufm.privacy_audit import attach_study_audits
+
+    audits = [(group, AuditConfig(cfg, canaries=canaries)) for group, cfg in members]
+    attach_study_audits(home(), study, audits)
+    for _, cfg in audits:
+        if load_audit(home(), cfg) is None:
+            state.tasks().submit(f"audit:{cfg.key()}", compute_audit, cfg, home())
+
+
+def status(key: str) -> tuple[str, str | None]:
+    return state.tasks().status(f"audit:{key}")
+
+
+def saved() -> list[AuditResult]:
+    return list_audits(home())
+
+
+def label(res: AuditResult) -> str:
+    e = res.config.experiment
+    regs = "+".join(e.regularisers) or "none"
+    return (f"{e.dataset} {e.arch} {regs} m={res.config.canaries} seed {e.seed}: "
+            f"eps >= {res.epsilon:.2f}")
+
+
+def result_panel(res: AuditResult) -> None:
+    b = res.bound
+    c = st.columns(4)
+    c[0].metric(f"epsilon lower bound ({b.confidence:.0%})", f"{b.epsilon:.2f}",
+                help=f"delta = {b.delta:g}; {b.correction}")
+    c[1].metric("guesses correct", f"{b.correct} / {b.guesses}",
+                help=f"k+ = {b.k_plus} IN guesses (highest scores), k- = {b.k_minus} OUT guesses (lowest), "
+                     f"abstained on {b.m - b.guesses} of {b.m}")
+    c[2].metric("DP-SGD claims epsilon", "—" if res.claimed_epsilon is None else f"{res.claimed_epsilon:.2f}",
+                help="the accountant's epsilon (Opacus RDP, add/remove one image)")
+    c[3].metric("test accuracy", f"{res.test_accuracy:.1%}")
+    st.plotly_chart(audit_histogram(res), key=f"pa_hist_{res.config.key()}")
+    for line in res.summary_lines()[2:]:
+        st.caption(line)
+    st.download_button("Download the audit (JSON)", res.to_json(indent=1), "ufm-privacy-audit.json",
+                       "application/json", key=f"pa_dl_{res.config.key()}")

@@ -1,0 +1,309 @@
+"""The one-run privacy audit: the bound against an independent brute-force computation, known
+answers, the Bonferroni correction, the audit job (validity under DP-SGD, bad input) and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from tests.conftest import tiny_config
+from tests.test_app import app_env  # noqa: F401 - the dashboard fixture
+from ufm.features import FeatureError
+from ufm.privacy_audit import (AuditConfig, AuditResult, audit_bound, audit_features, audit_histogram, default_grid,
+                               epsilon_lower_bound, load_audit, make_guesses, p_value, run_audit, save_audit)
+
+
+# ----------------------------------------------------------------------------- brute force
+
+def _tail(r: int, k: int, q: Fraction) -> Fraction:
+    """P[Binomial(r, q) >= k], exactly, by summing the terms."""
+    return sum((Fraction(math.comb(r, j)) * q ** j * (1 - q) ** (r - j) for j in range(max(k, 0), r + 1)), Fraction(0))
+
+
+def _brute_p(m: int, r: int, v: int, eps: float, delta: float) -> float:
+    """The paper's bound written out independently: exact rationals, the max over i = 1..m taken
+    directly from f(v - i) - f(v) (no running sum)."""
+    q = Fraction(1) / (1 + Fraction(math.exp(-eps)))
+    fv = _tail(r, v, q)
+    worst = max(((_tail(r, v - i, q) - fv) / i for i in range(1, m + 1)), default=Fraction(0))
+    return min(1.0, float(fv + 2 * m * Fraction(delta) * worst))
+
+
+def _float_p(m: int, r: int, v: int, eps: float, delta: float) -> float:
+    """As :func:`_brute_p` in floats (math.comb and math.fsum), fast enough to scan."""
+    q = 1 / (1 + math.exp(-eps))
+    pmf = [math.comb(r, j) * q ** j * (1 - q) ** (r - j) for j in range(r + 1)]
+    tail = [math.fsum(pmf[max(k, 0):]) for k in range(-m, r + 2)]  # tail[k + m] = P[W >= k]
+    fv = tail[v + m]
+    worst = max((tail[v - i + m] - fv) / i for i in range(1, m + 1))
+    return min(1.0, fv + 2 * m * delta * worst)
+
+
+def _brute_eps(m: int, r: int, v: int, delta: float, beta: float, step: float = 0.002) -> float:
+    """Largest eps on a grid of ``step`` whose p-value is below beta: a coarse scan (0.05) to find
+    the last rejected point, then a fine one past it (no bisection)."""
+    coarse = [k * 0.05 for k in range(0, 241)]
+    rejected = [e for e in coarse if _float_p(m, r, v, e, delta) < beta]
+    if not rejected:
+        return 0.0
+    start = max(rejected)
+    fine = [start + k * step for k in range(0, int(0.1 / step) + 1)]
+    return max(e for e in fine if _float_p(m, r, v, e, delta) < beta)
+
+
+@pytest.mark.parametrize("m,r,v,eps,delta", [(10, 10, 10, 0.0, 0.0), (20, 12, 9, 0.7, 1e-3), (50, 40, 38, 2.0, 1e-5),
+                                             (30, 30, 15, 0.0, 1e-2), (8, 3, 0, 1.0, 1e-5)])
+def test_p_value_matches_brute_force(m, r, v, eps, delta):
+    assert p_value(m, r, v, eps, delta) == pytest.approx(_brute_p(m, r, v, eps, delta), rel=1e-9, abs=1e-15)
+
+
+@pytest.mark.parametrize("m,r,v,delta", [(10, 10, 10, 1e-5), (40, 20, 18, 1e-5), (60, 30, 27, 1e-3), (60, 30, 27, 1e-2)])
+def test_epsilon_matches_brute_force_scan(m, r, v, delta):
+    got = epsilon_lower_bound(m, r, v, delta=delta, beta=0.05)
+    want = _brute_eps(m, r, v, delta, 0.05)
+    assert want <= got + 1e-6 and got - want < 0.003  # the scan lands at most one grid step below
+    if got > 0:
+        assert p_value(m, r, v, got, delta) < 0.05 <= p_value(m, r, v, got + 1e-4, delta)
+    else:  # 2 m delta = 1.2: the delta term alone exceeds beta
+        assert p_value(m, r, v, 0.0, delta) >= 0.05
+
+
+def test_known_answers():
+    assert epsilon_lower_bound(100, 100, 100, delta=1e-5, beta=0.05) == pytest.approx(3.49, abs=0.01)
+    assert epsilon_lower_bound(10, 10, 10, delta=1e-5, beta=0.05) == pytest.approx(1.05, abs=0.01)
+    assert epsilon_lower_bound(1, 1, 1) == 0.0
+    assert epsilon_lower_bound(2, 2, 2) == 0.0
+    # pure DP closed form: q^r = beta  ->  eps = log(q / (1 - q))
+    q = 0.05 ** (1 / 100)
+    assert epsilon_lower_bound(100, 100, 100, delta=0.0) == pytest.approx(math.log(q / (1 - q)), abs=1e-5)
+    # the delta term costs something: a larger delta gives a smaller bound
+    assert epsilon_lower_bound(100, 100, 95, delta=1e-2) < epsilon_lower_bound(100, 100, 95, delta=1e-5)
+
+
+def test_monotone_in_correct_guesses_and_confidence():
+    bounds = [epsilon_lower_bound(100, 100, v) for v in range(0, 101)]
+    assert all(a <= b for a, b in zip(bounds, bounds[1:]))
+    assert bounds[50] == 0.0 and bounds[-1] > 3
+    assert epsilon_lower_bound(100, 100, 90, beta=0.01) < epsilon_lower_bound(100, 100, 90, beta=0.05)
+
+
+def test_bad_counts():
+    with pytest.raises(ValueError, match="v <= guesses r <= canaries m"):
+        p_value(10, 5, 6, 1.0)
+    with pytest.raises(ValueError, match="beta"):
+        epsilon_lower_bound(10, 10, 10, beta=0)
+
+
+# ----------------------------------------------------------------------------- guesses and correction
+
+def test_guesses_use_scores_only():
+    s = np.array([0.3, -1.0, 2.0, 0.0, 5.0])
+    assert make_guesses(s, 2, 1).tolist() == [0, -1, 1, 0, 1]
+    assert make_guesses(s, 0, 0).tolist() == [0] * 5
+    with pytest.raises(ValueError, match="k_plus"):
+        make_guesses(s, 4, 2)
+
+
+def test_fixed_counts_need_no_correction_and_grid_is_bonferroni():
+    s = np.arange(100.0)
+    truth = s >= 50  # a perfect separator
+    fixed = audit_bound(s, truth, k_plus=50, k_minus=50)
+    assert fixed.grid_size == 1 and fixed.correct == fixed.guesses == 100
+    assert fixed.epsilon == pytest.approx(epsilon_lower_bound(100, 100, 100), abs=1e-6)
+    grid = audit_bound(s, truth)
+    g = len(default_grid(100))
+    assert grid.grid_size == g and "Bonferroni" in grid.correction
+    # the best pair is tested at beta / G: the same counts give a smaller bound than uncorrected
+    assert grid.epsilon == pytest.approx(epsilon_lower_bound(100, grid.guesses, grid.correct, beta=0.05 / g), abs=1e-6)
+    assert 0 < grid.epsilon < fixed.epsilon
+
+
+def test_random_scores_give_no_bound_at_the_nominal_rate():
+    """Scores independent of the draw (eps = 0 truly): the corrected bound is > 0 in at most
+    ~5% of audits (checked over 200 draws)."""
+    rng = np.random.default_rng(1)
+    positive = sum(audit_bound(rng.normal(size=200), rng.random(200) < 0.5).epsilon > 0 for _ in range(200))
+    assert positive <= 20
+
+
+def test_bound_rejects_bad_input():
+    with pytest.raises(ValueError, match="at least 2 canaries"):
+        audit_bound([1.0], [True])
+    with pytest.raises(ValueError, match="one entry per canary"):
+        audit_bound([1.0, 2.0], [True])
+
+
+def test_default_grid():
+    assert default_grid(10) == [(1, 0), (2, 0), (5, 0), (10, 0), (1, 1), (2, 2), (5, 5)]
+
+
+# ----------------------------------------------------------------------------- features
+
+def test_random_features_are_distinct_and_deterministic():
+    a = audit_features("random", 50, 3, (1, 12, 12), offset=(0, 0), seed=3)
+    b = audit_features("random", 50, 3, (1, 12, 12), offset=(0, 0), seed=3)
+    assert [f.pattern for f in a] == [f.pattern for f in b]
+    assert len({f.pattern for f in a}) == 50
+    assert all(np.asarray(f.pattern).max() == 1 for f in a)
+
+
+def test_text_features_are_distinct_strings():
+    fs = audit_features("text", 10, 7, (1, 64, 64), seed=0)
+    assert len({f.pattern for f in fs}) == 10 and all(f.kind == "text" for f in fs)
+
+
+def test_features_that_do_not_fit():
+    with pytest.raises(FeatureError, match="does not fit"):
+        audit_features("random", 10, 13, (1, 12, 12))
+    with pytest.raises(FeatureError, match="only 6 distinct"):
+        audit_features("random", 100, 2, (1, 12, 12))
+    with pytest.raises(FeatureError, match="--text-length"):
+        audit_features("text", 5, 7, (1, 12, 12))
+
+
+# ----------------------------------------------------------------------------- the audit job
+
+def test_config_bad_input(tiny_data):
+    exp = tiny_config(tiny_data)
+    with pytest.raises(ValueError, match="at least 2 canaries"):
+        AuditConfig(exp, canaries=1)
+    with pytest.raises(ValueError, match="both k_plus and k_minus"):
+        AuditConfig(exp, canaries=10, k_plus=3)
+    with pytest.raises(ValueError, match="out_mode"):
+        AuditConfig(exp, canaries=10, out_mode="gone")
+
+
+def test_more_canaries_than_training_images(tiny_data, one_torch_thread):
+    with pytest.raises(ValueError, match="larger than the training set"):
+        run_audit(AuditConfig(tiny_config(tiny_data), canaries=290, feature_size=3, offset=(0, 0)))
+
+
+def test_audit_runs_is_deterministic_and_round_trips(tiny_data, one_torch_thread, tmp_path):
+    cfg = AuditConfig(tiny_config(tiny_data, epochs=3), canaries=40, feature_size=3, offset=(0, 0))
+    a, b = run_audit(cfg), run_audit(cfg)
+    assert a.scores == b.scores and a.is_in == b.is_in and a.indices == b.indices
+    assert len(set(a.indices)) == 40 and 5 < sum(a.is_in) < 35
+    assert a.n_train == 270 and a.claimed_epsilon is None
+    save_audit(tmp_path, a)
+    back = load_audit(tmp_path, cfg)
+    assert back is not None and back.to_dict() == AuditResult.from_json(a.to_json()).to_dict() == a.to_dict()
+    fig = audit_histogram(a)
+    assert len(fig.data) == 2 and sum(fig.data[0].y) + sum(fig.data[1].y) == 40
+    removed = run_audit(cfg.replace(out_mode="removed"))
+    assert removed.n_train == 270 - (40 - sum(removed.is_in))
+
+
+@pytest.mark.parametrize("target", [1.0, 4.0])
+def test_dp_sgd_audit_never_exceeds_the_claim(tiny_data, one_torch_thread, target):
+    """Validity: repeated audits of DP-SGD models (3 per claim: two seeds leaving OUT images out,
+    the adjacency the accountant's epsilon is for, and one replacing them) never give a lower
+    bound above the accountant's epsilon."""
+    from ufm.train import DPConfig
+
+    for seed, mode in ((0, "removed"), (1, "removed"), (2, "clean")):
+        exp = tiny_config(tiny_data, regularisers=("dp-sgd",), epochs=3, seed=seed,
+                          dp=DPConfig(noise_multiplier=None, target_epsilon=target))
+        res = run_audit(AuditConfig(exp, canaries=100, feature_size=3, offset=(0, 0), out_mode=mode))
+        assert res.claimed_epsilon == pytest.approx(target, rel=0.05)
+        assert 0 <= res.epsilon <= res.claimed_epsilon
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _cli_args(tiny_data, *extra):
+    return ["privacy-audit", "--dataset", str(tiny_data["train"]), "--ood-source", str(tiny_data["ood"]),
+            "--ood-size", "30", "--epochs", "2", "--patience", "2", "--lr", "1e-3", "--batch-size", "32",
+            "--device", "cpu", "--offset", "0", "0", "--quiet", *extra]
+
+
+def test_cli_writes_the_audit(tiny_data, one_torch_thread, tmp_path, capsys):
+    from ufm.cli import main
+
+    out = tmp_path / "audit.json"
+    assert main(_cli_args(tiny_data, "--canaries", "20", "--feature-size", "3", "--out", str(out))) == 0
+    d = json.loads(out.read_text())
+    assert d["bound"]["m"] == 20 and len(d["scores"]) == 20 and "epsilon_lower_bound" in d
+    assert "epsilon lower bound" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra,msg", [(["--canaries", "1"], "at least 2 canaries"),
+                                       (["--canaries", "500", "--feature-size", "3"], "larger than the training set"),
+                                       (["--canaries", "10", "--feature-size", "13"], "does not fit"),
+                                       (["--canaries", "10", "--features", "glyphs"], "invalid choice")])
+def test_cli_bad_input_exits_2(tiny_data, one_torch_thread, capsys, extra, msg):
+    from ufm.cli import main
+
+    assert main(_cli_args(tiny_data, *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ufm: error:") and msg in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- dashboard
+
+def test_audit_page_runs_in_background_and_survives_reload(app_env):
+    import time
+
+    from dashboard import privacy_ui, state
+    from tests.test_app import _app
+
+    at = _app().switch_page("app_pages/privacy.py").run()
+    assert not at.exception
+    assert any("No audit yet" in i.value for i in at.info)
+    at.number_input(key="pa_m").set_value(20)
+    at.number_input(key="pa_size").set_value(3)
+    at.button(key="FormSubmitter:pa_form-Audit privacy").click().run()
+    assert not at.exception
+    key = at.session_state[privacy_ui.AUDIT]
+    deadline = time.time() + 240
+    while time.time() < deadline and state.tasks().status(f"audit:{key}")[0] in ("running", "none"):
+        time.sleep(1)
+    assert state.tasks().status(f"audit:{key}")[0] == "done", state.tasks().status(f"audit:{key}")
+    at.run()
+    assert not at.exception
+    assert any(m.label == "epsilon lower bound (95%)" for m in at.metric)
+    fresh = _app().switch_page("app_pages/privacy.py").run()  # a reload: a new session
+    assert not fresh.exception and any(m.label == "guesses correct" for m in fresh.metric)
+
+
+def test_compare_page_audit_column(app_env):
+    import time
+
+    from dashboard import state
+    from tests.test_app import _app
+
+    at = _app().switch_page("app_pages/compare.py").run()
+    at.multiselect(key="cmp_regs").set_value(["none"])
+    at.number_input(key="cmp_seeds").set_value(1)
+    at.text_input(key="cmp_name").set_value("audited study")
+    at.checkbox(key="cmp_audit").check()
+    at.number_input(key="cmp_audit_m").set_value(10)
+    at.button(key="FormSubmitter:cmp_form-Run the comparison").click().run()
+    assert not at.exception
+    for rid in state.runner().active():
+        state.runner().wait(rid, timeout=240)
+    from ufm.privacy_audit import study_audit_table, study_audits
+    audits = study_audits(state.store().home, "audited study")
+    assert len(audits) == 1 and audits[0][1].canaries == 10
+    deadline = time.time() + 240
+    key = f"audit:{audits[0][1].key()}"
+    while time.time() < deadline and state.tasks().status(key)[0] in ("running", "none"):
+        time.sleep(1)
+    table = study_audit_table(state.store().home, "audited study")
+    assert table["audits_done"].tolist() == [1] and table["eps_lower_bound"].notna().all()
+    at.selectbox(key="cmp_study").set_value("audited study")
+    at.run()
+    assert not at.exception
+    assert any("eps_lower_bound" in df.value.columns for df in at.dataframe)
+
+
+def test_compare_without_audit_keeps_its_columns(app_env):
+    from dashboard.compare_ui import with_audits
+    import pandas as pd
+
+    agg = pd.DataFrame({"group": ["none"], "mean_M": [0.1]})
+    out, cols = with_audits("never audited", agg)
+    assert cols == [] and out.equals(agg)

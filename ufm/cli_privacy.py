@@ -1,0 +1,111 @@
+"""CLI verb ``ufm privacy-audit``: a one-run epsilon lower bound from many unique features
+(:mod:`ufm.privacy_audit`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .cli import StderrProgress, _nonneg_int, _pos_int, check_out, finite_float, int_in
+from .fileio import atomic_write as write_atomic
+from .limits import MAX_FEATURE_SIDE, MAX_OOD_SIZE
+
+
+def audit_config_from_args(a: argparse.Namespace):
+    """Build an :class:`~ufm.privacy_audit.AuditConfig` from parsed flags."""
+    from .experiment import ExperimentConfig
+    from .privacy_audit import AuditConfig
+    from .train import DPConfig
+
+    dp = DPConfig(noise_multiplier=None if a.dp_epsilon is not None else (a.dp_noise if a.dp_noise is not None else 1.0),
+                  target_epsilon=a.dp_epsilon, delta=a.dp_delta, max_grad_norm=a.dp_clip)
+    regs = tuple(r.strip() for r in a.regulariser.split(",") if r.strip())
+    exp = ExperimentConfig(dataset=a.dataset, data_dir=a.data_dir, arch=a.arch, regularisers=regs,
+                           dropout=a.dropout, weight_decay=a.weight_decay,
+                           **({"dp": dp} if "dp-sgd" in regs else {}), epochs=a.epochs, patience=a.patience,
+                           lr=a.lr, batch_size=a.batch_size, train_size=a.train_size, ood_source=a.ood_source,
+                           ood_size=a.ood_size, repeats=a.repeats, seed=a.seed, device=a.device)
+    if (a.k_plus is None) != (a.k_minus is None):
+        raise ValueError("give both --k-plus and --k-minus (fixed guess counts) or neither (Bonferroni over the grid)")
+    return AuditConfig(exp, canaries=a.canaries, features=a.features, feature_size=a.feature_size,
+                       text_length=a.text_length, offset=tuple(a.offset), placement=a.placement,
+                       out_mode=a.out_mode, delta=a.delta, confidence=a.confidence, k_plus=a.k_plus,
+                       k_minus=a.k_minus)
+
+
+def cmd_privacy_audit(a: argparse.Namespace) -> int:
+    from .privacy_audit import run_audit, save_audit
+
+    check_out(a.out)
+    cfg = audit_config_from_args(a)
+    res = run_audit(cfg, progress=StderrProgress(a.quiet))
+    if a.home is not None or a.save:
+        from .store import default_home
+        path = save_audit(Path(a.home).expanduser() if a.home else default_home(), res)
+        print(f"saved in {path}", file=sys.stderr)
+    payload = res.to_json(indent=1)
+    stream = sys.stderr if a.out == "-" else sys.stdout
+    if a.out == "-":
+        print(payload)
+    elif a.out:
+        write_atomic(Path(a.out), payload)
+    for line in res.summary_lines():
+        print(line, file=stream)
+    if a.out and a.out != "-":
+        print(f"wrote {a.out}", file=sys.stderr)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "privacy-audit", help="one-run privacy audit: an epsilon lower bound from many unique features",
+        description="Draw m distinct unique features on m distinct training images, include each with "
+                    "probability 1/2, train ONE model, score every feature by M, guess IN for the highest "
+                    "scores and OUT for the lowest, and turn the correct guesses into a lower bound on the "
+                    "differential-privacy epsilon (Steinke, Nasr & Jagielski 2023).")
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist, cifar10, chest-xray, or a path")
+    d.add_argument("--data-dir", default=None, help="where datasets live (default $UFM_DATA_DIR or ~/.cache/ufm/data)")
+    d.add_argument("--train-size", type=_pos_int, default=None, help="use the first N training images")
+    d.add_argument("--ood-size", type=int_in(2, MAX_OOD_SIZE), default=1000, help="inference images")
+    d.add_argument("--ood-source", default=None, help="inference set (default: the paper's choice)")
+    m = p.add_argument_group("model and training")
+    m.add_argument("--arch", default="mlp", choices=["mlp", "cnn1", "cnn2", "densenet100"])
+    m.add_argument("--regulariser", "--regularizer", default="none",
+                   help="comma-separated: none,dropout,augment,batchnorm,weight-decay,dp-sgd")
+    m.add_argument("--epochs", type=_pos_int, default=500)
+    m.add_argument("--patience", type=_pos_int, default=10)
+    m.add_argument("--lr", type=finite_float, default=None)
+    m.add_argument("--batch-size", type=_pos_int, default=None)
+    m.add_argument("--dropout", type=finite_float, default=0.5)
+    m.add_argument("--weight-decay", type=finite_float, default=5e-4)
+    m.add_argument("--dp-noise", type=finite_float, default=None, help="DP-SGD noise multiplier (default 1.0)")
+    m.add_argument("--dp-epsilon", type=finite_float, default=None, help="DP-SGD target epsilon (instead of --dp-noise)")
+    m.add_argument("--dp-clip", type=finite_float, default=1.0)
+    m.add_argument("--dp-delta", type=finite_float, default=1e-5)
+    a = p.add_argument_group("audit")
+    a.add_argument("--canaries", type=int, required=True, metavar="M",
+                   help="m >= 2 distinct features on m distinct training images (100 or more for a useful bound)")
+    a.add_argument("--features", choices=["random", "text"], default="random",
+                   help="random: distinct random binary S x S patterns; text: distinct random strings S pixels tall")
+    a.add_argument("--feature-size", type=int_in(1, MAX_FEATURE_SIDE), default=7, metavar="S",
+                   help="pattern side or text height in pixels (default 7)")
+    a.add_argument("--text-length", type=int_in(1, 16), default=3, help="letters per string with --features text")
+    a.add_argument("--offset", type=_nonneg_int, nargs=2, metavar=("ROW", "COL"), default=(1, 1))
+    a.add_argument("--placement", choices=["fixed", "random"], default="random",
+                   help="random (default): each feature at its own seeded place; fixed: every feature at --offset")
+    a.add_argument("--out-mode", choices=["clean", "removed"], default="clean",
+                   help="OUT canary: image trained on without its feature (clean) or left out (removed)")
+    a.add_argument("--delta", type=finite_float, default=1e-5, help="delta of the bound (default 1e-5)")
+    a.add_argument("--confidence", type=finite_float, default=0.95, help="confidence of the bound (default 0.95)")
+    a.add_argument("--k-plus", type=_nonneg_int, default=None, help="fixed IN guesses (with --k-minus; else Bonferroni grid)")
+    a.add_argument("--k-minus", type=_nonneg_int, default=None, help="fixed OUT guesses")
+    a.add_argument("--repeats", type=int_in(1, 100), default=1, help="random features per inference image")
+    a.add_argument("--seed", type=_nonneg_int, default=0)
+    a.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="write the audit JSON here ('-' for stdout)")
+    p.add_argument("--save", action="store_true", help="also keep it under the ufm home (the dashboard lists it)")
+    p.add_argument("--home", default=None, metavar="DIR", help="ufm home for --save (default $UFM_HOME)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=cmd_privacy_audit)
