@@ -32,9 +32,10 @@ with left:
         base = None
     # always drawn, also while the pattern is refused: a widget left out of one run loses its value
     r, c = st.columns(2)
-    row = r.number_input("row of the top-left pixel", 0, 200, key="feat_row")
-    col = c.number_input("column of the top-left pixel", 0, 200, key="feat_col")
-    intensity = st.slider("intensity (1 = white)", 0.05, 1.0, step=0.05, key="feat_intensity")
+    row = r.number_input("row of the top-left pixel", 0, 200, current.offset[0], key="feat_row")
+    col = c.number_input("column of the top-left pixel", 0, 200, current.offset[1], key="feat_col")
+    intensity = st.slider("intensity (1 = white)", 0.05, 1.0, min(1.0, max(0.05, round(current.intensity * 20) / 20)),
+                          step=0.05, key="feat_intensity")
     if base is not None:
         try:
             feature = base.with_offset(int(row), int(col)).with_intensity(float(intensity))

@@ -79,7 +79,10 @@ def draw_plus(page) -> None:
     page.get_by_role("button", name="Clear").click()
     page.wait_for_load_state("networkidle")
     page.wait_for_timeout(2000)
-    box = page.locator("canvas.upper-canvas").last.bounding_box()
+    canvas = page.locator("canvas.upper-canvas").last
+    canvas.wait_for(state="visible", timeout=60_000)
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
     x0, y0, w = box["x"], box["y"], box["width"]
     for (ax, ay), (bx, by) in (((w / 2, 15), (w / 2, w - 15)), ((15, w / 2), (w - 15, w / 2))):
         page.mouse.move(x0 + ax, y0 + ay)

@@ -192,9 +192,11 @@ def init_widgets(feature: Feature, *, only_missing: bool = False) -> None:
 
     kind = KIND_OF.get(feature.kind, "Draw")
     put("feat_kind", kind)
-    put("feat_row", feature.offset[0])
-    put("feat_col", feature.offset[1])
-    put("feat_intensity", min(1.0, max(0.05, round(feature.intensity * 20) / 20)))
+    # position and intensity: the page passes the feature's own values to those widgets (value=),
+    # which Streamlit uses whenever it has no state for them
+    if not only_missing:
+        for k in ("feat_row", "feat_col", "feat_intensity"):
+            ss.pop(k, None)
     if ss["feat_kind"] != kind:  # the user is building another kind: its own defaults apply
         return
     recipe = feature.recipe_dict
