@@ -3,7 +3,7 @@
 import streamlit as st
 
 from dashboard import state
-from dashboard.compare_ui import new_study_form, small_multiples, with_audits
+from dashboard.compare_ui import interval_warning, new_study_form, small_multiples, study_selector, with_audits
 from ufm.plots import m_bar_figure
 from ufm.report import study_html
 from ufm.studies import list_studies, runs_frame, summary
@@ -11,22 +11,14 @@ from ufm.studies import list_studies, runs_frame, summary
 st.title("Compare regularisers side by side")
 st.write("DP-SGD is the defence expected to reduce memorisation; dropout, augmentation and batch norm "
          "are not (Hartley & Tsaftaris, table 3). Same feature, canary and seeds for every setting.")
-try:
-    created = new_study_form()
-except ValueError as e:
-    st.error(str(e))
-    created = None
-if created:
-    st.session_state[state.STUDY] = created
+new_study_form()
 
 store = state.store()
 studies = list_studies(store)
 if studies.empty:
     st.info("No comparison yet: pick settings above and press **Run the comparison**.")
     st.stop()
-names = list(studies["name"])
-current = st.session_state.get(state.STUDY)
-name = st.selectbox("study", names, index=names.index(current) if current in names else 0, key="cmp_study")
+name = study_selector(list(studies["name"]))
 
 
 @st.fragment(run_every=2.0)
@@ -41,9 +33,15 @@ def show(name: str) -> None:
                       "mean_test_accuracy", *audit_cols]], hide_index=True, width="stretch",
                  column_config={"share_significant": st.column_config.ProgressColumn("share significant", min_value=0, max_value=1),
                                 "mean_M": st.column_config.NumberColumn("mean M (nats)", format="%.4g"),
+                                "ci_low": st.column_config.NumberColumn("95% low", format="%.4g"),
+                                "ci_high": st.column_config.NumberColumn("95% high", format="%.4g"),
+                                "mean_test_accuracy": st.column_config.NumberColumn("test accuracy", format="percent"),
                                 "eps_lower_bound": st.column_config.NumberColumn(
                                     "epsilon lower bound (95%, mean)", format="%.2f",
                                     help="one-run privacy audit per regulariser and seed (Audit privacy page)")})
+    warn = interval_warning(agg)
+    if warn:
+        st.warning(warn)
     if agg["done"].sum():
         st.plotly_chart(m_bar_figure(agg["group"], agg["mean_M"], agg["ci_low"], agg["ci_high"]),
                         key=f"cmp_bar_{name}")

@@ -25,7 +25,7 @@ cfg = rec.config
 net = state.model(run_id)
 layers = dict(gradcam_layers(net))  # label -> module, the default (final feature map) first
 c1, c2, c3, c4 = st.columns(4)
-layer_label = c1.selectbox("layer", list(layers) or ["(none: saliency)"], key="ex_layer",
+layer_label = c1.selectbox("layer", list(layers) or ["(none: an MLP has no convolution: saliency)"], key="ex_layer",
                            help="GradCAM's usual choice is the final feature map (a DenseNet's last "
                                 "batch norm, a CNN's last convolution); earlier layers are finer but "
                                 "less class-specific.")
@@ -47,6 +47,15 @@ m[3].metric("box share, inference images with z_u", f"{s['ood_share_feature']:.3
             delta=f"{s['ood_share_feature'] - s['ood_share_clean']:+.3f}")
 st.caption("Box share: the fraction of the map's total attribution inside the feature's box; a uniform "
            f"map gives {exp.box[2] * exp.box[3] / (exp.canary.shape[-1] * exp.canary.shape[-2]):.3f}.")
-st.plotly_chart(exp.canary_figure(), key="ex_canary_fig")
+opacity = st.slider("map opacity (0 = the image alone)", 0.0, 1.0, 0.35, 0.05, key="ex_opacity",
+                    help="On colour images (CIFAR-10) an opaque map hides the picture; lower it to see both.")
+
+
+def _see_through(fig):
+    """The map over the image at the chosen opacity, so the image stays visible on every dataset."""
+    return fig.update_traces(opacity=opacity, selector=dict(type="heatmap"))
+
+
+st.plotly_chart(_see_through(exp.canary_figure()), key="ex_canary_fig")
 for i in range(n_ood):
-    st.plotly_chart(exp.ood_figure(i), key=f"ex_ood_{i}")
+    st.plotly_chart(_see_through(exp.ood_figure(i)), key=f"ex_ood_{i}")

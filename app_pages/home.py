@@ -3,7 +3,7 @@
 import streamlit as st
 
 from dashboard import access, state
-from dashboard.demos import DEMOS, start_demo
+from dashboard.demos import DEMOS, LADDER_KEY, ladder_view, start_demo, start_ladder
 from ufm.train import describe_device
 
 st.title("Does the network remember what it saw once?")
@@ -35,5 +35,11 @@ for col, (key, demo) in zip(cols, DEMOS.items()):
         if demo.note(offline):
             st.info(demo.note(offline))
         if st.button(f"Run the {demo.title.lower()} demo", key=f"demo_{key}", type="primary"):
-            access.mark_started(start_demo(demo))
-            st.switch_page("app_pages/train.py")
+            if key == "clinical":  # a ladder of runs in the background, its chart below
+                st.session_state.pop(f"{LADDER_KEY}_seconds", None)
+                start_ladder(demo)
+            else:
+                access.mark_started(start_demo(demo))
+                st.switch_page("app_pages/train.py")
+if LADDER_KEY in st.session_state:
+    ladder_view(*st.session_state[LADDER_KEY])

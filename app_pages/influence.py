@@ -25,7 +25,11 @@ status, info = state.tasks().status(key)
 def wait_for_ranking() -> None:
     s, msg = state.tasks().status(key)
     if s == "running":
-        st.progress(0.5, text=f"Training the reference model and scoring every image: {msg}")
+        frac, words = ui.parse_progress(msg)
+        st.progress(frac, text=words)
+        if st.button("Cancel", key="inf_cancel", help="Stops at the end of the current epoch."):
+            ui.cancel_ranking(config)
+            st.toast("Cancelling at the end of this epoch ...")
     else:
         st.rerun()
 
@@ -33,6 +37,8 @@ def wait_for_ranking() -> None:
 if table is None:
     if status == "running":
         wait_for_ranking()
+    elif status == "failed" and "cancelled" in str(info):
+        st.info("Computing self-influence was cancelled. Press the button to start it again.")
     elif status == "failed":
         st.error(f"Computing self-influence failed: {info}")
     if status != "running" and st.button("Compute self-influence", type="primary", key="inf_start"):
@@ -74,7 +80,11 @@ if name:
     sweep_progress()
     if len(done):
         r, p = pearson(done["self_influence"], done["M"])
-        st.metric("Pearson r (self-influence, M)", views.fmt(r, 3), help=f"two-sided p = {views.fmt(p, 3)}")
+        st.metric("Pearson r (self-influence, M)", views.fmt(r, 3),
+                  help=f"two-sided p = {views.fmt(p, 3)}, from {len(done)} canaries")
+        warn = ui.correlation_warning(len(done))
+        if warn:
+            st.warning(warn)
         event = st.plotly_chart(influence_scatter_figure(done["self_influence"], done["M"],
                                                         labels=[f"image {i}" for i in done["index"]],
                                                         groups=list(done["group"])),

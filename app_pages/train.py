@@ -11,8 +11,6 @@ from ufm.reference import DEFAULT_REFERENCES, submit_bank
 
 st.title("Train with a canary and measure memorisation")
 feature = state.current_feature()
-st.caption(f"Feature: {feature.name}, {feature.size[0]}x{feature.size[1]} px at {feature.offset} "
-           "(change it on the Feature page).")
 if "run" in st.query_params and state.RUN not in st.session_state:
     st.session_state[state.RUN] = st.query_params["run"]  # a reload keeps showing the same run
 run_id = st.session_state.get(state.RUN)
@@ -26,6 +24,9 @@ if run_id:
         run_id = None
 
 st.header("New run" if run_id else "Setup")
+# Under the form, not the title: the run shown above has its own feature in its caption.
+st.caption(f"Feature for the next run: {feature.name}, {feature.size[0]}x{feature.size[1]} px at row "
+           f"{feature.offset[0]}, column {feature.offset[1]} (change it on the Feature page).")
 with st.container(border=True):
     try:
         setup = setup_form()
@@ -34,6 +35,7 @@ with st.container(border=True):
         with right:
             canary_preview(setup, canary)
         setup["canary"] = canary
+        state.set_setup(setup)  # every choice here is the current setup at once: no page shows another
         config = state.config_from_setup(setup)
         feature.check_fits(state.images(setup["dataset"], "train", state.data_dir(), 1)[0].shape)
         with left:

@@ -4,8 +4,9 @@
 
 Runs, with the dashboard's Quick budget on MNIST (MLP, 3,000 images): the teaching demo's run, a
 regulariser comparison (none / dropout / dp-sgd, 2 seeds), the self-influence ranking and a
-3 + 3 canary sweep; then drives Debian's chromium through every page (never `playwright install`),
-ending with an audit of the teaching run's model exported to ONNX.
+3 + 3 canary sweep; then drives Debian's chromium through every page (never `playwright install`), ending with
+an audit of the teaching run's model exported to ONNX, a plus sign drawn on the Feature page's
+canvas with mouse strokes, and the clinical ladder run from Home (timed; printed at the end).
 """
 
 from __future__ import annotations
@@ -70,6 +71,31 @@ def audit_shot(page, home: Path) -> None:
     page.screenshot(path=str(OUT / "audit.png"), full_page=True)
 
 
+def draw_plus(page) -> None:
+    """A plus sign drawn with two mouse strokes on the Feature page's canvas (7x7 feature)."""
+    page.get_by_role("link", name="Feature").first.click()
+    page.get_by_text("Draw", exact=True).click()
+    page.get_by_text("Precise editor: one tick box per pixel").click()
+    page.get_by_role("button", name="Clear").click()
+    page.wait_for_load_state("networkidle")
+    page.wait_for_timeout(2000)
+    canvas = page.locator("canvas.upper-canvas").last
+    canvas.wait_for(state="visible", timeout=60_000)
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    x0, y0, w = box["x"], box["y"], box["width"]
+    for (ax, ay), (bx, by) in (((w / 2, 15), (w / 2, w - 15)), ((15, w / 2), (w - 15, w / 2))):
+        page.mouse.move(x0 + ax, y0 + ay)
+        page.mouse.down()
+        for k in range(1, 21):
+            page.mouse.move(x0 + ax + (bx - ax) * k / 20, y0 + ay + (by - ay) * k / 20)
+        page.mouse.up()
+        page.wait_for_timeout(2000)
+    page.get_by_text("In use: drawn").wait_for(timeout=60_000)
+    page.wait_for_timeout(2500)
+    page.screenshot(path=str(OUT / "feature-canvas.png"))
+
+
 def main() -> None:
     from playwright.sync_api import sync_playwright
 
@@ -82,7 +108,7 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, UFM_HOME=str(home))
+    env = dict(os.environ, UFM_HOME=str(home), UFM_AUTO_REFERENCES="0")  # no reference banks behind the demos
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless",
                              "true", "--server.port", str(port)], cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -122,6 +148,15 @@ def main() -> None:
             visit("Explain", "explain", "box share, canary with feature")
             visit("Runs", "runs", "Export all runs (CSV)")
             audit_shot(page, home)
+            draw_plus(page)
+            page.get_by_role("link", name="Home").first.click()
+            page.get_by_role("button", name="Run the clinical demo").click()
+            t_ladder = time.time()
+            page.get_by_text("models trained in").wait_for(timeout=900_000)
+            print(f"clinical ladder: {time.time() - t_ladder:.0f} s in the browser", flush=True)
+            page.wait_for_timeout(2500)
+            page.get_by_text("Clinical ladder: the name on 1, 3 and 10 X-rays").scroll_into_view_if_needed()
+            page.screenshot(path=str(OUT / "clinical.png"), full_page=True)
             browser.close()
     finally:
         proc.terminate()

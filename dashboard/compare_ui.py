@@ -1,4 +1,4 @@
-"""The Compare page's study form and its figures."""
+"""The Compare page's study form, its study selector and its figures."""
 
 from __future__ import annotations
 
@@ -9,34 +9,37 @@ import streamlit as st
 
 from ufm.models import ARCHITECTURES
 from ufm.plots import histogram_grid
-from ufm.studies import StudyMember, create_study, regulariser_label, submit_study
+from ufm.studies import StudyMember, create_study, list_studies, regulariser_label, submit_study
 
 from . import state
 
 SETTINGS = ["none", "dropout", "augment", "batchnorm", "weight-decay", "dp-sgd", "dropout+augment"]
+ERROR = "_cmp_error"
 
 
-def new_study_form() -> str | None:
-    """Form for a regulariser (x architecture) comparison; returns the new study's name on submit."""
-    setup = state.current_setup()
-    with st.form("cmp_form"):
-        c1, c2, c3 = st.columns([2, 2, 1])
-        regs = c1.multiselect("regularisers", SETTINGS, default=["none", "dropout", "dp-sgd"], key="cmp_regs")
-        archs = c2.multiselect("architectures", ARCHITECTURES, default=[setup["arch"]], key="cmp_archs")
-        n_seeds = c3.number_input("seeds", 1, 20, 3, key="cmp_seeds")
-        name = st.text_input("study name", f"{setup['dataset']} {time.strftime('%Y-%m-%d %H:%M:%S')}", key="cmp_name")
-        a1, a2 = st.columns([3, 1])
-        audit = a1.checkbox("also audit privacy (one audit model per regulariser and seed)", key="cmp_audit",
-                            help="Adds an epsilon-lower-bound column: each audit trains one more model with "
-                                 "many distinct features (see the Audit privacy page).")
-        audit_m = a2.number_input("audit canaries", 2, 5000, 200, key="cmp_audit_m")
-        st.caption(f"Feature, canary ({setup['canary'].describe()}), dataset and budget come from the Feature and "
-                   "Train & measure pages. Every setting is trained once per seed.")
-        if not st.form_submit_button("Run the comparison", type="primary"):
-            return None
+def default_name(dataset: str) -> str:
+    return f"{dataset} {time.strftime('%Y-%m-%d %H:%M:%S')}"
+
+
+def _exists(name: str) -> bool:
+    studies = list_studies(state.store())
+    return not studies.empty and name.strip() in set(studies["name"])
+
+
+def build_study(name: str, regs: list[str], archs: list[str], n_seeds: int, *, replace: bool = False,
+                audit: bool = False, audit_m: int = 200) -> str:
+    """Store and queue a regulariser (x architecture) study of the current setup; returns its name.
+
+    Raises:
+        ValueError: no setting or architecture, a bad name, or the name is taken and ``replace``
+            is False (the message says to rename or tick "replace").
+    """
     if not regs or not archs:
-        st.error("Pick at least one regulariser setting and one architecture.")
-        return None
+        raise ValueError("pick at least one regulariser setting and one architecture")
+    if not replace and _exists(name):
+        raise ValueError(f"a study named {name.strip()!r} exists: give the new one another name, or tick "
+                         "\"replace the study of that name\" (its finished runs are kept and reused)")
+    setup = state.current_setup()
     base = state.config_from_setup(setup)
     members = []
     for arch in archs:
@@ -45,13 +48,79 @@ def new_study_form() -> str | None:
             cfg = base.replace(arch=arch, regularisers=names)
             group = regulariser_label(cfg.regularisers) if len(archs) == 1 else f"{arch} / {regulariser_label(cfg.regularisers)}"
             members += [StudyMember(group, cfg.replace(seed=s)) for s in range(int(n_seeds))]
-    create_study(state.store(), name, "custom" if len(archs) > 1 else "regularisers", base, members,
-                 description=f"{', '.join(regs)} x {', '.join(archs)} over {int(n_seeds)} seeds")
-    submit_study(state.executor(), name)
+    study = create_study(state.store(), name, "custom" if len(archs) > 1 else "regularisers", base, members,
+                         description=f"{', '.join(regs)} x {', '.join(archs)} over {int(n_seeds)} seeds",
+                         replace=replace)
+    submit_study(state.executor(), study.name)
     if audit:
         from .privacy_ui import start_study_audits
-        start_study_audits(name, [(m.group, m.config) for m in members], int(audit_m))
+        start_study_audits(study.name, [(m.group, m.config) for m in members], int(audit_m))
+    return study.name
+
+
+def _submit() -> None:
+    """The form's callback: runs before the page, so it may reset the name box and select the study."""
+    ss = st.session_state
+    try:
+        name = build_study(ss["cmp_name"], ss["cmp_regs"], ss["cmp_archs"], ss["cmp_seeds"],
+                           replace=ss.get("cmp_replace", False), audit=ss.get("cmp_audit", False),
+                           audit_m=ss.get("cmp_audit_m", 200))
+    except ValueError as e:
+        ss[ERROR] = str(e)
+        return
+    ss.pop(ERROR, None)
+    ss[state.STUDY] = ss["cmp_study"] = name   # the selector shows the new study at once
+    ss["cmp_name"] = default_name(state.current_setup()["dataset"])  # a second press makes a new study
+    ss["cmp_replace"] = False
+
+
+def new_study_form() -> None:
+    """Form for a regulariser (x architecture) comparison; a submit creates, queues and selects it."""
+    setup = state.current_setup()
+    ss = st.session_state
+    ss.setdefault("cmp_name", default_name(setup["dataset"]))
+    ss.setdefault("cmp_archs", [setup["arch"]])
+    with st.form("cmp_form"):
+        c1, c2, c3 = st.columns([2, 2, 1])
+        c1.multiselect("regularisers", SETTINGS, default=["none", "dropout", "dp-sgd"], key="cmp_regs")
+        c2.multiselect("architectures", ARCHITECTURES, key="cmp_archs")
+        c3.number_input("seeds", 1, 20, 3, key="cmp_seeds",
+                        help="Runs per setting. The 95% interval needs at least 2; with fewer than 3 it is very wide.")
+        n1, n2 = st.columns([3, 2])
+        n1.text_input("study name", key="cmp_name")
+        n2.checkbox("replace the study of that name", key="cmp_replace",
+                    help="Overwrites the study's list of runs; runs already trained are kept and reused.")
+        a1, a2 = st.columns([3, 1])
+        a1.checkbox("also audit privacy (one audit model per regulariser and seed)", key="cmp_audit",
+                    help="Adds an epsilon-lower-bound column: each audit trains one more model with "
+                         "many distinct features (see the Audit privacy page).")
+        a2.number_input("audit canaries", 2, 5000, 200, key="cmp_audit_m")
+        st.caption(f"Feature ({state.current_feature().name}), canary ({setup['canary'].describe()}), dataset "
+                   f"({setup['dataset']}) and budget come from the Feature and Train & measure pages. Every setting "
+                   "is trained once per seed.")
+        st.form_submit_button("Run the comparison", type="primary", on_click=_submit)
+    if ss.get(ERROR):
+        st.error(ss.pop(ERROR))
+
+
+def study_selector(names: list[str]) -> str:
+    """The study shown: the one just created, else the one chosen before (kept across pages)."""
+    ss = st.session_state
+    if ss.get("cmp_study") not in names:
+        ss["cmp_study"] = ss.get(state.STUDY) if ss.get(state.STUDY) in names else names[0]
+    name = st.selectbox("study", names, key="cmp_study")
+    ss[state.STUDY] = name
     return name
+
+
+def interval_warning(agg: pd.DataFrame) -> str | None:
+    """A warning when some group's interval rests on fewer than 3 finished runs, else None."""
+    few = agg[(agg["done"] > 0) & (agg["done"] < 3)]
+    if few.empty:
+        return None
+    groups = ", ".join(f"{g} (n = {int(n)})" for g, n in zip(few["group"], few["done"]))
+    return (f"Few runs behind these intervals: {groups}. With 1 run there is no interval; with 2 the 95% "
+            "t-interval is very wide (t = 12.7). Run at least 3 seeds before comparing settings.")
 
 
 def with_audits(name: str, agg: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -66,7 +135,7 @@ def with_audits(name: str, agg: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
 
 
 def small_multiples(runs: pd.DataFrame, log_x: bool = True):
-    """One histogram panel per group: d_u vs d_r of the group's first finished run."""
+    """One histogram panel per group: d_u vs d_r of the group's first finished run (one shared x-range)."""
     done = runs[runs["status"] == "done"].drop_duplicates("group").set_index("group")
     panels = {g: state.store().load_scores(done.loc[g, "run_id"]) if g in done.index else None
               for g in dict.fromkeys(runs["group"])}

@@ -1,14 +1,28 @@
-"""Widgets of the Feature page: the pixel grid and the feature builders."""
+"""Widgets of the Feature page: the freehand canvas, the pixel grid and the feature builders.
+
+One source of truth: the current feature (:func:`dashboard.state.current_feature`). The page's
+widgets are a view of it: when the page opens (or after a reload) they are set from the feature
+(:func:`init_widgets`), and every edit builds a new feature that replaces it. The canvas and the
+tick grid edit the same pixels: a drawing is downsampled into the grid; a grid edit (a tick, a
+button) is pushed back onto the canvas as squares, so neither shows something the other lost.
+"""
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import streamlit as st
+from PIL import Image
 
 from ufm.features import GLYPHS, Feature, FeatureError, glyph, grid_feature, image_feature, text_feature
 from ufm.imageio import ImageError, open_image
 
 MIN_GRID, MAX_GRID = 3, 16
+CANVAS_PX = 320            # the drawing surface, in screen pixels (comfortable with a mouse or a finger)
+KINDS = ["Glyph", "Draw", "Text", "Upload"]
+KIND_OF = {"glyph": "Glyph", "drawn": "Draw", "text": "Text", "image": "Upload"}
+DEFAULT_TEXT = "JD"         # 7 px tall it is 13 px wide: fits the 28x28 default dataset
 
 
 def _px(r: int, c: int) -> str:
@@ -22,26 +36,190 @@ def _fill(pattern: np.ndarray) -> None:
             st.session_state[_px(r, c)] = bool(r < pattern.shape[0] and c < pattern.shape[1] and pattern[r, c] >= 0.5)
 
 
-def draw_grid() -> np.ndarray:
-    """An editable grid of checkboxes (one per pixel), 3x3 to 16x16. Returns (m, m) 0/1 floats."""
-    m = st.slider("grid size (pixels)", MIN_GRID, MAX_GRID, 5, key="draw_size")
+def _grid_values(m: int) -> np.ndarray:
+    return np.array([[float(st.session_state.get(_px(r, c), False)) for c in range(m)] for r in range(m)])
+
+
+# ------------------------------------------------------------------ the canvas <-> pixels (pure numpy)
+
+def canvas_to_pattern(rgba: np.ndarray, size: int, threshold: float | None = 0.3) -> np.ndarray:
+    """A drawing (white ink on black or on a transparent background) as a ``size x size`` feature.
+
+    Args:
+        rgba: (H, W, 4) or (H, W, 3) uint8 canvas pixels; ink = mean of R, G, B (times alpha).
+        size: the feature's side in pixels (``MIN_GRID`` .. ``MAX_GRID``).
+        threshold: a feature pixel is 1 when at least this share of its area is inked, else 0;
+            None keeps the area-averaged grey levels in [0, 1].
+
+    Returns:
+        (size, size) float64 in [0, 1], by area averaging (each feature pixel is the mean ink of
+        the canvas block it covers).
+
+    Raises:
+        FeatureError: the array is not an image, or ``size`` / ``threshold`` are out of range.
+    """
+    img = np.asarray(rgba)
+    if img.ndim != 3 or img.shape[2] not in (3, 4) or min(img.shape[:2]) < 1:
+        raise FeatureError(f"canvas image must be (H, W, 3 or 4) pixels, got shape {img.shape}")
+    if not MIN_GRID <= size <= MAX_GRID:
+        raise FeatureError(f"feature size must be between {MIN_GRID} and {MAX_GRID} pixels, got {size}")
+    if threshold is not None and not 0 < threshold <= 1:
+        raise FeatureError(f"threshold must be in (0, 1] or None (grey levels), got {threshold}")
+    img = img.astype(np.float64) / 255.0
+    ink = img[..., :3].mean(-1)
+    if img.shape[2] == 4:
+        ink = ink * img[..., 3]
+    small = np.asarray(Image.fromarray(ink.astype(np.float32), mode="F").resize((size, size), Image.Resampling.BOX),
+                       dtype=np.float64)
+    small = np.clip(small, 0.0, 1.0)
+    return (small >= threshold - 1e-9).astype(np.float64) if threshold is not None else small
+
+
+def pattern_to_drawing(pattern: np.ndarray, canvas_px: int = CANVAS_PX) -> dict:
+    """A (m, m) pattern as a Fabric.js drawing of filled squares (for ``st_canvas(initial_drawing=)``)."""
+    p = np.asarray(pattern, dtype=np.float64)
+    cell = canvas_px / p.shape[1]
+    objects = []
+    for r, c in zip(*np.nonzero(p > 0)):
+        g = int(round(255 * float(p[r, c])))
+        colour = f"rgb({g},{g},{g})"
+        objects.append({"type": "rect", "left": c * cell, "top": r * cell, "width": cell, "height": cell,
+                        "fill": colour, "stroke": colour, "strokeWidth": 0, "originX": "left", "originY": "top",
+                        "selectable": False})
+    return {"version": "6.0.0", "objects": objects}
+
+
+def _canvas():
+    """The component's entry point, or the reason it cannot be used (the grid still works)."""
+    try:
+        from streamlit_drawable_canvas import st_canvas
+    except Exception as e:  # missing package, or a Streamlit without Components v2
+        return None, f"{type(e).__name__}: {e}"
+    return st_canvas, None
+
+
+def draw_editor() -> np.ndarray:
+    """The freehand canvas and the tick grid, editing one (m, m) pattern; returns it (0..1 floats)."""
+    _default("draw_size", 5)
+    m = st.slider("feature size (pixels)", MIN_GRID, MAX_GRID, key="draw_size")
     if _px(0, 0) not in st.session_state:
-        _fill(glyph("A").array())
-    b1, b2, b3 = st.columns(3)
-    b1.button("Start from the letter A", on_click=_fill, args=(glyph("A", size=m).array(),), key="draw_from_a")
-    b2.button("Clear", on_click=_fill, args=(np.zeros((m, m)),), key="draw_clear")
-    b3.button("Invert", on_click=lambda: _fill(1 - _grid_values(m)), key="draw_invert")
-    st.caption("Tick a box to turn that pixel white.")
-    cols = st.columns(m, gap=None)
-    for c in range(m):
-        with cols[c]:
-            for r in range(m):
-                st.checkbox(f"pixel {r},{c}", key=_px(r, c), label_visibility="collapsed")
+        _fill(glyph("A", size=m).array())
+    c1, c2, c3 = st.columns(3)
+    brush = c1.slider("brush width (feature pixels)", 0.5, 3.0, 1.0, 0.5, key="draw_brush",
+                      help="1 = one pixel of the feature; the canvas is the feature enlarged.")
+    eraser = c2.toggle("eraser", key="draw_eraser", help="Paint black: removes ink.")
+    grey = c3.toggle("grey levels", key="draw_grey", help="Off: a pixel is white when at least 30% of it is "
+                                                           "inked. On: its grey level is the inked share.")
+    threshold = None if grey else 0.3
+    ss = st.session_state
+    grid_now = _grid_values(m)
+    params = (m, threshold)
+    if ss.get("_canvas_rgba") is not None and ss.get("_canvas_params") != params:
+        # a new size or threshold: re-read the last drawing rather than squares of the old grid
+        _fill(canvas_to_pattern(ss["_canvas_rgba"], m, threshold))
+        grid_now = _grid_values(m) if threshold is not None else canvas_to_pattern(ss["_canvas_rgba"], m, None)
+        ss["_canvas_pattern"], ss["_canvas_params"] = grid_now, params
+    last = ss.get("_canvas_pattern")
+    if last is None or last.shape != grid_now.shape or not np.array_equal(last >= 0.5, grid_now >= 0.5):
+        # the grid changed (a tick, a button, a new feature): show it on a fresh canvas
+        ss["_canvas_gen"] = ss.get("_canvas_gen", 0) + 1
+        ss["_canvas_init"] = pattern_to_drawing(grid_now)
+        ss["_canvas_pattern"], ss["_canvas_rgba"], ss["_canvas_params"] = grid_now, None, params
+    # Not in a nested column: a canvas wider than its column scrolls, and the scrolling box
+    # swallows the pointer events (nothing draws).
+    st_canvas, why = _canvas()
+    if st_canvas is None:
+        st.warning(f"The drawing canvas is not available ({why}); use the grid below, which edits the same "
+                   "feature. To enable it: pip install 'streamlit-drawable-canvas[image]>=0.13'.")
+    else:
+        st.caption("Draw with the mouse or a finger. The canvas is the feature enlarged "
+                   f"({CANVAS_PX // m} screen pixels per feature pixel). Its toolbar has undo, redo and reset. "
+                   "If no canvas appears, its script was blocked: the grid below edits the same feature.")
+        st.write("")  # room for the canvas's floating toolbar, which sits just above the drawing
+        res = st_canvas(stroke_width=max(1, int(round(brush * CANVAS_PX / m))),
+                        stroke_color="#000000" if eraser else "#ffffff", background_color="#000000",
+                        height=CANVAS_PX, width=CANVAS_PX, drawing_mode="freedraw",
+                        initial_drawing=ss["_canvas_init"], return_image_data=True,
+                        key=f"draw_canvas_{ss['_canvas_gen']}")
+        rgba = res.image_data
+        if rgba is not None:
+            digest = hashlib.sha1(np.ascontiguousarray(rgba).tobytes()).hexdigest()
+            if digest != ss.get("_canvas_seen"):
+                ss["_canvas_seen"], ss["_canvas_rgba"], ss["_canvas_params"] = digest, rgba, params
+                pattern = canvas_to_pattern(rgba, m, threshold)
+                _fill(pattern)
+                ss["_canvas_pattern"] = pattern
+    from ufm.plots import pattern_figure
+    shown = ss["_canvas_pattern"] if grey and ss.get("_canvas_rgba") is not None else _grid_values(m)
+    st.plotly_chart(pattern_figure(shown, title=f"the feature, {m}x{m} pixels, pixel-exact").update_layout(
+        height=300, width=300), key="draw_pixels", width="content")
+    with st.expander("Precise editor: one tick box per pixel", expanded=st_canvas is None):
+        b1, b2, b3 = st.columns(3)
+        b1.button("Start from the letter A", on_click=_fill, args=(glyph("A", size=m).array(),), key="draw_from_a")
+        b2.button("Clear", on_click=_fill, args=(np.zeros((m, m)),), key="draw_clear")
+        b3.button("Invert", on_click=lambda: _fill(1 - _grid_values(m)), key="draw_invert")
+        st.caption("Tick a box to turn that pixel white.")
+        cols = st.columns(m, gap=None)
+        for c in range(m):
+            with cols[c]:
+                for r in range(m):
+                    st.checkbox(f"pixel {r},{c}", key=_px(r, c), label_visibility="collapsed")
+    if grey and ss.get("_canvas_rgba") is not None:
+        return ss["_canvas_pattern"]
     return _grid_values(m)
 
 
-def _grid_values(m: int) -> np.ndarray:
-    return np.array([[float(st.session_state.get(_px(r, c), False)) for c in range(m)] for r in range(m)])
+def draw_grid() -> np.ndarray:
+    """The Draw kind's editor (kept for callers of the old name)."""
+    return draw_editor()
+
+
+# ------------------------------------------------------------------ the widgets as a view of the feature
+
+def init_widgets(feature: Feature, *, only_missing: bool = False) -> None:
+    """Set the Feature page's widgets from ``feature`` (when the page opens, or after a reload), so
+    that showing the page never replaces the feature in use with the widgets' defaults.
+
+    ``only_missing``: set only the widgets whose value is gone. Streamlit forgets a widget's value
+    when a run ends without drawing it (a run cut short by the next event, a refused pattern); the
+    feature in use is then the right value to bring back, not the widget's minimum.
+    """
+    ss = st.session_state
+
+    def put(key: str, value) -> None:
+        if not only_missing or key not in ss:
+            ss[key] = value
+
+    kind = KIND_OF.get(feature.kind, "Draw")
+    put("feat_kind", kind)
+    # position and intensity: the page passes the feature's own values to those widgets (value=),
+    # which Streamlit uses whenever it has no state for them
+    if not only_missing:
+        for k in ("feat_row", "feat_col", "feat_intensity"):
+            ss.pop(k, None)
+    if ss["feat_kind"] != kind:  # the user is building another kind: its own defaults apply
+        return
+    recipe = feature.recipe_dict
+    h, w = feature.size
+    if kind == "Glyph":
+        put("glyph_name", recipe["glyph"])
+        put("glyph_size", min(MAX_GRID, max(MIN_GRID, int(recipe.get("size", h)))))
+    elif kind == "Text":
+        put("text_value", recipe["text"])
+        put("text_height", min(MAX_GRID, max(3, int(recipe.get("height", h)))))
+    elif kind == "Draw" and h == w and MIN_GRID <= h <= MAX_GRID and (not only_missing or _px(0, 0) not in ss):
+        arr = feature.array()
+        put("draw_size", h)
+        _fill(arr if arr.ndim == 2 else arr.mean(0))
+    if not only_missing:
+        for k in ("_canvas_pattern", "_canvas_rgba", "_canvas_params"):
+            ss.pop(k, None)
+
+
+def _default(key: str, value) -> None:
+    """A widget's starting value, given through session state (so :func:`init_widgets` can set it too
+    without Streamlit's 'default value and Session State' warning)."""
+    st.session_state.setdefault(key, value)
 
 
 def build_feature(kind: str) -> Feature:
@@ -49,16 +227,22 @@ def build_feature(kind: str) -> Feature:
 
     Raises:
         FeatureError: the input cannot make a feature (message says what to do).
+        NoUpload: the Upload kind without a file yet.
     """
     if kind == "Glyph":
         name = st.selectbox("glyph", list(GLYPHS), key="glyph_name")
-        size = st.slider("size (pixels)", MIN_GRID, MAX_GRID, 5, key="glyph_size")
+        _default("glyph_size", 5)
+        size = st.slider("size (pixels)", MIN_GRID, MAX_GRID, key="glyph_size")
         return glyph(name, size=size)
     if kind == "Draw":
-        return grid_feature(draw_grid(), name="drawn")
+        return grid_feature(draw_editor(), name="drawn")
     if kind == "Text":
-        text = st.text_input("text (a name, an ID number)", "JOHN DOE", key="text_value", max_chars=40)
-        height = st.slider("text height (pixels)", 3, MAX_GRID, 7, key="text_height")
+        _default("text_value", DEFAULT_TEXT)
+        _default("text_height", 7)
+        text = st.text_input("text (a name, an ID number)", key="text_value", max_chars=40,
+                             help="7 pixels tall, each letter is about 6 pixels wide: on 28x28 images keep it "
+                                  "to initials, e.g. JD.")
+        height = st.slider("text height (pixels)", 3, MAX_GRID, key="text_height")
         return text_feature(text, height=height)
     upload = st.file_uploader("image (PNG, JPEG, BMP, GIF)", type=["png", "jpg", "jpeg", "bmp", "gif"], key="upload")
     size = st.slider("size (pixels)", MIN_GRID, MAX_GRID, 8, key="upload_size")

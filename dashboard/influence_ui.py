@@ -6,6 +6,8 @@ cached under the store's home by the reference config key, the sweep is a study 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import streamlit as st
 
@@ -16,15 +18,62 @@ from ufm.sweep import cached_influence, ensure_sweep_study, influence_path, load
 from . import state
 
 
-def compute_ranking(report, config: ExperimentConfig, home: str) -> None:
-    """The background task (its own process, see ``state.Tasks``): the cached self-influence table."""
-    cached_influence(home, config, progress=lambda p: report(f"epoch {p.epoch}" if p.phase == "train" else p.message))
+MIN_POINTS = 10  # a correlation from fewer points is shown with a warning
+
+
+def _progress_text(p) -> str:
+    """A progress report as "fraction<TAB>words" (see :func:`parse_progress`): training is the first
+    80% (epochs of the budget; early stopping may jump ahead), scoring every image the rest."""
+    if p.phase == "train" and p.max_epochs:
+        return f"{0.8 * min(p.epoch, p.max_epochs) / p.max_epochs:.3f}\ttraining the reference model: epoch {p.epoch} of at most {p.max_epochs}"
+    return f"0.9\t{p.message or 'scoring every training image'}"
+
+
+def parse_progress(text: str | None) -> tuple[float, str]:
+    """(fraction done in [0, 1], words) from a task's progress text."""
+    if text and "\t" in text:
+        frac, words = text.split("\t", 1)
+        try:
+            return min(1.0, max(0.0, float(frac))), words
+        except ValueError:
+            pass
+    return 0.0, text or "starting"
+
+
+def cancel_path(key: str) -> Path:
+    """The file whose existence tells the ranking task of ``key`` to stop (it runs in another process)."""
+    return Path(state.store().home) / "influence" / f"{key}.cancel"
+
+
+def compute_ranking(report, config: ExperimentConfig, home: str, stop_file: str | None = None) -> None:
+    """The background task (its own process, see ``state.Tasks``): the cached self-influence table.
+    It stops (TrainingCancelled) at the next epoch once ``stop_file`` exists."""
+    cancel = (lambda: Path(stop_file).exists()) if stop_file else None
+    cached_influence(home, config, progress=lambda p: report(_progress_text(p)), cancel=cancel)
 
 
 def start_ranking(config: ExperimentConfig) -> None:
     """Train the no-canary reference model and score every image it trains on, off the server process."""
     key = reference_config(config).key()
-    state.tasks().submit(key, compute_ranking, config, str(state.store().home))
+    stop = cancel_path(key)
+    stop.unlink(missing_ok=True)
+    state.tasks().submit(key, compute_ranking, config, str(state.store().home), str(stop))
+
+
+def cancel_ranking(config: ExperimentConfig) -> None:
+    """Ask the running ranking task of ``config`` to stop."""
+    stop = cancel_path(reference_config(config).key())
+    stop.parent.mkdir(parents=True, exist_ok=True)
+    stop.touch()
+
+
+def correlation_warning(n: int) -> str | None:
+    """A warning for a Pearson r from fewer than :data:`MIN_POINTS` canaries, else None."""
+    if n >= MIN_POINTS:
+        return None
+    return (f"r from only {n} point{'s' if n != 1 else ''}: with so few canaries a large |r| and a small p arise "
+            f"easily by chance (and p assumes normal data). Sweep at least {MIN_POINTS} canaries (the paper uses 30) "
+            "before reading anything into it.")
 
 
 def load_ranking(config: ExperimentConfig) -> pd.DataFrame | None:
@@ -34,11 +83,12 @@ def load_ranking(config: ExperimentConfig) -> pd.DataFrame | None:
 
 def gallery(config: ExperimentConfig, table: pd.DataFrame, which: str, k: int) -> None:
     order = table.sort_values("rank", ascending=(which == "top")).head(k)
-    x, _, classes = state.images(config.dataset, "train", state.data_dir(), int(order["index"].max()) + 1)
+    idx = tuple(int(i) for i in order["index"])  # indices into the run's (stratified) training set
+    x, _, classes = state.training_images(config.dataset, state.data_dir(), config.train_size, idx)
     cols = st.columns(min(k, 8))
     for j, (_, row) in enumerate(order.iterrows()):
         i = int(row["index"])
-        cols[j % len(cols)].image(x[i].transpose(1, 2, 0), clamp=True, width=64,
+        cols[j % len(cols)].image(x[j].transpose(1, 2, 0), clamp=True, width=64,
                                   caption=f"#{int(row['rank'])} img {i} ({classes[int(row['label'])]}) "
                                           f"{row['self_influence']:.3g}")
 

@@ -3,11 +3,23 @@
 All Streamlit caching decorators live here (STYLE habit 4). Results themselves live in the run
 store, so they survive page switches, reloads and restarts; session state only remembers what
 the user is looking at (and the feature being designed).
+
+The current feature and setup (dataset, model, canary, ...) have one source of truth each:
+:func:`current_feature` / :func:`current_setup`, changed only through :func:`set_feature` /
+:func:`set_setup`. Every widget that sets them (Feature page kinds, canvas, grid, upload; Train
+page form, gallery, number box) goes through these. They survive page changes (session state)
+and reloads: each change is saved, content-addressed, as ``<ufm home>/designs/<id>.json`` and
+the id rides in the URL as ``?design=<id>`` (re-added on every page, since switching pages drops
+query parameters). A reload, or the link sent to a colleague of the same server, restores both.
 """
 
 from __future__ import annotations
 
 import os
+import hashlib
+import json
+import re
+from dataclasses import asdict
 from pathlib import Path
 
 import streamlit as st
@@ -27,6 +39,9 @@ SETUP = "setup"                # dict of the Train page's choices (dataset, arch
 RUN = "run_id"                 # the run the Train page shows
 EXPLAIN_RUN = "explain_run_id"
 STUDY = "study_name"
+DESIGN = "design"              # query parameter: the saved feature + setup (see the module docstring)
+_DESIGN_ID = "_design_id"
+_DESIGN_TRIED = "_design_restored"
 
 QUICK = dict(train_size=3000, epochs=30, patience=5, ood_size=500)
 PAPER = dict(train_size=None, epochs=500, patience=10, ood_size=1000)
@@ -73,23 +88,160 @@ def images(dataset: str, split: str, root: str, limit: int | None = 200):
     return d.x.numpy(), d.y.numpy(), d.classes
 
 
+@st.cache_data(show_spinner="Loading images ...", max_entries=16)
+def training_images(dataset: str, root: str, train_size: int | None, indices: tuple[int, ...]):
+    """(x, y, classes) of the training images at ``indices`` as a run with ``train_size`` sees them
+    (the stratified subset of :func:`ufm.experiment.training_split`), so that "image 10" in a gallery
+    is the image a run's canary index 10 stamps. Indices past the set are left out.
+
+    Raises:
+        ValueError: the set holds one class, or ``train_size`` is below the number of classes.
+    """
+    if train_size is None:  # everything, in the official order: only read what is asked for
+        d = load_split(dataset, "train", data_dir=root, limit=max(indices, default=0) + 1)
+    else:
+        d = load_split(dataset, "train", data_dir=root, limit=train_size, stratified=True)
+    idx = [i for i in indices if 0 <= i < len(d)]
+    return d.x[idx].numpy(), d.y[idx].numpy(), d.classes
+
+
 def dataset_choices() -> list[str]:
     """Offline datasets first; the downloadable benchmarks after them."""
     offline = offline_datasets(data_dir())
     return offline + [d for d in BENCHMARKS if d not in offline and d != "chest-xray"]
 
 
+def default_setup() -> dict:
+    return dict(dataset=(dataset_choices() or ["mnist"])[0], arch="mlp", regularisers=[],
+                canary=CanaryChoice("index", (0,)), seed=0, **QUICK)
+
+
 def current_feature() -> Feature:
+    """The feature every page uses (restored from ``?design=`` after a reload; the letter A at first)."""
+    _restore_design()
     if FEATURE not in st.session_state:
         st.session_state[FEATURE] = glyph("A")
+    _sync_url()
     return st.session_state[FEATURE]
 
 
 def current_setup() -> dict:
+    """The Train page's choices (dataset, arch, regularisers, canary, budget, ...), shared by all pages."""
+    _restore_design()
     if SETUP not in st.session_state:
-        st.session_state[SETUP] = dict(dataset=(dataset_choices() or ["mnist"])[0], arch="mlp", regularisers=[],
-                                       canary=CanaryChoice("index", (0,)), seed=0, **QUICK)
+        st.session_state[SETUP] = default_setup()
+    _sync_url()
     return st.session_state[SETUP]
+
+
+def set_feature(feature: Feature) -> None:
+    """Make ``feature`` the current feature (and save it for reloads)."""
+    if not isinstance(feature, Feature):
+        raise TypeError(f"set_feature needs a Feature, got {type(feature).__name__}")
+    if st.session_state.get(FEATURE) != feature:
+        st.session_state[FEATURE] = feature
+        _save_design()
+
+
+def set_setup(setup: dict) -> None:
+    """Make ``setup`` the current setup (and save it for reloads)."""
+    setup = dict(setup)
+    if st.session_state.get(SETUP) != setup:
+        st.session_state[SETUP] = setup
+        _save_design()
+
+
+def setup_to_dict(setup: dict) -> dict:
+    """A setup as JSON-able data (canary and DP settings as dicts)."""
+    d = dict(setup)
+    if isinstance(d.get("canary"), CanaryChoice):
+        d["canary"] = d["canary"].to_dict()
+    if isinstance(d.get("dp"), DPConfig):
+        d["dp"] = asdict(d["dp"])
+    d["regularisers"] = list(d.get("regularisers") or [])
+    return d
+
+
+SETUP_KEYS = {"dataset", "arch", "regularisers", "canary", "seed", "train_size", "epochs", "patience", "ood_size",
+              "lr", "batch_size", "candidates", "device", "dp"}
+
+
+def setup_from_dict(d: dict) -> dict:
+    """The inverse of :func:`setup_to_dict`.
+
+    Raises:
+        ValueError: unknown keys or invalid values (e.g. a canary mode that does not exist).
+    """
+    if not isinstance(d, dict) or set(d) - SETUP_KEYS:
+        raise ValueError(f"a saved setup has the keys {', '.join(sorted(SETUP_KEYS))}; got {sorted(d)[:20]}")
+    s = dict(d)
+    if "canary" in s:
+        s["canary"] = CanaryChoice.from_dict(s["canary"])
+    if isinstance(s.get("dp"), dict):
+        s["dp"] = DPConfig(**s["dp"])
+    s["regularisers"] = list(s.get("regularisers") or [])
+    return s
+
+
+def _designs() -> Path:
+    return Path(store().home) / "designs"
+
+
+def _save_design() -> None:
+    feature = st.session_state.get(FEATURE) or glyph("A")
+    setup = st.session_state.get(SETUP) or default_setup()
+    text = json.dumps({"feature": feature.to_dict(), "setup": setup_to_dict(setup)}, sort_keys=True, default=str)
+    did = hashlib.sha256(text.encode()).hexdigest()[:16]
+    path = _designs() / f"{did}.json"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    st.session_state[_DESIGN_ID] = did
+    _sync_url()
+
+
+def _sync_url() -> None:
+    did = st.session_state.get(_DESIGN_ID)
+    if did and st.query_params.get(DESIGN) != did:
+        st.query_params[DESIGN] = did
+
+
+def load_design(did: str) -> tuple[Feature, dict]:
+    """The feature and setup saved under ``did``.
+
+    Raises:
+        ValueError: ``did`` is not a design id (16 hex digits), or no readable design has it.
+    """
+    if not isinstance(did, str) or not re.fullmatch(r"[0-9a-f]{16}", did):
+        raise ValueError("the design in the link is not a design id (16 hex digits)")
+    path = _designs() / f"{did}.json"
+    try:
+        d = json.loads(path.read_text())
+        return Feature.from_dict(d["feature"]), setup_from_dict(d["setup"])
+    except FileNotFoundError:
+        raise ValueError("the design in the link is not stored on this server") from None
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"the design in the link cannot be read ({type(e).__name__})") from None
+
+
+def _restore_design() -> None:
+    """Once per session: take the feature and setup from ``?design=`` (a reload or a shared link)."""
+    ss = st.session_state
+    if ss.get(_DESIGN_TRIED):
+        return
+    ss[_DESIGN_TRIED] = True
+    did = st.query_params.get(DESIGN)
+    if not did or FEATURE in ss or SETUP in ss:
+        return
+    try:
+        feature, setup = load_design(did)
+    except ValueError as e:
+        st.warning(f"{e}; starting from the letter A and the default setup.")
+        st.query_params.pop(DESIGN, None)
+        return
+    ss[FEATURE], ss[SETUP], ss[_DESIGN_ID] = feature, setup, did
 
 
 def config_from_setup(setup: dict | None = None, **overrides) -> ExperimentConfig:

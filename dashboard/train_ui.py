@@ -101,33 +101,61 @@ def dp_settings(s: dict) -> None:
             st.warning(f"delta = {delta:.1e} is not below 1 / {n} training images: the guarantee is weak.")
 
 
+MODE_OF = {"index": "pick an image", "random": "random", "class": "by class", "none": "none (clean control)"}
+
+
+def _use(i: int) -> None:
+    """Callback of a gallery image's "use": the number box is the one place the index lives."""
+    st.session_state["tr_index"] = i
+
+
 def canary_chooser(setup: dict) -> CanaryChoice:
-    """How the canary is chosen: gallery click, random, by class, by self-influence, or none."""
+    """How the canary is chosen: gallery click, random, by class, by self-influence, or none.
+
+    The widgets start from ``setup["canary"]`` (the current setup), so leaving the page and coming
+    back, or reloading, shows the canary that the next run will use.
+    """
+    ss = st.session_state
+    chosen = setup.get("canary") or CanaryChoice("index", (0,))
+    if "tr_canary_mode" not in ss:
+        ss["tr_canary_mode"] = MODE_OF[chosen.mode]
+        if chosen.mode == "index":
+            ss["tr_index"] = chosen.indices[0]
+        elif chosen.mode == "random":
+            ss["tr_count"] = chosen.count
+        elif chosen.mode == "class":
+            ss["tr_class"], ss["tr_class_count"] = chosen.label, chosen.count
     mode = st.radio("canary", CANARY_MODES, horizontal=True, key="tr_canary_mode")
     if mode == "none (clean control)":
         st.caption("No training image carries the feature: the control where M should not be significant.")
         return CanaryChoice("none", ())
     if mode == "random":
-        k = st.number_input("how many canaries (the canary frequency)", 1, 1000, 1, key="tr_count")
+        ss.setdefault("tr_count", 1)
+        k = st.number_input("how many canaries (the canary frequency)", 1, 1000, key="tr_count")
         return CanaryChoice("random", (), count=int(k))
-    x, y, classes = state.images(setup["dataset"], "train", state.data_dir(), GALLERY)
+    x, y, classes = state.training_images(setup["dataset"], state.data_dir(), setup.get("train_size"),
+                                          tuple(range(GALLERY)))
     if mode == "by class":
         c1, c2 = st.columns(2)
+        if ss.get("tr_class") is not None and not 0 <= ss["tr_class"] < len(classes):
+            ss.pop("tr_class")  # a class of another dataset
         label = c1.selectbox("class", range(len(classes)), format_func=lambda i: classes[i], key="tr_class")
-        k = c2.number_input("how many canaries of that class", 1, 1000, 1, key="tr_class_count")
+        ss.setdefault("tr_class_count", 1)
+        k = c2.number_input("how many canaries of that class", 1, 1000, key="tr_class_count")
         return CanaryChoice("class", (), count=int(k), label=int(label))
     if mode == "by self-influence rank":
         return _by_influence(setup)
-    idx = int(st.number_input("canary image index", 0, 59_999, st.session_state.get("tr_pick", 0), key="tr_index"))
+    ss.setdefault("tr_index", 0)
+    idx = int(st.number_input("canary image index", 0, 59_999, key="tr_index",
+                              help="The training image that carries the feature; the gallery sets this box."))
     with st.popover("Pick from a gallery of training images"):
-        cols = st.columns(8)
         for i in range(min(GALLERY, len(x))):
+            if i % 8 == 0:  # one row of columns per 8 images: reading and tab order run row by row
+                cols = st.columns(8)
             with cols[i % 8]:
                 st.image(x[i].transpose(1, 2, 0), caption=f"{i}: {classes[y[i]]}", clamp=True, width=56)
-                if st.button("use", key=f"tr_use_{i}"):
-                    st.session_state["tr_pick"] = i
-                    st.session_state.pop("tr_index", None)
-                    st.rerun()
+                st.button("use", key=f"tr_use_{i}", on_click=_use, args=(i,),
+                          type="primary" if i == idx else "secondary")
     return CanaryChoice("index", (idx,))
 
 
@@ -143,7 +171,10 @@ def _by_influence(setup: dict) -> CanaryChoice:
     table = pd.read_csv(path).sort_values("rank")
     rank = st.number_input("self-influence rank (0 = most influential)", 0, len(table) - 1, 0, key="tr_rank")
     row = table.iloc[int(rank)]
-    st.caption(f"rank {int(rank)}: image {int(row['index'])} (label {int(row['label'])}, self-influence "
+    classes = state.training_images(setup["dataset"], state.data_dir(), setup.get("train_size"), (0,))[2]
+    label = int(row["label"])
+    st.caption(f"rank {int(rank)}: image {int(row['index'])} ({classes[label] if label < len(classes) else label}, "
+               "self-influence "
                f"{row['self_influence']:.4g})")
     return CanaryChoice("index", (int(row["index"]),))
 
@@ -151,11 +182,14 @@ def _by_influence(setup: dict) -> CanaryChoice:
 def canary_preview(setup: dict, choice: CanaryChoice) -> None:
     if choice.mode != "index":
         return
-    x, y, classes = state.images(setup["dataset"], "train", state.data_dir(), max(choice.indices) + 1)
     i = choice.indices[0]
+    x, y, classes = state.training_images(setup["dataset"], state.data_dir(), setup.get("train_size"), (i,))
+    if not len(x):
+        st.warning(f"Image {i} is past the {setup.get('train_size')} training images: pick a smaller index.")
+        return
     f = state.current_feature()
     from ufm.canary import stamp_feature
     import torch
-    img = stamp_feature(torch.from_numpy(x[i:i + 1]), f)[0].numpy()
-    st.plotly_chart(image_figure(img, box=(*f.offset, *f.size), title=f"canary {i} ({classes[y[i]]}) with {f.name}"),
+    img = stamp_feature(torch.from_numpy(x[:1]), f)[0].numpy()
+    st.plotly_chart(image_figure(img, box=(*f.offset, *f.size), title=f"canary {i} ({classes[y[0]]}) with {f.name}"),
                     key="tr_canary_preview")

@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pandas as pd
 import streamlit as st
+import torch
 
 from ufm.canary import stamp_feature
-from ufm.data import load_split
 from ufm.plots import histogram_figure, image_figure, loss_curve_figure
 from ufm.reference import bank_status, submit_bank
 from ufm.store import RunNotFound, RunRecord
@@ -53,7 +53,7 @@ def run_panel(run_id: str) -> bool:
     elif rec.status == "done":
         result_view(rec)
     elif rec.status == "cancelled":
-        st.warning(f"Run {state.short(run_id)} was cancelled. Start it again from the Train & measure page.")
+        st.warning(f"Run {state.short(run_id)} was cancelled; to rerun it, press Start in the Train & measure setup with the same choices.")
     else:
         st.error(f"Run {state.short(run_id)} failed: {rec.error}")
     return True
@@ -130,6 +130,28 @@ def verdict_box(rec: RunRecord) -> dict:
     return v
 
 
+def disagreement_note(summary: dict, alpha: float = 0.05) -> str | None:
+    """One sentence when M and the rank (exposure) test point different ways on a run, saying why
+    they can; None when they agree. M < 0 with a significant rank, or a clearly positive M (above
+    its own X_r by more than 10%) with a rank test far from significant."""
+    m, p = summary.get("M"), summary.get("exposure_p_value")
+    if m is None or p is None or (isinstance(m, float) and math.isnan(m)) or (isinstance(p, float) and math.isnan(p)):
+        return None
+    xr = summary.get("X_r") or 0.0
+    if m < 0 and p < alpha:
+        how = (f"M is negative ({fmt(m, 3)} nats: the name moves the outputs less than random patterns do on "
+               f"average) yet the rank test is significant (p = {fmt(p, 2)})")
+    elif m > 0.1 * abs(xr) and m > 0 and p > 0.5:
+        how = (f"M is positive ({fmt(m, 3)} nats) yet the rank test finds nothing (p = {fmt(p, 2)})")
+    else:
+        return None
+    return (f"M and the rank test disagree: {how}. They can, because they ask different questions: M compares "
+            "the feature with fully random patterns, averaged over images; the rank test compares it with "
+            "candidate features of its own kind (the same letters rearranged, other strokes), image by image. "
+            "A feature can stand out among its look-alikes while random noise moves the model more, or the "
+            "reverse. The verdict uses the test above, never M alone.")
+
+
 def metrics_row(summary: dict, verdict: dict) -> None:
     c = st.columns(4)
     c[0].metric("M = X_u - X_r (nats)", fmt(summary["M"]), help="How much more the model's outputs move (KL "
@@ -156,8 +178,8 @@ def metrics_row(summary: dict, verdict: dict) -> None:
 @st.cache_data(show_spinner=False, max_entries=32)
 def canary_image(dataset: str, root: str, train_size: int | None, index: int, feature_json: str) -> np.ndarray:
     from ufm.features import Feature
-    d = load_split(dataset, "train", data_dir=root, limit=index + 1 if train_size is None else min(train_size, index + 1))
-    return stamp_feature(d.x[index:index + 1], Feature.from_dict(json.loads(feature_json)))[0].numpy()
+    x = state.training_images(dataset, root, train_size, (index,))[0]  # the run's (stratified) training set
+    return stamp_feature(torch.from_numpy(x[:1]), Feature.from_dict(json.loads(feature_json)))[0].numpy()
 
 
 def result_view(rec: RunRecord) -> None:
@@ -169,6 +191,9 @@ def result_view(rec: RunRecord) -> None:
                f"{s['epochs_trained']} epochs on {s['device']}")
     verdict = verdict_box(rec)
     metrics_row(s, verdict)
+    note = disagreement_note(s)
+    if note:
+        st.caption(note)
     for note in s.get("notes") or []:
         st.caption(f"Note: {note}")
     left, right = st.columns([3, 1])
@@ -182,15 +207,20 @@ def result_view(rec: RunRecord) -> None:
             img = canary_image(cfg.dataset, cfg.data_dir or state.data_dir(), cfg.train_size, i,
                                json.dumps(cfg.feature.to_dict()))
             h, w = cfg.feature.size
+            classes = state.training_images(cfg.dataset, cfg.data_dir or state.data_dir(), cfg.train_size, (i,))[2]
+            lab = s["canary_labels"][0]
             st.plotly_chart(image_figure(img, box=(*cfg.feature.offset, h, w),
-                                         title=f"canary {i} (label {s['canary_labels'][0]})"),
+                                         title=f"canary {i} ({classes[lab] if lab < len(classes) else lab})"),
                             key=f"canary_{rec.id}")
             if len(s["canary_indices"]) > 1:
                 st.caption(f"{len(s['canary_indices'])} canaries; the first is shown.")
         else:
             st.info("Clean control: no training image carried the feature.")
     with st.expander("Access settings (white-, grey-, black-box confidence gain)"):
-        st.dataframe(access_table(s["access"]), hide_index=True)
+        st.dataframe(access_table(s["access"]), hide_index=True, column_config={
+            "gain": st.column_config.NumberColumn(format="%.3g"),
+            "calibrated p": st.column_config.NumberColumn(format="%.2g"),
+            "paper's t-test p (uncalibrated)": st.column_config.NumberColumn(format="%.2g")})
         st.caption("The calibrated p ranks the feature's gain among the same gain for the candidate features on "
                    "the same images. The paper's t-test p is shown for comparison only: on clean models it is often "
                    "tiny (see README, statistics).")

@@ -329,3 +329,190 @@ def test_live_curve_is_rebuilt_only_when_an_epoch_arrives(app_env, monkeypatch):
     at.run()
     assert built == [2, 3]
     store.mark_cancelled(run_id)
+
+
+# ------------------------------------------------------------------ the silent-wrong-experiment paths (issue 12)
+
+def test_feature_survives_page_changes_and_reloads(app_env):
+    at = _app().switch_page("app_pages/feature.py").run()
+    assert at.radio(key="feat_kind").value == "Glyph"
+    at.radio(key="feat_kind").set_value("Text").run()
+    assert at.text_input(key="text_value").value == "JD"  # the default fits the default 28x28 dataset
+    at.text_input(key="text_value").input("KO").run()
+    at.number_input(key="feat_row").set_value(3).run()
+    assert at.session_state["feature"].name == "text 'KO'" and at.session_state["feature"].offset == (3, 1)
+    at.switch_page("app_pages/train.py").run()
+    assert any("Feature for the next run: text 'KO'" in c.value for c in at.caption)
+    at.switch_page("app_pages/feature.py").run()  # coming back does not reset the kind to Glyph / the letter A
+    assert at.radio(key="feat_kind").value == "Text" and at.text_input(key="text_value").value == "KO"
+    assert at.session_state["feature"].name == "text 'KO'" and at.session_state["feature"].offset == (3, 1)
+    design = at.query_params["design"]
+    design = design[0] if isinstance(design, list) else design
+    # a reload is a new session with the same URL
+    again = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    again.query_params["design"] = design
+    again.run()
+    again.switch_page("app_pages/feature.py").run()
+    assert not again.exception and again.session_state["feature"].name == "text 'KO'"
+    assert again.radio(key="feat_kind").value == "Text" and again.number_input(key="feat_row").value == 3
+    bad = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    bad.query_params["design"] = "../../etc/passwd"
+    bad.run()
+    bad.switch_page("app_pages/feature.py").run()
+    assert not bad.exception and any("not a design id" in w.value for w in bad.warning)
+    assert bad.session_state["feature"].name == "glyph A"
+
+
+def test_drawn_feature_survives_a_page_change_and_grid_and_canvas_share_it(app_env):
+    at = _app().switch_page("app_pages/feature.py").run()
+    at.radio(key="feat_kind").set_value("Draw").run()
+    at.button(key="draw_clear").click().run()
+    at.checkbox(key="px_2_2").check().run()
+    assert at.session_state["feature"].array().sum() == 1 and at.session_state["feature"].name == "drawn"
+    # the tick went onto the canvas as one white square of the 5x5 grid
+    init = at.session_state["_canvas_init"]
+    assert [(o["left"], o["top"]) for o in init["objects"]] == [(128.0, 128.0)]
+    at.switch_page("app_pages/runs.py").run()
+    at.switch_page("app_pages/feature.py").run()
+    assert at.radio(key="feat_kind").value == "Draw" and at.checkbox(key="px_2_2").value
+    assert at.session_state["feature"].array().sum() == 1
+
+
+def test_gallery_canary_reaches_the_run_and_survives_a_page_change(app_env):
+    at = _app().switch_page("app_pages/train.py").run()
+    at.radio(key="tr_canary_mode").set_value("pick an image").run()
+    at.button(key="tr_use_10").click().run()
+    assert at.number_input(key="tr_index").value == 10
+    assert at.session_state["setup"]["canary"].indices == (10,)
+    at.switch_page("app_pages/compare.py").run()
+    assert any("canary at index 10" in c.value for c in at.caption)  # the study would use the same canary
+    at.switch_page("app_pages/train.py").run()
+    assert at.number_input(key="tr_index").value == 10
+    at.number_input(key="tr_epochs").set_value(2).run()
+    at.number_input(key="tr_ood").set_value(40).run()
+    at.button(key="tr_start").click().run()
+    from dashboard import state
+    rec = state.store().get(at.session_state["run_id"])
+    assert rec.config.canary.indices == (10,)
+
+
+def test_train_caption_describes_the_run_not_the_current_feature(app_env):
+    from dashboard import state
+    from ufm.features import text_feature
+    at = _app().switch_page("app_pages/train.py").run()
+    at.number_input(key="tr_epochs").set_value(2).run()
+    at.number_input(key="tr_ood").set_value(40).run()
+    at.button(key="tr_start").click().run()
+    run_id = at.session_state["run_id"]
+    _wait_done(run_id)
+    fresh = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    fresh.query_params["run"] = run_id
+    fresh.run()
+    fresh.session_state["feature"] = text_feature("JD")
+    fresh.switch_page("app_pages/train.py").run()
+    assert not fresh.exception
+    run_caption = next(c.value for c in fresh.caption if "seed" in c.value and "·" in c.value)
+    assert "glyph A" in run_caption and "JD" not in run_caption
+    assert any(c.value.startswith("Feature for the next run: text 'JD'") for c in fresh.caption)
+
+
+def test_compare_shows_the_new_study_at_once_and_reruns_by_name_or_replace(app_env):
+    at = _app().switch_page("app_pages/train.py").run()
+    at.number_input(key="tr_epochs").set_value(1).run()
+    at.number_input(key="tr_ood").set_value(20).run()
+    at.switch_page("app_pages/compare.py").run()
+    at.multiselect(key="cmp_regs").set_value(["none"])
+    at.number_input(key="cmp_seeds").set_value(1)
+    at.text_input(key="cmp_name").input("first")
+    at.button(key="FormSubmitter:cmp_form-Run the comparison").click().run()
+    assert not at.exception and at.selectbox(key="cmp_study").value == "first"
+    assert at.text_input(key="cmp_name").value != "first"  # a second press makes a new study
+    at.multiselect(key="cmp_regs").set_value(["dropout"])
+    at.button(key="FormSubmitter:cmp_form-Run the comparison").click().run()
+    second = at.selectbox(key="cmp_study").value
+    assert second not in ("first", None)
+    at.text_input(key="cmp_name").input("first")
+    at.button(key="FormSubmitter:cmp_form-Run the comparison").click().run()
+    assert any("exists" in e.value and "replace" in e.value for e in at.error)
+    assert at.selectbox(key="cmp_study").value == second
+    at.text_input(key="cmp_name").input("first")
+    at.checkbox(key="cmp_replace").check()
+    at.button(key="FormSubmitter:cmp_form-Run the comparison").click().run()
+    assert not at.error and at.selectbox(key="cmp_study").value == "first"
+    from dashboard import state
+    for rid in state.runner().active():
+        _wait_done(rid)
+    at.run()
+    assert any("n = 1" in w.value for w in at.warning)  # one seed: no interval, said so
+
+
+def test_canvas_drawing_is_area_averaged_into_the_feature_grid():
+    from PIL import Image, ImageDraw
+
+    from dashboard.feature_ui import CANVAS_PX, canvas_to_pattern, pattern_to_drawing
+    img = Image.new("RGBA", (CANVAS_PX, CANVAS_PX), (0, 0, 0, 255))
+    ImageDraw.Draw(img).line([(160, 20), (160, 300)], fill=(255, 255, 255, 255), width=64)  # a vertical stroke
+    p = canvas_to_pattern(np.asarray(img), 5)
+    assert p[:, 2].sum() >= 4 and p[:, [0, 1, 3, 4]].sum() == 0  # ink in one column band only
+    grey = canvas_to_pattern(np.asarray(img), 10, threshold=None)
+    assert 0 < grey.max() <= 1 and set(np.flatnonzero(grey.sum(0))) <= {4, 5, 6}  # 64 px = 2 of 32-px cells (+edges)
+    transparent = np.zeros((CANVAS_PX, CANVAS_PX, 4), np.uint8)  # an untouched transparent canvas is no ink
+    assert canvas_to_pattern(transparent, 5).sum() == 0
+    # a pattern drawn onto the canvas as squares reads back as itself (the grid <-> canvas round trip)
+    pattern = (np.random.default_rng(0).random((7, 7)) > 0.5).astype(float)
+    back = Image.new("RGB", (CANVAS_PX, CANVAS_PX))
+    d = ImageDraw.Draw(back)
+    for o in pattern_to_drawing(pattern)["objects"]:
+        d.rectangle([o["left"], o["top"], o["left"] + o["width"] - 1, o["top"] + o["height"] - 1], fill=(255, 255, 255))
+    assert np.array_equal(canvas_to_pattern(np.asarray(back), 7, threshold=0.5), pattern)
+    with pytest.raises(ValueError, match="between"):
+        canvas_to_pattern(np.asarray(img), 40)
+    with pytest.raises(ValueError, match="canvas image"):
+        canvas_to_pattern(np.zeros((5, 5)), 5)
+
+
+def test_clinical_ladder_runs_in_the_background_and_ends_on_one_chart(app_env, monkeypatch):
+    from dashboard import demos, state
+    from ufm.canary import CanaryChoice
+    from ufm.features import text_feature
+    tiny = demos.Demo("Clinical", "test", text_feature("JD", height=5, offset=(2, 2)),
+                      dict(dataset="mnist", arch="mlp", regularisers=[], canary=CanaryChoice("index", (0,)), seed=0,
+                           train_size=None, epochs=2, patience=1, ood_size=40))
+    monkeypatch.setitem(demos.DEMOS, "clinical", tiny)
+    at = _app()
+    at.button(key="demo_clinical").click().run()
+    assert not at.exception
+    name, _ = at.session_state[demos.LADDER_KEY]
+    from ufm.studies import runs_frame
+    runs = runs_frame(state.store(), name)
+    assert list(runs["group"]) == ["name on 1 X-ray", "name on 3 X-rays", "name on 10 X-rays"]
+    for rid in runs["run_id"]:
+        _wait_done(rid)
+    counts = [state.store().get(r).config.canary.count for r in runs["run_id"]]
+    assert counts == [1, 3, 10]
+    at.run()
+    assert not at.exception
+    assert any("All 3 models trained in" in c.value for c in at.caption)
+    assert any("cannot prove" in i.value for i in at.info)
+    assert at.session_state["feature"].name == "text 'JD'"  # the demo's feature is the current one
+
+
+def test_clinician_sentence_says_what_a_run_shows_and_cannot_prove():
+    from dashboard.demos import clinician_sentence
+    none = clinician_sentence([{"k": 1, "M": 0.0, "verdict": "not_shown", "test": "reference"},
+                               {"k": 10, "M": 0.01, "verdict": "not_shown", "test": "reference"}])
+    assert "up to 10 X-rays" in none and "not a guarantee" in none and "provisional" not in none
+    some = clinician_sentence([{"k": 1, "M": 0.0, "verdict": "not_shown", "test": "fast"},
+                               {"k": 3, "M": 0.4, "verdict": "memorised", "test": "fast"}])
+    assert "on 3 training X-rays" in some and "memorised" in some and "provisional" in some
+
+
+def test_disagreement_note_only_when_m_and_the_rank_test_point_different_ways():
+    from dashboard.views import disagreement_note
+    note = disagreement_note({"M": -1.93, "X_r": 2.0, "exposure_p_value": 0.048})
+    assert note and "negative" in note and "disagree" in note and "-1.93" in note
+    assert "p = 0.048" in note  # formatted, never 000...0002
+    assert disagreement_note({"M": 0.5, "X_r": 1.0, "exposure_p_value": 0.9})  # positive M, rank finds nothing
+    assert disagreement_note({"M": 0.5, "X_r": 1.0, "exposure_p_value": 0.01}) is None  # agree
+    assert disagreement_note({"M": -0.1, "X_r": 1.0, "exposure_p_value": 0.6}) is None  # agree
+    assert disagreement_note({"M": float("nan"), "exposure_p_value": 0.01}) is None

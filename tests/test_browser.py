@@ -1,7 +1,9 @@
 """Real browser end to end: Debian's chromium driven by Playwright against `streamlit run app.py`.
 
-Types a feature, runs a quick experiment on ../shared/data and checks that the histogram and M
-appear. Screenshots go to $UFM_SCREENSHOTS (default: the test's tmp folder).
+On a freshly started server: direct links open with the proper navigation and the wide layout;
+a stroke drawn with mouse events on the canvas becomes the feature in use; a canary picked from
+the Train page's gallery is the one the run trains; a quick run shows M. Screenshots go to
+$UFM_SCREENSHOTS (default: the test's tmp folder).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from .conftest import HAS_MNIST, SHARED
@@ -40,7 +43,8 @@ def _free_port() -> int:
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     port = _free_port()
-    env = dict(os.environ, UFM_DATA_DIR=str(SHARED), UFM_HOME=str(home), STREAMLIT_BROWSER_GATHER_USAGE_STATS="false")
+    env = dict(os.environ, UFM_DATA_DIR=str(SHARED), UFM_HOME=str(home), STREAMLIT_BROWSER_GATHER_USAGE_STATS="false",
+               UFM_AUTO_REFERENCES="0")  # no bank of reference models behind the quick run
     log = open(home / "streamlit.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
                              "--server.port", str(port), "--server.address", "127.0.0.1"],
@@ -72,15 +76,21 @@ def shots(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def browser(server):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        pg = browser.new_page(viewport={"width": 1400, "height": 1800})
-        pg.goto(server)
-        yield pg
-        browser.close()
+        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, server):
+    pg = browser.new_page(viewport={"width": 1400, "height": 1800})
+    pg.goto(server)
+    yield pg
+    pg.close()
 
 
 def _nav(page, title: str) -> None:
@@ -88,13 +98,95 @@ def _nav(page, title: str) -> None:
     page.wait_for_load_state("networkidle")
 
 
-def test_type_a_feature_train_and_see_m(page, shots):
+def _check_navigation_and_wide_layout(pg) -> None:
+    nav = pg.locator('[data-testid="stSidebarNav"]')
+    nav.wait_for(timeout=60_000)
+    links = [t.strip().splitlines()[-1].strip() for t in nav.get_by_role("link").all_inner_texts()]  # after the icon
+    assert {"Home", "Feature", "Train & measure", "Compare", "Runs"} <= set(links), links
+    assert not {"app", "feature", "train"} & set(links), links  # no raw file names
+    main = pg.locator('[data-testid="stMainBlockContainer"]')
+    assert main.bounding_box()["width"] > 900  # the wide layout (centred is at most 736 px)
+
+
+def test_direct_links_on_a_fresh_server_keep_navigation_and_layout(browser, server, shots):
+    """Must run first in this module: the server has not yet served a page."""
+    pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+    pg.goto(server + "/feature")
+    pg.get_by_text("Design the unique feature").wait_for(timeout=60_000)
+    _check_navigation_and_wide_layout(pg)
+    pg.screenshot(path=str(shots / "direct-link-feature.png"))
+    pg.goto(server + "/train?run=0123456789abcdef")
+    pg.get_by_text("Run not found").wait_for(timeout=60_000)
+    _check_navigation_and_wide_layout(pg)
+    pg.close()
+
+
+def _pixel_grid(page, m: int) -> np.ndarray:
+    """The tick grid's state as an (m, m) 0/1 array (the expander must be open)."""
+    return np.array([[float(page.get_by_label(f"pixel {r},{c}", exact=True).is_checked()) for c in range(m)]
+                     for r in range(m)])
+
+
+def test_draw_a_stroke_with_the_mouse(page, shots):
     page.get_by_text("Guided demos").wait_for(timeout=60_000)
     page.screenshot(path=str(shots / "home.png"), full_page=True)
+    _nav(page, "Feature")
+    page.get_by_text("Draw", exact=True).click()
+    page.get_by_text("Precise editor: one tick box per pixel").click()  # open the grid
+    page.get_by_role("button", name="Clear").click()
+    page.get_by_text("feature is empty").wait_for(timeout=30_000)
+    page.wait_for_load_state("networkidle")
+    page.wait_for_timeout(1500)  # Clear remounts the canvas (blank); the old one may linger a moment
+    canvas = page.locator("canvas.upper-canvas").last
+    canvas.wait_for(timeout=30_000)
+    box = canvas.bounding_box()
+    x = box["x"] + box["width"] / 2  # the middle column of the 5x5 feature
+    page.mouse.move(x, box["y"] + 10)
+    page.mouse.down()
+    for k in range(1, 21):
+        page.mouse.move(x, box["y"] + 10 + k * (box["height"] - 20) / 20)
+    page.mouse.up()
+    page.get_by_text("In use: drawn").wait_for(timeout=30_000)
+    page.wait_for_timeout(1500)
+    grid = _pixel_grid(page, 5)
+    assert grid[:, 2].sum() >= 4 and grid[:, [0, 1, 3, 4]].sum() == 0, grid  # one column band of ink
+    page.screenshot(path=str(shots / "feature-canvas.png"), full_page=True)
 
+
+def test_gallery_canary_is_the_one_trained_and_m_appears(page, shots):
+    _nav(page, "Train & measure")
+    page.get_by_text("Feature for the next run: drawn").wait_for(timeout=30_000)
+    page.get_by_text("Pick from a gallery of training images").click()
+    use = page.get_by_role("button", name="use", exact=True)
+    use.nth(10).wait_for(timeout=30_000)
+    use.nth(10).click()
+    page.keyboard.press("Escape")
+    index = page.locator('input[aria-label="canary image index"]')
+    page.wait_for_function("() => [...document.querySelectorAll('input')].some("
+                           "i => i.getAttribute('aria-label') === 'canary image index' && i.value === '10')",
+                           timeout=30_000)
+    assert index.input_value() == "10"
+    page.get_by_text("Advanced").click()
+    for label, value in (("max epochs", "3"), ("inference images", "100")):
+        f = page.get_by_label(label, exact=True)
+        f.fill(value)
+        f.press("Enter")
+        page.wait_for_timeout(800)
+    page.get_by_role("button", name="Start").click()
+    page.get_by_text("M = X_u - X_r (nats)").wait_for(timeout=600_000)
+    page.get_by_text("canary at index 10").first.wait_for(timeout=30_000)  # the run's own caption
+    hist = page.locator(".js-plotly-plot", has_text="unique feature z_u")
+    hist.first.wait_for(timeout=30_000)
+    page.wait_for_timeout(1500)  # let plotly finish drawing before the picture
+    page.screenshot(path=str(shots / "train.png"), full_page=True)
+    value = page.locator('[data-testid="stMetric"]', has_text="M = X_u - X_r").first.inner_text()
+    assert any(ch.isdigit() for ch in value)
+
+
+def test_type_a_feature_train_and_see_m(page, shots):
     _nav(page, "Feature")
     page.get_by_text("Text", exact=True).click()
-    box = page.get_by_label("text (a name, an ID number)")
+    box = page.get_by_label("text (a name, an ID number)", exact=True)
     box.wait_for(timeout=30_000)
     box.fill("JD")
     box.press("Enter")
@@ -102,16 +194,7 @@ def test_type_a_feature_train_and_see_m(page, shots):
     page.screenshot(path=str(shots / "feature.png"), full_page=True)
 
     _nav(page, "Train & measure")
-    page.get_by_text("Feature: text 'JD'").wait_for(timeout=30_000)
-    page.get_by_role("button", name="Start").click()
-    page.get_by_text("M = X_u - X_r (nats)").wait_for(timeout=600_000)
-    hist = page.locator(".js-plotly-plot", has_text="unique feature z_u")
-    hist.first.wait_for(timeout=30_000)
-    assert hist.count() >= 1
-    page.wait_for_timeout(1500)  # let plotly finish drawing before the picture
-    page.screenshot(path=str(shots / "train.png"), full_page=True)
-    value = page.locator('[data-testid="stMetric"]', has_text="M = X_u - X_r").first.inner_text()
-    assert any(ch.isdigit() for ch in value)
+    page.get_by_text("Feature for the next run: text 'JD'").wait_for(timeout=30_000)
 
     for title, name in (("Explain", "explain"), ("Runs", "runs"), ("Compare", "compare"), ("Influence", "influence")):
         _nav(page, title)

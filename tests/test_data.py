@@ -246,3 +246,24 @@ def test_bad_image_in_class_folder_is_one_message(tmp_path, bad, first):
         load_split(str(root), "train", limit=None)
         load_split(str(root), "test", limit=None)
     assert str(target) in str(e.value) and f"remove {target}" in str(e.value)
+
+
+def test_stratified_subset_keeps_every_class_in_proportion_and_is_seeded():
+    from ufm.data import ImageData, stratified_indices, training_subset
+
+    y = np.repeat([0, 1, 2], [600, 300, 100])  # stored sorted by class, as the chest X-rays are
+    idx = stratified_indices(y, 100, seed=0)
+    assert len(idx) == 100 and np.all(np.diff(idx) > 0)
+    assert np.bincount(y[idx]).tolist() == [60, 30, 10]  # the first 100 would be all class 0
+    assert np.array_equal(idx, stratified_indices(y, 100, seed=0))
+    assert not np.array_equal(idx, stratified_indices(y, 100, seed=1))
+    odd = stratified_indices(y, 7)
+    assert len(odd) == 7 and set(y[odd]) == {0, 1, 2}  # rounding never drops a class
+    assert np.array_equal(stratified_indices(y, 5000), np.arange(1000))
+    with pytest.raises(ValueError, match="smaller than the 3 classes"):
+        stratified_indices(y, 2)
+    with pytest.raises(ValueError, match="single class"):
+        stratified_indices(np.zeros(50, dtype=int), 20)
+    data = ImageData(torch.arange(1000, dtype=torch.float32).view(-1, 1, 1, 1), torch.as_tensor(y), ("a", "b", "c"), "t")
+    sub = training_subset(data, 100)
+    assert torch.equal(sub.x.view(-1).long(), torch.as_tensor(idx)) and training_subset(data, None) is data

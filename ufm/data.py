@@ -105,10 +105,22 @@ def to_float_images(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     return t.float().div_(255.0).contiguous()
 
 
+def _keep(y: np.ndarray | Sequence[int], limit: int | None, stratified: bool) -> slice | np.ndarray:
+    """Which images ``limit`` keeps: the first ones, or a stratified seeded subset (see
+    :func:`stratified_indices`, which also refuses a single-class set)."""
+    if stratified:
+        y = np.asarray(y).reshape(-1)
+        return stratified_indices(y, len(y) if limit is None else limit)
+    return slice(None, limit)
+
+
 def _from_arrays(x: np.ndarray, y: np.ndarray, classes: Sequence[str] | None, name: str,
-                 limit: int | None) -> ImageData:
-    if limit is not None:
-        x, y = x[:limit], y[:limit]
+                 limit: int | None, stratified: bool = False) -> ImageData:
+    if limit is not None or stratified:
+        if len(x) != len(y):
+            raise DataUnavailable(f"{name}: {len(x)} images but {len(y)} labels")
+        keep = _keep(y, limit, stratified)
+        x, y = x[keep], np.asarray(y)[keep]
     if len(x) != len(y):
         raise DataUnavailable(f"{name}: {len(x)} images but {len(y)} labels")
     y = check_labels(y, classes, name)
@@ -156,14 +168,14 @@ def check_same_classes(train: ImageData, test: ImageData) -> None:
             "(for class folders: the same sub-folder names under train/ and test/)")
 
 
-def _load_npz(path: Path, name: str, limit: int | None) -> ImageData:
+def _load_npz(path: Path, name: str, limit: int | None, stratified: bool = False) -> ImageData:
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = {"x", "y"} - set(f.files)
             if missing:
                 raise DataUnavailable(f"{path} lacks the arrays {sorted(missing)}; it needs x (uint8 images) and y (int labels)")
             classes = [str(c) for c in f["classes"]] if "classes" in f.files else None
-            return _from_arrays(f["x"], f["y"], classes, name, limit)
+            return _from_arrays(f["x"], f["y"], classes, name, limit, stratified)
     except (OSError, ValueError) as exc:
         raise DataUnavailable(f"could not read {path}: {exc}") from None
 
@@ -175,7 +187,8 @@ def _download_message(name: str, root: Path, reason: str) -> str:
             f"(x uint8, y int64, classes) in {root / name}/ and point --data-dir or UFM_DATA_DIR at {root}.")
 
 
-def _torchvision(name: str, split: str, root: Path, download: bool, limit: int | None) -> ImageData:
+def _torchvision(name: str, split: str, root: Path, download: bool, limit: int | None,
+                 stratified: bool = False) -> ImageData:
     from torchvision import datasets  # imported lazily: only the download path needs it
 
     cls = getattr(datasets, _DOWNLOADABLE[name])
@@ -188,10 +201,10 @@ def _torchvision(name: str, split: str, root: Path, download: bool, limit: int |
         raise DataUnavailable(_download_message(name, root, f"{type(exc).__name__}: {exc}")) from None
     x = ds.data.numpy() if isinstance(ds.data, torch.Tensor) else np.asarray(ds.data)
     y = np.asarray(ds.targets)
-    return _from_arrays(x, y, list(ds.classes), name, limit)
+    return _from_arrays(x, y, list(ds.classes), name, limit, stratified)
 
 
-def _medmnist(split: str, root: Path, download: bool, limit: int | None) -> ImageData:
+def _medmnist(split: str, root: Path, download: bool, limit: int | None, stratified: bool = False) -> ImageData:
     """PneumoniaMNIST from MedMNIST's own ``.npz`` (keys ``train_images``, ``train_labels`` (N, 1), ...),
     downloaded once with torchvision's checksummed downloader. Its ``val`` split is not used."""
     path = root / "pneumoniamnist" / PNEUMONIAMNIST["filename"]
@@ -208,10 +221,10 @@ def _medmnist(split: str, root: Path, download: bool, limit: int | None) -> Imag
             x, y = f[f"{split}_images"], f[f"{split}_labels"].reshape(-1)
     except (OSError, ValueError, KeyError) as exc:
         raise DataUnavailable(f"could not read {path} as MedMNIST data ({exc}); delete it to download again") from None
-    return _from_arrays(x, y.astype(np.int64), ["normal", "pneumonia"], "pneumoniamnist", limit)
+    return _from_arrays(x, y.astype(np.int64), ["normal", "pneumonia"], "pneumoniamnist", limit, stratified)
 
 
-def _folder(path: Path, split: str, limit: int | None, seed: int) -> ImageData:
+def _folder(path: Path, split: str, limit: int | None, seed: int, stratified: bool = False) -> ImageData:
     """A folder of class sub-folders; with ``train/`` and ``test/`` inside, those are the splits,
     otherwise a seeded 80/20 split of all images."""
     from PIL import Image
@@ -232,8 +245,10 @@ def _folder(path: Path, split: str, limit: int | None, seed: int) -> ImageData:
         cut = int(round(0.8 * len(files)))
         keep = order[:cut] if split == "train" else order[cut:]
         files, labels = [files[i] for i in sorted(keep)], [labels[i] for i in sorted(keep)]
-    if limit is not None:
-        files, labels = files[:limit], labels[:limit]
+    if limit is not None or stratified:  # before decoding: only the kept images are read
+        keep = _keep(labels, limit, stratified)
+        keep = range(len(files))[keep] if isinstance(keep, slice) else keep
+        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
     mode, size = None, None
     arrays = []
     for f in files:
@@ -249,7 +264,7 @@ def _folder(path: Path, split: str, limit: int | None, seed: int) -> ImageData:
 
 
 def load_split(dataset: str, split: str, *, data_dir: str | Path | None = None, download: bool = True,
-               limit: int | None = None, seed: int = 0) -> ImageData:
+               limit: int | None = None, seed: int = 0, stratified: bool = False) -> ImageData:
     """Load ``split`` ("train" or "test") of a benchmark dataset or of a path, on the CPU.
 
     Args:
@@ -257,11 +272,15 @@ def load_split(dataset: str, split: str, *, data_dir: str | Path | None = None, 
             of class sub-folders).
         data_dir: where offline copies and downloads live (default :func:`default_data_dir`).
         download: allow torchvision to download a missing benchmark.
-        limit: keep only the first ``limit`` images (official order).
+        limit: keep only the first ``limit`` images (official order); with ``stratified`` a
+            subset of ``limit`` images that keeps every class in proportion (seeded, sorted).
         seed: the 80/20 split of a class-folder dataset without train/ and test/.
+        stratified: how ``limit`` picks (what ``--train-size`` uses); it also refuses a split that
+            holds a single class.
 
     Raises:
         DataUnavailable: the data is missing and cannot be fetched; the message says what to do.
+        ValueError: with ``stratified``: one class only, or ``limit`` below the number of classes.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -269,22 +288,22 @@ def load_split(dataset: str, split: str, *, data_dir: str | Path | None = None, 
     if dataset in BENCHMARKS:
         local = root / dataset / f"{split}.npz"
         if local.is_file():
-            return _load_npz(local, dataset, limit)
+            return _load_npz(local, dataset, limit, stratified)
         if dataset == "pneumoniamnist":
-            return _medmnist(split, root, download, limit)
+            return _medmnist(split, root, download, limit, stratified)
         if dataset not in _DOWNLOADABLE:
             raise DataUnavailable(
                 f"{dataset} is not in {root} (looked for {local}) and cannot be downloaded automatically. "
                 f"Put its train.npz/test.npz in {root / dataset}/ and point --data-dir or UFM_DATA_DIR at "
                 f"{root}, or use a folder of your own images (one sub-folder per class) as the dataset.")
-        return _torchvision(dataset, split, root, download, limit)
+        return _torchvision(dataset, split, root, download, limit, stratified)
     path = Path(dataset).expanduser()
     if path.is_file() and path.suffix == ".npz":
         path = path.parent
     if (path / f"{split}.npz").is_file():
-        return _load_npz(path / f"{split}.npz", str(path), limit)
+        return _load_npz(path / f"{split}.npz", str(path), limit, stratified)
     if path.is_dir():
-        return _folder(path, split, limit, seed)
+        return _folder(path, split, limit, seed, stratified)
     raise DataUnavailable(f"unknown dataset {dataset!r}: use one of {', '.join(BENCHMARKS)}, a folder with "
                           "train.npz and test.npz, or a folder with one sub-folder of images per class")
 
@@ -362,3 +381,54 @@ def available_offline(data_dir: str | Path | None = None) -> list[str]:
     if "pneumoniamnist" not in have and (root / "pneumoniamnist" / PNEUMONIAMNIST["filename"]).is_file():
         have.append("pneumoniamnist")
     return have
+
+
+def stratified_indices(y: np.ndarray | torch.Tensor | Sequence[int], n: int, *, seed: int = 0) -> np.ndarray:
+    """``n`` indices of ``y`` that keep every class in proportion (seeded), sorted ascending.
+
+    What ``--train-size N`` keeps: the first N images of a set stored sorted by class (the chest
+    X-rays) would all be of one class. Each class gets ``round(n * share)`` images (at least
+    one; the rounding remainder goes to the largest shares), drawn without replacement by a
+    permutation seeded with ``seed``. ``n >= len(y)`` keeps everything.
+
+    Raises:
+        ValueError: ``n`` is smaller than the number of classes (some class would be lost), or
+            ``y`` holds a single class (a classifier needs two; the message says what to do).
+    """
+    labels = np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y, dtype=np.int64).reshape(-1)
+    classes, counts = np.unique(labels, return_counts=True)
+    if len(classes) < 2:
+        raise ValueError(f"the training images hold a single class ({classes.tolist()}): a classifier needs at "
+                         "least two; use a dataset (or folder) with images of two or more classes")
+    if n >= len(labels):
+        return np.arange(len(labels))
+    if n < len(classes):
+        raise ValueError(f"train size {n} is smaller than the {len(classes)} classes: every class must keep at "
+                         f"least one image; use a train size of at least {len(classes)}")
+    share = counts / counts.sum() * n
+    quota = np.maximum(1, np.floor(share).astype(np.int64))
+    quota = np.minimum(quota, counts)
+    # hand out what rounding down left over (or take back what "at least one" added), largest remainders first
+    order = np.argsort(-(share - np.floor(share)), kind="stable")
+    k = 0
+    while quota.sum() != n:
+        c = order[k % len(order)]
+        if quota.sum() < n and quota[c] < counts[c]:
+            quota[c] += 1
+        elif quota.sum() > n and quota[c] > 1:
+            quota[c] -= 1
+        k += 1
+    rng = np.random.default_rng(seed)
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota)]
+    return np.sort(np.concatenate(picked))
+
+
+def training_subset(data: ImageData, n: int | None, *, seed: int = 0) -> ImageData:
+    """The ``n`` training images an experiment uses: a stratified, seeded subset of ``data``
+    (:func:`stratified_indices`); all of it when ``n`` is None. Refuses a single-class set.
+
+    Raises:
+        ValueError: see :func:`stratified_indices`.
+    """
+    idx = stratified_indices(data.y, len(data) if n is None else int(n), seed=seed)
+    return data if len(idx) == len(data) else data.subset(idx)

@@ -262,8 +262,9 @@ def versions() -> dict[str, str]:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_split(dataset: str, split: str, data_dir: str | None, limit: int | None) -> ImageData:
-    return load_split(dataset, split, data_dir=data_dir, limit=limit)
+def _cached_split(dataset: str, split: str, data_dir: str | None, limit: int | None,
+                  stratified: bool = False) -> ImageData:
+    return load_split(dataset, split, data_dir=data_dir, limit=limit, stratified=stratified)
 
 
 @functools.lru_cache(maxsize=4)
@@ -273,8 +274,9 @@ def _cached_ood(dataset: str, shape: tuple[int, int, int], n: int, source: str |
 
 
 def training_split(config: ExperimentConfig) -> ImageData:
-    """The clean training images of ``config`` (first ``train_size``), on the CPU; cached, do not modify."""
-    return _cached_split(config.dataset, "train", config.data_dir, config.train_size)
+    """The clean training images of ``config`` (``train_size`` of them, every class kept in proportion:
+    :func:`ufm.data.stratified_indices`), on the CPU; cached, do not modify."""
+    return _cached_split(config.dataset, "train", config.data_dir, config.train_size, True)
 
 
 def inference_images(config: ExperimentConfig, n: int | None = None) -> ImageData:
