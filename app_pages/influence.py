@@ -21,7 +21,7 @@ table = ui.load_ranking(config)
 status, info = state.tasks().status(key)
 
 
-@st.fragment(run_every=1.0)
+@st.fragment(run_every=2.0)
 def wait_for_ranking() -> None:
     s, msg = state.tasks().status(key)
     if s == "running":

@@ -24,7 +24,7 @@ key = st.session_state.get(ui.AUDIT)
 if key is not None and key not in {a.config.key() for a in audits}:
     s, info = ui.status(key)
     if s in ("running", "none"):
-        @st.fragment(run_every=1.0)
+        @st.fragment(run_every=2.0)
         def wait() -> None:
             now, msg = ui.status(key)
             if now == "running":

@@ -65,7 +65,7 @@ def accept_path(path: Path, home: str | Path) -> tuple[Path, GraphInput]:
     return accept_upload(name, data, home)
 
 
-@st.fragment(run_every=1.0)
+@st.fragment(run_every=2.0)
 def progress(audit_id: str, home: str) -> None:
     """Live progress of a running audit; the whole page reruns once it has finished."""
     status, info = state.tasks().status(f"audit-{audit_id}")

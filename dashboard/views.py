@@ -59,7 +59,7 @@ def run_panel(run_id: str) -> bool:
     return True
 
 
-@st.fragment(run_every=2.0)
+@st.fragment(run_every=3.0)
 def progress_fragment(run_id: str) -> None:
     """The live view of a queued or running run; every open session polls it, so it stays cheap."""
     try:

@@ -37,9 +37,11 @@ def run_json(store: Store, run_id: str, *, indent: int | None = 1) -> str:
     return json.dumps({"run": rec.to_dict(), "result": result}, indent=indent, allow_nan=False)
 
 
-RUN_TABLE_COLUMNS = ["id", "status", "created", "finished", "seconds", "dataset", "arch", "regularisers", "feature",
-                     "canary", "seed", "max_epochs", "train_size", "M", "X_u", "X_r", "p_value", "p_value_paired",
-                     "exposure", "exposure_p_value", "significant", "test_accuracy", "epochs_trained", "epsilon",
+# The numbers people look for first (M, the fast test's call, accuracy) come right after the id and
+# status, so they are on screen in the dashboard's table without scrolling.
+RUN_TABLE_COLUMNS = ["id", "status", "M", "significant", "test_accuracy", "dataset", "arch", "regularisers", "feature",
+                     "canary", "seed", "created", "finished", "seconds", "max_epochs", "train_size", "X_u", "X_r",
+                     "p_value", "p_value_paired", "exposure", "exposure_p_value", "epochs_trained", "epsilon",
                      "progress", "config_key", "code_version", "error"]
 
 
