@@ -30,7 +30,7 @@ import time
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .jobs import CANCEL_POLL, HEARTBEAT_INTERVAL, PROGRESS_INTERVAL, Heartbeat, Runner
+from .jobs import CANCEL_POLL, HEARTBEAT_INTERVAL, PROGRESS_INTERVAL, Heartbeat, Runner, reusable_run
 from .store import FINISHED, RunRecord, Store, StoreError
 
 if TYPE_CHECKING:
@@ -277,12 +277,9 @@ class RayExecutor(Executor):
         with self._lock:
             if self._closed:
                 raise RuntimeError("this RayExecutor was shut down; create a new one")
-            if not force:
-                hit = self.store.find_cached(config)
-                if hit is not None:
-                    return hit.id
-                if ident in self._inflight:
-                    return self._inflight[ident]
+            reused = None if force else reusable_run(self.store, self._inflight, config, ident)
+            if reused is not None:
+                return reused
             run_id = self.store.create_run(config, status="queued")
             ref = self._task.remote(config.to_json(), run_id, self._channel, self.threads, self._env)
             self._refs[run_id] = ref

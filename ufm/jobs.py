@@ -211,6 +211,16 @@ class QueueFull(RuntimeError):
     """The runner holds ``max_pending`` unfinished runs; the message says what to do."""
 
 
+def reusable_run(store: Store, inflight: dict[tuple[str, str], str], config: "ExperimentConfig",
+                 ident: tuple[str, str]) -> str | None:
+    """The run that already answers ``config``: a finished identical run in the store (same config
+    key and ufm version), else an identical run this executor has queued or running; None if neither."""
+    hit = store.find_cached(config)
+    if hit is not None:
+        return hit.id
+    return inflight.get(ident)
+
+
 class Runner:
     """Background execution of experiments, each in its own process; a queue per device.
 
@@ -281,12 +291,9 @@ class Runner:
         with self._lock:
             if self._closed:
                 raise RuntimeError("this Runner was shut down; create a new one")
-            if not force:
-                hit = self.store.find_cached(config)
-                if hit is not None:
-                    return hit.id
-                if ident in self._inflight:
-                    return self._inflight[ident]
+            reused = None if force else reusable_run(self.store, self._inflight, config, ident)
+            if reused is not None:
+                return reused
             pending = sum(not ev.is_set() for ev in self._ended.values())
             if pending >= self.max_pending:
                 raise QueueFull(f"{pending} runs are already queued or running here (the limit is {self.max_pending}, "
