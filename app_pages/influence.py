@@ -25,7 +25,7 @@ status, info = state.tasks().status(key)
 def wait_for_ranking() -> None:
     s, msg = state.tasks().status(key)
     if s == "running":
-        frac, words = ui.parse_progress(msg)
+        frac, words = state.parse_progress(msg)
         st.progress(frac, text=words)
         if st.button("Cancel", key="inf_cancel", help="Stops at the end of the current epoch."):
             ui.cancel_ranking(config)

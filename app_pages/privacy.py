@@ -3,6 +3,7 @@
 import streamlit as st
 
 from dashboard import privacy_ui as ui
+from dashboard import state
 from ufm.data import DataUnavailable
 
 st.title("How private is it, in numbers?")
@@ -28,10 +29,16 @@ if key is not None and key not in {a.config.key() for a in audits}:
         def wait() -> None:
             now, msg = ui.status(key)
             if now == "running":
-                st.progress(0.5, text=f"Auditing: {msg}")
+                frac, words = state.parse_progress(msg)
+                st.progress(frac, text=f"Auditing: {words}")
+                if st.button("Cancel", key="pa_cancel", help="Stops at the end of the current epoch."):
+                    ui.cancel(key)
+                    st.toast("Cancelling at the end of this epoch ...")
             else:
                 st.rerun()
         wait()
+    elif s == "failed" and "cancelled" in str(info):
+        st.info("The audit was cancelled. Press **Audit privacy** to start it again.")
     elif s == "failed":
         st.error(f"The audit failed: {info}")
 if not audits:

@@ -1,14 +1,15 @@
 """Power and validity of the one-run privacy audit (ufm.privacy_audit) on real data.
 
-One audit model per regulariser setting and seed: an MLP on the first N MNIST training images
-with m distinct random binary features (each IN with probability 1/2), scored by M on greyscale
-CIFAR-10 inference images; the epsilon lower bound at 95% (delta 1e-5, Bonferroni over the
-default (k+, k-) grid), test accuracy and, for DP-SGD, the accountant's epsilon.
+One audit model per regulariser setting, score and seed: an MLP on N MNIST training images (the
+stratified seeded subset) with m distinct random binary features (each IN with probability 1/2),
+scored on greyscale CIFAR-10 inference images by the canary-class gain or by M; the epsilon lower
+bound at 95% (delta 1e-5, Bonferroni over the default (k+, k-) grid), the IN vs OUT AUC of the
+scores, test accuracy and, for DP-SGD, the accountant's epsilon.
 
     nice python benchmarks/privacy_audit.py [--data-dir ../shared/data] [--train-size 500]
         [--canaries 100] [--feature-size 7] [--placement random] [--seeds 0 1 2] [--epochs 80]
         [--patience 10] [--dp-epochs 15] [--dp-lr 1e-3]
-        [--settings none dropout dp4 dp1] [--out privacy_audit.json]
+        [--settings none dropout dp4 dp1] [--scores label-gain M] [--out privacy_audit.json]
 
 Prints a Markdown table (the README's) and writes every audit's result to --out.
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ufm.experiment import ExperimentConfig  # noqa: E402
-from ufm.privacy_audit import AuditConfig, run_audit  # noqa: E402
+from ufm.privacy_audit import SCORES, AuditConfig, run_audit  # noqa: E402
 from ufm.train import DPConfig  # noqa: E402
 
 SETTINGS = {
@@ -52,6 +53,8 @@ def main() -> None:
     ap.add_argument("--ood-size", type=int, default=500)
     ap.add_argument("--settings", nargs="+", default=["none", "dropout", "dp4", "dp1"], choices=list(SETTINGS))
     ap.add_argument("--out", default="privacy_audit.json")
+    ap.add_argument("--scores", nargs="+", default=list(SCORES), choices=list(SCORES),
+                    help="audit scores to measure (each trains its own audit models: the score is fixed in advance)")
     a = ap.parse_args()
     rows, results = [], []
     for name in a.settings:
@@ -59,30 +62,38 @@ def main() -> None:
         epochs = a.dp_epochs if "dp" in kw else a.epochs
         if "dp" in kw:
             kw["lr"] = a.dp_lr
-        bounds, accs, claims, secs = [], [], [], []
-        for seed in a.seeds:
-            exp = ExperimentConfig(dataset="mnist", data_dir=a.data_dir, arch="mlp", train_size=a.train_size,
-                                   epochs=epochs, patience=a.patience, ood_size=a.ood_size, seed=seed, device="cpu", **kw)
-            cfg = AuditConfig(exp, canaries=a.canaries, feature_size=a.feature_size, placement=a.placement)
-            t0 = time.perf_counter()
-            res = run_audit(cfg)
-            secs.append(time.perf_counter() - t0)
-            results.append({"setting": name, **res.to_dict()})
-            bounds.append(res.epsilon)
-            accs.append(res.test_accuracy)
-            claims.append(res.claimed_epsilon)
-            b = res.bound
-            print(f"{name} seed {seed}: eps >= {b.epsilon:.3f} ({b.correct}/{b.guesses}, k+={b.k_plus}, k-={b.k_minus}) "
-                  f"acc {res.test_accuracy:.3f} claimed {res.claimed_epsilon} epochs {res.epochs_trained} "
-                  f"{secs[-1]:.0f} s", flush=True)
-        claim = "—" if claims[0] is None else f"{claims[0]:.2g}"
-        rows.append(f"| {name} | {sum(bounds) / len(bounds):.2f} ({min(bounds):.2f}–{max(bounds):.2f}) | "
-                    f"{100 * sum(accs) / len(accs):.1f}% | {claim} | {sum(secs) / len(secs):.0f} s |")
+        for score in a.scores:
+            bounds, aucs, accs, claims, secs = [], [], [], [], []
+            for seed in a.seeds:
+                exp = ExperimentConfig(dataset="mnist", data_dir=a.data_dir, arch="mlp", train_size=a.train_size,
+                                       epochs=epochs, patience=a.patience, ood_size=a.ood_size, seed=seed, device="cpu",
+                                       **kw)
+                cfg = AuditConfig(exp, canaries=a.canaries, feature_size=a.feature_size, placement=a.placement,
+                                  score=score)
+                t0 = time.perf_counter()
+                res = run_audit(cfg)
+                secs.append(time.perf_counter() - t0)
+                results.append({"setting": name, **res.to_dict()})
+                bounds.append(res.epsilon)
+                aucs.append(res.auc)
+                accs.append(res.test_accuracy)
+                claims.append(res.claimed_epsilon)
+                b = res.bound
+                print(f"{name} {score} seed {seed}: eps >= {b.epsilon:.3f} ({b.correct}/{b.guesses}, k+={b.k_plus}, "
+                      f"k-={b.k_minus}) AUC {res.auc:.3f} acc {res.test_accuracy:.3f} claimed {res.claimed_epsilon} "
+                      f"epochs {res.epochs_trained} {secs[-1]:.0f} s", flush=True)
+            claim = "—" if claims[0] is None else f"{claims[0]:.3g}"
+            rows.append(f"| {name} | {score} | {sum(bounds) / len(bounds):.2f} ({min(bounds):.2f}–{max(bounds):.2f}) | "
+                        f"{sum(e > 0 for e in bounds)} of {len(bounds)} | {sum(aucs) / len(aucs):.2f} "
+                        f"({min(aucs):.2f}–{max(aucs):.2f}) | {100 * sum(accs) / len(accs):.1f}% | {claim} | "
+                        f"{min(secs):.0f}–{max(secs):.0f} |")
     Path(a.out).write_text(json.dumps(results, indent=1))
-    print(f"\nMLP, first {a.train_size} MNIST images, {a.canaries} canaries ({a.feature_size}x{a.feature_size} random "
-          f"binary features, placement {a.placement}), seeds {a.seeds}, {a.epochs} epochs (DP-SGD {a.dp_epochs}, lr {a.dp_lr}), {a.ood_size} inference images")
-    print("| regulariser | audited epsilon lower bound, mean (range) | test accuracy | claimed epsilon | s per audit |")
-    print("|---|---|---|---|---|")
+    print(f"\nMLP, {a.train_size} MNIST training images (stratified, seeded), {a.canaries} canaries "
+          f"({a.feature_size}x{a.feature_size} random binary features, placement {a.placement}), seeds {a.seeds}, "
+          f"{a.epochs} epochs (DP-SGD {a.dp_epochs}, lr {a.dp_lr}), {a.ood_size} inference images")
+    print("| regulariser | score | audited epsilon lower bound: mean (range) | seeds with a bound > 0 | "
+          "IN vs OUT AUC: mean (range) | test accuracy | claimed epsilon | s per audit |")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

@@ -21,25 +21,6 @@ from . import state
 MIN_POINTS = 10  # a correlation from fewer points is shown with a warning
 
 
-def _progress_text(p) -> str:
-    """A progress report as "fraction<TAB>words" (see :func:`parse_progress`): training is the first
-    80% (epochs of the budget; early stopping may jump ahead), scoring every image the rest."""
-    if p.phase == "train" and p.max_epochs:
-        return f"{0.8 * min(p.epoch, p.max_epochs) / p.max_epochs:.3f}\ttraining the reference model: epoch {p.epoch} of at most {p.max_epochs}"
-    return f"0.9\t{p.message or 'scoring every training image'}"
-
-
-def parse_progress(text: str | None) -> tuple[float, str]:
-    """(fraction done in [0, 1], words) from a task's progress text."""
-    if text and "\t" in text:
-        frac, words = text.split("\t", 1)
-        try:
-            return min(1.0, max(0.0, float(frac))), words
-        except ValueError:
-            pass
-    return 0.0, text or "starting"
-
-
 def cancel_path(key: str) -> Path:
     """The file whose existence tells the ranking task of ``key`` to stop (it runs in another process)."""
     return Path(state.store().home) / "influence" / f"{key}.cancel"
@@ -49,7 +30,9 @@ def compute_ranking(report, config: ExperimentConfig, home: str, stop_file: str 
     """The background task (its own process, see ``state.Tasks``): the cached self-influence table.
     It stops (TrainingCancelled) at the next epoch once ``stop_file`` exists."""
     cancel = (lambda: Path(stop_file).exists()) if stop_file else None
-    cached_influence(home, config, progress=lambda p: report(_progress_text(p)), cancel=cancel)
+    cached_influence(home, config, cancel=cancel,
+                     progress=lambda p: report(state.progress_text(p, "training the reference model",
+                                                                   "scoring every training image")))
 
 
 def start_ranking(config: ExperimentConfig) -> None:

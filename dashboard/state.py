@@ -285,6 +285,26 @@ def influence_path(reference_key: str) -> Path:
     return Path(store().home) / "influence" / f"{reference_key}.csv"
 
 
+def progress_text(p, training: str, scoring: str) -> str:
+    """A task's progress report (:class:`ufm.train.Progress`) as "fraction<TAB>words" (read back by
+    :func:`parse_progress`): training is the first 80% (epochs of the budget; early stopping may
+    jump ahead), what follows it the rest."""
+    if p.phase == "train" and p.max_epochs:
+        return f"{0.8 * min(p.epoch, p.max_epochs) / p.max_epochs:.3f}\t{training}: epoch {p.epoch} of at most {p.max_epochs}"
+    return f"0.9\t{p.message or scoring}"
+
+
+def parse_progress(text: str | None) -> tuple[float, str]:
+    """(fraction done in [0, 1], words) from a task's progress text."""
+    if text and "\t" in text:
+        frac, words = text.split("\t", 1)
+        try:
+            return min(1.0, max(0.0, float(frac))), words
+        except ValueError:
+            pass
+    return 0.0, text or "starting"
+
+
 class Tasks:
     """Background work that is not an experiment run (self-influence of a training set).
 

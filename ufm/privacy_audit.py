@@ -40,12 +40,23 @@ m distinct training images; each canary IN with probability 1/2
 neighbouring datasets differ by *replacing* one image) or is left out of training
 (``out_mode="removed"``, add/remove neighbours, the adjacency of DP-SGD's accountant). All m
 images are excluded from the validation split whatever their draw, so the draw changes only the
-m images. ONE model is trained; then every feature is scored with the black-box score ``M_j``:
-``X_u`` of feature j relative to its own random-feature baseline (:func:`ufm.scores.feature_effect`
-on the out-of-distribution images, ``mean(d_u) - mean(d_r)``). M, not the exposure rank: the rank
-against K candidates is capped at K + 1 levels and needs K forward passes per feature; M is a
-continuous score whose order is what the guesses need. Scoring never reads the IN/OUT draw; only
-the count of correct guesses does.
+m images. ONE model is trained; then every feature is scored from the model's outputs on the
+out-of-distribution images alone (black-box), never reading the IN/OUT draw (only the count of
+correct guesses does). Two scores (``score``):
+
+* ``"label-gain"`` (default): how far stamping feature j moves the outputs towards its canary's
+  class ``y_j``: the mean log-probability gain of ``y_j`` minus the other classes' mean gain
+  (:func:`ufm.scores.log_prob_gains`, :func:`ufm.scores.class_gain`). The auditor planted the
+  canaries, so knows their labels; a model that learnt "this pattern means class y_j" from the
+  one IN image shows it as a gain aimed at y_j, whereas M's KL counts a move towards any class,
+  most of which is the model's generic reaction to ink. Measured on the README's setup (MLP,
+  500 MNIST images, 100 canaries, 6 seeds): IN vs OUT AUC 0.82-0.88, against 0.58-0.70 for M.
+* ``"M"``: the paper's black-box ``M_j = X_u - X_r`` of feature j (:func:`ufm.scores.feature_effect`),
+  which needs no label. M rather than the exposure rank: the rank against K candidates is capped
+  at K + 1 levels and needs K forward passes per feature; the guesses need a continuous order.
+
+The score is part of the configuration, fixed before training: picking the better of two scores
+after seeing both would need its own correction.
 """
 
 from __future__ import annotations
@@ -67,6 +78,9 @@ DEFAULT_CONFIDENCE = 0.95
 FEATURE_KINDS = ("random", "text")
 OUT_MODES = ("clean", "removed")
 PLACEMENTS = ("fixed", "random")
+SCORES = ("label-gain", "M")
+SCORE_UNITS = {"label-gain": "gain of the canary's class over the others' mean, nats",
+               "M": "M = X_u - X_r of the canary's feature, nats"}
 MAX_AUDIT_CANARIES = 10_000
 
 
@@ -244,6 +258,21 @@ def audit_bound(scores: Sequence[float] | np.ndarray, is_in: Sequence[bool] | np
     return best
 
 
+def score_auc(scores: Sequence[float] | np.ndarray, is_in: Sequence[bool] | np.ndarray) -> float:
+    """Area under the ROC curve of the scores for IN vs OUT canaries (ties count half): the chance
+    that a random IN canary outscores a random OUT one; 0.5 is no separation. NaN when either
+    group is empty. (The Mann-Whitney U statistic divided by n_in * n_out.)"""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    truth = np.asarray(is_in, dtype=bool).ravel()
+    n_in, n_out = int(truth.sum()), int((~truth).sum())
+    if s.size != truth.size:
+        raise ValueError(f"scores ({s.size}) and is_in ({truth.size}) must have one entry per canary")
+    if n_in == 0 or n_out == 0:
+        return float("nan")
+    ranks = stats.rankdata(s)
+    return float((ranks[truth].sum() - n_in * (n_in + 1) / 2) / (n_in * n_out))
+
+
 # ----------------------------------------------------------------------------------- the features
 
 def _rng(seed: int, purpose: str) -> np.random.Generator:
@@ -362,6 +391,8 @@ class AuditConfig:
         out_mode: ``"clean"`` (OUT image trained on without its feature) or ``"removed"``.
         delta, confidence: of the bound.
         k_plus, k_minus: fixed guess counts, or None for the Bonferroni grid.
+        score: ``"label-gain"`` or ``"M"`` (module docstring: what each measures, and why the
+            label gain is the default).
     """
 
     experiment: Any = None
@@ -376,6 +407,7 @@ class AuditConfig:
     confidence: float = DEFAULT_CONFIDENCE
     k_plus: int | None = None
     k_minus: int | None = None
+    score: str = "label-gain"
 
     def __post_init__(self) -> None:
         from .canary import CanaryChoice
@@ -400,6 +432,8 @@ class AuditConfig:
             raise ValueError(f"unknown audit features {self.features!r}; choose one of {', '.join(FEATURE_KINDS)}")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"unknown placement {self.placement!r}; choose one of {', '.join(PLACEMENTS)}")
+        if self.score not in SCORES:
+            raise ValueError(f"unknown audit score {self.score!r}; choose one of {', '.join(SCORES)}")
         if self.out_mode not in OUT_MODES:
             raise ValueError(f"unknown out_mode {self.out_mode!r}; choose one of {', '.join(OUT_MODES)}")
         if not 0 <= self.delta < 1:
@@ -433,6 +467,7 @@ class AuditConfig:
         d = dict(d)
         d["experiment"] = ExperimentConfig.from_dict(d["experiment"])
         d["offset"] = tuple(d.get("offset", (1, 1)))
+        d.setdefault("score", "M")  # audits saved before the score was a choice were scored by M
         return cls(**d)
 
     def key(self) -> str:
@@ -469,11 +504,18 @@ class AuditResult:
     def epsilon(self) -> float:
         return self.bound.epsilon
 
+    @property
+    def auc(self) -> float:
+        """IN vs OUT separation of the scores (:func:`score_auc`); computed with the draw, after the
+        bound, so it only describes the audit."""
+        return score_auc(self.scores, self.is_in)
+
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["config"] = self.config.to_dict()
         d["bound"] = self.bound.to_dict()
         d["epsilon_lower_bound"] = self.bound.epsilon
+        d["auc"] = self.auc
         return d
 
     def to_json(self, **kw: Any) -> str:
@@ -496,7 +538,8 @@ class AuditResult:
                  f"{b.correction})",
                  f"guesses: {b.guesses} of {b.m} canaries (k+ = {b.k_plus} IN, k- = {b.k_minus} OUT), {b.correct} correct",
                  f"IN canaries: {sum(self.is_in)}  mean score IN {_mean(self.scores, self.is_in, True):.4g}  "
-                 f"OUT {_mean(self.scores, self.is_in, False):.4g} (M, nats)",
+                 f"OUT {_mean(self.scores, self.is_in, False):.4g} ({SCORE_UNITS[self.config.score]}); "
+                 f"IN vs OUT AUC {self.auc:.2f}",
                  f"test accuracy {100 * self.test_accuracy:.2f}%  epochs {self.epochs_trained}  "
                  f"trained on {self.n_train} images"]
         if self.claimed_epsilon is not None:
@@ -525,7 +568,7 @@ def run_audit(config: AuditConfig, progress: Callable[[Any], None] | None = None
     from .data import ImageData, check_same_classes, train_val_split
     from .experiment import _cached_split, inference_images, training_split
     from .models import build_model
-    from .scores import feature_effect
+    from .scores import class_gain, feature_effect, log_prob_gains
     from .train import Progress, TrainingCancelled, evaluate, is_cancelled, resolve_device, train
 
     report = progress or (lambda p: None)
@@ -567,7 +610,12 @@ def run_audit(config: AuditConfig, progress: Callable[[Any], None] | None = None
         return train(model, data, val_data, exp.train_config(hflip=exp.dataset == "cifar10"),
                      progress=report, cancel=cancel)
 
+    labels = full.y[torch.as_tensor(idx)].numpy()
+
     def score_all(model, what: str) -> list[float]:
+        if config.score == "label-gain":
+            report(Progress("score", 0, exp.epochs, message=f"{what}: scoring {m} features"))
+            return class_gain(log_prob_gains(model, ood.x, feats, cancel=cancel), labels).tolist()
         out = []
         for j, f in enumerate(feats):
             if is_cancelled(cancel):
@@ -605,7 +653,7 @@ def run_audit(config: AuditConfig, progress: Callable[[Any], None] | None = None
                          "use out_mode removed to audit the accountant's own claim")
     report(Progress("done", trained.epochs_trained, exp.epochs, message=f"epsilon >= {bound.epsilon:.3f}"))
     return AuditResult(config=config, bound=bound, scores=scores, is_in=[bool(b) for b in is_in],
-                       indices=[int(i) for i in idx], labels=full.y[torch.as_tensor(idx)].tolist(),
+                       indices=[int(i) for i in idx], labels=[int(v) for v in labels],
                        feature_names=[f.name for f in feats], test_accuracy=float(test_acc),
                        claimed_epsilon=None if trained.epsilon is None else float(trained.epsilon),
                        claimed_delta=claimed_delta, epochs_trained=trained.epochs_trained,
@@ -686,7 +734,7 @@ def audit_histogram(result: AuditResult, bins: int = 30):
     b = result.bound
     title = (f"Scores of IN vs OUT canaries: epsilon >= {b.epsilon:.2f} at {b.confidence:.0%} "
              f"({b.correct}/{b.guesses} guesses right)")
-    return _layout(fig, title, "score M = X_u - X_r of the canary's feature (nats)", "canaries",
+    return _layout(fig, title, f"score: {SCORE_UNITS[result.config.score]}", "canaries",
                    barmode="overlay", bargap=0)
 
 
