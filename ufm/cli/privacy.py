@@ -7,16 +7,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import StderrProgress, _nonneg_int, _pos_int, check_out, finite_float, int_in
-from .fileio import atomic_write as write_atomic
-from .limits import MAX_FEATURE_SIDE, MAX_OOD_SIZE
+from ..fileio import atomic_write as write_atomic
+from ..limits import MAX_FEATURE_SIDE, MAX_OOD_SIZE
+from .common import StderrProgress, _nonneg_int, _pos_int, check_out, finite_float, int_in
 
 
 def audit_config_from_args(a: argparse.Namespace):
     """Build an :class:`~ufm.privacy_audit.AuditConfig` from parsed flags."""
-    from .experiment import ExperimentConfig
-    from .privacy_audit import AuditConfig
-    from .train import DPConfig
+    from ..experiment import ExperimentConfig
+    from ..privacy_audit import AuditConfig
+    from ..train import DPConfig
 
     dp = DPConfig(noise_multiplier=None if a.dp_epsilon is not None else (a.dp_noise if a.dp_noise is not None else 1.0),
                   target_epsilon=a.dp_epsilon, delta=a.dp_delta, max_grad_norm=a.dp_clip)
@@ -35,13 +35,13 @@ def audit_config_from_args(a: argparse.Namespace):
 
 
 def cmd_privacy_audit(a: argparse.Namespace) -> int:
-    from .privacy_audit import run_audit, save_audit
+    from ..privacy_audit import run_audit, save_audit
 
     check_out(a.out)
     cfg = audit_config_from_args(a)
     res = run_audit(cfg, progress=StderrProgress(a.quiet))
     if a.home is not None or a.save:
-        from .store import default_home
+        from ..store import default_home
         path = save_audit(Path(a.home).expanduser() if a.home else default_home(), res)
         print(f"saved in {path}", file=sys.stderr)
     payload = res.to_json(indent=1)

@@ -1,36 +1,25 @@
-"""Command line: ``ufm measure`` (and the other verbs registered in :data:`COMMANDS`).
+"""What every ``ufm`` verb shares: the one-line usage error, argument types, the experiment flags
+and their :class:`~ufm.experiment.ExperimentConfig`, progress on stderr, ``--out`` checks and the
+run store of ``--home``.
 
-Bad flags or data print one line, ``ufm: error: ...``, and exit with status 2; never a traceback.
+Verb modules import from here and from the rest of ``ufm``, never from ``ufm.cli`` or from one
+another, so any of them may be imported on its own.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable
 
-from .fileio import atomic_write as write_atomic  # noqa: F401 - re-exported for the verbs
-from .fileio import check_writable
-from .limits import MAX_CANDIDATES, MAX_FEATURE_SIDE, MAX_OOD_SIZE, MAX_REPEATS
-
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+from ..fileio import check_writable
+from ..limits import MAX_CANDIDATES, MAX_FEATURE_SIDE, MAX_OOD_SIZE, MAX_REPEATS
+from ..store import Store, StoreError
 
 
 class UsageError(Exception):
     """A problem with what the user asked for; printed as one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not usage + error
-        # "argument --seed: must be >= 0" -> "--seed: must be >= 0": the flag leads the message
-        if message.startswith("argument ") and ": " in message:
-            message = message[len("argument "):]
-        raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
 def int_in(lo: int, hi: int | None = None, why: str = "") -> Callable[[str], int]:
@@ -122,10 +111,10 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(a: argparse.Namespace):
     """Build an :class:`~ufm.experiment.ExperimentConfig` from parsed flags."""
-    from .canary import CanaryChoice
-    from .experiment import ExperimentConfig
-    from .features import parse_feature_spec
-    from .train import DPConfig
+    from ..canary import CanaryChoice
+    from ..experiment import ExperimentConfig
+    from ..features import parse_feature_spec
+    from ..train import DPConfig
 
     if a.no_canary:
         canary = CanaryChoice("none", ())
@@ -167,34 +156,6 @@ class StderrProgress:
         self.stream.flush()
 
 
-def summary_lines(result, verdict=None) -> list[str]:
-    """What ``ufm measure`` prints: the numbers, the fast test, and the verdict (calibrated when the
-    reference bank is complete, else provisional)."""
-    s = result.score
-    k = len(s.candidate_X)
-    fast = (f"fast test ({s.family} candidates): inconclusive: {s.inconclusive_reason}" if s.status == "inconclusive"
-            else f"fast test ({s.family} candidates): exposure = {s.exposure:.2f} bits, rank {s.rank} of {k + 1}, "
-                 f"p = {s.exposure_p_value:.3g}")
-    lines = [
-        f"M = {s.M:.5g}  (X_u = {s.X_u:.5g}, X_r = {s.X_r:.5g}; nats)",
-        f"paper's t-tests (shown, never decide): Welch p = {s.p_value:.3g}, paired p = {s.p_value_paired:.3g}",
-        fast,
-    ]
-    if verdict is None:
-        lines.append(f"verdict: {s.verdict()}")
-    else:
-        lines.append(f"verdict: {verdict.headline}. {verdict.text}")
-        if verdict.calibration:
-            lines.append(f"calibration: {verdict.calibration}")
-    return lines + [
-        *(f"note: {n}" for n in getattr(result, "notes", [])),
-        f"trained on {result.n_train} images (+ {result.n_val} for validation)",
-        f"canaries: {result.canary_indices[:10]}{' ...' if len(result.canary_indices) > 10 else ''}"
-        f"  test accuracy {100 * result.test_accuracy:.2f}%  epochs {result.epochs_trained}"
-        f"{'' if result.epsilon is None else f'  DP epsilon spent {result.epsilon:.3g}'}",
-    ]
-
-
 def check_out(out: str | None, flag: str = "--out") -> None:
     """Refuse an output path that cannot be written (a folder, a missing or read-only folder)
     before any work starts; ``None`` and ``-`` (stdout) pass."""
@@ -202,98 +163,15 @@ def check_out(out: str | None, flag: str = "--out") -> None:
         check_writable(out, what=flag)
 
 
-def cmd_measure(a: argparse.Namespace) -> int:
-    from .cli_runs import measure_in_store
-
-    check_out(a.out)
-    config = config_from_args(a)
-    # Recorded in the run store; an identical finished run is reused unless --force.
-    run_id, result, cached, verdict = measure_in_store(a, config, StderrProgress(a.quiet))
-    payload = json.dumps({**result.to_dict(), "final_verdict": verdict.to_dict()}, indent=1)
-    if a.out == "-":
-        print(payload)
-    elif a.out:
-        write_atomic(Path(a.out), payload)
-    for line in summary_lines(result, verdict):
-        print(line, file=sys.stderr if a.out == "-" else sys.stdout)
-    print(f"run {run_id}" + ("  (cached: an identical finished run; nothing trained, --force retrains)" if cached else ""),
-          file=sys.stderr if a.out == "-" else sys.stdout)
-    if a.out and a.out != "-":
-        print(f"wrote {a.out}", file=sys.stderr)
-    return 0
+def add_home(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--home", default=None, metavar="DIR",
+                   help="ufm home holding the run database and artifacts (default $UFM_HOME, else "
+                        "~/.local/share/ufm)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ufm", description="Measure unique feature memorisation (Hartley & Tsaftaris).")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
-    p = sub.add_parser("measure", help="train with a canary and measure memorisation (M score)",
-                       description="Train one model with the feature on the canary image(s) and measure M.")
-    add_experiment_args(p)
-    p.add_argument("--out", default=None, help="write the result JSON here ('-' for stdout)")
-    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    p.set_defaults(func=cmd_measure)
-    from . import cli_influence  # imported here: it imports this module
-
-    cli_influence.register(sub)
-    for register in EXTRA_COMMANDS:
-        register(sub)
-    return parser
-
-
-# Other modules add their verbs here (influence, explain, sweep-canaries, runs).
-EXTRA_COMMANDS: list[Callable[[Any], None]] = []
-from .cli_runs import register as _register_runs  # noqa: E402 - runs, studies, measure --home/--force
-EXTRA_COMMANDS.append(_register_runs)
-from .cli_audit import register as _register_audit  # noqa: E402 - audit (ONNX models ufm did not train)
-EXTRA_COMMANDS.append(_register_audit)
-from .cli_privacy import register as _register_privacy  # noqa: E402 - privacy-audit
-EXTRA_COMMANDS.append(_register_privacy)
-from .cli_reproduce import register as _register_reproduce  # noqa: E402 - ufm reproduce
-EXTRA_COMMANDS.append(_register_reproduce)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .data import DataUnavailable
-    from .train import TrainingDiverged
-    return (UsageError, ValueError, DataUnavailable, TrainingDiverged, FileNotFoundError, PermissionError)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def open_store(a: argparse.Namespace) -> Store:
+    """The store of ``--home`` / ``$UFM_HOME``; its problems become one-line CLI errors."""
     try:
-        args = parser.parse_args(argv)
-        if not getattr(args, "command", None):
-            parser.print_help(sys.stderr)
-            return EXIT_USAGE
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("\nufm: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        return _broken_pipe()
-    except Exception as exc:  # noqa: BLE001 - filtered just below
-        if isinstance(exc, _user_errors()):
-            msg = " ".join(str(exc).split())
-            print(f"ufm: error: {msg}", file=sys.stderr)
-            return EXIT_USAGE
-        raise
-
-
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command cut off by `| head`
-
-
-def _broken_pipe() -> int:
-    """The reader of stdout went away (``ufm runs show ID | head``): stop quietly.
-
-    Python's recipe: point stdout at /dev/null so the flush at exit does not raise a second
-    BrokenPipeError ("Exception ignored ...") on the closed pipe."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError):
-        pass  # stdout is not a real file (tests capture it): nothing will be flushed to the pipe
-    return EXIT_BROKEN_PIPE
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        return Store(getattr(a, "home", None))
+    except StoreError as e:
+        raise UsageError(str(e)) from e

@@ -6,7 +6,7 @@
     ufm audit --list
 
 The audit is recorded in the run store (``--home``) once it has finished; any error before that
-leaves nothing behind. Nothing here imports ``ufm.cli`` at import time.
+leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -17,24 +17,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .limits import MAX_CANDIDATES, MAX_FEATURE_SIDE, MAX_OOD_SIZE, MAX_REPEATS
-
-
-def _usage(message: str) -> Exception:
-    from .cli import UsageError
-    return UsageError(message)
+from ..limits import MAX_CANDIDATES, MAX_FEATURE_SIDE, MAX_OOD_SIZE, MAX_REPEATS
+from ..store import StoreError
+from .common import (StderrProgress, UsageError, _nonneg_int, _pos_int, add_home, check_out, finite_float, int_in,
+                     open_store)
 
 
 def _read_classes(path: str) -> tuple[str, ...]:
     p = Path(path)
     try:
         if p.stat().st_size > 1_000_000:
-            raise _usage(f"--classes {path}: larger than 1 MB; give one class name per line")
+            raise UsageError(f"--classes {path}: larger than 1 MB; give one class name per line")
         names = tuple(line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
     except (OSError, UnicodeDecodeError) as exc:
-        raise _usage(f"--classes {path}: cannot read it ({exc}); give a text file with one class name per line") from None
+        raise UsageError(f"--classes {path}: cannot read it ({exc}); give a text file with one class name per line") from None
     if len(names) < 2:
-        raise _usage(f"--classes {path}: needs at least two class names, one per line")
+        raise UsageError(f"--classes {path}: needs at least two class names, one per line")
     return names
 
 
@@ -58,16 +56,13 @@ def summary_lines(result: Any, audit_id: str | None) -> list[str]:
 
 
 def cmd_audit(a: argparse.Namespace) -> int:
-    from .cli import StderrProgress, check_out
-    from .cli_runs import open_store
-
     if a.list:
-        from .audit import list_audits
+        from ..audit import list_audits
         with open_store(a) as store:
             records = list_audits(store)
         if not records:
             print(f"no audits in {store.db_path}", file=sys.stderr)
-        from .report import fmt
+        from ..report import fmt
         for r in records:
             row = r.to_row()
             print(f"{row['id']}  {row['created']}  {row['model']}  {row['feature']}  M = {fmt(row['M'])}  "
@@ -75,15 +70,14 @@ def cmd_audit(a: argparse.Namespace) -> int:
         return 0
     missing = [f for f, v in (("--model", a.model), ("--ood", a.ood)) if not v]
     if missing:
-        raise _usage(f"{' and '.join(missing)} required: ufm audit --model model.onnx --feature SPEC --ood DATASET|FOLDER|NPZ")
+        raise UsageError(f"{' and '.join(missing)} required: ufm audit --model model.onnx --feature SPEC --ood DATASET|FOLDER|NPZ")
     check_out(a.out)
     check_out(a.report, "--report")
-    from .audit import AuditConfig, audit_html, run_audit, save_audit
-    from .features import parse_feature_spec
-    from .fileio import atomic_write
-    from .onnx_model import load_onnx
-    from .store import StoreError
-    from .train import TrainingCancelled
+    from ..audit import AuditConfig, audit_html, run_audit, save_audit
+    from ..features import parse_feature_spec
+    from ..fileio import atomic_write
+    from ..onnx_model import load_onnx
+    from ..train import TrainingCancelled
 
     classes = _read_classes(a.classes) if a.classes else ()
     model = load_onnx(a.model, input_size=tuple(a.input_size) if a.input_size else None, channels=a.channels,
@@ -95,14 +89,14 @@ def cmd_audit(a: argparse.Namespace) -> int:
     try:
         result = run_audit(model, config, progress=StderrProgress(a.quiet))
     except TrainingCancelled as exc:
-        raise _usage(f"{exc}; nothing was saved") from exc
+        raise UsageError(f"{exc}; nothing was saved") from exc
     audit_id = None
     if not a.no_store:
         with open_store(a) as store:
             try:
                 audit_id = save_audit(store, result)
             except StoreError as exc:
-                raise _usage(str(exc)) from exc
+                raise UsageError(str(exc)) from exc
     if a.out == "-":
         print(json.dumps({"id": audit_id, **result.to_dict()}, indent=1))
     elif a.out:
@@ -120,9 +114,6 @@ def cmd_audit(a: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add ``audit`` to the ``ufm`` subcommands."""
-    from .cli import _nonneg_int, _pos_int, finite_float, int_in
-    from .cli_runs import _add_home
-
     p = sub.add_parser("audit", help="black-box memorisation test of an ONNX model you did not train",
                        description="Measure whether an ONNX image classifier memorised a unique feature, from its "
                                    "outputs alone (no training data, no weights). The model runs in onnxruntime; it "
@@ -169,5 +160,5 @@ def register(sub: Any) -> None:
     o.add_argument("--no-store", action="store_true", help="do not record the audit in the run store")
     o.add_argument("--list", action="store_true", help="list the recorded audits and exit")
     o.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    _add_home(p)
+    add_home(p)
     p.set_defaults(func=cmd_audit)

@@ -6,13 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli import StderrProgress, add_experiment_args, config_from_args
-from .fileio import atomic_write as write_atomic
+from ..fileio import atomic_write as write_atomic
+from .common import StderrProgress, add_experiment_args, config_from_args, open_store
 
 
 def cmd_influence(a: argparse.Namespace) -> int:
-    from .report import to_csv
-    from .sweep import influence_scores
+    from ..report import to_csv
+    from ..sweep import influence_scores
 
     cfg = config_from_args(a)
     infl = influence_scores(cfg, n_checkpoints=a.checkpoints, last_layer_only=a.last_layer,
@@ -29,8 +29,7 @@ def cmd_influence(a: argparse.Namespace) -> int:
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
-    from .cli_runs import open_store
-    from .sweep import sweep_canaries
+    from ..sweep import sweep_canaries
 
     cfg = config_from_args(a)
     store = open_store(a)
@@ -44,8 +43,8 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
 
 def cmd_explain(a: argparse.Namespace) -> int:
-    from .experiment import run_experiment
-    from .explain import explain_run, write_explanation_pngs
+    from ..experiment import run_experiment
+    from ..explain import explain_run, write_explanation_pngs
 
     cfg = config_from_args(a)
     if cfg.canary.mode == "none":

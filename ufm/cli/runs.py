@@ -1,8 +1,4 @@
-"""CLI verbs for the run store: ``ufm runs ...``, ``ufm studies ...``, and ``--home``/``--force``
-on ``ufm measure`` (which records its run in the store, through the cache).
-
-Nothing here imports ``ufm.cli`` at import time, so either module may be imported first.
-"""
+"""CLI verbs for the run store: ``ufm runs ...`` and ``ufm studies ...``."""
 
 from __future__ import annotations
 
@@ -10,85 +6,22 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .store import STATUSES, Store, StoreError
-
-if TYPE_CHECKING:
-    from .verdict import Verdict
-    from .experiment import ExperimentConfig, Result
-    from .train import ProgressFn
+from ..store import STATUSES, Store, StoreError
+from .common import UsageError, _pos_int, add_home, check_out, finite_float, open_store
 
 LIST_COLUMNS = ["id", "status", "created", "dataset", "arch", "regularisers", "canary", "seed", "M",
                 "exposure_p_value", "test_accuracy", "note"]
 
 
-def _references(s: str) -> int:
-    from .cli import int_in
-    from .reference import MAX_REFERENCES
-    v = int_in(0, MAX_REFERENCES)(s)
-    if 0 < v < 19:
-        raise argparse.ArgumentTypeError(f"must be 0 or at least 19 (the smallest p-value is 1/(R + 1)), got {v}")
-    return v
-
-
-def _pos_int(s: str) -> int:
-    from .cli import int_in
-    return int_in(1)(s)
-
-
-def _usage(message: str) -> Exception:
-    from .cli import UsageError
-    return UsageError(message)
-
-
-def _add_home(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--home", default=None, metavar="DIR",
-                   help="ufm home holding the run database and artifacts (default $UFM_HOME, else "
-                        "~/.local/share/ufm)")
-
-
-def open_store(a: argparse.Namespace) -> Store:
-    """The store of ``--home`` / ``$UFM_HOME``; its problems become one-line CLI errors."""
-    try:
-        return Store(getattr(a, "home", None))
-    except StoreError as e:
-        raise _usage(str(e)) from e
-
-
-def measure_in_store(a: argparse.Namespace, config: "ExperimentConfig",
-                     progress: "ProgressFn | None") -> tuple[str, "Result", bool, "Verdict"]:
-    """``ufm measure``'s work: train (or reuse an identical finished run unless ``--force``), record
-    the run, and with ``--references R`` train the bank of R clean reference models (once per
-    setting) for the calibrated verdict. Returns ``(run_id, result, cached, verdict)``; without a
-    complete bank the verdict is the provisional fast test's."""
-    from .jobs import measure
-    from .reference import DEFAULT_REFERENCES, build_bank, report_bank_progress
-    from .train import TrainingCancelled
-    from .verdict import run_verdict
-
-    references = getattr(a, "references", 0) or 0
-    with open_store(a) as store:
-        try:
-            run_id, result, cached = measure(store, config, force=a.force, progress=progress)
-            if references:
-                build_bank(store, config, references, progress=report_bank_progress(progress))
-            verdict = run_verdict(store, store.get(run_id), references or DEFAULT_REFERENCES)
-        except StoreError as e:
-            raise _usage(str(e)) from e
-        except TrainingCancelled as e:
-            raise _usage(f"{e} (cancelled from 'ufm runs cancel' or the dashboard); nothing was saved") from e
-    return run_id, result, cached, verdict
-
-
 def _check_out(a: argparse.Namespace) -> None:
-    """Refuse an unwritable ``--out`` before the store is read (see :func:`ufm.cli.check_out`)."""
-    from .cli import check_out
+    """Refuse an unwritable ``--out`` before the store is read (see :func:`~ufm.cli.common.check_out`)."""
     check_out(getattr(a, "out", None))
 
 
 def _write_out(text: str, out: str | None) -> None:
-    from .fileio import atomic_write as write_atomic
+    from ..fileio import atomic_write as write_atomic
 
     if out in (None, "-"):
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
@@ -101,7 +34,7 @@ def _resolve(store: Store, run_id: str) -> str:
     try:
         return store.resolve(run_id)
     except StoreError as e:
-        raise _usage(str(e)) from e
+        raise UsageError(str(e)) from e
 
 
 # ---------------------------------------------------------------------------------- runs
@@ -109,7 +42,7 @@ def _resolve(store: Store, run_id: str) -> str:
 def cmd_runs_list(a: argparse.Namespace) -> int:
     import pandas as pd
 
-    from .report import RUN_TABLE_COLUMNS, fmt, run_row, to_csv
+    from ..report import RUN_TABLE_COLUMNS, fmt, run_row, to_csv
 
     _check_out(a)
     with open_store(a) as store:
@@ -140,7 +73,7 @@ def cmd_runs_list(a: argparse.Namespace) -> int:
 
 
 def cmd_runs_show(a: argparse.Namespace) -> int:
-    from .report import config_rows, describe_progress, fmt, iso_time
+    from ..report import config_rows, describe_progress, fmt, iso_time
 
     with open_store(a) as store:
         rec = store.get(_resolve(store, a.id))
@@ -173,11 +106,11 @@ def cmd_runs_show(a: argparse.Namespace) -> int:
 
 
 def cmd_runs_export(a: argparse.Namespace) -> int:
-    from .report import run_html, run_json
+    from ..report import run_html, run_json
 
     _check_out(a)
     if (a.mean or a.std) and a.format != "onnx":
-        raise _usage("--mean/--std apply only to --format onnx")
+        raise UsageError("--mean/--std apply only to --format onnx")
     if a.format == "onnx":
         return _export_onnx(a)
     with open_store(a) as store:
@@ -187,10 +120,10 @@ def cmd_runs_export(a: argparse.Namespace) -> int:
                 text = run_json(store, run_id)
             else:
                 if a.out in (None, "-") and sys.stdout.isatty():
-                    raise _usage("an HTML report is several MB: give --out FILE (e.g. --out run.html)")
+                    raise UsageError("an HTML report is several MB: give --out FILE (e.g. --out run.html)")
                 text = run_html(store, run_id)
         except StoreError as e:
-            raise _usage(str(e)) from e
+            raise UsageError(str(e)) from e
     _write_out(text, a.out)
     return 0
 
@@ -198,20 +131,20 @@ def cmd_runs_export(a: argparse.Namespace) -> int:
 def _export_onnx(a: argparse.Namespace) -> int:
     """``ufm runs export ID --format onnx --out model.onnx``: the run's model with its input spec in
     the ONNX metadata (with ``--mean/--std`` the graph takes normalised inputs, as deployed models do)."""
-    from .fileio import atomic_write
-    from .onnx_model import export_run
+    from ..fileio import atomic_write
+    from ..onnx_model import export_run
 
     if a.out in (None, "-"):
-        raise _usage("an ONNX model is a binary file: give --out FILE (e.g. --out model.onnx)")
+        raise UsageError("an ONNX model is a binary file: give --out FILE (e.g. --out model.onnx)")
     with open_store(a) as store:
         run_id = _resolve(store, a.id)
         rec = store.get(run_id)
         if rec.status != "done":
-            raise _usage(f"run {run_id} is {rec.status}; only finished (done) runs have a model to export")
+            raise UsageError(f"run {run_id} is {rec.status}; only finished (done) runs have a model to export")
         try:
             data = export_run(store, run_id, mean=a.mean, std=a.std)
         except StoreError as e:
-            raise _usage(str(e)) from e
+            raise UsageError(str(e)) from e
     atomic_write(Path(a.out), data)
     print(f"wrote {a.out} (run {run_id}, {len(data) / 1024:.0f} KB)", file=sys.stderr)
     return 0
@@ -234,7 +167,7 @@ def cmd_runs_delete(a: argparse.Namespace) -> int:
         try:
             store.delete_run(run_id)
         except StoreError as e:
-            raise _usage(str(e)) from e
+            raise UsageError(str(e)) from e
     print(f"deleted run {run_id}" + (f" (it was part of study {', '.join(studies)}, which now lacks it)"
                                      if studies else ""))
     return 0
@@ -243,7 +176,7 @@ def cmd_runs_delete(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- studies
 
 def cmd_studies_list(a: argparse.Namespace) -> int:
-    from .studies import list_studies
+    from ..studies import list_studies
 
     with open_store(a) as store:
         df = list_studies(store)
@@ -257,13 +190,13 @@ def cmd_studies_list(a: argparse.Namespace) -> int:
 
 
 def cmd_studies_show(a: argparse.Namespace) -> int:
-    from .studies import summary
+    from ..studies import summary
 
     with open_store(a) as store:
         try:
             df = summary(store, a.name)
         except StoreError as e:
-            raise _usage(str(e)) from e
+            raise UsageError(str(e)) from e
     if a.json:
         print(df.to_json(orient="records", indent=1))
     else:
@@ -272,8 +205,8 @@ def cmd_studies_show(a: argparse.Namespace) -> int:
 
 
 def cmd_studies_export(a: argparse.Namespace) -> int:
-    from .report import study_html, to_csv
-    from .studies import get_study, runs_frame, study_to_dict, summary
+    from ..report import study_html, to_csv
+    from ..studies import get_study, runs_frame, study_to_dict, summary
 
     _check_out(a)
     with open_store(a) as store:
@@ -286,29 +219,13 @@ def cmd_studies_export(a: argparse.Namespace) -> int:
                 text = json.dumps({"study": study_to_dict(get_study(store, a.name)),
                                    "summary": json.loads(summary(store, a.name).to_json(orient="records"))}, indent=1)
         except StoreError as e:
-            raise _usage(str(e)) from e
+            raise UsageError(str(e)) from e
     _write_out(text, a.out)
     return 0
 
 
 def register(sub: Any) -> None:
-    """Add ``runs`` and ``studies`` to the ``ufm`` subcommands, and ``--home``/``--force`` to
-    ``measure`` (it is registered before the extra commands)."""
-    from .cli import finite_float
-
-    measure = sub.choices.get("measure")
-    if measure is not None:
-        _add_home(measure)
-        measure.add_argument("--force", action="store_true",
-                             help="train even when an identical finished run (same config and ufm version) is "
-                                  "in the store")
-        from .reference import MAX_REFERENCES
-        measure.add_argument("--references", type=_references, default=0, metavar="R",
-                             help="also train R clean reference models (19 to %d, default bank 39; once per training setting, "
-                                  "shared by every feature, canary and seed) and give the calibrated verdict; "
-                                  "0 (default) uses a complete bank of 39 already in the store, else the verdict is "
-                                  "the fast test's, marked provisional" % MAX_REFERENCES)
-
+    """Add ``runs`` and ``studies`` to the ``ufm`` subcommands."""
     runs = sub.add_parser("runs", help="list, show, export, cancel or delete recorded runs",
                           description="Runs recorded in the store ($UFM_HOME or --home). IDs may be shortened.")
     rs = runs.add_subparsers(dest="runs_command", metavar="ACTION", required=True)
@@ -340,7 +257,7 @@ def register(sub: Any) -> None:
     p.add_argument("id")
     p.set_defaults(func=cmd_runs_delete)
     for q in rs.choices.values():
-        _add_home(q)
+        add_home(q)
 
     studies = sub.add_parser("studies", help="list, summarise or export studies (groups of runs)",
                              description="Studies recorded in the store ($UFM_HOME or --home).")
@@ -358,4 +275,4 @@ def register(sub: Any) -> None:
     p.add_argument("--out", required=True, help="file to write ('-' for stdout)")
     p.set_defaults(func=cmd_studies_export)
     for q in ss.choices.values():
-        _add_home(q)
+        add_home(q)

@@ -1,7 +1,4 @@
-"""``ufm reproduce``: the paper's tables and figure 4, side by side with ufm's numbers.
-
-Nothing here imports ``ufm.cli`` at import time, so either module may be imported first.
-"""
+"""``ufm reproduce``: the paper's tables and figure 4, side by side with ufm's numbers."""
 
 from __future__ import annotations
 
@@ -9,10 +6,12 @@ import argparse
 import sys
 from typing import Any
 
+from .common import open_store
+
 
 def register(sub: Any) -> None:
-    from .executors import EXECUTORS
-    from .reproduce import SCALES, TARGETS
+    from ..executors import EXECUTORS
+    from ..reproduce import SCALES, TARGETS
 
     p = sub.add_parser(
         "reproduce", help="reproduce the paper's Table 1/2/3 or Figure 4 and write them beside the paper's numbers",
@@ -37,9 +36,8 @@ def register(sub: Any) -> None:
 
 
 def cmd_reproduce(a: argparse.Namespace) -> int:
-    from .cli_runs import open_store
-    from .executors import make_executor
-    from .reproduce import reproduce
+    from ..executors import make_executor
+    from ..reproduce import reproduce
 
     if a.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {a.seed}")
