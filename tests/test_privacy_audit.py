@@ -315,6 +315,11 @@ def test_cli_writes_the_audit(tiny_data, one_torch_thread, tmp_path, capsys):
     assert main(_cli_args(tiny_data, "--canaries", "20", "--feature-size", "3", "--out", str(out))) == 0
     d = json.loads(out.read_text())
     assert d["bound"]["m"] == 20 and len(d["scores"]) == 20 and "epsilon_lower_bound" in d
+    assert d["config"]["score"] == "label-gain" and 0 <= d["auc"] <= 1
+    by_m = tmp_path / "audit-m.json"
+    assert main(_cli_args(tiny_data, "--canaries", "20", "--feature-size", "3", "--score", "M", "--out", str(by_m))) == 0
+    dm = json.loads(by_m.read_text())
+    assert dm["config"]["score"] == "M" and dm["is_in"] == d["is_in"] and dm["scores"] != d["scores"]
     assert "epsilon lower bound" in capsys.readouterr().out
 
 

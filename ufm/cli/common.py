@@ -61,7 +61,7 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
                    help="mnist, fashion-mnist, cifar10, chest-xray, or a path (folder with train.npz/test.npz, "
                         "or a folder of class sub-folders)")
     d.add_argument("--data-dir", default=None, help="where datasets live (default $UFM_DATA_DIR or ~/.cache/ufm/data)")
-    d.add_argument("--train-size", type=_pos_int, default=None, help="use the first N training images")
+    d.add_argument("--train-size", type=_pos_int, default=None, help="use N training images (a seeded subset keeping every class in proportion)")
     d.add_argument("--ood-size", type=int_in(2, MAX_OOD_SIZE), default=1000,
                    help=f"number of out-of-distribution inference images (2..{MAX_OOD_SIZE})")
     d.add_argument("--ood-source", default=None, help="inference set (default: the paper's choice)")

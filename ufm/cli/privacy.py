@@ -30,7 +30,7 @@ def audit_config_from_args(a: argparse.Namespace):
         raise ValueError("give both --k-plus and --k-minus (fixed guess counts) or neither (Bonferroni over the grid)")
     return AuditConfig(exp, canaries=a.canaries, features=a.features, feature_size=a.feature_size,
                        text_length=a.text_length, offset=tuple(a.offset), placement=a.placement,
-                       out_mode=a.out_mode, delta=a.delta, confidence=a.confidence, k_plus=a.k_plus,
+                       out_mode=a.out_mode, score=a.score, delta=a.delta, confidence=a.confidence, k_plus=a.k_plus,
                        k_minus=a.k_minus)
 
 
@@ -61,13 +61,14 @@ def register(sub) -> None:
     p = sub.add_parser(
         "privacy-audit", help="one-run privacy audit: an epsilon lower bound from many unique features",
         description="Draw m distinct unique features on m distinct training images, include each with "
-                    "probability 1/2, train ONE model, score every feature by M, guess IN for the highest "
+                    "probability 1/2, train ONE model, score every feature (--score), guess IN for the highest "
                     "scores and OUT for the lowest, and turn the correct guesses into a lower bound on the "
                     "differential-privacy epsilon (Steinke, Nasr & Jagielski 2023).")
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist, cifar10, chest-xray, or a path")
     d.add_argument("--data-dir", default=None, help="where datasets live (default $UFM_DATA_DIR or ~/.cache/ufm/data)")
-    d.add_argument("--train-size", type=_pos_int, default=None, help="use the first N training images")
+    d.add_argument("--train-size", type=_pos_int, default=None,
+                   help="use N training images (a seeded subset keeping every class in proportion)")
     d.add_argument("--ood-size", type=int_in(2, MAX_OOD_SIZE), default=1000, help="inference images")
     d.add_argument("--ood-source", default=None, help="inference set (default: the paper's choice)")
     m = p.add_argument_group("model and training")
@@ -97,6 +98,9 @@ def register(sub) -> None:
                    help="random (default): each feature at its own seeded place; fixed: every feature at --offset")
     a.add_argument("--out-mode", choices=["clean", "removed"], default="clean",
                    help="OUT canary: image trained on without its feature (clean) or left out (removed)")
+    a.add_argument("--score", choices=["label-gain", "M"], default="label-gain",
+                   help="label-gain (default): the feature's pull towards its canary's class on the inference "
+                        "images; M: the paper's label-free X_u - X_r (weaker: README, privacy audit)")
     a.add_argument("--delta", type=finite_float, default=1e-5, help="delta of the bound (default 1e-5)")
     a.add_argument("--confidence", type=finite_float, default=0.95, help="confidence of the bound (default 0.95)")
     a.add_argument("--k-plus", type=_nonneg_int, default=None, help="fixed IN guesses (with --k-minus; else Bonferroni grid)")
