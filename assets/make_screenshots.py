@@ -5,7 +5,7 @@
 Runs, with the dashboard's Quick budget on MNIST (MLP, 3,000 images): the teaching demo's run, a
 regulariser comparison (none / dropout / dp-sgd, 2 seeds), the self-influence ranking and a
 3 + 3 canary sweep; then drives Debian's chromium through every page (never `playwright install`), ending with
-an audit of the teaching run's model exported to ONNX, a plus sign drawn on the Feature page's
+an audit of the teaching run's model exported to ONNX, a privacy audit with 100 canaries, a plus sign drawn on the Feature page's
 canvas with mouse strokes, and the clinical ladder run from Home (timed; printed at the end).
 """
 
@@ -71,6 +71,19 @@ def audit_shot(page, home: Path) -> None:
     page.screenshot(path=str(OUT / "audit.png"), full_page=True)
 
 
+def privacy_shot(page) -> None:
+    """The Audit privacy page: 100 canaries on the Quick MNIST MLP, run from the form."""
+    page.get_by_role("link", name="Audit privacy").first.click()
+    page.get_by_text("How private is it, in numbers?").wait_for(timeout=60_000)
+    m = page.get_by_role("spinbutton", name="canaries m")
+    m.fill("100")
+    m.press("Enter")
+    page.get_by_role("button", name="Audit privacy").click()
+    page.get_by_text("guesses correct").wait_for(timeout=600_000)
+    page.wait_for_timeout(2500)
+    page.screenshot(path=str(OUT / "privacy.png"), full_page=True)
+
+
 def draw_plus(page) -> None:
     """A plus sign drawn with two mouse strokes on the Feature page's canvas (7x7 feature)."""
     page.get_by_role("link", name="Feature").first.click()
@@ -99,10 +112,12 @@ def draw_plus(page) -> None:
 def main() -> None:
     from playwright.sync_api import sync_playwright
 
-    # An already filled store can be reused: python assets/make_screenshots.py HOME
+    # An already filled store can be reused: python assets/make_screenshots.py HOME; a single
+    # page that needs no filled store: python assets/make_screenshots.py HOME privacy
     home = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="ufm-shots-"))
+    only = sys.argv[2:]
     t0 = time.time()
-    if not (home / "ufm.db").exists():
+    if not only and not (home / "ufm.db").exists():
         fill_store(home)
         print(f"store filled in {time.time() - t0:.0f} s", flush=True)
     with socket.socket() as s:
@@ -124,6 +139,11 @@ def main() -> None:
             page = browser.new_page(viewport={"width": 1400, "height": 1800})
             page.goto(url)
             page.get_by_text("Guided demos").wait_for(timeout=60_000)
+            if only:
+                for name in only:
+                    {"privacy": privacy_shot}[name](page)
+                browser.close()
+                return
             page.screenshot(path=str(OUT / "home.png"))
 
             def visit(title: str, name: str, wait_text: str) -> None:
@@ -148,6 +168,7 @@ def main() -> None:
             visit("Explain", "explain", "box share, canary with feature")
             visit("Runs", "runs", "Export all runs (CSV)")
             audit_shot(page, home)
+            privacy_shot(page)
             draw_plus(page)
             page.get_by_role("link", name="Home").first.click()
             page.get_by_role("button", name="Run the clinical demo").click()
