@@ -267,12 +267,11 @@ def write(name: str, payload: dict) -> None:
 # ----------------------------------------------------------------------------------------- report
 
 def wilson(k: int, n: int) -> tuple[float, float, float]:
-    from scipy.stats import binomtest
+    from ufm.stats import wilson_interval
 
     if n == 0:
         return float("nan"), float("nan"), float("nan")
-    ci = binomtest(k, n).proportion_ci(0.95, method="wilson")
-    return k / n, float(ci.low), float(ci.high)
+    return (k / n, *wilson_interval(k, n))
 
 
 def _rate(calls) -> str:
