@@ -21,7 +21,7 @@ from . import access, state, views
 
 MODEL = "audit_model"      # session key: {"path", "name", "sha256"} of the accepted model file
 AUDIT = "audit_id"         # session key: the audit this session started or opened
-HEADLINE_BOX = {"memorised": st.error, "not_shown": st.success, "inconclusive": st.warning}
+HEADLINE_BOX = {"memorised": st.error, "not_shown": st.info, "inconclusive": st.warning}
 
 
 def _audit_dir(home: str | Path, *parts: str) -> Path:

@@ -26,7 +26,7 @@ CAVEAT = ("How the verdict is reached: the model's M for this feature is compare
           "paper's statistics; they treat every inference image as independent although all share one feature, so "
           "they are shown but never decide. One canary can be detected or not; it cannot prove the absence of "
           "memorisation.")
-STATUS_STYLE = {"memorised": (st.error, ":material/warning:"), "not_shown": (st.success, ":material/check_circle:"),
+STATUS_STYLE = {"memorised": (st.error, ":material/warning:"), "not_shown": (st.info, ":material/info:"),
                 "inconclusive": (st.warning, ":material/help:")}
 
 

@@ -271,7 +271,8 @@ def pattern_figure(pattern: np.ndarray, *, title: str = "the feature") -> go.Fig
                        outline=False)
 
 
-VERDICT_COLOURS = {"memorised": "#d62728", "not_shown": "#2ca02c", "inconclusive": "#7f7f7f", None: "#c7c7c7"}
+# "Not shown" is not "safe": a neutral blue, never the green of an all-clear.
+VERDICT_COLOURS = {"memorised": "#d62728", "not_shown": "#5b7fa6", "inconclusive": "#7f7f7f", None: "#c7c7c7"}
 VERDICT_WORDS = {"memorised": "memorised", "not_shown": "not shown", "inconclusive": "inconclusive",
                  None: "still training"}
 
@@ -293,3 +294,29 @@ def ladder_figure(rungs: Sequence[str], m: Sequence[float], verdicts: Sequence[s
     fig.update_yaxes(range=[min(0.0, np.nanmin(mm) if np.isfinite(mm).any() else 0.0) - 0.25 * top, 1.35 * top])
     return _layout(fig, title, "how many training X-rays carry the name",
                    "M: extra output change for the name (nats)")
+
+
+def memorisation_map_figure(cells: Sequence) -> go.Figure:
+    """Heat-map of the measured memorisation map: one row per setting, one column per feature,
+    placement and count; colour = share of canary models the calibrated verdict called memorised,
+    text = detected/models. ``cells``: :class:`ufm.memorisation_map.MapCell` objects."""
+    cols = sorted({(c.feature, c.count, c.placement) for c in cells},
+                  key=lambda k: (k[0], k[1], ["top", "random", "bottom"].index(k[2])))
+    rows = sorted({(c.device, c.arch, c.dataset, c.train_size, c.budget) for c in cells}, reverse=True)
+    col_names = [f"{'A' if f == 'glyph' else 'name'}, {p}" + (f" x{n}" if n > 1 else "") for f, n, p in cols]
+    row_names = [f"{d} {a} {ds} {n:,} {b}" for d, a, ds, n, b in rows]
+    z = np.full((len(rows), len(cols)), np.nan)
+    text = [["" for _ in cols] for _ in rows]
+    for c in cells:
+        i = rows.index((c.device, c.arch, c.dataset, c.train_size, c.budget))
+        j = cols.index((c.feature, c.count, c.placement))
+        z[i, j] = c.detected / c.models
+        text[i][j] = f"{c.detected}/{c.models}"
+    fig = go.Figure(go.Heatmap(z=z, x=col_names, y=row_names, text=text, texttemplate="%{text}", zmin=0, zmax=1,
+                               colorscale="Reds", colorbar=dict(title="detected", tickformat=".0%"),
+                               hovertemplate="%{y}<br>%{x}<br>detected in %{text} models<extra></extra>"))
+    height = 160 + 28 * len(rows)
+    _layout(fig, "One canary: how often the calibrated verdict detects it",
+            "feature, canary placement (self-influence) and count", "setting", height=height)
+    fig.update_layout(margin=dict(l=230, r=20, t=90, b=90))
+    return fig

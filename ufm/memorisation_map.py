@@ -1,0 +1,241 @@
+"""Where one canary is detected: the measured memorisation map.
+
+``benchmarks/memorisation_map.py`` trains, for each *setting* (architecture, dataset, training-set
+size, budget, device), one bank of clean reference models and canary models with the feature on
+ONE training image, and records how often the calibrated verdict (:mod:`ufm.reference`) calls the
+feature memorised. Its summary is shipped as ``memorisation_map.json`` beside this module; this
+module reads it, so the Train page can tell a user, before they press Start, how often one canary
+was detected in the nearest measured setting, and the demos can use settings measured to show the
+phenomenon.
+
+A *cell* is a setting plus the canary's placement and the feature:
+
+* placement ``top`` / ``bottom``: the most / least self-influential training image of the
+  setting's ranking model (TracIn, :mod:`ufm.sweep`), the same image for every seed; ``random``:
+  a random training image drawn afresh from each seed;
+* feature ``glyph``: the paper's 5x5 letter A; ``name``: a typed name (``JOHN DOE`` where it fits,
+  ``DOE`` on 28x28 images);
+* ``count``: how many training images carry the feature (1 for the map; 3 and 10 for the clinical
+  ladder's rungs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from .experiment import ExperimentConfig
+    from .features import Feature
+
+MAP_FILE = Path(__file__).with_name("memorisation_map.json")
+# quick: the dashboard's quick budget; long: the paper's (up to 500 epochs, early stopping after 10).
+BUDGETS = {"quick": {"epochs": 30, "patience": 5}, "long": {"epochs": 500, "patience": 10}}
+PLACEMENTS = ("top", "random", "bottom")
+FEATURE_KINDS = ("glyph", "name")
+OOD_SIZE = 500
+NAME = "JOHN DOE"
+SHORT_NAME = "DOE"  # JOHN DOE is 46 pixels wide at 7 rows: too wide for 28x28 images
+
+
+def map_feature(kind: str, image_side: int) -> "Feature":
+    """The map's feature of ``kind`` for square images of ``image_side`` pixels."""
+    from .features import glyph, text_feature
+
+    if kind == "glyph":
+        return glyph("A")
+    if kind == "name":
+        return text_feature(NAME if image_side >= 50 else SHORT_NAME, height=7, offset=(2, 2))
+    raise ValueError(f"unknown feature kind {kind!r}; choose one of {', '.join(FEATURE_KINDS)}")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What trains a model (one reference bank serves every cell of a setting)."""
+
+    arch: str
+    dataset: str
+    train_size: int
+    budget: str
+    device: str = "cpu"
+
+    def config(self, feature: "Feature", **changes: Any) -> "ExperimentConfig":
+        """The canary-free config of this setting with ``feature`` (seed 0 unless changed)."""
+        from .canary import CanaryChoice
+        from .experiment import ExperimentConfig
+
+        return ExperimentConfig(feature=feature, dataset=self.dataset, arch=self.arch, train_size=self.train_size,
+                                ood_size=OOD_SIZE, device=self.device, canary=CanaryChoice("none", ()),
+                                **BUDGETS[self.budget]).replace(**changes)
+
+    @property
+    def label(self) -> str:
+        return f"{self.arch}, {self.dataset}, {self.train_size:,} images, {self.budget} budget, {self.device}"
+
+
+@dataclass(frozen=True)
+class MapCell:
+    """One measured cell.
+
+    Attributes:
+        models: canary models trained (one per seed); ``detected`` of them were called memorised by
+            the calibrated reference test (R = ``references`` clean models, level ``alpha``).
+        low, high: 95% Wilson interval of the detection rate.
+        seconds_per_model: mean training + scoring seconds of one canary model on ``device``.
+        bank_seconds: training + scoring seconds of the setting's whole reference bank.
+        canary_index: the training image that carries the feature (``top``/``bottom`` only).
+        mean_M: mean M (nats) of the canary models.
+        load: the machine's 1-minute load average while the cell ran (mean).
+    """
+
+    arch: str
+    dataset: str
+    train_size: int
+    budget: str
+    device: str
+    placement: str
+    feature: str
+    count: int
+    models: int
+    detected: int
+    low: float
+    high: float
+    seconds_per_model: float
+    bank_seconds: float
+    references: int = 39
+    alpha: float = 0.05
+    canary_index: int | None = None
+    mean_M: float = float("nan")
+    load: float = float("nan")
+
+    @property
+    def rate(self) -> float:
+        return self.detected / self.models
+
+    @property
+    def setting(self) -> Setting:
+        return Setting(self.arch, self.dataset, self.train_size, self.budget, self.device)
+
+    def describe(self) -> str:
+        where = {"top": "the most self-influential (atypical) training image",
+                 "bottom": "the least self-influential (typical) training image",
+                 "random": "a random training image"}[self.placement]
+        what = "the letter A" if self.feature == "glyph" else "a typed name"
+        on = where if self.count == 1 else f"{self.count} random training images"
+        return (f"{self.arch} on {self.dataset}, {self.train_size:,} training images, {self.budget} budget, "
+                f"{what} on {on}")
+
+    def sentence(self) -> str:
+        """Plain words: 'one canary was detected in 3 of 10 models'."""
+        n = "one canary was" if self.count == 1 else f"the feature on {self.count} images was"
+        return (f"{n} detected by the calibrated verdict in {self.detected} of {self.models} models "
+                f"(95% interval {self.low:.0%}-{self.high:.0%})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MapCell":
+        d = {k: (float("nan") if v is None and k in ("mean_M", "load") else v) for k, v in d.items()}
+        return cls(**d)
+
+
+def load_cells(path: str | Path | None = None) -> tuple[MapCell, ...]:
+    """The measured cells (the shipped map unless ``path``); empty when the file does not exist."""
+    return _load(str(path or MAP_FILE))
+
+
+@lru_cache(maxsize=4)
+def _load(path: str) -> tuple[MapCell, ...]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return ()
+    return tuple(MapCell.from_dict(d) for d in data["cells"])
+
+
+def find_cell(cells: Sequence[MapCell], setting: Setting, placement: str, feature: str, count: int = 1) -> MapCell:
+    """The cell of exactly this setting, placement, feature and count.
+
+    Raises:
+        LookupError: the map has no such cell (run ``benchmarks/memorisation_map.py``).
+    """
+    for c in cells:
+        if (c.setting, c.placement, c.feature, c.count) == (setting, placement, feature, count):
+            return c
+    raise LookupError(f"the memorisation map has no cell for {setting.label}, {placement} placement, {feature}, "
+                      f"{count} canar{'y' if count == 1 else 'ies'}: run benchmarks/memorisation_map.py")
+
+
+def budget_of(epochs: int, patience: int) -> str:
+    """``quick`` for budgets of at most the quick one's 30 epochs, else ``long``."""
+    return "quick" if epochs <= BUDGETS["quick"]["epochs"] else "long"
+
+
+def feature_kind_of(feature: "Feature") -> str:
+    return "name" if feature.kind == "text" else "glyph"
+
+
+@dataclass(frozen=True)
+class Nearest:
+    """The nearest measured cell to a config and how it differs (plain phrases)."""
+
+    cell: MapCell
+    differences: tuple[str, ...]
+
+    def text(self) -> str:
+        head = ("In this setting" if not self.differences else
+                f"In the nearest measured setting ({self.cell.describe()})")
+        out = f"{head} {self.cell.sentence()}."
+        if self.differences:
+            out += " It differs from yours in: " + "; ".join(self.differences) + "."
+        return out
+
+
+def nearest_cell(config: "ExperimentConfig", device: str = "cpu", cells: Sequence[MapCell] | None = None) -> Nearest | None:
+    """The measured cell nearest to ``config`` trained on ``device`` (``cpu`` or ``cuda``), or None
+    when the map has no cell for its dataset (a user's own data) or the config has no canary.
+
+    Nearness, most important first: dataset, canary count, architecture, budget, device, feature
+    kind, placement, then training-set size on a log scale.
+    """
+    cells = load_cells() if cells is None else cells
+    count = len(config.canary.indices) if config.canary.mode == "index" else config.canary.count
+    if config.canary.mode == "none" or count < 1:
+        return None
+    dataset = str(config.dataset)
+    size = config.train_size or 60_000
+    want = dict(arch=config.arch, budget=budget_of(config.epochs, config.patience), device=device,
+                feature=feature_kind_of(config.feature),
+                # an image the user chose or drew at random: its self-influence is not known before training
+                placement="random")
+    pool = [c for c in cells if c.dataset == dataset]
+    if not pool:
+        return None
+
+    def distance(c: MapCell) -> tuple:
+        return (c.count != count, abs(math.log(c.count / count)), c.arch != want["arch"], c.budget != want["budget"],
+                c.device != want["device"], c.feature != want["feature"], c.placement != want["placement"],
+                abs(math.log(c.train_size / size)), -c.models)
+
+    best = min(pool, key=distance)
+    diffs = []
+    if best.count != count:
+        diffs.append(f"the feature on {best.count} image(s), not {count}")
+    if best.arch != want["arch"]:
+        diffs.append(f"architecture {best.arch}")
+    if best.budget != want["budget"]:
+        diffs.append(f"{best.budget} budget ({BUDGETS[best.budget]['epochs']} epochs at most)")
+    if best.device != device:
+        diffs.append(f"measured on {best.device}")
+    if best.feature != want["feature"]:
+        diffs.append("a typed name" if best.feature == "name" else "the letter A")
+    if best.placement != want["placement"]:
+        diffs.append(f"{best.placement} placement")
+    if best.train_size != size:
+        diffs.append(f"{best.train_size:,} training images (you chose {size:,})")
+    return Nearest(best, tuple(diffs))
