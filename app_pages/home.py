@@ -2,8 +2,8 @@
 
 import streamlit as st
 
-from dashboard import access, state
-from dashboard.demos import DEMOS, LADDER_KEY, ladder_view, start_demo, start_ladder
+from dashboard import state
+from dashboard.demos import DEMO_KEY, DEMOS, demo_view, missing_data, start_demo
 from ufm.train import describe_device
 
 st.title("Does the network remember what it saw once?")
@@ -32,14 +32,10 @@ for col, (key, demo) in zip(cols, DEMOS.items()):
     with col:
         st.subheader(demo.title)
         st.write(demo.text)
-        if demo.note(offline):
-            st.info(demo.note(offline))
-        if st.button(f"Run the {demo.title.lower()} demo", key=f"demo_{key}", type="primary"):
-            if key == "clinical":  # a ladder of runs in the background, its chart below
-                st.session_state.pop(f"{LADDER_KEY}_seconds", None)
-                start_ladder(demo)
-            else:
-                access.mark_started(start_demo(demo))
-                st.switch_page("app_pages/train.py")
-if LADDER_KEY in st.session_state:
-    ladder_view(*st.session_state[LADDER_KEY])
+        missing = missing_data(key, offline)
+        if missing:
+            st.info(missing)
+        if st.button(f"Run the {demo.title.lower()} demo", key=f"demo_{key}", type="primary", disabled=bool(missing)):
+            start_demo(key)
+if DEMO_KEY in st.session_state:
+    demo_view(*st.session_state[DEMO_KEY])

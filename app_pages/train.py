@@ -3,7 +3,7 @@
 import streamlit as st
 
 from dashboard import access, state, views
-from dashboard.train_ui import canary_chooser, canary_preview, setup_form
+from dashboard.train_ui import canary_chooser, canary_preview, map_hint, setup_form
 from ufm.data import DataUnavailable
 from ufm.features import FeatureError
 from ufm.jobs import QueueFull
@@ -39,6 +39,7 @@ with st.container(border=True):
         config = state.config_from_setup(setup)
         feature.check_fits(state.images(setup["dataset"], "train", state.data_dir(), 1)[0].shape)
         with left:
+            map_hint(config)
             force = st.checkbox("train again even if an identical run exists", key="tr_force")
             bank = st.checkbox(f"also train the {DEFAULT_REFERENCES} reference models for the calibrated verdict",
                                value=state.auto_references(), key="tr_bank",

@@ -34,17 +34,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ufm.memorisation_map import (BUDGETS, FEATURE_KINDS, MAP_FILE, PLACEMENTS, MapCell, Setting,  # noqa: E402
-                                  map_feature)
+from ufm.memorisation_map import (CLINICAL, FEATURE_KINDS, MAP_FILE, PLACEMENTS, TEACHING, MapCell,  # noqa: E402
+                                  Setting, map_feature)
 
 RESULTS = ROOT / "benchmarks" / "results"
 REFERENCES = 39
 DEMO_SEEDS = 10
 
 S = Setting
-# The demos' settings (dashboard/demos.py reads them from the map): measured first.
-TEACHING = S("mlp", "mnist", 500, "quick")
-CLINICAL = S("mlp", "chest-xray", 500, "quick")
+# The demos' CPU settings (ufm.memorisation_map.TEACHING, CLINICAL) are measured first.
 # Cells a demo can use get DEMO_SEEDS seeds in every setting, so any setting can become a demo's:
 # the teaching demo's typical and atypical canaries (MNIST) and the clinical ladder (chest X-rays).
 TEACHING_CELLS = [("top", "glyph", 1), ("bottom", "glyph", 1)]
@@ -157,7 +155,6 @@ def _done_keys(rows_path: Path) -> set[str]:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ufm.reference import reference_test
     from ufm.store import Store
 
     settings = [s if s.device == args.device else Setting(s.arch, s.dataset, s.train_size, s.budget, args.device)

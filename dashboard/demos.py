@@ -1,162 +1,131 @@
-"""The guided demos of the Home page.
+"""The guided demos of the Home page (the plans, sentences and settings are :mod:`ufm.demos`).
 
-The teaching demo submits one quick run and opens its result. The clinical demo is a small
-ladder run in the background: the same typed name on 1, 3 and 10 chest X-rays (a study in the
-store, one run per rung), ending on one chart of M and the verdict per rung and a plain sentence
-for a clinician. One run showing no memorisation demonstrates nothing; the ladder shows where
-the risk appears as the name is seen more often.
+Each demo is a study in the store (one run per rung) plus its setting's bank of reference models,
+queued together; the Home page follows it live: M per rung as soon as each model is trained, the
+calibrated verdict when the bank is complete, one chart and one plain sentence.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import streamlit as st
 
-from ufm.canary import CanaryChoice
-from ufm.features import Feature, glyph, text_feature
+from ufm.demos import DemoPlan, calibrated_rows, clinician_sentence, plan_demo, teaching_sentence
 from ufm.plots import ladder_figure
-from ufm.reference import submit_bank
+from ufm.reference import DEFAULT_REFERENCES, bank_status, submit_bank
 from ufm.studies import StudyMember, create_study, runs_frame, submit_study
+from ufm.train import resolve_device
 
 from . import access, state
 
-LADDER = (1, 3, 10)      # how many training X-rays carry the name, one run each
-LADDER_KEY = "clinical_ladder"   # session state: (study name, start time)
+DEMO_KEY = "demo_study"  # session state: (demo key, study name, start time)
 
 
 @dataclass(frozen=True)
 class Demo:
     title: str
     text: str
-    feature: Feature
-    setup: dict = field(default_factory=dict)
-
-    def note(self, offline: list[str]) -> str | None:
-        """What the demo will do differently on this machine, or None."""
-        if self.setup["dataset"] != "chest-xray" or "chest-xray" in offline:
-            return None
-        return ("The 64x64 chest X-ray copy is not in the data folder, so the demo uses PneumoniaMNIST "
-                "(28x28 chest X-rays, downloaded once from MedMNIST; needs internet the first time) with the "
-                "shorter name DOE. For the 64x64 set, put its train.npz/test.npz in "
-                f"{state.data_dir()}/chest-xray/; for your own X-rays, give their folder (one sub-folder per "
-                "class) as the dataset on the Train page.")
-
-    def resolved(self, offline: list[str]) -> "Demo":
-        """This demo as it will run here (the PneumoniaMNIST fallback for the clinical one)."""
-        if self.note(offline) is None:
-            return self
-        return Demo(self.title, self.text, text_feature("DOE", height=7, offset=(2, 2)),
-                    dict(self.setup, dataset="pneumoniamnist"))
+    chart_title: str
+    x_title: str
 
 
 DEMOS = {
     "teaching": Demo(
         "Teaching",
-        "The paper's experiment: a 5x5 letter A on **one** MNIST digit, an MLP, a quick budget "
-        "(3,000 training images, early stopping). About a minute on a laptop CPU.",
-        glyph("A"),
-        dict(dataset="mnist", arch="mlp", regularisers=[], canary=CanaryChoice("index", (0,)), seed=0, **state.QUICK)),
+        "The paper's finding: a 5x5 letter A on **one** MNIST digit. Two models: one with the A on a *typical* "
+        "digit, one with it on an *atypical* digit (the least and the most self-influential of the training "
+        "set), each compared with 39 reference models trained without the A. About a minute on a 2-core CPU.",
+        "Is the letter A memorised from one digit?", "which digit carried the A"),
     "clinical": Demo(
         "Clinical",
         "A typed patient name, JOHN DOE, burnt into the corner of paediatric chest X-rays (normal vs "
-        "pneumonia, 64x64). A small ladder trains in the background: the name on **1**, **3** and **10** "
-        "training X-rays, one quick model each, and ends on one chart of the memorisation score and the "
-        "verdict per rung. About two minutes on a 2-core CPU.",
-        text_feature("JOHN DOE", height=7, offset=(2, 2)),
-        dict(dataset="chest-xray", arch="mlp", regularisers=[], canary=CanaryChoice("index", (0,)), seed=0,
-             train_size=None, epochs=30, patience=5, ood_size=500)),
+        "pneumonia, 64x64): the name on **1**, **3** and **10** training X-rays, one model each, compared with "
+        "39 reference models trained without it. About three minutes on a 2-core CPU.",
+        "Does the model memorise the name? One run per rung", "how many training X-rays carry the name"),
 }
 
 
-def start_demo(demo: Demo) -> str:
-    demo = demo.resolved(state.offline_datasets(state.data_dir()))
-    state.set_feature(demo.feature)  # saved with the design, so a reload keeps the demo's feature
-    state.set_setup(dict(demo.setup))
-    config = state.config_from_setup()
-    run_id = state.runner().submit(config)
-    st.session_state[state.RUN] = run_id
-    if state.auto_references():  # queued behind the demo's run: its provisional result comes first
-        access.mark_started(*submit_bank(state.runner(), config))
-    return run_id
+def device_kind() -> str:
+    return "cuda" if resolve_device("auto").type == "cuda" else "cpu"
 
 
-def rung_label(k: int) -> str:
-    return f"name on {k} X-ray{'' if k == 1 else 's'}"
+def plan(key: str) -> DemoPlan:
+    return plan_demo(key, device_kind(), state.data_dir())
 
 
-def start_ladder(demo: Demo, rungs: tuple[int, ...] = LADDER) -> str:
-    """Store and queue the clinical ladder (one run per rung, the name on ``k`` random training
-    X-rays); returns the study's name. The demo's feature and setup become the current ones."""
-    demo = demo.resolved(state.offline_datasets(state.data_dir()))
-    state.set_feature(demo.feature)
-    state.set_setup(dict(demo.setup))
-    base = state.config_from_setup()
-    members = [StudyMember(rung_label(k), base.replace(canary=CanaryChoice("random", (), count=k))) for k in rungs]
-    name = f"clinical ladder {time.strftime('%Y-%m-%d %H:%M:%S')}"
-    create_study(state.store(), name, "custom", base, members,
-                 description=f"{demo.feature.name} on {', '.join(map(str, rungs))} training X-rays")
-    ids = submit_study(state.runner(), name)
-    access.mark_started(*ids)
-    if state.auto_references():  # the calibrated verdict: one bank serves every rung (same setting)
-        access.mark_started(*submit_bank(state.runner(), base))
-    st.session_state[LADDER_KEY] = (name, time.time())
+def missing_data(key: str, offline: list[str]) -> str | None:
+    """Why ``key``'s data is not here and what to do, or None."""
+    ds = plan(key).base.dataset
+    if ds in offline or ds in ("mnist",):  # torchvision downloads MNIST on first use
+        return None
+    return (f"The {ds} copy is not in {state.data_dir()}: put its train.npz/test.npz in "
+            f"{state.data_dir()}/{ds}/ (see the data README), or use your own X-rays (one sub-folder per class) "
+            "as the dataset on the Train page.")
+
+
+def start_demo(key: str) -> str:
+    """Store and queue the demo's runs, then its reference bank (the rungs' own results come first);
+    the demo's feature and setup become the current ones. Returns the study's name."""
+    p = plan(key)
+    state.set_feature(p.feature)  # saved with the design, so a reload keeps the demo's feature
+    state.set_setup(dict(dataset=p.base.dataset, arch=p.base.arch, regularisers=[], canary=p.rungs[-1].canary,
+                         seed=0, train_size=p.base.train_size, epochs=p.base.epochs, patience=p.base.patience,
+                         ood_size=p.base.ood_size))
+    members = [StudyMember(r.label, cfg) for r, cfg in zip(p.rungs, p.configs())]
+    name = f"{key} demo {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    create_study(state.store(), name, "custom", p.base, members,
+                 description=f"{p.feature.name}: " + ", ".join(r.label for r in p.rungs))
+    access.mark_started(*submit_study(state.runner(), name))
+    # The bank is part of the demo: without it the answer would be provisional.
+    access.mark_started(*submit_bank(state.runner(), p.base))
+    st.session_state[DEMO_KEY] = (key, name, time.time())
     return name
 
 
-def clinician_sentence(rows: list[dict]) -> str:
-    """Plain words for a clinician: what the ladder shows and what one run per rung cannot prove.
-
-    ``rows``: one dict per finished rung with ``k`` (X-rays carrying the name), ``M`` and
-    ``verdict`` (``memorised`` / ``not_shown`` / ``inconclusive``) and ``test`` (``reference`` or ``fast``).
-    """
-    if not rows:
-        return "The models are still training."
-    shown = [r["k"] for r in rows if r["verdict"] == "memorised"]
-    if shown:
-        first = min(shown)
-        what = (f"With the name on {first} training X-ray{'' if first == 1 else 's'} the model reacts to the "
-                "name on new X-rays more than to random marks of the same size: it has memorised something of "
-                "it, and a model that memorises a name can leak that it saw it.")
-    else:
-        most = max(r["k"] for r in rows)
-        what = (f"On none of the rungs (up to {most} X-rays) did this quick model react to the name measurably more "
-                "than to random marks of the same size.")
-    caveat = (" What one run per rung cannot prove: that the name is safe. A 'not shown' is not a guarantee: "
-              "another training seed, a larger model or longer training can memorise what this one did not, "
-              "and a name on more images is memorised more easily. Remove names before training.")
-    if any(r.get("test") == "fast" for r in rows):
-        caveat += (" These verdicts are provisional (the fast test) until the reference models for this setting "
-                   "are trained.")
-    return what + caveat
+def _times() -> dict:
+    return st.session_state.setdefault(f"{DEMO_KEY}_times", {})
 
 
 @st.fragment(run_every=2.0)
-def ladder_view(name: str, started: float) -> None:
-    """Progress of the clinical ladder, then one chart of M and the verdict per rung and the sentence."""
-    runs = runs_frame(state.store(), name)
+def demo_view(key: str, name: str, started: float) -> None:
+    """Live progress of a demo, then one chart of M and the calibrated verdict per rung, and the sentence."""
+    demo, p = DEMOS[key], plan(key)
+    store = state.store()
+    runs = runs_frame(store, name)
+    bank = bank_status(store, p.base, DEFAULT_REFERENCES)
     done = runs[runs["status"] == "done"]
     failed = runs[runs["status"].isin(["failed", "cancelled"])]
-    st.subheader("Clinical ladder: the name on 1, 3 and 10 X-rays")
-    if len(done) < len(runs) and failed.empty:
-        st.progress(len(done) / len(runs), text=f"{len(done)} of {len(runs)} models trained "
-                                                f"({time.time() - started:.0f} s so far)")
+    rows = calibrated_rows(runs, p.rungs)
+    elapsed = time.time() - started
+    times = _times().setdefault(name, {})
+    if len(done) and "first" not in times:
+        times["first"] = elapsed
+    if rows and len(rows) == len(p.rungs) and all(r["verdict"] for r in rows) and "calibrated" not in times:
+        times["calibrated"] = elapsed
+    st.subheader(f"{demo.title} demo")
+    st.caption(f"Setting: {p.choice.why}.")
+    if "calibrated" not in times and failed.empty:
+        st.progress((len(done) + bank.done) / (len(runs) + bank.references),
+                    text=f"{len(done)} of {len(runs)} models trained, {bank.done} of {bank.references} reference "
+                         f"models ({elapsed:.0f} s so far)")
     for _, r in failed.iterrows():
         st.error(f"{r['group']}: the run {r['status']}{': ' + str(r['error']) if r['error'] else ''}.")
-    ks = {rung_label(k): k for k in LADDER}
+    verdict_of = {r["label"]: r["verdict"] for r in rows}
     details = []
     for _, r in runs.iterrows():
-        details.append(f"verdict: {r['verdict'] or 'still training'} ({'calibrated' if r['verdict_test'] == 'reference' else 'provisional fast test'})"
-                       if r["status"] == "done" else r["status"])
+        v = verdict_of.get(r["group"])
+        details.append(r["status"] if r["status"] != "done" else
+                       (f"calibrated verdict: {v}" if v else "waiting for the reference models"))
     st.plotly_chart(ladder_figure(list(runs["group"]), [None if np.isnan(v) else float(v) for v in runs["M"]],
-                                  [r["verdict"] if r["status"] == "done" else None for _, r in runs.iterrows()],
-                                  details=details), key=f"ladder_{name}")
-    rows = [{"k": ks.get(r["group"], 0), "M": r["M"], "verdict": r["verdict"], "test": r["verdict_test"]}
-            for _, r in done.iterrows()]
-    if len(done) == len(runs):
-        st.session_state.setdefault(f"{LADDER_KEY}_seconds", time.time() - started)
-        st.caption(f"All {len(runs)} models trained in {st.session_state[f'{LADDER_KEY}_seconds']:.0f} s. "
-                   "The runs are a study on the Compare page; each run's details are on the Runs page.")
-    st.info(clinician_sentence(rows))
+                                  [verdict_of.get(g) for g in runs["group"]], details=details,
+                                  title=demo.chart_title, x_title=demo.x_title), key=f"demo_chart_{name}")
+    sentence = teaching_sentence(rows) if key == "teaching" else clinician_sentence(rows)
+    (st.warning if any(r["verdict"] == "memorised" for r in rows) else st.info)(sentence)
+    measured = "; ".join(f"{r.label}: {c.detected} of {c.models}" for r, c in zip(p.rungs, p.cells))
+    st.caption(f"Measured for this setting (memorisation map, calibrated verdict, one model per seed): {measured}.")
+    if "calibrated" in times:
+        st.caption(f"First result after {times.get('first', times['calibrated']):.0f} s, the calibrated verdict "
+                   f"after {times['calibrated']:.0f} s. The runs are a study on the Compare page.")

@@ -8,6 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from ufm.canary import CanaryChoice
+from ufm.experiment import ExperimentConfig
 from ufm.models import ARCHITECTURES
 from ufm.paths import PathNotAllowed, check_user_path
 from ufm.plots import image_figure
@@ -193,3 +194,24 @@ def canary_preview(setup: dict, choice: CanaryChoice) -> None:
     img = stamp_feature(torch.from_numpy(x[:1]), f)[0].numpy()
     st.plotly_chart(image_figure(img, box=(*f.offset, *f.size), title=f"canary {i} ({classes[y[0]]}) with {f.name}"),
                     key="tr_canary_preview")
+
+
+def map_hint(config: ExperimentConfig) -> None:
+    """Before Start: how often one canary was detected in the nearest measured setting (the
+    memorisation map), so a 'not shown' does not surprise anyone who chose a setting where one
+    canary is mostly below detection."""
+    from ufm.memorisation_map import nearest_cell
+    from ufm.train import resolve_device
+
+    try:
+        device = "cuda" if resolve_device(config.device).type == "cuda" else "cpu"
+    except ValueError:
+        device = "cpu"
+    near = nearest_cell(config, device)
+    if near is None:
+        if config.canary.mode != "none":
+            st.caption("The memorisation map has no measurement for this dataset: how often one canary is detected "
+                       "here is unknown (benchmarks/memorisation_map.py measures it).")
+        return
+    st.info(near.text() + " Atypical training images are memorised more often than typical ones.",
+            icon=":material/map:")

@@ -239,3 +239,69 @@ def nearest_cell(config: "ExperimentConfig", device: str = "cpu", cells: Sequenc
     if best.train_size != size:
         diffs.append(f"{best.train_size:,} training images (you chose {size:,})")
     return Nearest(best, tuple(diffs))
+
+
+# ----------------------------------------------------------------------------------------- the demos
+# Where the demos' settings come from: measured cells that meet each demo's criterion (issue 16).
+TEACHING = Setting("mlp", "mnist", 500, "quick")
+CLINICAL = Setting("mlp", "chest-xray", 500, "quick")
+TEACHING_MIN_ATYPICAL = 0.9   # the atypical canary is called memorised in at least 9 of 10 models
+TEACHING_MAX_TYPICAL = 0.3    # ... and the typical one mostly not
+CLINICAL_MIN_TEN = 0.8        # the name on 10 X-rays is detected in at least 8 of 10 models
+MIN_DEMO_MODELS = 10
+
+
+def _teaching_ok(cells: Sequence[MapCell], s: Setting) -> bool:
+    try:
+        top, bottom = find_cell(cells, s, "top", "glyph"), find_cell(cells, s, "bottom", "glyph")
+    except LookupError:
+        return False
+    return (min(top.models, bottom.models) >= MIN_DEMO_MODELS and top.rate >= TEACHING_MIN_ATYPICAL
+            and bottom.rate <= TEACHING_MAX_TYPICAL)
+
+
+def _clinical_ok(cells: Sequence[MapCell], s: Setting) -> bool:
+    try:
+        ten = find_cell(cells, s, "random", "name", 10)
+    except LookupError:
+        return False
+    return ten.models >= MIN_DEMO_MODELS and ten.rate >= CLINICAL_MIN_TEN
+
+
+@dataclass(frozen=True)
+class DemoChoice:
+    """``train``: the setting the demo trains; ``measured``: the map's setting whose cells it quotes."""
+
+    train: Setting
+    measured: Setting
+    why: str
+
+
+def demo_setting(demo: str, device: str = "cpu", cells: Sequence[MapCell] | None = None) -> DemoChoice:
+    """The setting a demo trains on ``device`` (``cpu`` or ``cuda``) and why.
+
+    On a GPU the largest measured GPU setting that meets the demo's criterion (the teaching demo:
+    the atypical canary detected in >= 90% of 10+ models, the typical one in <= 30%; the clinical
+    ladder: the name on 10 X-rays detected in >= 80%); when no GPU setting meets it, the CPU setting,
+    run on the GPU. On a CPU the CPU setting (:data:`TEACHING`, :data:`CLINICAL`).
+
+    Raises:
+        ValueError: an unknown demo; LookupError: the shipped map does not support the CPU setting.
+    """
+    if demo not in ("teaching", "clinical"):
+        raise ValueError(f"unknown demo {demo!r}")
+    cells = load_cells() if cells is None else cells
+    ok = _teaching_ok if demo == "teaching" else _clinical_ok
+    fallback = TEACHING if demo == "teaching" else CLINICAL
+    if not ok(cells, fallback):
+        raise LookupError(f"the memorisation map does not show the {demo} demo's setting ({fallback.label}) "
+                          "meeting its criterion: run benchmarks/memorisation_map.py")
+    if device == "cuda":
+        gpu = sorted({c.setting for c in cells if c.device == "cuda" and ok(cells, c.setting)},
+                     key=lambda s: (s.arch != "mlp", s.train_size, s.budget == "long"))
+        if gpu:
+            return DemoChoice(gpu[-1], gpu[-1], f"the largest GPU setting measured to show the effect ({gpu[-1].label})")
+        return DemoChoice(Setting(fallback.arch, fallback.dataset, fallback.train_size, fallback.budget, "cuda"),
+                          fallback, "the CPU setting, run on the GPU: no GPU setting measured so far meets the demo's "
+                          "criterion (the CNN rows of the memorisation map detect one canary less often)")
+    return DemoChoice(fallback, fallback, f"measured to show the effect ({fallback.label})")

@@ -279,7 +279,8 @@ VERDICT_WORDS = {"memorised": "memorised", "not_shown": "not shown", "inconclusi
 
 def ladder_figure(rungs: Sequence[str], m: Sequence[float], verdicts: Sequence[str | None], *,
                   details: Sequence[str] | None = None,
-                  title: str = "Does the model memorise the name? One run per rung") -> go.Figure:
+                  title: str = "Does the model memorise the name? One run per rung",
+                  x_title: str = "how many training X-rays carry the name") -> go.Figure:
     """One bar of M (nats) per rung of a canary-frequency ladder, coloured and labelled by its verdict
     (``memorised`` / ``not_shown`` / ``inconclusive``; None = not finished, no bar)."""
     mm = np.array([np.nan if v is None else v for v in m], dtype=np.float64)
@@ -292,8 +293,7 @@ def ladder_figure(rungs: Sequence[str], m: Sequence[float], verdicts: Sequence[s
     fig.add_hline(y=0, line_color="black", line_width=1)
     top = np.nanmax(np.abs(mm)) if np.isfinite(mm).any() else 1.0
     fig.update_yaxes(range=[min(0.0, np.nanmin(mm) if np.isfinite(mm).any() else 0.0) - 0.25 * top, 1.35 * top])
-    return _layout(fig, title, "how many training X-rays carry the name",
-                   "M: extra output change for the name (nats)")
+    return _layout(fig, title, x_title, "M: extra output change for the feature (nats)")
 
 
 def memorisation_map_figure(cells: Sequence) -> go.Figure:
