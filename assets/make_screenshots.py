@@ -2,11 +2,12 @@
 
     UFM_DATA_DIR=../shared/data python assets/make_screenshots.py
 
-Runs, with the dashboard's Quick budget on MNIST (MLP, 3,000 images): the teaching demo's run, a
+Runs, with the dashboard's Quick budget on MNIST (MLP, 3,000 images): a quick run from the Train page, a
 regulariser comparison (none / dropout / dp-sgd, 2 seeds), the self-influence ranking and a
 3 + 3 canary sweep; then drives Debian's chromium through every page (never `playwright install`), ending with
 an audit of the teaching run's model exported to ONNX, a privacy audit with 100 canaries, a plus sign drawn on the Feature page's
-canvas with mouse strokes, and the clinical ladder run from Home (timed; printed at the end).
+canvas with mouse strokes, and both guided demos from Home until their calibrated verdicts (timed).
+``python assets/make_screenshots.py HOME privacy demos`` photographs just those pages.
 """
 
 from __future__ import annotations
@@ -48,6 +49,19 @@ def fill_store(home: Path) -> None:
             runner.wait(rid)
     infl = influence_scores(base)
     atomic_write(home / "influence" / f"{reference_config(base).key()}.csv", infl.table().to_csv(index=False))
+
+
+def demos_shot(page) -> None:
+    """Both guided demos from Home, each photographed once its calibrated verdict is in (timed)."""
+    for key in ("teaching", "clinical"):
+        page.get_by_role("link", name="Home").first.click()
+        page.get_by_role("button", name=f"Run the {key} demo").click()
+        t0 = time.time()
+        page.get_by_text("the calibrated verdict after").wait_for(timeout=900_000)
+        print(f"{key} demo: calibrated verdict {time.time() - t0:.0f} s after the click", flush=True)
+        page.wait_for_timeout(2500)
+        page.get_by_text(f"{key.capitalize()} demo", exact=True).scroll_into_view_if_needed()
+        page.screenshot(path=str(OUT / f"{key}.png"), full_page=True)
 
 
 def audit_shot(page, home: Path) -> None:
@@ -141,7 +155,7 @@ def main() -> None:
             page.get_by_text("Guided demos").wait_for(timeout=60_000)
             if only:
                 for name in only:
-                    {"privacy": privacy_shot}[name](page)
+                    {"privacy": privacy_shot, "demos": demos_shot}[name](page)
                 browser.close()
                 return
             page.screenshot(path=str(OUT / "home.png"))
@@ -152,7 +166,8 @@ def main() -> None:
                 page.wait_for_timeout(2500)
                 page.screenshot(path=str(OUT / f"{name}.png"))
 
-            page.get_by_role("button", name="Run the teaching demo").click()
+            page.get_by_role("link", name="Train & measure").first.click()
+            page.get_by_role("button", name="Start").click()  # the quick run: the A on MNIST image 0
             page.get_by_text("M = X_u - X_r (nats)").wait_for(timeout=300_000)
             page.wait_for_timeout(2500)
             page.screenshot(path=str(OUT / "train.png"))
@@ -170,14 +185,7 @@ def main() -> None:
             audit_shot(page, home)
             privacy_shot(page)
             draw_plus(page)
-            page.get_by_role("link", name="Home").first.click()
-            page.get_by_role("button", name="Run the clinical demo").click()
-            t_ladder = time.time()
-            page.get_by_text("models trained in").wait_for(timeout=900_000)
-            print(f"clinical ladder: {time.time() - t_ladder:.0f} s in the browser", flush=True)
-            page.wait_for_timeout(2500)
-            page.get_by_text("Clinical ladder: the name on 1, 3 and 10 X-rays").scroll_into_view_if_needed()
-            page.screenshot(path=str(OUT / "clinical.png"), full_page=True)
+            demos_shot(page)
             browser.close()
     finally:
         proc.terminate()

@@ -155,7 +155,11 @@ def _done_keys(rows_path: Path) -> set[str]:
 
 
 def run(args: argparse.Namespace) -> None:
+    import torch
+
     from ufm.store import Store
+
+    torch.set_num_threads(1)  # scoring the bank here, beside the workers: spin-waiting threads would starve
 
     settings = [s if s.device == args.device else Setting(s.arch, s.dataset, s.train_size, s.budget, args.device)
                 for s in GRIDS[args.grid]]

@@ -233,3 +233,20 @@ def test_audit_page_upload_run_verdict(page, shots, tmp_path):
     page.locator(".js-plotly-plot", has_text="unique feature z_u").first.wait_for(timeout=30_000)
     page.wait_for_timeout(1500)
     page.screenshot(path=str(shots / "audit.png"), full_page=True)
+
+
+@pytest.mark.skipif(not (SHARED / "chest-xray" / "train.npz").is_file(), reason="no chest-xray copy in the shared data")
+def test_demos_reach_their_calibrated_verdict_without_a_reload(page, shots):
+    """Click each demo, then only wait: the page's own timer brings the rungs, the bank's progress
+    and the calibrated verdict (the settings are the memorisation map's, measured to show it)."""
+    for key, title, expect in (("teaching", "Teaching demo", "memorised the letter A from the one atypical digit"),
+                               ("clinical", "Clinical demo", "Detected: the model memorised the name")):
+        _nav(page, "Home")
+        page.get_by_role("button", name=f"Run the {key} demo").click()
+        page.get_by_text(title, exact=True).wait_for(timeout=60_000)
+        page.get_by_text("reference models (").first.wait_for(timeout=60_000)  # the bank's progress is shown
+        page.get_by_text("the calibrated verdict after").wait_for(timeout=900_000)
+        page.get_by_text(expect).first.wait_for(timeout=30_000)
+        assert page.locator('[data-testid="stException"]').count() == 0
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(shots / f"demo-{key}.png"), full_page=True)
