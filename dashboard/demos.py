@@ -57,8 +57,12 @@ def plan(key: str) -> DemoPlan:
 
 
 def missing_data(key: str, offline: list[str]) -> str | None:
-    """Why ``key``'s data is not here and what to do, or None."""
-    ds = plan(key).base.dataset
+    """Why ``key`` cannot run here and what to do (its data is missing, or the shipped memorisation
+    map does not support its setting), or None."""
+    try:
+        ds = plan(key).base.dataset
+    except LookupError as e:
+        return str(e)
     if ds in offline or ds in ("mnist",):  # torchvision downloads MNIST on first use
         return None
     return (f"The {ds} copy is not in {state.data_dir()}: put its train.npz/test.npz in "

@@ -107,7 +107,7 @@ def test_demo_turns_calibrated_when_its_bank_lands_without_a_reload(app_env, mon
     at.run()  # what the fragment's timer does in the browser (the browser test checks the timer itself)
     assert not at.exception
     assert any("the calibrated verdict after" in c.value for c in at.caption)
-    assert not any("Waiting for the reference models" in i.value for i in at.info + at.warning)
+    assert not any("Waiting for the reference models" in i.value for i in list(at.info) + list(at.warning))
     assert any("Measured for this setting" in c.value and "10 of 10" in c.value for c in at.caption)
     assert at.session_state["feature"].name == plan.feature.name  # the demo's feature is the current one
 
