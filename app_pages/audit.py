@@ -6,6 +6,7 @@ from dashboard import audit_ui, state
 from ufm.audit import AuditConfig, load_audit, stamped_examples
 from ufm.data import DataUnavailable
 from ufm.features import FeatureError
+from ufm.limits import MAX_INPUT_SIDE, MAX_OOD_SIZE, max_images
 from ufm.onnx_model import OnnxModelError
 from ufm.paths import PathNotAllowed, check_user_path
 from ufm.store import StoreError
@@ -46,8 +47,8 @@ cols = st.columns(4)
 layout = cols[0].selectbox("layout", ["NCHW", "NHWC"], index=0 if gi.layout == "NCHW" else 1, key="audit_layout")
 chans = cols[1].selectbox("channels", [1, 3], index=0 if (c or 1) == 1 else 1, key="audit_channels",
                           disabled=c is not None)
-height = cols[2].number_input("height", 1, 4096, h or 28, key="audit_h", disabled=h is not None)
-width = cols[3].number_input("width", 1, 4096, w or 28, key="audit_w", disabled=w is not None)
+height = cols[2].number_input("height", 1, MAX_INPUT_SIDE, h or 28, key="audit_h", disabled=h is not None)
+width = cols[3].number_input("width", 1, MAX_INPUT_SIDE, w or 28, key="audit_w", disabled=w is not None)
 norm = st.columns(2)
 mean_txt = norm[0].text_input("normalisation mean (per channel, comma-separated; empty = none)", key="audit_mean",
                               help="The model's input is (pixel - mean) / std with pixels in [0, 1]. A file exported "
@@ -96,7 +97,9 @@ if not source:
     st.info("Choose the inference images.")
     st.stop()
 a, b, c2 = st.columns(3)
-n = a.number_input("inference images", 2, 20000, 500, key="audit_n")
+most = max(2, min(MAX_OOD_SIZE, max_images(model.spec.shape)))  # the memory bound, see ufm.limits
+n = a.number_input("inference images", 2, most, min(500, most), key="audit_n",
+                   help=f"at most {most} for this model's input size")
 k = b.number_input("candidate features K", 1, 2000, 99, key="audit_k")
 seed = c2.number_input("seed", 0, 2**31 - 1, 0, key="audit_seed")
 try:

@@ -14,7 +14,7 @@ from ufm.audit import (AuditConfig, AuditResult, audit_html, audit_task, delete_
                        load_audit, new_audit_id)
 from ufm.fileio import atomic_write
 from ufm.limits import MAX_ONNX_BYTES
-from ufm.onnx_model import GraphInput, OnnxModel, graph_input, load_onnx, parse_onnx
+from ufm.onnx_model import CheckedModel, GraphInput, check_onnx, graph_input, parse_onnx
 from ufm.plots import histogram_figure
 
 from . import access, state, views
@@ -88,10 +88,12 @@ def accept_images(name: str, data: bytes, home: str | Path) -> Path:
     return path
 
 
-@st.cache_resource(max_entries=4, show_spinner="Opening the model ...")
-def open_model(path: str, name: str, spec: tuple) -> OnnxModel:
-    """The model with the user's statements (``spec``: sorted (key, value) pairs for load_onnx)."""
-    return load_onnx(path, name=name, **dict(spec))
+@st.cache_resource(max_entries=4, show_spinner="Checking the model ...")
+def open_model(path: str, name: str, spec: tuple) -> CheckedModel:
+    """The checked model and its input spec with the user's statements (``spec``: sorted (key,
+    value) pairs for check_onnx). Never opened in onnxruntime here: the model runs only in the
+    audit's own process, so a hostile graph cannot grow or crash the web server."""
+    return check_onnx(path, name=name, **dict(spec))
 
 
 @st.cache_data(max_entries=8, show_spinner="Loading inference images ...")
