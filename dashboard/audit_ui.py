@@ -12,7 +12,7 @@ import streamlit as st
 
 from ufm.audit import (AuditConfig, AuditResult, audit_html, audit_task, delete_audit, inference_images, list_audits,
                        load_audit, new_audit_id)
-from ufm.fileio import atomic_write
+from ufm.fileio import atomic_write, private_dir
 from ufm.limits import MAX_ONNX_BYTES
 from ufm.onnx_model import CheckedModel, GraphInput, check_onnx, graph_input, parse_onnx
 from ufm.plots import histogram_figure
@@ -28,8 +28,7 @@ def _audit_dir(home: str | Path, *parts: str) -> Path:
     d = Path(home) / "audits"
     for p in parts:
         d = d / p
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return d
+    return private_dir(d)
 
 
 def accept_upload(name: str, data: bytes, home: str | Path) -> tuple[Path, GraphInput]:
@@ -113,7 +112,7 @@ def start_audit(model_path: str, config: AuditConfig, spec: dict, home: str, nam
 
 
 def cancel_audit(home: str, audit_id: str) -> None:
-    (_audit_dir(home, "cancel") / audit_id).touch()
+    (_audit_dir(home, "cancel") / audit_id).touch(mode=0o600)
 
 
 def verdict_box(result: AuditResult) -> None:

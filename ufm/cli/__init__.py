@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
-from . import audit, influence, measure, privacy, reproduce, runs
+from . import audit, designs, influence, measure, privacy, reproduce, runs
 from .common import (StderrProgress, UsageError, add_experiment_args, check_out, config_from_args, finite_float,
                      int_in, open_store)
 from .measure import summary_lines
@@ -25,10 +25,10 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command cut off by `| head`
 
-# measure; influence, sweep-canaries, explain; runs, studies; audit (ONNX models ufm did not
-# train); privacy-audit; reproduce.
-COMMANDS: list[Callable[[Any], None]] = [measure.register, influence.register, runs.register, audit.register,
-                                         privacy.register, reproduce.register]
+# measure; influence, sweep-canaries, explain; runs, studies; designs; audit (ONNX models ufm did
+# not train); privacy-audit; reproduce.
+COMMANDS: list[Callable[[Any], None]] = [measure.register, influence.register, runs.register, designs.register,
+                                         audit.register, privacy.register, reproduce.register]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -91,7 +91,7 @@ def cmd_measure(a: argparse.Namespace) -> int:
     if a.out == "-":
         print(payload)
     elif a.out:
-        write_atomic(Path(a.out), payload)
+        write_atomic(Path(a.out), payload, private=True)  # names the feature: 0600
     for line in summary_lines(result, verdict):
         print(line, file=sys.stderr if a.out == "-" else sys.stdout)
     print(f"run {run_id}" + ("  (cached: an identical finished run; nothing trained, --force retrains)" if cached else ""),

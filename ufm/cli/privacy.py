@@ -49,7 +49,7 @@ def cmd_privacy_audit(a: argparse.Namespace) -> int:
     if a.out == "-":
         print(payload)
     elif a.out:
-        write_atomic(Path(a.out), payload)
+        write_atomic(Path(a.out), payload, private=True)  # names the feature: 0600
     for line in res.summary_lines():
         print(line, file=stream)
     if a.out and a.out != "-":
