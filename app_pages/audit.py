@@ -6,7 +6,7 @@ from dashboard import audit_ui, state
 from ufm.audit import AuditConfig, load_audit, stamped_examples
 from ufm.data import DataUnavailable
 from ufm.features import FeatureError
-from ufm.limits import MAX_INPUT_SIDE, MAX_OOD_SIZE, max_images
+from ufm.limits import MAX_INPUT_SIDE, MAX_ONNX_BYTES, MAX_OOD_SIZE, MAX_UPLOAD_MB, max_images
 from ufm.onnx_model import OnnxModelError
 from ufm.paths import PathNotAllowed, check_user_path
 from ufm.store import StoreError
@@ -19,7 +19,9 @@ st.caption("Does a classifier you did not train react to a unique feature, e.g. 
 store = state.store()
 home = str(store.home)
 
-up = st.file_uploader("ONNX model (.onnx)", type=["onnx"], key="audit_upload")
+up = st.file_uploader("ONNX model (.onnx)", type=["onnx"], key="audit_upload",
+                      help=f"Uploads up to {MAX_UPLOAD_MB} MB. A larger model (up to {MAX_ONNX_BYTES // 2**20} MB): put "
+                           "it in a folder the operator allowed and give its path below.")
 typed = st.text_input("or the path of a model file on the server (inside the allowed data folders)",
                       key="audit_model_path")
 try:
@@ -89,8 +91,9 @@ try:
         source = str(check_user_path(text)) if text.strip() else None
     else:
         npz = st.file_uploader("images as .npz (uint8 array x)", type=["npz"], key="audit_npz")
-        source = str(audit_ui.accept_images(npz.name, npz.getvalue(), home)) if npz is not None else None
-except (PathNotAllowed, ValueError) as e:
+        source = (str(audit_ui.accept_images(npz.name, npz.getvalue(), home, model.spec.shape)) if npz is not None
+                  else None)
+except (PathNotAllowed, ValueError, DataUnavailable) as e:
     st.error(str(e))
     st.stop()
 if not source:

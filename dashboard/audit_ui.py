@@ -75,12 +75,13 @@ def progress(audit_id: str, home: str) -> None:
         cancel_audit(home, audit_id)
 
 
-def accept_images(name: str, data: bytes, home: str | Path) -> Path:
-    """Keep an uploaded ``.npz`` of inference images (0600); it is read with ``allow_pickle=False``."""
-    from ufm.limits import MAX_IMAGE_BYTES
+def accept_images(name: str, data: bytes, home: str | Path, shape: tuple[int, int, int] | None = None) -> Path:
+    """Check an uploaded ``.npz`` of inference images in memory (read with ``allow_pickle=False``:
+    uint8 ``x``, convertible to the model's ``shape``) and only then keep it (0600). A rejected
+    upload leaves nothing on disk, and its message names the upload, never a server path."""
+    from ufm.audit import check_npz_images
 
-    if len(data) > 8 * MAX_IMAGE_BYTES:
-        raise ValueError(f"{name} is larger than {8 * MAX_IMAGE_BYTES / 2**20:.0f} MB: use fewer images")
+    check_npz_images(name, data, shape)
     path = _audit_dir(home, "images") / f"{hashlib.sha256(data).hexdigest()}.npz"
     if not path.is_file():
         atomic_write(path, data, private=True)

@@ -129,6 +129,41 @@ def inference_images(source: str, shape: Sequence[int], n: int, *, data_dir: str
     return x
 
 
+def check_npz_images(name: str, data: bytes, shape: Sequence[int] | None = None) -> None:
+    """Check an uploaded ``.npz`` of inference images before it is kept: readable without pickle,
+    an array ``x`` of at most :data:`ufm.limits.MAX_AUDIT_IMAGE_BYTES` (its declared size, read
+    before it is decompressed), uint8, and convertible to ``shape`` (C, H, W) when given.
+    Messages name the upload (``name``), never a server path.
+
+    Raises:
+        DataUnavailable: one line saying what is wrong with the upload.
+    """
+    import io
+    import zipfile
+
+    from .limits import MAX_AUDIT_IMAGE_BYTES
+
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as f:
+            if not isinstance(f, np.lib.npyio.NpzFile) or "x" not in f.files:
+                held = ", ".join(f.files) if isinstance(f, np.lib.npyio.NpzFile) else "one bare array"
+                raise DataUnavailable(f"{name} has no array x (uint8 images); it holds {held or 'nothing'}")
+            declared = f.zip.getinfo("x.npy").file_size
+            if declared > MAX_AUDIT_IMAGE_BYTES:
+                raise DataUnavailable(f"{name}: its array x unpacks to {declared / 2**20:,.0f} MB, above the limit of "
+                                      f"{MAX_AUDIT_IMAGE_BYTES / 2**20:,.0f} MB: keep fewer images in it")
+            x = f["x"]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise DataUnavailable(f"{name} is not a readable .npz of uint8 images x ({type(exc).__name__}); save it with "
+                              "numpy.savez(path, x=images)") from None
+    if x.dtype != np.uint8:
+        raise DataUnavailable(f"{name}: images x must be uint8 (0..255), got {x.dtype}")
+    if len(x) < 2:
+        raise DataUnavailable(f"{name} holds {len(x)} image(s); the audit needs at least 2 inference images")
+    if shape is not None:
+        _from_uint8(x[:2], tuple(int(v) for v in shape), 2, name)  # the same conversion the audit does
+
+
 def labelled_images(source: str, shape: Sequence[int], *, data_dir: str | None = None,
                     limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """In-domain labelled images for the white- and grey-box gains: ``(x (N, C, H, W), y (N,))``.

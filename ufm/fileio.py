@@ -114,3 +114,28 @@ def check_writable(path: str | os.PathLike[str], *, what: str = "--out") -> Path
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{what}: cannot write in the folder {parent} (permission denied); choose another path")
     return p
+
+
+def check_out_dir(path: str | os.PathLike[str], *, what: str = "--out") -> Path:
+    """Refuse, before any work is done, an output folder that could not be created or written.
+
+    ``path`` may exist (a folder we can write in) or not (its nearest existing parent must be a
+    folder we can write in: the missing levels are created at the end).
+
+    Raises:
+        ValueError: the message names ``what`` and the problem, e.g. ``--out: /etc/passwd is a file``.
+    """
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{what}: {path} is a file, not a folder; give a folder (created if missing), e.g. "
+                         f"{p.with_suffix('')}-out")
+    probe = p
+    while not probe.exists():
+        if probe == probe.parent:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"{what}: {probe} is a file, so the folder {path} cannot be made; choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}: cannot write in the folder {probe} (permission denied); choose another path")
+    return p

@@ -48,9 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from ..data import DataUnavailable
-    from ..train import TrainingDiverged
-    return (UsageError, ValueError, DataUnavailable, TrainingDiverged, FileNotFoundError, PermissionError)
+    errors: list[type[BaseException]] = [UsageError, ValueError, FileNotFoundError, PermissionError]
+    # Their exceptions can only come from code that imported them: importing them here would load
+    # torch (seconds) just to print a one-line error of 'ufm runs cancel'.
+    for module, name in (("ufm.data", "DataUnavailable"), ("ufm.train", "TrainingDiverged")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,13 +7,14 @@ import json
 from pathlib import Path
 
 from ..fileio import atomic_write as write_atomic
-from .common import StderrProgress, add_experiment_args, config_from_args, open_store
+from .common import StderrProgress, add_experiment_args, check_out, check_out_dir, config_from_args, open_store
 
 
 def cmd_influence(a: argparse.Namespace) -> int:
     from ..report import to_csv
     from ..sweep import influence_scores
 
+    check_out(a.out)
     cfg = config_from_args(a)
     infl = influence_scores(cfg, n_checkpoints=a.checkpoints, last_layer_only=a.last_layer,
                             progress=StderrProgress(a.quiet))
@@ -31,6 +32,7 @@ def cmd_influence(a: argparse.Namespace) -> int:
 def cmd_sweep(a: argparse.Namespace) -> int:
     from ..sweep import sweep_canaries
 
+    check_out_dir(a.out)
     cfg = config_from_args(a)
     store = open_store(a)
     res = sweep_canaries(cfg, a.out, store=store, top=a.top, bottom=a.bottom, n_checkpoints=a.checkpoints,
@@ -46,6 +48,7 @@ def cmd_explain(a: argparse.Namespace) -> int:
     from ..experiment import run_experiment
     from ..explain import explain_run, write_explanation_pngs
 
+    check_out_dir(a.out)
     cfg = config_from_args(a)
     if cfg.canary.mode == "none":
         raise ValueError("explain needs a canary to show; drop --no-canary")
