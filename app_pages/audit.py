@@ -101,6 +101,8 @@ if not source:
     st.stop()
 a, b, c2 = st.columns(3)
 most = max(2, min(MAX_OOD_SIZE, max_images(model.spec.shape)))  # the memory bound, see ufm.limits
+if st.session_state.get("audit_n", 0) > most:  # chosen for a smaller model: a widget above its max fails
+    st.session_state["audit_n"] = most
 n = a.number_input("inference images", 2, most, min(500, most), key="audit_n",
                    help=f"at most {most} for this model's input size")
 k = b.number_input("candidate features K", 1, 2000, 99, key="audit_k")

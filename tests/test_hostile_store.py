@@ -161,3 +161,19 @@ def test_typed_designs_can_be_forgotten(tmp_path, capsys):
     assert list_designs(home) == [] and forget_designs(home) == 0
     with pytest.raises(ValueError, match="--older-than must be >= 0"):
         forget_designs(home, -1)
+
+
+def test_only_what_ufm_keeps_is_made_private(tmp_path):
+    """A folder given as --home may hold the user's other files: those keep their modes."""
+    home = tmp_path / "shared-folder"
+    (home / "mine").mkdir(parents=True)
+    (home / "mine" / "notes.txt").write_text("hello")
+    (home / "designs").mkdir()
+    (home / "designs" / "0123456789abcdef.json").write_text("{}")
+    for p, mode in ((home / "mine", 0o755), (home / "mine" / "notes.txt", 0o644), (home / "designs", 0o755),
+                    (home / "designs" / "0123456789abcdef.json", 0o644)):
+        os.chmod(p, mode)
+    Store(home).close()
+    assert stat.S_IMODE((home / "mine").stat().st_mode) == 0o755
+    assert stat.S_IMODE((home / "mine" / "notes.txt").stat().st_mode) == 0o644
+    assert _modes(home / "designs") == {} and stat.S_IMODE((home / "designs").stat().st_mode) == 0o700

@@ -9,8 +9,13 @@ probabilities (``softmax(log p) == p``, so the KL divergences are those of the m
 probabilities).
 
 Safety: the file is parsed as an ONNX protobuf and run by onnxruntime, never unpickled and never
-run as TorchScript. A graph that points at external data files (which would make the server read
-arbitrary paths) is refused, as is any file larger than :data:`ufm.limits.MAX_ONNX_BYTES`.
+run as TorchScript. A model with a tensor in an external data file anywhere (initialisers,
+attributes, subgraphs, model-local functions: it would make the server read arbitrary paths) is
+refused, as is any file larger than :data:`ufm.limits.MAX_ONNX_BYTES`; onnxruntime gets the bytes,
+never a path. Sizes are bounded before anything is allocated: the declared input side
+(:data:`ufm.limits.MAX_INPUT_SIDE`) and the images of one forward call
+(:data:`ufm.limits.MAX_BATCH_BYTES`). :func:`check_onnx` does every check without opening the
+model, for the web server, which never runs one.
 
 Input spec: layout (NCHW or NHWC), channels and size come from the graph where its dimensions are
 fixed; a dynamic dimension must be stated by the user (``input_size``/``channels``). Normalisation

@@ -27,8 +27,9 @@ is not deleted without ``force``.
 The store is private to its user: the home and ``runs/`` are 0700, ``ufm.db`` and its -wal/-shm
 files 0600, artifacts 0600 (stores made by older ufm are fixed when opened). Temporary files of
 artifact writes that a killed process left behind, and run folders without a run record
-(orphans), are removed when a store is opened. Everything else under the home is made private
-on open too (folders 0700, files 0600).
+(orphans), are removed when a store is opened. The folders ufm keeps beside ``runs/``
+(``HOME_FOLDERS``: designs, audits, influence tables, privacy audits) are made private on open too
+(folders 0700, files 0600).
 """
 
 from __future__ import annotations

@@ -135,6 +135,11 @@ def _make_private(path: Path, mode: int) -> None:
         os.chmod(path, mode)
 
 
+# What ufm keeps under its home besides the database: run artifacts, the dashboard's designs,
+# ONNX audits (models, uploaded images, cancel files), influence tables, privacy audits. Add a
+# folder here when code starts keeping one: the store makes these private when it opens.
+HOME_FOLDERS = ("runs", "designs", "audits", "influence", "privacy_audits")
+
 TMP_MAX_AGE = 60.0  # seconds: an artifact's temporary file untouched this long is a leftover
 
 
@@ -241,14 +246,19 @@ class Database:
         os.close(fd)
 
     def _fix_modes(self) -> None:
-        """Stores made by older ufm were world-readable (0644): make everything under the home
-        private on open (folders 0700, files 0600: runs, designs, audits, influence tables)."""
+        """Stores made by older ufm were world-readable (0644): make what ufm keeps under the home
+        private on open (folders 0700, files 0600). Only ufm's own entries are walked: a home given
+        with --home may be a folder that also holds the user's other files."""
         from ..fileio import make_tree_private
 
         try:
-            make_tree_private(self.home)
+            for suffix in ("", "-wal", "-shm"):
+                _make_private(self.db_path.with_name(DB_NAME + suffix), 0o600)
+            for name in HOME_FOLDERS:
+                if (self.home / name).is_dir() and not (self.home / name).is_symlink():
+                    make_tree_private(self.home / name)
         except OSError as e:  # e.g. a read-only file system: the store still works
-            log.warning("could not make everything under %s private: %s", self.home, e)
+            log.warning("could not make everything ufm keeps under %s private: %s", self.home, e)
 
     def remove_leftover_tmp(self, max_age: float = TMP_MAX_AGE) -> list[Path]:
         """Delete temporary files of artifact writes that never finished (the writer was killed);
