@@ -95,6 +95,14 @@ def test_a_refused_ood_size_leaves_no_run_record(tiny_data, tmp_path, capsys, on
         assert s.list_runs() == []
 
 
+def test_privacy_audit_refuses_a_train_size_beyond_the_data(tiny_data, tmp_path, capsys):
+    assert main(["privacy-audit", "--dataset", str(tiny_data["train"]), "--ood-source", str(tiny_data["ood"]),
+                 "--ood-size", "30", "--train-size", "5000", "--canaries", "6", "--device", "cpu",
+                 "--out", str(tmp_path / "p.json")]) == 2
+    assert "--train-size 5000 is more than the 300 training images" in _one_line(capsys)
+    assert not (tmp_path / "p.json").exists()
+
+
 def _npz(**arrays) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
