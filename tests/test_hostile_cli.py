@@ -21,6 +21,7 @@ from ufm.cli import main
 from ufm.limits import MAX_ONNX_BYTES, MAX_UPLOAD_MB
 from ufm.store import Store
 
+from .test_browser import CHROMIUM, FLAGS, server  # noqa: F401 - server is a fixture (a real streamlit run)
 from .test_store import _cli_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,6 +150,20 @@ def test_streamlit_metrics_are_silenced(monkeypatch):
     monkeypatch.setattr(Runtime, "instance", classmethod(lambda cls: type("R", (), {"stats_mgr": mgr})()))
     assert access.silence_metrics() is True
     assert dict(mgr.get_stats()) == {}
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} not installed (apt-get install chromium)")
+def test_metrics_endpoint_says_nothing_once_a_page_has_loaded(server):
+    """End to end: a real server's /_stcore/metrics after one visitor's page load (no sign-in
+    needed for either) answers with no metric family at all."""
+    from urllib.request import urlopen
+
+    before = urlopen(server + "/_stcore/metrics", timeout=10).read().decode()
+    assert "active_sessions 0" in before  # a fresh server: nothing to show yet
+    subprocess.run([CHROMIUM, *FLAGS, "--virtual-time-budget=20000", "--dump-dom", server], capture_output=True,
+                   timeout=120)
+    assert urlopen(server + "/_stcore/metrics", timeout=10).read().decode().strip() == "# EOF"
 
 
 def test_readme_and_config_state_the_enforced_limits():
