@@ -110,9 +110,16 @@ def _npz(**arrays) -> bytes:
     return buf.getvalue()
 
 
+def _npy(array) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
 @pytest.mark.parametrize("data, match", [
     (b"not a zip", "is not a readable .npz"),
     (_npz(y=np.zeros(3)), "has no array x"),
+    (_npy(np.zeros((4, 8, 8), np.uint8)), "a single .npy array"),
     (_npz(x=np.zeros((4, 8, 8))), "must be uint8"),
     (_npz(x=np.zeros((4, 8, 8, 5), np.uint8)), "5-channel"),
 ])

@@ -144,10 +144,13 @@ def check_npz_images(name: str, data: bytes, shape: Sequence[int] | None = None)
     from .limits import MAX_AUDIT_IMAGE_BYTES
 
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as f:
-            if not isinstance(f, np.lib.npyio.NpzFile) or "x" not in f.files:
-                held = ", ".join(f.files) if isinstance(f, np.lib.npyio.NpzFile) else "one bare array"
-                raise DataUnavailable(f"{name} has no array x (uint8 images); it holds {held or 'nothing'}")
+        f = np.load(io.BytesIO(data), allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):  # a bare .npy: an array, not an archive
+            raise DataUnavailable(f"{name} is a single .npy array, not an .npz archive; save it with "
+                                  "numpy.savez(path, x=images)")
+        with f:
+            if "x" not in f.files:
+                raise DataUnavailable(f"{name} has no array x (uint8 images); it holds {', '.join(f.files) or 'nothing'}")
             declared = f.zip.getinfo("x.npy").file_size
             if declared > MAX_AUDIT_IMAGE_BYTES:
                 raise DataUnavailable(f"{name}: its array x unpacks to {declared / 2**20:,.0f} MB, above the limit of "
