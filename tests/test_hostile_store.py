@@ -106,8 +106,6 @@ def _modes(root: Path) -> dict[str, str]:
 def test_every_file_under_the_home_is_private_after_every_command(tiny_data, tmp_path):
     """One home used by measure, export, audit, privacy-audit --save, the designs, influence
     tables and the cancel files: all folders 0700, all files 0600; exported files 0600."""
-    from ufm.sweep import cached_influence  # noqa: F401 - the influence table's writer
-
     old = os.umask(0o022)
     try:
         home, out = tmp_path / "home", tmp_path / "out"
@@ -132,6 +130,11 @@ def test_every_file_under_the_home_is_private_after_every_command(tiny_data, tmp
                      "--feature", "text:JO", "--feature-size", "5", "--offset", "0", "0", "--candidates", "5",
                      "--quiet", "--out", str(out / "audit.json"), "--report", str(out / "audit.html"), *h]) == 0
         save_design(home, json.dumps({"feature": {"text": "JOHN DOE"}}))
+        from ufm.sweep import cached_influence
+
+        from .conftest import tiny_config
+        cached_influence(home, tiny_config(tiny_data, epochs=1), n_checkpoints=2)  # home/influence/<key>.csv
+        assert list((home / "influence").glob("*.csv"))
         from dashboard.audit_ui import cancel_audit
         cancel_audit(str(home), "0123456789ab")
         assert _modes(home) == {}
