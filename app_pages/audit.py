@@ -6,6 +6,7 @@ from dashboard import audit_ui, state
 from ufm.audit import AuditConfig, load_audit, stamped_examples
 from ufm.data import DataUnavailable
 from ufm.features import FeatureError
+from ufm.limits import MAX_INPUT_SIDE, MAX_ONNX_BYTES, MAX_OOD_SIZE, MAX_UPLOAD_MB, max_images
 from ufm.onnx_model import OnnxModelError
 from ufm.paths import PathNotAllowed, check_user_path
 from ufm.store import StoreError
@@ -18,7 +19,9 @@ st.caption("Does a classifier you did not train react to a unique feature, e.g. 
 store = state.store()
 home = str(store.home)
 
-up = st.file_uploader("ONNX model (.onnx)", type=["onnx"], key="audit_upload")
+up = st.file_uploader("ONNX model (.onnx)", type=["onnx"], key="audit_upload",
+                      help=f"Uploads up to {MAX_UPLOAD_MB} MB. A larger model (up to {MAX_ONNX_BYTES // 2**20} MB): put "
+                           "it in a folder the operator allowed and give its path below.")
 typed = st.text_input("or the path of a model file on the server (inside the allowed data folders)",
                       key="audit_model_path")
 try:
@@ -46,8 +49,8 @@ cols = st.columns(4)
 layout = cols[0].selectbox("layout", ["NCHW", "NHWC"], index=0 if gi.layout == "NCHW" else 1, key="audit_layout")
 chans = cols[1].selectbox("channels", [1, 3], index=0 if (c or 1) == 1 else 1, key="audit_channels",
                           disabled=c is not None)
-height = cols[2].number_input("height", 1, 4096, h or 28, key="audit_h", disabled=h is not None)
-width = cols[3].number_input("width", 1, 4096, w or 28, key="audit_w", disabled=w is not None)
+height = cols[2].number_input("height", 1, MAX_INPUT_SIDE, h or 28, key="audit_h", disabled=h is not None)
+width = cols[3].number_input("width", 1, MAX_INPUT_SIDE, w or 28, key="audit_w", disabled=w is not None)
 norm = st.columns(2)
 mean_txt = norm[0].text_input("normalisation mean (per channel, comma-separated; empty = none)", key="audit_mean",
                               help="The model's input is (pixel - mean) / std with pixels in [0, 1]. A file exported "
@@ -88,15 +91,20 @@ try:
         source = str(check_user_path(text)) if text.strip() else None
     else:
         npz = st.file_uploader("images as .npz (uint8 array x)", type=["npz"], key="audit_npz")
-        source = str(audit_ui.accept_images(npz.name, npz.getvalue(), home)) if npz is not None else None
-except (PathNotAllowed, ValueError) as e:
+        source = (str(audit_ui.accept_images(npz.name, npz.getvalue(), home, model.spec.shape)) if npz is not None
+                  else None)
+except (PathNotAllowed, ValueError, DataUnavailable) as e:
     st.error(str(e))
     st.stop()
 if not source:
     st.info("Choose the inference images.")
     st.stop()
 a, b, c2 = st.columns(3)
-n = a.number_input("inference images", 2, 20000, 500, key="audit_n")
+most = max(2, min(MAX_OOD_SIZE, max_images(model.spec.shape)))  # the memory bound, see ufm.limits
+if st.session_state.get("audit_n", 0) > most:  # chosen for a smaller model: a widget above its max fails
+    st.session_state["audit_n"] = most
+n = a.number_input("inference images", 2, most, min(500, most), key="audit_n",
+                   help=f"at most {most} for this model's input size")
 k = b.number_input("candidate features K", 1, 2000, 99, key="audit_k")
 seed = c2.number_input("seed", 0, 2**31 - 1, 0, key="audit_seed")
 try:

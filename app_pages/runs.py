@@ -4,7 +4,7 @@ import streamlit as st
 
 from dashboard import access, audit_ui, state, views
 from ufm.report import run_html, run_json, runs_csv, runs_table
-from ufm.store import RunNotFound
+from ufm.store import RunNotFound, StoreError
 
 st.title("Runs")
 store = state.store()
@@ -47,7 +47,11 @@ c.download_button("Export HTML report", run_html(store, run_id) if rec.status ==
                   f"ufm-run-{state.short(run_id)}.html", "text/html", key="runs_html", disabled=rec.status != "done")
 if access.confirm_button("Delete", "runs_delete", target=run_id, where=d, disabled=rec.status in ("queued", "running"),
                          prompt=f"Delete run {state.short(run_id)} with its model and scores? This cannot be undone."):
-    store.delete_run(run_id)
+    try:
+        store.delete_run(run_id)
+    except StoreError as e:  # its process may still be working on it: say so instead of failing the page
+        st.error(str(e))
+        st.stop()
     if st.session_state.get(state.RUN) == run_id:
         del st.session_state[state.RUN]
     st.toast(f"Deleted run {state.short(run_id)}")

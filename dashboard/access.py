@@ -71,12 +71,37 @@ def signed_in(password: str) -> bool:
     return isinstance(given, str) and hmac.compare_digest(given, _fingerprint(password))
 
 
+def silence_metrics() -> bool:
+    """Empty Streamlit's ``/_stcore/metrics``; True when it is silent.
+
+    Streamlit serves that endpoint to anyone who reaches the server, before any sign-in, and has
+    no setting to turn it off (1.67): it shows the number of sessions, session events and the
+    names and entry counts of the cached functions. ufm uses none of it, so the stats providers
+    are dropped (once per server; the first script run of any visitor does it, and before that
+    there is nothing to show). Streamlit keeps them in a private attribute: if a new Streamlit
+    moves it, this logs a warning and ``tests/test_hostile_cli.py`` fails.
+    """
+    from streamlit.runtime import Runtime
+
+    if not Runtime.exists():
+        return False  # no server (AppTest): no endpoint either
+    try:
+        providers = Runtime.instance().stats_mgr._providers_by_family
+    except AttributeError as e:  # a Streamlit that keeps them elsewhere
+        log.warning("could not silence /_stcore/metrics (%s): it shows session counts and cache names to anyone "
+                    "who reaches the server", e)
+        return False
+    providers.clear()
+    return True
+
+
 def gate() -> bool:
     """Show the sign-in form or the refusal when needed; True when this session may see the pages.
 
     Call before ``st.navigation(...).run()`` and stop the script when it returns False, so no page
     code runs for a visitor who has not signed in.
     """
+    silence_metrics()
     password = configured_password()
     if password is None:
         address = st.get_option("server.address")

@@ -12,9 +12,9 @@ import streamlit as st
 
 from ufm.audit import (AuditConfig, AuditResult, audit_html, audit_task, delete_audit, inference_images, list_audits,
                        load_audit, new_audit_id)
-from ufm.fileio import atomic_write
+from ufm.fileio import atomic_write, private_dir
 from ufm.limits import MAX_ONNX_BYTES
-from ufm.onnx_model import GraphInput, OnnxModel, graph_input, load_onnx, parse_onnx
+from ufm.onnx_model import CheckedModel, GraphInput, check_onnx, graph_input, parse_onnx
 from ufm.plots import histogram_figure
 
 from . import access, state, views
@@ -28,8 +28,7 @@ def _audit_dir(home: str | Path, *parts: str) -> Path:
     d = Path(home) / "audits"
     for p in parts:
         d = d / p
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return d
+    return private_dir(d)
 
 
 def accept_upload(name: str, data: bytes, home: str | Path) -> tuple[Path, GraphInput]:
@@ -76,22 +75,25 @@ def progress(audit_id: str, home: str) -> None:
         cancel_audit(home, audit_id)
 
 
-def accept_images(name: str, data: bytes, home: str | Path) -> Path:
-    """Keep an uploaded ``.npz`` of inference images (0600); it is read with ``allow_pickle=False``."""
-    from ufm.limits import MAX_IMAGE_BYTES
+def accept_images(name: str, data: bytes, home: str | Path, shape: tuple[int, int, int] | None = None) -> Path:
+    """Check an uploaded ``.npz`` of inference images in memory (read with ``allow_pickle=False``:
+    uint8 ``x``, convertible to the model's ``shape``) and only then keep it (0600). A rejected
+    upload leaves nothing on disk, and its message names the upload, never a server path."""
+    from ufm.audit import check_npz_images
 
-    if len(data) > 8 * MAX_IMAGE_BYTES:
-        raise ValueError(f"{name} is larger than {8 * MAX_IMAGE_BYTES / 2**20:.0f} MB: use fewer images")
+    check_npz_images(name, data, shape)
     path = _audit_dir(home, "images") / f"{hashlib.sha256(data).hexdigest()}.npz"
     if not path.is_file():
         atomic_write(path, data, private=True)
     return path
 
 
-@st.cache_resource(max_entries=4, show_spinner="Opening the model ...")
-def open_model(path: str, name: str, spec: tuple) -> OnnxModel:
-    """The model with the user's statements (``spec``: sorted (key, value) pairs for load_onnx)."""
-    return load_onnx(path, name=name, **dict(spec))
+@st.cache_resource(max_entries=4, show_spinner="Checking the model ...")
+def open_model(path: str, name: str, spec: tuple) -> CheckedModel:
+    """The checked model and its input spec with the user's statements (``spec``: sorted (key,
+    value) pairs for check_onnx). Never opened in onnxruntime here: the model runs only in the
+    audit's own process, so a hostile graph cannot grow or crash the web server."""
+    return check_onnx(path, name=name, **dict(spec))
 
 
 @st.cache_data(max_entries=8, show_spinner="Loading inference images ...")
@@ -111,7 +113,7 @@ def start_audit(model_path: str, config: AuditConfig, spec: dict, home: str, nam
 
 
 def cancel_audit(home: str, audit_id: str) -> None:
-    (_audit_dir(home, "cancel") / audit_id).touch()
+    (_audit_dir(home, "cancel") / audit_id).touch(mode=0o600)
 
 
 def verdict_box(result: AuditResult) -> None:

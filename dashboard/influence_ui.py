@@ -12,6 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from ufm.experiment import ExperimentConfig
+from ufm.fileio import private_dir
 from ufm.studies import submit_study
 from ufm.sweep import cached_influence, ensure_sweep_study, influence_path, load_influence_table, reference_config, sweep_rows
 
@@ -46,8 +47,8 @@ def start_ranking(config: ExperimentConfig) -> None:
 def cancel_ranking(config: ExperimentConfig) -> None:
     """Ask the running ranking task of ``config`` to stop."""
     stop = cancel_path(reference_config(config).key())
-    stop.parent.mkdir(parents=True, exist_ok=True)
-    stop.touch()
+    private_dir(stop.parent)
+    stop.touch(mode=0o600)
 
 
 def correlation_warning(n: int) -> str | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from ufm.fileio import private_dir
 from ufm.models import ARCHITECTURES
 from ufm.privacy_audit import (SCORES, AuditConfig, AuditResult, audit_dir, audit_histogram, cached_audit,
                                list_audits, load_audit)
@@ -38,8 +39,8 @@ def cancel_path(home: str, key: str) -> Path:
 def cancel(key: str) -> None:
     """Ask the running audit ``key`` to stop."""
     stop = cancel_path(home(), key)
-    stop.parent.mkdir(parents=True, exist_ok=True)
-    stop.touch()
+    private_dir(stop.parent)
+    stop.touch(mode=0o600)
 
 
 def home() -> str:

@@ -16,7 +16,6 @@ query parameters). A reload, or the link sent to a colleague of the same server,
 from __future__ import annotations
 
 import os
-import hashlib
 import json
 import re
 from dataclasses import asdict
@@ -26,6 +25,7 @@ import streamlit as st
 
 from ufm.canary import CanaryChoice
 from ufm.data import BENCHMARKS, available_offline, default_data_dir, load_split
+from ufm.designs import save_design
 from ufm.experiment import ExperimentConfig
 from ufm.features import Feature, glyph
 from ufm.executors import Executor, executor_from_env
@@ -191,13 +191,7 @@ def _save_design() -> None:
     feature = st.session_state.get(FEATURE) or glyph("A")
     setup = st.session_state.get(SETUP) or default_setup()
     text = json.dumps({"feature": feature.to_dict(), "setup": setup_to_dict(setup)}, sort_keys=True, default=str)
-    did = hashlib.sha256(text.encode()).hexdigest()[:16]
-    path = _designs() / f"{did}.json"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    did = save_design(store().home, text)  # private (0600): typed text can be a patient's name
     st.session_state[_DESIGN_ID] = did
     _sync_url()
 

@@ -37,7 +37,8 @@ def test_streamlit_config_is_private_and_quiet():
     assert conf["server.fileWatcherType"] == "none"
     assert conf["runner.postScriptGC"] is False
     assert conf["client.toolbarMode"] == "minimal" and conf["ui.hideTopBar"] is True  # no Deploy, no Stop
-    assert conf["server.maxUploadSize"] <= 20
+    from ufm.limits import MAX_ONNX_BYTES, MAX_UPLOAD_MB
+    assert conf["server.maxUploadSize"] == MAX_UPLOAD_MB <= MAX_ONNX_BYTES / 2**20  # the page says the same (issue 18)
     assert conf["server.enableXsrfProtection"] is True and conf["server.enableAgentApi"] is False
     # every key is one Streamlit knows (a typo would be ignored silently) ...
     known = st_config.get_config_options()

@@ -137,23 +137,19 @@ def test_bad_out_is_refused_before_training(tiny_data, tmp_path, monkeypatch, ca
     assert "--out:" in capsys.readouterr().err
 
 
-def test_train_size_larger_than_the_data_is_said_and_recorded(tiny_data, tmp_path, monkeypatch, capsys,
-                                                              one_torch_thread):
+def test_train_size_larger_than_the_data_is_refused_before_a_run_is_recorded(tiny_data, tmp_path, monkeypatch,
+                                                                              capsys, one_torch_thread):
+    """Issue 18: a note after training was easy to miss; now one line, exit 2, nothing recorded."""
     monkeypatch.setenv("UFM_HOME", str(tmp_path / "home"))
     out = tmp_path / "r.json"
-    assert main(_tiny_measure(tiny_data, "--train-size", "500", "--out", str(out))) == 0
-    printed = capsys.readouterr().out
-    d = json.loads(out.read_text())
-    assert d["n_train"] + d["n_val"] == 300  # the tiny set has 300 training images
-    assert d["config"]["train_size"] == 500  # what was asked, with the note saying what was used
-    assert d["notes"] == [f"train_size 500 asked for more images than {tiny_data['train']} has: used all 300 "
-                          "(training + validation)"]
-    assert "note: train_size 500" in printed and f"trained on {d['n_train']} images" in printed
-    from ufm.experiment import Result
-    assert Result.from_json(out.read_text()).notes == d["notes"]
-    run_id = printed.split("run ")[-1].split()[0]
-    assert main(["runs", "show", run_id]) == 0
-    assert f"images used: {d['n_train']} training + {d['n_val']} validation" in capsys.readouterr().out
+    assert main(_tiny_measure(tiny_data, "--train-size", "500", "--out", str(out))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("ufm: error: --train-size 500 is more than the 300 training images of "
+                   f"{tiny_data['train']}: give at most 300, or leave it out to use them all")
+    assert not out.exists()
+    from ufm.store import Store
+    with Store(tmp_path / "home") as s:
+        assert s.list_runs() == []
 
 
 def _ufm(args, env_home, **kw):

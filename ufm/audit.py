@@ -44,7 +44,7 @@ from .candidates import VALID_FAMILIES, default_family, resolve_family
 from .data import BENCHMARKS, DataUnavailable, convert_images, load_ood, load_split, to_float_images
 from .features import Feature, FeatureError
 from .imageio import ImageError, open_image
-from .limits import MAX_CANDIDATES, MAX_OOD_SIZE, MAX_REPEATS
+from .limits import MAX_BATCH_BYTES, MAX_CANDIDATES, MAX_OOD_SIZE, MAX_REPEATS, check_audit_images, image_bytes
 from .onnx_model import OnnxModel
 from .scores import AccessScores, MScore, access_scores, memorisation_score, model_learned
 from .train import CancelFlag, Progress, ProgressFn, TrainingCancelled, evaluate, is_cancelled
@@ -127,6 +127,44 @@ def inference_images(source: str, shape: Sequence[int], n: int, *, data_dir: str
     if len(x) < 2:
         raise DataUnavailable(f"{source} holds {len(x)} image(s); the audit needs at least 2 inference images")
     return x
+
+
+def check_npz_images(name: str, data: bytes, shape: Sequence[int] | None = None) -> None:
+    """Check an uploaded ``.npz`` of inference images before it is kept: readable without pickle,
+    an array ``x`` of at most :data:`ufm.limits.MAX_AUDIT_IMAGE_BYTES` (its declared size, read
+    before it is decompressed), uint8, and convertible to ``shape`` (C, H, W) when given.
+    Messages name the upload (``name``), never a server path.
+
+    Raises:
+        DataUnavailable: one line saying what is wrong with the upload.
+    """
+    import io
+    import zipfile
+
+    from .limits import MAX_AUDIT_IMAGE_BYTES
+
+    try:
+        f = np.load(io.BytesIO(data), allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):  # a bare .npy: an array, not an archive
+            raise DataUnavailable(f"{name} is a single .npy array, not an .npz archive; save it with "
+                                  "numpy.savez(path, x=images)")
+        with f:
+            if "x" not in f.files:
+                raise DataUnavailable(f"{name} has no array x (uint8 images); it holds {', '.join(f.files) or 'nothing'}")
+            declared = f.zip.getinfo("x.npy").file_size
+            if declared > MAX_AUDIT_IMAGE_BYTES:
+                raise DataUnavailable(f"{name}: its array x unpacks to {declared / 2**20:,.0f} MB, above the limit of "
+                                      f"{MAX_AUDIT_IMAGE_BYTES / 2**20:,.0f} MB: keep fewer images in it")
+            x = f["x"]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise DataUnavailable(f"{name} is not a readable .npz of uint8 images x ({type(exc).__name__}); save it with "
+                              "numpy.savez(path, x=images)") from None
+    if x.dtype != np.uint8:
+        raise DataUnavailable(f"{name}: images x must be uint8 (0..255), got {x.dtype}")
+    if len(x) < 2:
+        raise DataUnavailable(f"{name} holds {len(x)} image(s); the audit needs at least 2 inference images")
+    if shape is not None:
+        _from_uint8(x[:2], tuple(int(v) for v in shape), 2, name)  # the same conversion the audit does
 
 
 def labelled_images(source: str, shape: Sequence[int], *, data_dir: str | None = None,
@@ -322,9 +360,34 @@ class AuditResult:
                    d.get("versions", {}))
 
 
+def ignores_input(clean_out: torch.Tensor, score: MScore) -> str | None:
+    """Why a model's numbers cannot speak about memorisation, or None.
+
+    A model whose output ignores its input (a constant graph, a dead network) has M = 0, X_u =
+    X_r = 0 and NaN t-test p-values; the exposure test then ranks X_u among ties and would call
+    it "not shown". That is no evidence either way, with or without labelled data.
+
+    Args:
+        clean_out: the model's scores on (some of) the clean inference images.
+    """
+    if len(clean_out) > 1 and bool(torch.all(clean_out == clean_out[:1])):
+        return (f"the model gives the same scores to all {len(clean_out)} images it was shown: its output does not "
+                "depend on its input, so no test can show what it memorised")
+    moved = np.concatenate([np.ravel(score.d_u), np.ravel(score.d_r), np.ravel(score.candidate_X)])
+    if not np.any(moved != 0):
+        return ("neither the feature nor any random feature or candidate changes the model's outputs (X_u = X_r = 0): "
+                "the model ignores the feature's place in the image, so the test has nothing to compare")
+    if not (math.isfinite(score.p_value) and math.isfinite(score.p_value_paired)):
+        return "the t-test p-values are not numbers (no spread in d_u or d_r): the model's outputs barely move"
+    return None
+
+
 def _decide(score: MScore, cal: FastTestCalibration | None, reason: str | None, learned: bool | None,
-            learned_note: str) -> Verdict:
+            learned_note: str, dead: str | None = None) -> Verdict:
     """The audit's verdict from the fast test and its calibration (never from the t-tests)."""
+    if dead is not None:
+        return Verdict(INCONCLUSIVE, "none", None, f"Inconclusive: {dead}. The numbers are shown as measurements, "
+                       "not as a verdict.")
     if learned is False:
         return Verdict(INCONCLUSIVE, "none", None, f"Inconclusive: {learned_note}. A model that did not learn says "
                        "nothing about memorisation either way.")
@@ -361,6 +424,9 @@ def run_audit(model: OnnxModel, config: AuditConfig, *, x_ood: torch.Tensor | No
     report = progress or (lambda p: None)
     shape = model.spec.shape
     config.feature.check_fits(shape)
+    check_audit_images(min(config.ood_size, len(x_ood)) if x_ood is not None else config.ood_size, shape)
+    # Each forward call gets at most MAX_BATCH_BYTES of images, however large the images are.
+    batch_size = max(1, min(config.batch_size, MAX_BATCH_BYTES // image_bytes(shape)))
     report(Progress("data", message=f"loading inference images from {config.ood}"))
     x = x_ood if x_ood is not None else inference_images(config.ood, shape, config.ood_size, data_dir=config.data_dir)
     x = x[:config.ood_size]
@@ -368,6 +434,8 @@ def run_audit(model: OnnxModel, config: AuditConfig, *, x_ood: torch.Tensor | No
         raise ValueError(f"inference images are {tuple(x.shape[1:])} but the model takes {shape} (C, H, W)")
     family, cal, reason = choose_family(config.feature, config.family)
     model.probe(x)
+    with torch.no_grad():
+        clean_out = model(x[:256])
     if config.classes and len(config.classes) != model.num_classes:
         raise ValueError(f"{len(config.classes)} class names given but the model outputs {model.num_classes} class "
                          "scores: list exactly one name per output, in the model's order")
@@ -394,16 +462,17 @@ def run_audit(model: OnnxModel, config: AuditConfig, *, x_ood: torch.Tensor | No
     with torch.no_grad():
         score = memorisation_score(model, x, config.feature, repeats=config.repeats, random_kind=config.random_kind,
                                    candidates=config.candidates, family=family, seed=config.seed,
-                                   alpha=config.alpha, batch_size=config.batch_size, cancel=cancel)
+                                   alpha=config.alpha, batch_size=batch_size, cancel=cancel)
         c, h, w = shape
         access = access_scores(model, config.feature,
                                x_test=x_lab if x_lab is not None else torch.zeros(0, c, h, w),
                                y_test=y_lab if y_lab is not None else torch.zeros(0, dtype=torch.long),
                                x_ood=x, canary_label=config.canary_label if x_lab is not None else None,
                                candidates=config.candidates, family=family, seed=config.seed,
-                               batch_size=config.batch_size, cancel=cancel)
+                               batch_size=batch_size, cancel=cancel)
     seconds = time.perf_counter() - t0
-    verdict = _decide(score, cal, reason, learned, learned_note)
+    dead = ignores_input(clean_out, score)
+    verdict = _decide(score, cal, reason, learned, learned_note, dead)
     report(Progress("done", message=f"M = {score.M:.4g}: {verdict.headline}"))
     from .experiment import versions
     import onnxruntime

@@ -137,6 +137,30 @@ def _import_ray() -> Any:
     return ray
 
 
+def check_ray_address(address: str | None, timeout: float = 3.0) -> None:
+    """Refuse, within ``timeout`` seconds, a Ray address where nothing listens: ``ray.init`` itself
+    retries for about 30 s and ends in a ConnectionError traceback. ``None``, ``auto`` and
+    ``local`` are left to Ray (a local instance, or the address Ray finds itself).
+
+    Raises:
+        ValueError: one line naming the address and what to do.
+    """
+    if not address or address in ("auto", "local"):
+        return
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = rest.rstrip("/").rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--ray-address {address!r} is not HOST:PORT, ray://HOST:PORT or auto")
+    import socket
+
+    host = host.strip("[]") or "localhost"
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ValueError(f"--ray-address {address}: nothing answers at {host}:{port} ({e.strerror or e}); start the "
+                         "cluster ('ray start --head') or fix the address") from None
+
+
 def _ray_progress_channel(ray: Any) -> Any:
     """A named-less actor holding the latest progress of each run, drained by the driver."""
 
@@ -239,10 +263,17 @@ class RayExecutor(Executor):
         ray = self._ray = _import_ray()
         self.store = store
         address = address if address is not None else (os.environ.get(RAY_ADDRESS_ENV) or None)
+        if not ray.is_initialized():
+            check_ray_address(address)
         self._owns_ray = False
         if not ray.is_initialized():
             kwargs = {"include_dashboard": False, "log_to_driver": False, **(init_kwargs or {})}
-            ray.init(address=address, **kwargs)
+            try:
+                ray.init(address=address, **kwargs)
+            except (ConnectionError, RuntimeError) as e:  # something answers there, but not a Ray cluster
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise ValueError(f"--ray-address {address}: cannot join a Ray cluster there ({first}); start the "
+                                 "cluster ('ray start --head') or fix the address") from None
             self._owns_ray = address is None  # a local instance we started; a cluster stays up
         if num_gpus is None:
             num_gpus = 1.0 / runs_per_gpu if ray.cluster_resources().get("GPU", 0) > 0 else 0.0

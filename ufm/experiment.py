@@ -287,6 +287,23 @@ def inference_images(config: ExperimentConfig, n: int | None = None) -> ImageDat
     return _cached_ood(config.dataset, shape, max(n, config.ood_size), config.ood_source, config.data_dir).subset(slice(0, n))
 
 
+def check_data(config: ExperimentConfig) -> None:
+    """Refuse, before a run is recorded or trained, what the data cannot give: more training
+    images than the dataset has (a run would silently use fewer), more inference images than the
+    OOD source has, a feature that does not fit the images. What it loads is cached for the run
+    that follows in this process.
+
+    Raises:
+        ValueError, DataUnavailable: one line saying what to change.
+    """
+    full = training_split(config)
+    if config.train_size is not None and len(full) < config.train_size:
+        raise ValueError(f"--train-size {config.train_size} is more than the {len(full)} training images of "
+                         f"{config.dataset}: give at most {len(full)}, or leave it out to use them all")
+    config.feature.check_fits(full.x.shape)
+    _cached_ood(config.dataset, full.image_shape, config.ood_size, config.ood_source, config.data_dir)
+
+
 @dataclass
 class PreparedData:
     """The tensors of one experiment, on its device: training set with canaries stamped, etc."""

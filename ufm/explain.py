@@ -364,10 +364,10 @@ def overlay_png(image: ArrayLike, heatmap: ArrayLike, box: Box | None, path: str
         ImageDraw.Draw(img).rectangle(
             [c * scale, r * scale, (c + bw) * scale - 1, (r + bh) * scale - 1],
             outline=(0, 255, 0), width=1)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    img.save(out, format="PNG")
-    return out
+    from .fileio import atomic_write
+
+    # 0600: the picture shows the canary with its feature, which can be private text
+    return atomic_write(Path(path), lambda f: img.save(f, format="PNG"), private=True)
 
 
 # --------------------------------------------------------------------------------------------

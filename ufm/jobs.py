@@ -156,6 +156,9 @@ def measure(store: Store, config: "ExperimentConfig", *, force: bool = False, pr
         hit = store.find_cached(config)
         if hit is not None:
             return hit.id, store.load_result(hit.id), True
+    from .experiment import check_data
+
+    check_data(config)  # bad sizes end here, not in a failed run record
     run_id = store.create_run(config, status="queued")
     with Heartbeat(store):
         result = execute(store, run_id, config, progress=progress, cancel=cancel)

@@ -40,3 +40,49 @@ MAX_IMAGE_BYTES = 32 * 1024 * 1024
 # Bytes of an ONNX model file or upload to audit: a DenseNet-100 is ~3 MB, a ResNet-50 ~100 MB;
 # 512 MB covers any image classifier the audit is meant for (the whole graph is read into memory).
 MAX_ONNX_BYTES = 512 * 1024 * 1024
+
+# Reference models of the calibrated verdict (ufm.reference): 39 by default, 200 trains for days.
+MAX_REFERENCES = 200
+
+# Height and width of a foreign model's input (ufm audit): a ResNet takes 224, a chest X-ray
+# model rarely more than 512. A 276-byte ONNX file can declare 20000 x 20000 (9.6 GB a batch of
+# three), so the declared size is checked before any image is made.
+MAX_INPUT_SIDE = 1024
+
+# Bytes of the float32 images in one forward call of a foreign model: the audit feeds smaller
+# chunks when images are large, and a graph whose fixed batch alone needs more is refused.
+MAX_BATCH_BYTES = 256 * 1024 * 1024
+
+# Bytes of an audit's inference images as float32 (n x C x H x W x 4). Scoring holds the clean
+# set and one stamped copy at a time, so the peak is about twice this plus one batch.
+MAX_AUDIT_IMAGE_BYTES = 1024 * 1024 * 1024
+
+# Megabytes of one browser upload (Streamlit's server.maxUploadSize, in .streamlit/config.toml;
+# tests/test_hostile.py checks the two agree). The upload is held in the server's memory, so a
+# larger model is audited from a path inside the allowed data folders instead.
+MAX_UPLOAD_MB = 128
+
+
+def image_bytes(shape: tuple[int, int, int]) -> int:
+    """Bytes of one float32 image of ``(C, H, W)``."""
+    c, h, w = (int(v) for v in shape)
+    return 4 * c * h * w
+
+
+def max_images(shape: tuple[int, int, int], budget: int = MAX_AUDIT_IMAGE_BYTES) -> int:
+    """How many float32 images of ``shape`` fit in ``budget`` bytes (at least 1)."""
+    return max(1, budget // image_bytes(shape))
+
+
+def check_audit_images(n: int, shape: tuple[int, int, int], flag: str = "--ood-size") -> None:
+    """Refuse, before anything is loaded, ``n`` inference images of ``shape`` that would take more
+    than :data:`MAX_AUDIT_IMAGE_BYTES`; the message gives the largest ``n`` that fits.
+
+    Raises:
+        ValueError: one line naming the limit and what to do.
+    """
+    need = n * image_bytes(shape)
+    if need > MAX_AUDIT_IMAGE_BYTES:
+        c, h, w = shape
+        raise ValueError(f"{n} inference images of {c}x{h}x{w} take {need / 2**20:,.0f} MB as float32; the limit is "
+                         f"{MAX_AUDIT_IMAGE_BYTES / 2**20:,.0f} MB: give {flag} {max_images(shape)} or fewer")

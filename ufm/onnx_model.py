@@ -9,8 +9,13 @@ probabilities (``softmax(log p) == p``, so the KL divergences are those of the m
 probabilities).
 
 Safety: the file is parsed as an ONNX protobuf and run by onnxruntime, never unpickled and never
-run as TorchScript. A graph that points at external data files (which would make the server read
-arbitrary paths) is refused, as is any file larger than :data:`ufm.limits.MAX_ONNX_BYTES`.
+run as TorchScript. A model with a tensor in an external data file anywhere (initialisers,
+attributes, subgraphs, model-local functions: it would make the server read arbitrary paths) is
+refused, as is any file larger than :data:`ufm.limits.MAX_ONNX_BYTES`; onnxruntime gets the bytes,
+never a path. Sizes are bounded before anything is allocated: the declared input side
+(:data:`ufm.limits.MAX_INPUT_SIDE`) and the images of one forward call
+(:data:`ufm.limits.MAX_BATCH_BYTES`). :func:`check_onnx` does every check without opening the
+model, for the web server, which never runs one.
 
 Input spec: layout (NCHW or NHWC), channels and size come from the graph where its dimensions are
 fixed; a dynamic dimension must be stated by the user (``input_size``/``channels``). Normalisation
@@ -34,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .limits import MAX_ONNX_BYTES
+from .limits import MAX_BATCH_BYTES, MAX_INPUT_SIDE, MAX_ONNX_BYTES, image_bytes
 
 SPEC_KEY = "ufm.input_spec"
 LAYOUTS = ("NCHW", "NHWC")
@@ -48,6 +53,22 @@ class OnnxModelError(ValueError):
 
 
 # ------------------------------------------------------------------------------------ input spec
+
+def _too_large(h: int | None, w: int | None) -> str:
+    return (f"the model's input is {h or '?'}x{w or '?'} pixels; ufm audits inputs up to {MAX_INPUT_SIDE}x{MAX_INPUT_SIDE} "
+            "(ufm.limits.MAX_INPUT_SIDE): export the model for a smaller input size")
+
+
+def _check_batch(batch: int | None, shape: tuple[int, int, int]) -> None:
+    """A graph with a fixed batch is always fed that many images: refuse one whose batch alone
+    exceeds :data:`ufm.limits.MAX_BATCH_BYTES`, before any is made."""
+    if batch and batch * image_bytes(shape) > MAX_BATCH_BYTES:
+        c, h, w = shape
+        raise OnnxModelError(f"the model takes a fixed batch of {batch} images of {c}x{h}x{w}: "
+                             f"{batch * image_bytes(shape) / 2**20:,.0f} MB per call, above the limit of "
+                             f"{MAX_BATCH_BYTES / 2**20:,.0f} MB (ufm.limits.MAX_BATCH_BYTES): export it with a "
+                             "dynamic or smaller batch")
+
 
 def _floats(v: Sequence[float] | float | None, what: str) -> tuple[float, ...]:
     if v is None:
@@ -83,6 +104,8 @@ class InputSpec:
                                  "image classifiers")
         if self.height < 1 or self.width < 1:
             raise OnnxModelError(f"input size must be positive, got {self.height}x{self.width}")
+        if max(self.height, self.width) > MAX_INPUT_SIDE:
+            raise OnnxModelError(_too_large(self.height, self.width))
         if self.layout not in LAYOUTS:
             raise OnnxModelError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         mean, std = _floats(self.mean, "mean"), _floats(self.std, "std")
@@ -154,21 +177,32 @@ def read_model_bytes(source: str | os.PathLike | bytes, max_bytes: int = MAX_ONN
         raise OnnxModelError(f"could not read {path} ({exc.strerror or exc}): check its permissions") from None
 
 
-def _tensors(graph: Any) -> Any:
-    """Every TensorProto in a graph and its subgraphs (initializers and constant attributes)."""
-    yield from graph.initializer
-    for sp in graph.sparse_initializer:
-        yield sp.values
-        yield sp.indices
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _tensors(attr.g)
-            for g in attr.graphs:
-                yield from _tensors(g)
+def _external_tensors(msg: Any) -> Any:
+    """Every TensorProto anywhere in ``msg`` that points at external data.
+
+    The walk is generic over the protobuf's fields rather than a list of places a tensor may sit:
+    initialisers, sparse initialisers, node attributes, If/Loop/Scan bodies, model-local functions
+    (a Constant's value in ``ModelProto.functions``), their default attributes and training info
+    all hold TensorProtos, and onnxruntime opens an external location relative to its working
+    folder wherever it finds one, so one missed place is enough to read a server file.
+    """
+    from onnx import TensorProto
+
+    stack = [msg]
+    while stack:
+        m = stack.pop()
+        if isinstance(m, TensorProto):
+            if m.data_location == TensorProto.EXTERNAL or len(m.external_data):
+                yield m
+            continue  # a TensorProto holds no nested messages that could hold tensors
+        for fd, value in m.ListFields():
+            if fd.type != fd.TYPE_MESSAGE:
+                continue
+            repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED  # protobuf < 6
+            if repeated:
+                stack.extend(value)
+            else:
+                stack.append(value)
 
 
 def parse_onnx(data: bytes, what: str = "the file") -> Any:
@@ -190,9 +224,10 @@ def parse_onnx(data: bytes, what: str = "the file") -> Any:
         raise OnnxModelError(not_onnx) from exc
     if proto.ir_version < 1 or not proto.HasField("graph") or not proto.graph.node:
         raise OnnxModelError(not_onnx)  # protobuf parses much random data as an empty message
-    if any(t.data_location == onnx.TensorProto.EXTERNAL or t.external_data for t in _tensors(proto.graph)):
-        raise OnnxModelError(f"{what} keeps weights in external data files; ufm accepts only self-contained "
-                             "models (save with onnx.save_model(..., save_as_external_data=False))")
+    ext = next(_external_tensors(proto), None)
+    if ext is not None:
+        raise OnnxModelError(f"{what} keeps tensor {ext.name or '(unnamed)'!r} in an external data file; ufm accepts "
+                             "only self-contained models (save with onnx.save_model(..., save_as_external_data=False))")
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:  # noqa: BLE001 - onnx raises ValidationError and C++ errors
@@ -262,6 +297,13 @@ def graph_input(proto: Any, what: str = "the model") -> GraphInput:
         raise OnnxModelError(f"{what}'s output {out.name!r} has rank {len(out_dims)}; ufm needs class scores of "
                              "shape (N, K): one logit or probability per class")
     layout = "NHWC" if dims[3] in (1, 3) and dims[1] not in (1, 3) else "NCHW"
+    # Bounded here, before any image is made or a page offers the size: the graph's word is all
+    # a 276-byte file needs to ask for 9.6 GB.
+    _, n_h, n_w = (dims[3], dims[1], dims[2]) if layout == "NHWC" else (dims[1], dims[2], dims[3])
+    if max(n_h or 0, n_w or 0) > MAX_INPUT_SIDE:
+        raise OnnxModelError(_too_large(n_h, n_w))
+    if None not in dims[1:]:
+        _check_batch(dims[0], (dims[3], dims[1], dims[2]) if layout == "NHWC" else tuple(dims[1:]))
     meta = {p.key: p.value for p in proto.metadata_props}
     return GraphInput(inp.name, tuple(dims), layout, out.name,  # type: ignore[arg-type]
                       tuple(out_dims) if out_dims else None, meta)
@@ -333,6 +375,7 @@ class OnnxModel(nn.Module):
         self.session, self.spec, self.graph_input = session, spec, gi
         self.sha256, self.name, self.size_bytes = sha256, name, size
         self.batch = gi.batch
+        _check_batch(self.batch, spec.shape)
         self.output_kind: str | None = None
         self.num_classes: int | None = None
 
@@ -370,7 +413,12 @@ class OnnxModel(nn.Module):
         if x.ndim != 4 or tuple(x.shape[1:]) != self.spec.shape:
             raise OnnxModelError(f"images of shape {tuple(x.shape[1:])} do not match the model's input "
                                  f"{self.spec.shape} (C, H, W)")
-        out = self._run(self.spec.prepare(x)).astype(np.float64)
+        # Chunks of at most MAX_BATCH_BYTES: the caller's batch (1024 images by default) of large
+        # images would otherwise be normalised and fed whole (12 GB at 3x1024x1024).
+        rows = self.batch or max(1, MAX_BATCH_BYTES // image_bytes(self.spec.shape))
+        out = np.concatenate([self._run(self.spec.prepare(x[i:i + rows])) for i in range(0, len(x), rows)]
+                             ) if len(x) else self._run(self.spec.prepare(x))
+        out = out.astype(np.float64)
         bad = ~np.isfinite(out).all(axis=1)
         if bad.any():
             raise OnnxModelError(f"the model's outputs contain NaN or infinite values for {int(bad.sum())} of "
@@ -389,11 +437,50 @@ class OnnxModel(nn.Module):
         return t.to(x.device)
 
 
+@dataclass(frozen=True)
+class CheckedModel:
+    """An ONNX file that passed every check, with its input spec resolved, but not opened: what a
+    page needs to describe the model without running it in the web server's process."""
+
+    name: str
+    graph_input: GraphInput
+    spec: InputSpec
+    sha256: str
+    size_bytes: int
+
+
+def check_onnx(source: str | os.PathLike | bytes, *, input_size: tuple[int, int] | None = None,
+               channels: int | None = None, layout: str | None = None, mean: Sequence[float] | None = None,
+               std: Sequence[float] | None = None, max_bytes: int = MAX_ONNX_BYTES,
+               name: str | None = None) -> CheckedModel:
+    """Read and check an ONNX classifier and resolve its input spec, without opening it in
+    onnxruntime (see :func:`load_onnx` for the arguments).
+
+    Raises:
+        OnnxModelError: every problem with the file or the spec, in one message.
+    """
+    return _checked(source, max_bytes, name, dict(input_size=input_size, channels=channels, layout=layout,
+                                                  mean=mean, std=std))[1]
+
+
+def _checked(source: str | os.PathLike | bytes, max_bytes: int, name: str | None,
+             statements: dict[str, Any]) -> tuple[bytes, CheckedModel]:
+    data, default_name = read_model_bytes(source, max_bytes)
+    what = name or default_name
+    gi = graph_input(parse_onnx(data, what), what)
+    spec = resolve_spec(gi, **statements)
+    _check_batch(gi.batch, spec.shape)
+    return data, CheckedModel(what, gi, spec, hashlib.sha256(data).hexdigest(), len(data))
+
+
 def load_onnx(source: str | os.PathLike | bytes, *, input_size: tuple[int, int] | None = None,
               channels: int | None = None, layout: str | None = None, mean: Sequence[float] | None = None,
               std: Sequence[float] | None = None, threads: int | None = None,
               max_bytes: int = MAX_ONNX_BYTES, name: str | None = None) -> OnnxModel:
     """Read, check and open an ONNX classifier for auditing.
+
+    onnxruntime gets the file's bytes, never its path: a model opened from bytes has no folder to
+    resolve external data against (and :func:`parse_onnx` has refused any external data already).
 
     Args:
         source: a path or the file's bytes (an upload).
@@ -406,11 +493,8 @@ def load_onnx(source: str | os.PathLike | bytes, *, input_size: tuple[int, int] 
     """
     import onnxruntime as ort
 
-    data, default_name = read_model_bytes(source, max_bytes)
-    what = name or default_name
-    proto = parse_onnx(data, what)
-    gi = graph_input(proto, what)
-    spec = resolve_spec(gi, input_size=input_size, channels=channels, layout=layout, mean=mean, std=std)
+    data, checked = _checked(source, max_bytes, name, dict(input_size=input_size, channels=channels,
+                                                           layout=layout, mean=mean, std=std))
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.inter_op_num_threads = 1
@@ -419,9 +503,9 @@ def load_onnx(source: str | os.PathLike | bytes, *, input_size: tuple[int, int] 
         session = ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
     except _ort_errors() as exc:
         first = str(exc).strip().splitlines()[0][:300]
-        raise OnnxModelError(f"onnxruntime cannot run {what} ({first}); it may use operators outside the standard "
-                             "ONNX domain: re-export it with standard operators") from None
-    return OnnxModel(session, spec, gi, hashlib.sha256(data).hexdigest(), what, len(data))
+        raise OnnxModelError(f"onnxruntime cannot run {checked.name} ({first}); it may use operators outside the "
+                             "standard ONNX domain: re-export it with standard operators") from None
+    return OnnxModel(session, checked.spec, checked.graph_input, checked.sha256, checked.name, checked.size_bytes)
 
 
 # ------------------------------------------------------------------------------------ export

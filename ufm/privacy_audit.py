@@ -676,8 +676,7 @@ def save_audit(home: str | Path, result: AuditResult) -> Path:
     from .fileio import atomic_write
 
     path = audit_path(home, result.config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, result.to_json(indent=1))
+    atomic_write(path, result.to_json(indent=1), private=True)  # it names the feature (private text)
     return path
 
 
@@ -749,8 +748,8 @@ def attach_study_audits(home: str | Path, study: str, audits: Sequence[tuple[str
     from .fileio import atomic_write
 
     path = _study_file(home, study)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps({"study": study, "audits": [{"group": g, "config": c.to_dict()} for g, c in audits]}))
+    atomic_write(path, json.dumps({"study": study, "audits": [{"group": g, "config": c.to_dict()} for g, c in audits]}),
+                 private=True)
     return path
 
 

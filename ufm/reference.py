@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from .train import CancelFlag, ProgressFn
 
 DEFAULT_REFERENCES = 39
-MAX_REFERENCES = 200
+from .limits import MAX_REFERENCES  # noqa: E402 - kept in limits so the CLI parser needs no torch
 REFERENCE_SEED_BASE = 1_000_000
 SCORES_FILE = "reference_scores.json"
 

@@ -32,17 +32,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import pandas as pd
-from scipy import stats
 
-from .canary import CanaryChoice
-from .experiment import ExperimentConfig
-from .features import glyph
 from .fileio import atomic_write
 from .report import _esc, _figure_html, _page, _table, to_csv
 from .store import Store
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch-importing modules load lazily: every ufm verb builds this module's parser
     from .executors import Executor
+    from .experiment import ExperimentConfig
 
 TARGETS = ("table1", "table2", "table3", "figure4")
 ALPHA = 0.05  # the paper's significance level (bold in its tables)
@@ -148,6 +145,10 @@ def base_config(setting: Setting, scale: Scale, *, data_dir: str | None = None, 
     """The canary model of ``setting`` at ``scale`` (canary still to be chosen): the paper's
     feature (the letter A, 5x5, one pixel from the top-left corner), Adam with the architecture's
     default learning rate and batch size, early stopping on the validation loss."""
+    from .canary import CanaryChoice
+    from .experiment import ExperimentConfig
+    from .features import glyph
+
     return ExperimentConfig(feature=glyph("A"), dataset=setting.dataset, data_dir=data_dir, arch=setting.arch,
                             regularisers=setting.regularisers, canary=CanaryChoice("none", ()),
                             epochs=scale.epochs, patience=scale.patience, train_size=scale.train_size,
@@ -267,6 +268,8 @@ def pearson_ci(r: float, n: int, level: float = 0.95) -> tuple[float, float]:
     if n <= 3 or not math.isfinite(r):
         return math.nan, math.nan
     z, se = math.atanh(max(min(r, 1 - 1e-12), -1 + 1e-12)), 1.0 / math.sqrt(n - 3)
+    from scipy import stats  # here, not at the top: every ufm verb imports this module for its --help
+
     q = stats.norm.ppf(0.5 + level / 2)
     return math.tanh(z - q * se), math.tanh(z + q * se)
 

@@ -167,8 +167,7 @@ def cached_influence(home: str | Path, config: ExperimentConfig, *, n_checkpoint
     table = load_influence_table(path, config)
     if table is None:
         table = influence_scores(config, n_checkpoints=n_checkpoints, progress=progress, cancel=cancel).table()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, table.to_csv(index=False))
+        write_atomic(path, table.to_csv(index=False), private=True)  # under the (private) ufm home
     return table
 
 

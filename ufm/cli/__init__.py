@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
-from . import audit, influence, measure, privacy, reproduce, runs
+from . import audit, designs, influence, measure, privacy, reproduce, runs
 from .common import (StderrProgress, UsageError, add_experiment_args, check_out, config_from_args, finite_float,
                      int_in, open_store)
 from .measure import summary_lines
@@ -25,10 +25,10 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command cut off by `| head`
 
-# measure; influence, sweep-canaries, explain; runs, studies; audit (ONNX models ufm did not
-# train); privacy-audit; reproduce.
-COMMANDS: list[Callable[[Any], None]] = [measure.register, influence.register, runs.register, audit.register,
-                                         privacy.register, reproduce.register]
+# measure; influence, sweep-canaries, explain; runs, studies; designs; audit (ONNX models ufm did
+# not train); privacy-audit; reproduce.
+COMMANDS: list[Callable[[Any], None]] = [measure.register, influence.register, runs.register, designs.register,
+                                         audit.register, privacy.register, reproduce.register]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,9 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from ..data import DataUnavailable
-    from ..train import TrainingDiverged
-    return (UsageError, ValueError, DataUnavailable, TrainingDiverged, FileNotFoundError, PermissionError)
+    errors: list[type[BaseException]] = [UsageError, ValueError, FileNotFoundError, PermissionError]
+    # Their exceptions can only come from code that imported them: importing them here would load
+    # torch (seconds) just to print a one-line error of 'ufm runs cancel'.
+    for module, name in (("ufm.data", "DataUnavailable"), ("ufm.train", "TrainingDiverged")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

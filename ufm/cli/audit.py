@@ -100,9 +100,9 @@ def cmd_audit(a: argparse.Namespace) -> int:
     if a.out == "-":
         print(json.dumps({"id": audit_id, **result.to_dict()}, indent=1))
     elif a.out:
-        atomic_write(Path(a.out), json.dumps({"id": audit_id, **result.to_dict()}, indent=1))
+        atomic_write(Path(a.out), json.dumps({"id": audit_id, **result.to_dict()}, indent=1), private=True)
     if a.report:
-        atomic_write(Path(a.report), audit_html(result, audit_id))
+        atomic_write(Path(a.report), audit_html(result, audit_id), private=True)
     stream = sys.stderr if a.out == "-" else sys.stdout
     for line in summary_lines(result, audit_id):
         print(line, file=stream)

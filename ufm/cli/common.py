@@ -156,6 +156,15 @@ class StderrProgress:
         self.stream.flush()
 
 
+def check_out_dir(out: str | None, flag: str = "--out") -> None:
+    """Refuse an output folder that cannot be made or written (it is a file, or its parent is
+    read-only) before any work starts."""
+    if out is not None:
+        from ..fileio import check_out_dir as check
+
+        check(out, what=flag)
+
+
 def check_out(out: str | None, flag: str = "--out") -> None:
     """Refuse an output path that cannot be written (a folder, a missing or read-only folder)
     before any work starts; ``None`` and ``-`` (stdout) pass."""

@@ -7,18 +7,19 @@ import json
 from pathlib import Path
 
 from ..fileio import atomic_write as write_atomic
-from .common import StderrProgress, add_experiment_args, config_from_args, open_store
+from .common import StderrProgress, add_experiment_args, check_out, check_out_dir, config_from_args, open_store
 
 
 def cmd_influence(a: argparse.Namespace) -> int:
     from ..report import to_csv
     from ..sweep import influence_scores
 
+    check_out(a.out)
     cfg = config_from_args(a)
     infl = influence_scores(cfg, n_checkpoints=a.checkpoints, last_layer_only=a.last_layer,
                             progress=StderrProgress(a.quiet))
     table = infl.table()
-    write_atomic(Path(a.out), to_csv(table))
+    write_atomic(Path(a.out), to_csv(table), private=True)
     top, bottom = infl.top_bottom(min(a.show, len(table) // 2), min(a.show, len(table) // 2))
     print(f"self-influence of the {len(table)} images the reference model trained on from {len(infl.checkpoint_steps)} checkpoints "
           f"(steps {infl.checkpoint_steps}) in {infl.seconds:.1f} s; wrote {a.out}")
@@ -31,6 +32,7 @@ def cmd_influence(a: argparse.Namespace) -> int:
 def cmd_sweep(a: argparse.Namespace) -> int:
     from ..sweep import sweep_canaries
 
+    check_out_dir(a.out)
     cfg = config_from_args(a)
     store = open_store(a)
     res = sweep_canaries(cfg, a.out, store=store, top=a.top, bottom=a.bottom, n_checkpoints=a.checkpoints,
@@ -46,6 +48,7 @@ def cmd_explain(a: argparse.Namespace) -> int:
     from ..experiment import run_experiment
     from ..explain import explain_run, write_explanation_pngs
 
+    check_out_dir(a.out)
     cfg = config_from_args(a)
     if cfg.canary.mode == "none":
         raise ValueError("explain needs a canary to show; drop --no-canary")
@@ -53,7 +56,7 @@ def cmd_explain(a: argparse.Namespace) -> int:
     exp = explain_run(res.model, cfg, res.canary_indices[0], n_ood=a.n_ood, target=a.target)
     files = write_explanation_pngs(exp, Path(a.out), scale=a.scale)
     summary = exp.summary()
-    write_atomic(Path(a.out) / "explain.json", json.dumps(summary, indent=1))
+    write_atomic(Path(a.out) / "explain.json", json.dumps(summary, indent=1), private=True)
     print(f"{exp.method}: share of attribution inside the feature box")
     print(f"  canary   without feature {summary['canary_share_clean']:.3f}   with {summary['canary_share_feature']:.3f}")
     print(f"  inference (mean of {a.n_ood}) clean {summary['ood_share_clean']:.3f}   with z_u {summary['ood_share_feature']:.3f}")

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 def _references(s: str) -> int:
-    from ..reference import MAX_REFERENCES
+    from ..limits import MAX_REFERENCES  # not ..reference: building the parser must not import torch
     v = int_in(0, MAX_REFERENCES)(s)
     if 0 < v < 19:
         raise argparse.ArgumentTypeError(f"must be 0 or at least 19 (the smallest p-value is 1/(R + 1)), got {v}")
@@ -91,7 +91,7 @@ def cmd_measure(a: argparse.Namespace) -> int:
     if a.out == "-":
         print(payload)
     elif a.out:
-        write_atomic(Path(a.out), payload)
+        write_atomic(Path(a.out), payload, private=True)  # names the feature: 0600
     for line in summary_lines(result, verdict):
         print(line, file=sys.stderr if a.out == "-" else sys.stdout)
     print(f"run {run_id}" + ("  (cached: an identical finished run; nothing trained, --force retrains)" if cached else ""),
@@ -103,7 +103,7 @@ def cmd_measure(a: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add ``measure`` to the ``ufm`` subcommands."""
-    from ..reference import MAX_REFERENCES
+    from ..limits import MAX_REFERENCES
 
     p = sub.add_parser("measure", help="train with a canary and measure memorisation (M score)",
                        description="Train one model with the feature on the canary image(s) and measure M.")

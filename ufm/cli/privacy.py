@@ -37,8 +37,11 @@ def audit_config_from_args(a: argparse.Namespace):
 def cmd_privacy_audit(a: argparse.Namespace) -> int:
     from ..privacy_audit import run_audit, save_audit
 
+    from ..experiment import check_data
+
     check_out(a.out)
     cfg = audit_config_from_args(a)
+    check_data(cfg.experiment)  # --train-size beyond the data, --ood-size beyond the source: before training
     res = run_audit(cfg, progress=StderrProgress(a.quiet))
     if a.home is not None or a.save:
         from ..store import default_home
@@ -49,7 +52,7 @@ def cmd_privacy_audit(a: argparse.Namespace) -> int:
     if a.out == "-":
         print(payload)
     elif a.out:
-        write_atomic(Path(a.out), payload)
+        write_atomic(Path(a.out), payload, private=True)  # names the feature: 0600
     for line in res.summary_lines():
         print(line, file=stream)
     if a.out and a.out != "-":

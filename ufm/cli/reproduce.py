@@ -6,11 +6,10 @@ import argparse
 import sys
 from typing import Any
 
-from .common import open_store
+from .common import check_out_dir, open_store
 
 
 def register(sub: Any) -> None:
-    from ..executors import EXECUTORS
     from ..reproduce import SCALES, TARGETS
 
     p = sub.add_parser(
@@ -22,7 +21,8 @@ def register(sub: Any) -> None:
     p.add_argument("target", choices=[*TARGETS, "all"])
     p.add_argument("--scale", choices=list(SCALES), default="smoke")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default reproduce-<scale>)")
-    p.add_argument("--executor", choices=list(EXECUTORS), default="local",
+    # = ufm.executors.EXECUTORS, spelt out: importing it imports torch, and every verb builds this parser
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: a process per run on this machine; ray: a Ray task per run (pip install 'ufm[ray]')")
     p.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="Ray cluster to join (e.g. auto, ray://head:10001); default $UFM_RAY_ADDRESS, else a local "
@@ -46,6 +46,7 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
         print(line, file=sys.stderr, flush=True)
 
     out = a.out or f"reproduce-{a.scale}"
+    check_out_dir(out)  # before the store, the executor and hours of training
     with open_store(a) as store:
         executor = make_executor(a.executor, store, address=a.ray_address)
         try:

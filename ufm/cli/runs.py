@@ -26,7 +26,7 @@ def _write_out(text: str, out: str | None) -> None:
     if out in (None, "-"):
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
     else:
-        write_atomic(Path(out), text)
+        write_atomic(Path(out), text, private=True)  # run records name their feature: 0600
         print(f"wrote {out}", file=sys.stderr)
 
 
@@ -145,7 +145,7 @@ def _export_onnx(a: argparse.Namespace) -> int:
             data = export_run(store, run_id, mean=a.mean, std=a.std)
         except StoreError as e:
             raise UsageError(str(e)) from e
-    atomic_write(Path(a.out), data)
+    atomic_write(Path(a.out), data, private=True)  # a model can have memorised private text
     print(f"wrote {a.out} (run {run_id}, {len(data) / 1024:.0f} KB)", file=sys.stderr)
     return 0
 
@@ -165,7 +165,7 @@ def cmd_runs_delete(a: argparse.Namespace) -> int:
         run_id = _resolve(store, a.id)
         studies = [r[0] for r in store.query("SELECT DISTINCT study FROM study_runs WHERE run_id = ?", (run_id,))]
         try:
-            store.delete_run(run_id)
+            store.delete_run(run_id, force=a.force)
         except StoreError as e:
             raise UsageError(str(e)) from e
     print(f"deleted run {run_id}" + (f" (it was part of study {', '.join(studies)}, which now lacks it)"
@@ -255,6 +255,9 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_runs_cancel)
     p = rs.add_parser("delete", help="remove a finished run and its artifacts")
     p.add_argument("id")
+    p.add_argument("--force", action="store_true",
+                   help="also a failed run whose process may still be working on it (if it finishes, it is "
+                        "recorded again)")
     p.set_defaults(func=cmd_runs_delete)
     for q in rs.choices.values():
         add_home(q)

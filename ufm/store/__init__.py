@@ -20,11 +20,16 @@ once: SQLite's WAL mode lets readers run beside one writer, every write is a sho
 process died is marked ``failed`` by :meth:`Store.recover` the next time any store is opened; on
 this machine that is decided by the owner's pid and start time alone (a paused process is alive),
 heartbeats decide for owners on other machines. A result that finishes is never thrown away
-(:meth:`Store.save_result` records it ``done``, with a note if it had been marked failed).
+(:meth:`Store.save_result` records it ``done``, with a note if it had been marked failed, and
+again if its record was deleted meanwhile); a failed run whose owner may still be working on it
+is not deleted without ``force``.
 
 The store is private to its user: the home and ``runs/`` are 0700, ``ufm.db`` and its -wal/-shm
 files 0600, artifacts 0600 (stores made by older ufm are fixed when opened). Temporary files of
-artifact writes that a killed process left behind are removed when a store is opened.
+artifact writes that a killed process left behind, and run folders without a run record
+(orphans), are removed when a store is opened. The folders ufm keeps beside ``runs/``
+(``HOME_FOLDERS``: designs, audits, influence tables, privacy audits) are made private on open too
+(folders 0700, files 0600).
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ class Store(Database, RunLifecycle, Artifacts):
         if recover:
             self.recover()
         self.remove_leftover_tmp()
+        self.remove_orphans()
 
     @classmethod
     def open(cls, home: str | os.PathLike[str] | None = None, **kwargs: Any) -> "Store":

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, private_dir
 from .database import RunNotFound, StoreError
 
 if TYPE_CHECKING:  # torch and the experiment module are imported lazily: `ufm runs list` stays fast
@@ -37,8 +37,7 @@ class Artifacts:
         import numpy as np
         import torch
 
-        d = self.run_dir(run_id)
-        d.mkdir(parents=True, exist_ok=True)
+        d = private_dir(self.run_dir(run_id))
         if result.model is not None:
             inner = getattr(result.model, "_module", result.model)
             state = {k: v.detach().to("cpu") for k, v in inner.state_dict().items()}

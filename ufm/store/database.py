@@ -135,6 +135,11 @@ def _make_private(path: Path, mode: int) -> None:
         os.chmod(path, mode)
 
 
+# What ufm keeps under its home besides the database: run artifacts, the dashboard's designs,
+# ONNX audits (models, uploaded images, cancel files), influence tables, privacy audits. Add a
+# folder here when code starts keeping one: the store makes these private when it opens.
+HOME_FOLDERS = ("runs", "designs", "audits", "influence", "privacy_audits")
+
 TMP_MAX_AGE = 60.0  # seconds: an artifact's temporary file untouched this long is a leftover
 
 
@@ -241,12 +246,19 @@ class Database:
         os.close(fd)
 
     def _fix_modes(self) -> None:
-        """Stores made by older ufm were world-readable (0644): make ours private on open."""
-        for suffix in ("", "-wal", "-shm"):
-            try:
+        """Stores made by older ufm were world-readable (0644): make what ufm keeps under the home
+        private on open (folders 0700, files 0600). Only ufm's own entries are walked: a home given
+        with --home may be a folder that also holds the user's other files."""
+        from ..fileio import make_tree_private
+
+        try:
+            for suffix in ("", "-wal", "-shm"):
                 _make_private(self.db_path.with_name(DB_NAME + suffix), 0o600)
-            except OSError as e:  # e.g. a read-only file system: the store still works
-                log.warning("could not make %s private: %s", self.db_path.name + suffix, e)
+            for name in HOME_FOLDERS:
+                if (self.home / name).is_dir() and not (self.home / name).is_symlink():
+                    make_tree_private(self.home / name)
+        except OSError as e:  # e.g. a read-only file system: the store still works
+            log.warning("could not make everything ufm keeps under %s private: %s", self.home, e)
 
     def remove_leftover_tmp(self, max_age: float = TMP_MAX_AGE) -> list[Path]:
         """Delete temporary files of artifact writes that never finished (the writer was killed);
@@ -265,6 +277,32 @@ class Database:
                 log.warning("could not remove the leftover %s: %s", tmp, e)
                 continue
             removed.append(tmp)
+        return removed
+
+    def remove_orphans(self, max_age: float = TMP_MAX_AGE) -> list[Path]:
+        """Delete ``runs/<id>/`` folders that no run record has (left by a delete that crashed
+        between the row and the files, or by older ufm when a deleted run's process finished);
+        return them. A folder touched less than ``max_age`` seconds ago is left: its run may be
+        writing its artifacts just before recording itself again (see ``save_result``)."""
+        import shutil
+
+        known = {r[0] for r in self.query("SELECT id FROM runs")}
+        removed, now = [], time.time()
+        for d in self.runs_dir.iterdir():
+            if d.name in known or not d.is_dir() or d.is_symlink() or len(d.name) != 12 or \
+                    any(ch not in "0123456789abcdef" for ch in d.name):
+                continue  # not a run folder of ours: left alone
+            try:
+                newest = max([d.stat().st_mtime] + [f.stat().st_mtime for f in d.iterdir()])
+                if now - newest < max_age:
+                    continue
+                shutil.rmtree(d)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                log.warning("could not remove the orphan run folder %s: %s", d, e)
+                continue
+            removed.append(d)
         return removed
 
     def _connect(self) -> sqlite3.Connection:

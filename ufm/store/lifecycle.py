@@ -318,8 +318,12 @@ class RunLifecycle:
         return self._finish(run_id, "failed", error)
 
     def _finish(self, run_id: str, status: str, error: str) -> bool:
-        n = self._update("UPDATE runs SET status = ?, finished = ?, error = ? WHERE id = ? AND status IN "
-                         "('queued', 'running')", (status, time.time(), error, run_id))
+        # heartbeat = finished: whoever ends a run this way knows it is over (its owner, or the
+        # parent of a process that exited). Only recover() ends a run while its heartbeat stays
+        # older, which is how delete_run tells a run whose owner may still be working on it.
+        now = time.time()
+        n = self._update("UPDATE runs SET status = ?, finished = ?, error = ?, heartbeat = ? WHERE id = ? AND status "
+                         "IN ('queued', 'running')", (status, now, error, now, run_id))
         if n == 0:
             self._require(run_id)
         return n == 1
@@ -331,8 +335,10 @@ class RunLifecycle:
         A result that finished is never thrown away: a run that was meanwhile marked ``failed``
         (another process took its owner for dead, e.g. while it was paused) or ``cancelled`` (the
         cancel came too late to stop it) is recorded ``done`` all the same, with a note in its
-        ``error`` field saying what it had been marked and why. Its numbers are those of its
-        config: the run trained to the end.
+        ``error`` field saying what it had been marked and why; a run whose record was deleted
+        meanwhile (``delete_run(force=True)``, or from a machine that could not see its owner) is
+        recorded again under its id, with a note. Its numbers are those of its config: the run
+        trained to the end.
 
         Args:
             input_shape, num_classes: the model's input ``(C, H, W)`` and classes, kept to rebuild
@@ -352,8 +358,14 @@ class RunLifecycle:
         with self.transaction() as c:
             row = c.execute("SELECT status, error FROM runs WHERE id = ?", (run_id,)).fetchone()
             if row is None:
-                raise RunNotFound(f"no run {run_id!r} in {self.db_path}; its result was written to "
-                                  f"{self.run_dir(run_id)} but not recorded")
+                now = time.time()
+                c.execute("INSERT INTO runs (id, created, started, finished, status, config_json, config_key, "
+                          "code_version, error, summary_json, model_json, owner_pid, owner_host, owner_start, "
+                          "heartbeat) VALUES (?, ?, ?, ?, 'done', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                          (run_id, now, now, now, result.config.to_json(), result.config.key(), __version__,
+                           "finished after its record had been deleted; recorded again", summary, model_json,
+                           os.getpid(), self._host, _proc_start(os.getpid()), now))
+                return
             status, error = row[0], row[1]
             if status not in ("running", "failed", "cancelled"):
                 raise StoreError(f"run {run_id} is {status}, not running ({error or 'no reason given'}); its result "
@@ -374,11 +386,35 @@ class RunLifecycle:
             raise
         return run_id
 
-    def delete_run(self, run_id: str) -> None:
-        """Remove a finished run's row and its artifact folder (study members keep a gap)."""
+    def owner_may_be_working(self, rec: RunRecord) -> str | None:
+        """Why the process that owned a finished run may still be computing it, or None.
+
+        Only a run that :meth:`recover` marked ``failed`` while its heartbeat was old can still
+        have a live owner (a paused process, seen from another machine): on this machine the owner
+        process answers; an owner on another machine cannot be asked, so it may be alive.
+        """
+        if rec.status != "failed" or rec.heartbeat is None or rec.finished is None or rec.finished <= rec.heartbeat:
+            return None
+        if rec.owner_host == self._host and rec.owner_pid is not None:
+            if _owner_alive(rec.owner_pid, rec.owner_start):
+                return f"its process (pid {rec.owner_pid}) is still alive (paused?) and may yet finish it"
+            return None
+        return (f"it was marked failed when its process (pid {rec.owner_pid} on {rec.owner_host}) went silent, and "
+                "that process may still be running there")
+
+    def delete_run(self, run_id: str, *, force: bool = False) -> None:
+        """Remove a finished run's row and its artifact folder (study members keep a gap).
+
+        A run whose owner may still be working on it (:meth:`owner_may_be_working`) is refused
+        unless ``force``; if it does finish, :meth:`save_result` records it again all the same.
+        """
         rec = self.get(run_id)
         if rec.status in ACTIVE:
             raise StoreError(f"run {run_id} is {rec.status}; cancel it first ('ufm runs cancel {run_id}')")
+        why = None if force else self.owner_may_be_working(rec)
+        if why:
+            raise StoreError(f"run {run_id} is marked failed but {why}: wait for it (a finished run is recorded "
+                             f"done), or delete it anyway with 'ufm runs delete {run_id} --force'")
         self._update("DELETE FROM runs WHERE id = ? AND status NOT IN ('queued', 'running')", (run_id,))
         # Row first, files second: a crash in between leaves only an orphan folder, never a
         # 'done' row without its artifacts.

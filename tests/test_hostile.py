@@ -1,0 +1,205 @@
+"""Hostile and careless input, second round (issue 18): planted ONNX files that try to read the
+server's files, declare huge inputs or ignore their input; each test fails on the code before the
+fix. The store's delete/orphan/mode cases are in ``tests/test_hostile_store.py``, the CLI's in
+``tests/test_hostile_cli.py``."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto
+from onnx import helper as oh
+
+from ufm.audit import AuditConfig, run_audit
+from ufm.features import glyph
+from ufm.limits import MAX_AUDIT_IMAGE_BYTES, MAX_BATCH_BYTES, MAX_INPUT_SIDE
+from ufm.onnx_model import OnnxModelError, check_onnx, load_onnx, parse_onnx
+
+REPO = Path(__file__).resolve().parents[1]
+OPSET = [oh.make_opsetid("", 17)]
+
+
+def _external(name: str, location: str = "app.py") -> TensorProto:
+    """A float tensor of 2 values whose bytes live in ``location`` (external data)."""
+    t = TensorProto()
+    t.name, t.data_type = name, TensorProto.FLOAT
+    t.dims.extend([1, 2])
+    t.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", "0"), ("length", "8")):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    return t
+
+
+def _io(shape=(None, 1, 4, 4), k: int = 2):
+    return ([oh.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+            [oh.make_tensor_value_info("y", TensorProto.FLOAT, [shape[0], k])])
+
+
+def _leaky_models() -> dict[str, onnx.ModelProto]:
+    """A valid model (onnx.checker passes) with an external tensor in each place one can hide."""
+    ins, outs = _io()
+    head = [oh.make_node("Flatten", ["x"], ["f"]), oh.make_node("ReduceSum", ["f"], ["s"], keepdims=1)]
+    models = {}
+    # 1. a model-local function: a Constant node's value (the issue's probe)
+    fn = oh.make_function("evil", "Leak", ["X"], ["Y"], [
+        oh.make_node("Constant", [], ["C"], value=_external("c")),
+        oh.make_node("Mul", ["X", "C"], ["Y"])], OPSET)
+    g = oh.make_graph(head + [oh.make_node("Leak", ["s"], ["y"], domain="evil")], "g", ins, outs)
+    models["function"] = oh.make_model(g, opset_imports=OPSET + [oh.make_opsetid("evil", 1)], functions=[fn])
+    # 2. an If's then/else bodies
+    body = lambda n: oh.make_graph([oh.make_node("Constant", [], [n], value=_external(n))], n, [],  # noqa: E731
+                                   [oh.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2])])
+    g = oh.make_graph(head + [oh.make_node("Constant", [], ["b"], value=oh.make_tensor("b", TensorProto.BOOL, [], [1])),
+                              oh.make_node("If", ["b"], ["c"], then_branch=body("t"), else_branch=body("e")),
+                              oh.make_node("Mul", ["s", "c"], ["y"])], "g", ins, outs)
+    models["subgraph"] = oh.make_model(g, opset_imports=OPSET)
+    # 3. a sparse initialiser's values
+    vals = _external("w")
+    vals.dims[:] = [1]
+    sp = oh.make_sparse_tensor(vals, oh.make_tensor("wi", TensorProto.INT64, [1], [0]), [1, 2])
+    g = oh.make_graph(head + [oh.make_node("Mul", ["s", "w"], ["y"])], "g", ins, outs, sparse_initializer=[sp])
+    models["sparse"] = oh.make_model(g, opset_imports=OPSET)
+    # 4. a plain initialiser
+    g = oh.make_graph(head + [oh.make_node("Mul", ["s", "w"], ["y"])], "g", ins, outs, initializer=[_external("w")])
+    models["initializer"] = oh.make_model(g, opset_imports=OPSET)
+    return models
+
+
+@pytest.mark.parametrize("where", ["function", "subgraph", "sparse", "initializer"])
+def test_external_data_anywhere_is_refused_before_onnxruntime_sees_it(where, tmp_path, monkeypatch):
+    proto = _leaky_models()[where]
+    onnx.checker.check_model(proto)  # valid ONNX: only ufm's own walk stands between it and app.py
+    data = proto.SerializeToString()
+    monkeypatch.chdir(REPO)  # where onnxruntime would resolve "app.py"
+    for source in (data, tmp_path / "m.onnx"):
+        (tmp_path / "m.onnx").write_bytes(data)
+        with pytest.raises(OnnxModelError, match="external data file; ufm accepts only self-contained"):
+            load_onnx(source)
+
+
+def test_a_function_in_the_model_is_walked_even_when_unused():
+    proto = _leaky_models()["function"]
+    g = proto.graph
+    del g.node[-1]
+    g.node.append(oh.make_node("Concat", ["s", "s"], ["y"], axis=1))  # the function is never called
+    with pytest.raises(OnnxModelError, match="tensor 'c'"):
+        parse_onnx(proto.SerializeToString())
+
+
+def _pool_model(shape, batch_dim=None) -> bytes:
+    """x -> GlobalAveragePool -> Flatten: (N, C) scores, a few hundred bytes whatever the input."""
+    ins = [oh.make_tensor_value_info("x", TensorProto.FLOAT, [batch_dim, *shape])]
+    outs = [oh.make_tensor_value_info("y", TensorProto.FLOAT, [batch_dim, shape[0]])]
+    g = oh.make_graph([oh.make_node("GlobalAveragePool", ["x"], ["p"]), oh.make_node("Flatten", ["p"], ["y"])],
+                      "g", ins, outs)
+    return oh.make_model(g, opset_imports=OPSET).SerializeToString()
+
+
+def _max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def _ufm(*args: str, home: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "UFM_HOME": str(home), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "ufm", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, cwd=home.parent)
+
+
+def test_a_huge_declared_input_is_refused_in_one_line_before_any_image_is_made(tmp_path):
+    big = tmp_path / "big.onnx"
+    big.write_bytes(_pool_model((3, 20000, 20000), 1))
+    assert big.stat().st_size < 400  # the issue's 276-byte file asked for 9.6 GB
+    noise = tmp_path / "noise.npz"
+    np.savez(noise, x=np.zeros((4, 8, 8), np.uint8))
+    r = _ufm("audit", "--model", str(big), "--ood", str(noise), "--ood-size", "2", "--candidates", "3",
+             home=tmp_path / "home")
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "20000x20000" in lines[0] and f"{MAX_INPUT_SIDE}x{MAX_INPUT_SIDE}" in lines[0], lines
+    assert _max_rss_mb() < 1500  # measured ~600 MB (torch and onnx imported); the old code died asking 9.6 GB
+    # a dynamic input stated too large, and the page's check (no onnxruntime session in the server)
+    dyn = _pool_model((3, None, None))
+    with pytest.raises(OnnxModelError, match=f"up to {MAX_INPUT_SIDE}x{MAX_INPUT_SIDE}"):
+        check_onnx(dyn, input_size=(6000, 6000))
+    with pytest.raises(OnnxModelError, match="MAX_INPUT_SIDE"):
+        check_onnx(big)
+
+
+def test_a_fixed_batch_larger_than_the_batch_memory_is_refused():
+    n = MAX_BATCH_BYTES // (4 * 3 * 224 * 224) + 1
+    with pytest.raises(OnnxModelError, match=f"fixed batch of {n} images of 3x224x224"):
+        load_onnx(_pool_model((3, 224, 224), n))
+
+
+def test_inference_images_that_would_not_fit_are_refused_before_loading(tmp_path):
+    model = load_onnx(_pool_model((3, 1024, 1024)))
+    config = AuditConfig(glyph("A"), ood=str(tmp_path / "does-not-exist.npz"), ood_size=1000, candidates=3)
+    most = MAX_AUDIT_IMAGE_BYTES // (4 * 3 * 1024 * 1024)
+    with pytest.raises(ValueError, match=f"give --ood-size {most} or fewer"):
+        run_audit(model, config)  # refused before the (missing) images are even looked for
+
+
+def test_large_images_reach_onnxruntime_in_chunks_of_the_batch_memory(monkeypatch):
+    import ufm.onnx_model as om
+
+    model = load_onnx(_pool_model((3, 64, 64)))
+    seen = []
+    real = model.session.run
+    monkeypatch.setattr(model, "session", type("Spy", (), {"run": lambda self, o, feed: (
+        seen.append(next(iter(feed.values())).shape[0]), real(o, feed))[1]})())
+    monkeypatch.setattr(om, "MAX_BATCH_BYTES", 5 * 4 * 3 * 64 * 64)  # five images a call
+    out = model(torch.rand(12, 3, 64, 64))
+    assert out.shape == (12, 3) and seen == [5, 5, 2]
+
+
+_AX1 = oh.make_tensor("ax1", TensorProto.INT64, [1], [1])  # ReduceSum over axis 1 (opset 13+: an input)
+
+
+def _constant_model(k: int = 3, side: int = 8) -> bytes:
+    """Logits [0, 1, 2] whatever the image: 0 * sum(x) + const (the issue's "dead" model)."""
+    ins, outs = _io((None, 1, side, side), k)
+    g = oh.make_graph([oh.make_node("Flatten", ["x"], ["f"]), oh.make_node("ReduceSum", ["f", "ax1"], ["s"], keepdims=1),
+                       oh.make_node("Mul", ["s", "zero"], ["z"]), oh.make_node("Add", ["z", "c"], ["y"])], "g", ins,
+                      outs, initializer=[oh.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]), _AX1,
+                                         oh.make_tensor("c", TensorProto.FLOAT, [1, k], list(range(k)))])
+    return oh.make_model(g, opset_imports=OPSET).SerializeToString()
+
+
+@pytest.mark.parametrize("labelled", [False, True])
+def test_a_model_that_ignores_its_input_is_inconclusive_with_the_reason(labelled, tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (40, 8, 8)).astype(np.uint8)
+    np.savez(tmp_path / "ood.npz", x=x)
+    np.savez(tmp_path / "lab.npz", x=x, y=rng.integers(0, 3, 40))
+    config = AuditConfig(glyph("A"), ood=str(tmp_path / "ood.npz"), ood_size=40, candidates=19,
+                         labelled=str(tmp_path / "lab.npz") if labelled else None)
+    result = run_audit(load_onnx(_constant_model()), config)
+    assert result.score.M == 0 and result.score.X_u == 0 and np.isnan(result.score.p_value)
+    assert result.verdict.status == "inconclusive", result.verdict.text
+    assert "does not depend on its input" in result.verdict.text
+
+
+def test_a_model_blind_to_the_features_place_is_inconclusive(tmp_path):
+    """Outputs vary with the image but not with the corner the feature covers: X_u = X_r = 0."""
+    ins, outs = _io((None, 1, 8, 8), 2)
+    g = oh.make_graph([oh.make_node("Slice", ["x", "st", "en", "ax"], ["b"]),  # rows/cols 6..8 only
+                       oh.make_node("Flatten", ["b"], ["f"]),
+                       oh.make_node("ReduceSum", ["f", "ax1"], ["s"], keepdims=1),
+                       oh.make_node("Mul", ["s", "w"], ["y"])], "g", ins, outs,
+                      initializer=[oh.make_tensor("st", TensorProto.INT64, [2], [6, 6]),
+                                   oh.make_tensor("en", TensorProto.INT64, [2], [8, 8]),
+                                   oh.make_tensor("ax", TensorProto.INT64, [2], [2, 3]),
+                                   oh.make_tensor("w", TensorProto.FLOAT, [1, 2], [1.0, -1.0]), _AX1])
+    model = load_onnx(oh.make_model(g, opset_imports=OPSET).SerializeToString())
+    x = torch.rand(30, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    result = run_audit(model, AuditConfig(glyph("A"), ood="given", ood_size=30, candidates=19), x_ood=x)
+    assert result.verdict.status == "inconclusive" and "X_u = X_r = 0" in result.verdict.text
