@@ -34,8 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ufm.memorisation_map import (CLINICAL, FEATURE_KINDS, MAP_FILE, PLACEMENTS, TEACHING, MapCell,  # noqa: E402
-                                  Setting, map_feature)
+from ufm.memorisation_map import (CLINICAL, FEATURE_KINDS, LADDER_CLASS, MAP_FILE, PLACEMENTS,  # noqa: E402
+                                  TEACHING, MapCell, Setting, map_feature)
 
 RESULTS = ROOT / "benchmarks" / "results"
 REFERENCES = 39
@@ -46,7 +46,10 @@ S = Setting
 # Cells a demo can use get DEMO_SEEDS seeds in every setting, so any setting can become a demo's:
 # the teaching demo's typical and atypical canaries (MNIST) and the clinical ladder (chest X-rays).
 TEACHING_CELLS = [("top", "glyph", 1), ("bottom", "glyph", 1)]
-LADDER_CELLS = [("random", "name", 1), ("random", "name", 3), ("random", "name", 10)]
+# One patient's X-rays share a diagnosis: the ladder puts the name on k images of one class (pneumonia).
+# The same counts on random X-rays (mixed classes) are measured too, for the contrast.
+LADDER_CELLS = [("random", "name", 1), ("random", "name", 3), ("random", "name", 10),
+                ("class", "name", 1), ("class", "name", 3), ("class", "name", 10)]
 
 
 def _cost(s: Setting) -> float:
@@ -69,7 +72,8 @@ def _grid(arches, datasets, sizes, budgets, device, first=()):
 
 GRIDS = {
     "demo": [TEACHING, CLINICAL],
-    "cpu": _grid(["mlp"], ["mnist", "chest-xray"], [500, 2000], ["quick", "long"], "cpu", first=(TEACHING, CLINICAL)),
+    "cpu": _grid(["mlp"], ["mnist", "chest-xray"], [500, 2000], ["quick", "long"], "cpu", first=(TEACHING, CLINICAL))
+    + [S("mlp", "chest-xray", 200, "quick")],  # fewer X-rays: is each one memorised more?
     # On a GPU: the CNN everywhere, and the MLP where a CPU would take hours (10,000 images).
     "gpu": _grid(["cnn1"], ["mnist", "chest-xray"], [500, 2000, 10000], ["quick", "long"], "cuda")
     + _grid(["mlp"], ["mnist"], [10000], ["quick", "long"], "cuda"),
@@ -80,7 +84,7 @@ def cells(setting: Setting, seeds: int) -> list[tuple[str, str, int, int]]:
     """(placement, feature, count, seeds) of every cell measured in ``setting``."""
     demo = TEACHING_CELLS if setting.dataset == "mnist" else LADDER_CELLS
     out = [(p, f, 1, DEMO_SEEDS if (p, f, 1) in demo else seeds) for p in PLACEMENTS for f in FEATURE_KINDS]
-    out += [(p, f, c, DEMO_SEEDS) for p, f, c in demo if c > 1]
+    out += [(p, f, c, DEMO_SEEDS) for p, f, c in demo if c > 1 or p not in PLACEMENTS]
     return out
 
 
@@ -141,6 +145,8 @@ def _jobs(setting: Setting, top: int, bottom: int, seeds: int):
         for seed in range(n):
             if placement == "random":
                 choice = CanaryChoice("random", (), count=count)
+            elif placement == "class":
+                choice = CanaryChoice("class", (), count=count, label=LADDER_CLASS)
             else:
                 choice = CanaryChoice("index", (top if placement == "top" else bottom,))
             cfg = setting.config(map_feature(feature, side), canary=choice, seed=seed)
@@ -246,7 +252,7 @@ def summarise(rows: list[dict]) -> list[MapCell]:
     for key, g in sorted(groups.items()):
         k, n = sum(bool(r["memorised"]) for r in g), len(g)
         low, high = wilson_interval(k, n)
-        idx = g[0]["canary_indices"][0] if key[5] != "random" else None
+        idx = g[0]["canary_indices"][0] if key[5] in ("top", "bottom") else None
         out.append(MapCell(*key, models=n, detected=k, low=low, high=high,
                            seconds_per_model=sum(r["seconds"] for r in g) / n, bank_seconds=g[0]["bank_seconds"],
                            references=g[0]["references"], alpha=g[0]["alpha"], canary_index=idx,
@@ -255,8 +261,9 @@ def summarise(rows: list[dict]) -> list[MapCell]:
 
 
 def markdown(cells_: list[MapCell]) -> str:
-    lines = ["| device | arch | dataset | train images | budget | feature | count | top | random | bottom | s / model | bank s |",
-             "|---|---|---|---:|---|---|---:|---|---|---|---:|---:|"]
+    lines = ["| device | arch | dataset | train images | budget | feature | count | top | random | bottom | one class "
+             "| s / model | bank s |",
+             "|---|---|---|---:|---|---|---:|---|---|---|---|---:|---:|"]
     by = {}
     for c in cells_:
         by.setdefault((c.device, c.arch, c.dataset, c.train_size, c.budget, c.feature, c.count), {})[c.placement] = c
@@ -267,7 +274,7 @@ def markdown(cells_: list[MapCell]) -> str:
             c = cs.get(p)
             return "" if c is None else f"{c.detected}/{c.models} ({c.low:.0%}-{c.high:.0%})"
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]:,} | {key[4]} | {key[5]} | {key[6]} | "
-                     f"{fmt('top')} | {fmt('random')} | {fmt('bottom')} | {any_c.seconds_per_model:.1f} | "
+                     f"{fmt('top')} | {fmt('random')} | {fmt('bottom')} | {fmt('class')} | {any_c.seconds_per_model:.1f} | "
                      f"{any_c.bank_seconds:.0f} |")
     return "\n".join(lines) + "\n"
 

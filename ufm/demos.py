@@ -4,8 +4,9 @@
   training digit (the least self-influential) and, in a second model, on ONE atypical digit (the
   most self-influential), in a setting where the memorisation map measured the atypical canary
   called memorised in at least 9 of 10 models and the typical one mostly not.
-* **clinical**: a typed name on 1, 3 and 10 chest X-rays (one model per rung), in a setting where
-  the map measured the name on 10 X-rays detected in at least 8 of 10 models.
+* **clinical**: a typed name on 1, 3 and 10 chest X-rays of one patient (all with pneumonia, one
+  model per rung), in a setting where the map measured the name on 10 such X-rays detected in at
+  least 8 of 10 models.
 
 Both train their setting's bank of reference models, so the verdict they show is the calibrated
 one (:mod:`ufm.reference`); while the bank trains, rungs show M without a verdict.
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .canary import CanaryChoice
-from .memorisation_map import DemoChoice, demo_setting, find_cell, load_cells, map_feature
+from .memorisation_map import LADDER_CLASS, DemoChoice, demo_setting, find_cell, load_cells, map_feature
 
 if TYPE_CHECKING:
     from .experiment import ExperimentConfig
@@ -72,9 +73,9 @@ def plan_demo(demo: str, device: str = "cpu", data_dir: str | None = None) -> De
                  Rung(ATYPICAL, 1, CanaryChoice("index", (int(atypical.canary_index),))))
         measured = (typical, atypical)
     else:
-        rungs = tuple(Rung(f"name on {k} X-ray{'' if k == 1 else 's'}", k, CanaryChoice("random", (), count=k))
-                      for k in LADDER)
-        measured = tuple(find_cell(cells, choice.measured, "random", "name", k) for k in LADDER)
+        rungs = tuple(Rung(f"name on {k} X-ray{'' if k == 1 else 's'}", k,
+                           CanaryChoice("class", (), count=k, label=LADDER_CLASS)) for k in LADDER)
+        measured = tuple(find_cell(cells, choice.measured, "class", "name", k) for k in LADDER)
     return DemoPlan(demo, choice, feature, base, rungs, measured)
 
 

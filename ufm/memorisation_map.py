@@ -16,7 +16,8 @@ A *cell* is a setting plus the canary's placement and the feature:
 * feature ``glyph``: the paper's 5x5 letter A; ``name``: a typed name (``JOHN DOE`` where it fits,
   ``DOE`` on 28x28 images);
 * ``count``: how many training images carry the feature (1 for the map; 3 and 10 for the clinical
-  ladder's rungs).
+  ladder's rungs), placed at random (mixed classes) or, placement ``class``, on images of one class
+  (pneumonia), as one patient's X-rays would be.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ if TYPE_CHECKING:
 MAP_FILE = Path(__file__).with_name("memorisation_map.json")
 # quick: the dashboard's quick budget; long: the paper's (up to 500 epochs, early stopping after 10).
 BUDGETS = {"quick": {"epochs": 30, "patience": 5}, "long": {"epochs": 500, "patience": 10}}
-PLACEMENTS = ("top", "random", "bottom")
+PLACEMENTS = ("top", "random", "bottom")  # one canary; "class" (k images of one class) is the ladder's
+LADDER_CLASS = 1  # pneumonia: one patient's X-rays share a diagnosis
 FEATURE_KINDS = ("glyph", "name")
 OOD_SIZE = 500
 NAME = "JOHN DOE"
@@ -123,9 +125,10 @@ class MapCell:
     def describe(self) -> str:
         where = {"top": "the most self-influential (atypical) training image",
                  "bottom": "the least self-influential (typical) training image",
-                 "random": "a random training image"}[self.placement]
+                 "random": "a random training image", "class": "a training image of one class"}[self.placement]
         what = "the letter A" if self.feature == "glyph" else "a typed name"
-        on = where if self.count == 1 else f"{self.count} random training images"
+        on = where if self.count == 1 else (f"{self.count} training images of one class" if self.placement == "class"
+                                            else f"{self.count} random training images")
         return (f"{self.arch} on {self.dataset}, {self.train_size:,} training images, {self.budget} budget, "
                 f"{what} on {on}")
 
@@ -212,7 +215,7 @@ def nearest_cell(config: "ExperimentConfig", device: str = "cpu", cells: Sequenc
     want = dict(arch=config.arch, budget=budget_of(config.epochs, config.patience), device=device,
                 feature=feature_kind_of(config.feature),
                 # an image the user chose or drew at random: its self-influence is not known before training
-                placement="random")
+                placement="class" if config.canary.mode == "class" else "random")
     pool = [c for c in cells if c.dataset == dataset]
     if not pool:
         return None
@@ -262,7 +265,7 @@ def _teaching_ok(cells: Sequence[MapCell], s: Setting) -> bool:
 
 def _clinical_ok(cells: Sequence[MapCell], s: Setting) -> bool:
     try:
-        ten = find_cell(cells, s, "random", "name", 10)
+        ten = find_cell(cells, s, "class", "name", 10)
     except LookupError:
         return False
     return ten.models >= MIN_DEMO_MODELS and ten.rate >= CLINICAL_MIN_TEN

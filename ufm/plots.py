@@ -301,9 +301,10 @@ def memorisation_map_figure(cells: Sequence) -> go.Figure:
     placement and count; colour = share of canary models the calibrated verdict called memorised,
     text = detected/models. ``cells``: :class:`ufm.memorisation_map.MapCell` objects."""
     cols = sorted({(c.feature, c.count, c.placement) for c in cells},
-                  key=lambda k: (k[0], k[1], ["top", "random", "bottom"].index(k[2])))
+                  key=lambda k: (k[0], k[1], ["top", "random", "bottom", "class"].index(k[2])))
     rows = sorted({(c.device, c.arch, c.dataset, c.train_size, c.budget) for c in cells}, reverse=True)
-    col_names = [f"{'A' if f == 'glyph' else 'name'}, {p}" + (f" x{n}" if n > 1 else "") for f, n, p in cols]
+    col_names = [f"{'A' if f == 'glyph' else 'name'}, {'one class' if p == 'class' else p}" + (f" x{n}" if n > 1 else "")
+                 for f, n, p in cols]
     row_names = [f"{d} {a} {ds} {n:,} {b}" for d, a, ds, n, b in rows]
     z = np.full((len(rows), len(cols)), np.nan)
     text = [["" for _ in cols] for _ in rows]
