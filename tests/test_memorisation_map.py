@@ -33,8 +33,8 @@ def teaching_cells(s: Setting, top: int, bottom: int, models: int = 10) -> list[
 
 
 def clinical_cells(s: Setting, ten: int) -> list[MapCell]:
-    return [cell(s, "random", "name", 1, 10), cell(s, "random", "name", 4, 10, count=3),
-            cell(s, "random", "name", ten, 10, count=10)]
+    return [cell(s, "class", "name", 1, 10), cell(s, "class", "name", 4, 10, count=3),
+            cell(s, "class", "name", ten, 10, count=10), cell(s, "random", "name", 9, 10, count=10)]
 
 
 # ----------------------------------------------------------------------------------------- cells
@@ -82,8 +82,11 @@ def test_nearest_cell_none_for_a_control_or_unmeasured_data():
 
 def test_nearest_cell_prefers_the_same_canary_count():
     cells = clinical_cells(CLINICAL, 9)
-    cfg = CLINICAL.config(text_feature("JOHN DOE", offset=(2, 2)), canary=CanaryChoice("random", (), count=10))
-    assert nearest_cell(cfg, "cpu", cells).cell.count == 10
+    cfg = CLINICAL.config(text_feature("JOHN DOE", offset=(2, 2)), canary=CanaryChoice("class", (), count=10, label=1))
+    near = nearest_cell(cfg, "cpu", cells).cell
+    assert (near.count, near.placement) == (10, "class")
+    mixed = cfg.replace(canary=CanaryChoice("random", (), count=10))
+    assert nearest_cell(mixed, "cpu", cells).cell.placement == "random"
 
 
 # ----------------------------------------------------------------------------------------- demo settings
@@ -98,7 +101,7 @@ def test_demo_setting_needs_the_criterion():
         demo_setting("teaching", "cpu", teaching_cells(TEACHING, 9, 0, models=9))  # fewer than 10 seeds
     assert demo_setting("clinical", "cpu", clinical_cells(CLINICAL, 8)).train == CLINICAL
     with pytest.raises(LookupError):
-        demo_setting("clinical", "cpu", clinical_cells(CLINICAL, 7))
+        demo_setting("clinical", "cpu", clinical_cells(CLINICAL, 7))  # random-placement 9/10 does not count
 
 
 def test_demo_setting_on_a_gpu_takes_the_largest_gpu_setting_that_meets_it():
