@@ -31,7 +31,7 @@ from ufm.features import Feature, glyph
 from ufm.executors import Executor, executor_from_env
 from ufm.jobs import Runner
 from ufm.store import Store
-from ufm.train import DPConfig
+from ufm.train import DEFAULT_DP, DPConfig
 
 # Session-state keys (one place, so pages cannot drift apart).
 FEATURE = "feature"            # the Feature being designed
@@ -103,6 +103,20 @@ def training_images(dataset: str, root: str, train_size: int | None, indices: tu
         d = load_split(dataset, "train", data_dir=root, limit=train_size, stratified=True)
     idx = [i for i in indices if 0 <= i < len(d)]
     return d.x[idx].numpy(), d.y[idx].numpy(), d.classes
+
+
+@st.cache_data(show_spinner="Counting the training images ...", max_entries=32)
+def training_set_size(dataset: str, root: str, train_size: int | None) -> int:
+    """How many training images a run with ``train_size`` uses (fewer when the set is smaller); only
+    the count is cached, not the images.
+
+    Raises:
+        DataUnavailable / ValueError: the dataset cannot be read (the message says what to do).
+    """
+    from ufm.experiment import ExperimentConfig
+    from ufm.privacy_audit import training_set_size as count
+
+    return count(ExperimentConfig(dataset=dataset, data_dir=root, train_size=train_size))
 
 
 def dataset_choices() -> list[str]:
@@ -251,12 +265,11 @@ def config_from_setup(setup: dict | None = None, **overrides) -> ExperimentConfi
             "lr", "batch_size", "candidates", "device", "dp"}
     kw = {k: v for k, v in s.items() if k in keys and v is not None}
     kw["regularisers"] = tuple(kw.get("regularisers", ()))
-    # DP settings count only with dp-sgd on; otherwise they would change the config key (and the
-    # cache) of runs they do not affect.
+    # DP settings count only with dp-sgd on (with_dp: otherwise they would change the config key,
+    # and the cache, of runs they do not affect); dp-sgd without settings gets the shared default.
     dp = kw.pop("dp", None)
-    if dp is not None and "dp-sgd" in kw["regularisers"]:
-        kw["dp"] = dp if isinstance(dp, DPConfig) else DPConfig(**dp)
-    return ExperimentConfig(feature=current_feature(), data_dir=data_dir(), **kw)
+    dp = DEFAULT_DP if dp is None else dp if isinstance(dp, DPConfig) else DPConfig(**dp)
+    return ExperimentConfig(feature=current_feature(), data_dir=data_dir(), **kw).with_dp(dp)
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the trained model ...")

@@ -69,36 +69,22 @@ def setup_form() -> dict:
 
 
 def dp_settings(s: dict) -> None:
-    """The DP-SGD block: noise (multiplier or target epsilon), clipping norm, delta, epoch budget.
-    Sets ``s["dp"]`` (a :class:`ufm.train.DPConfig`) and ``s["epochs"]``."""
+    """The DP-SGD block: the shared DP widget (:func:`dashboard.dp_ui.dp_widget`) and the epoch budget.
+    Sets ``s["dp"]`` (a :class:`ufm.train.DPConfig`, dropped when refused) and ``s["epochs"]``."""
+    from .dp_ui import dp_widget
+
     with st.container(border=True):
         st.markdown("**DP-SGD settings** (Opacus). A DP run trains the whole epoch budget (no early stopping), "
                     "so a target epsilon sets the noise for exactly those epochs; the result reports the "
                     "epsilon actually spent.")
-        d = st.columns(4)
-        how = d[0].radio("noise set by", ["target epsilon", "noise multiplier"], key="tr_dp_how")
-        if how == "target epsilon":
-            eps = d[1].number_input("target epsilon", 0.1, 1000.0, 8.0, step=0.5, key="tr_dp_eps")
-            noise = None
-        else:
-            noise = d[1].number_input("noise multiplier", 0.0, 50.0, 1.0, step=0.1, key="tr_dp_noise",
-                                      help="Std of the Gaussian noise relative to the clipping norm.")
-            eps = None
-        clip = d[2].number_input("clipping norm", 0.01, 100.0, 1.0, step=0.1, key="tr_dp_clip",
-                                 help="Per-example gradients are scaled down to at most this L2 norm.")
-        delta = d[3].number_input("delta", 1e-12, 0.1, 1e-5, format="%.1e", key="tr_dp_delta",
-                                  help="The delta of (epsilon, delta)-DP; keep it below 1 / training-set size.")
+        dp = dp_widget("tr", initial=s.get("dp") if isinstance(s.get("dp"), DPConfig) else None,
+                       train_size=s.get("train_size"))
         s["epochs"] = int(st.number_input("epoch budget (all epochs run)", 1, 500, int(s["epochs"]),
                                           key="tr_dp_epochs"))
-        try:
-            s["dp"] = DPConfig(noise_multiplier=noise, target_epsilon=eps, delta=float(delta), max_grad_norm=float(clip))
-        except ValueError as e:
-            st.error(str(e))
+        if dp is None:
             s.pop("dp", None)
-            return
-        n = s.get("train_size")
-        if n and delta >= 1.0 / n:
-            st.warning(f"delta = {delta:.1e} is not below 1 / {n} training images: the guarantee is weak.")
+        else:
+            s["dp"] = dp
 
 
 MODE_OF = {"index": "pick an image", "random": "random", "class": "by class", "none": "none (clean control)"}

@@ -270,6 +270,20 @@ def _differences(base: dict[str, Any], d: dict[str, Any]) -> str:
     return "; ".join(diff) or "as the base config"
 
 
+def _share_cell(r) -> str:
+    """"k of n" memorised over the runs with an answer; runs whose model did not learn (accuracy at
+    chance) or are otherwise inconclusive are counted apart, never as "not memorised"."""
+    if not r.done:
+        return "–"
+    answered = r.done - r.n_inconclusive
+    cell = f"{r.n_significant} of {answered}"
+    if r.n_not_learned:
+        cell += f"; {r.n_not_learned} did not learn (inconclusive)"
+    elif r.n_inconclusive:
+        cell += f"; {r.n_inconclusive} inconclusive"
+    return cell
+
+
 def study_html(store: Store, name: str) -> str:
     """A study report: per-group mean M with 95% intervals (table and bar chart), the d_u vs d_r
     histogram of every finished run (small multiples), the runs, the configs and versions."""
@@ -288,10 +302,12 @@ def study_html(store: Store, name: str) -> str:
              '<p class="note">Mean M over the finished runs of each group (seeds) with a 95% Student-t interval; '
              'a group with one finished run has no interval. "Significant" is the exposure (rank) test at each '
              "run's alpha.</p>",
-             _table(["group", "finished / members", "mean M (nats)", "95% interval", "significant", "mean test accuracy"],
+             _table(["group", "finished / members", "mean M (nats)", "95% interval", "significant", "mean test accuracy",
+                     "epsilon spent (DP-SGD)"],
                     ([r.group, f"{r.done} / {r.members}", r.mean_M,
                       f"[{fmt(r.ci_low)}, {fmt(r.ci_high)}]" if not math.isnan(r.ci_low) else r.interval,
-                      f"{r.n_significant} of {r.done}" if r.done else "–", pct(r.mean_test_accuracy)]
+                      _share_cell(r), pct(r.mean_test_accuracy),
+                      "–" if math.isnan(r.mean_epsilon) else f"{r.mean_epsilon:.3g}"]
                      for r in agg.itertuples()))]
     if (agg["done"] > 0).any():
         shown = agg[agg["done"] > 0]

@@ -1,0 +1,175 @@
+"""AppTest of issue 17's settings paths: settings that cannot work are refused before Start, one
+DP-SGD configuration on every page, the feature survives kind switches and links, and the smaller
+dashboard fixes."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from tests.test_app import app_env  # noqa: F401 - the dashboard fixture (tiny 'mnist', 240 training images)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _app() -> AppTest:
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.run()
+    assert not at.exception
+    return at
+
+
+def _train_size(at: AppTest, n: int) -> AppTest:
+    at.switch_page("app_pages/train.py").run()
+    at.number_input(key="tr_size").set_value(n).run()
+    assert at.session_state["setup"]["train_size"] == n
+    return at
+
+
+# ------------------------------------------------------------------ item 3: audit canaries the set cannot hold
+
+def test_audit_canary_limit_is_the_clis_rule():
+    from ufm.privacy_audit import audit_canary_limit, check_audit_canaries
+
+    assert audit_canary_limit(200, 0.1) == 179  # 20 held out for validation, one image left without a canary
+    assert audit_canary_limit(3, 0.1) == 2 and audit_canary_limit(2, 0.1) == 1 and audit_canary_limit(0, 0.1) == 0
+    check_audit_canaries(179, 200, 0.1)
+    with pytest.raises(ValueError, match="use at most 179 canaries or a larger --train-size"):
+        check_audit_canaries(200, 200, 0.1)
+    with pytest.raises(ValueError, match=r"^audit canaries 200 .* use at most 179 canaries or more images$"):
+        check_audit_canaries(200, 200, 0.1, name="audit canaries", more_images="more images")
+
+
+def test_compare_audit_on_a_200_image_set_is_clamped_and_refused_before_start(app_env):
+    from dashboard import state
+    from ufm.studies import list_studies
+
+    at = _train_size(_app(), 200)
+    at.switch_page("app_pages/compare.py").run()
+    assert not at.exception
+    box = at.number_input(key="cmp_audit_m")
+    assert box.value == 179 and box.max == 179  # the default 200 does not fit: lowered before Start
+    assert any("At most 179 audit canaries" in c.value and "200 training images" in c.value for c in at.caption)
+    # the box kept from a larger setup: the limit then shrinks behind the form (another tab of the session
+    # changes the training images); Start re-checks and refuses, and nothing is stored or queued
+    at = _train_size(at, 240)
+    at.switch_page("app_pages/compare.py").run()
+    assert at.number_input(key="cmp_audit_m").max == 215
+    at.checkbox(key="cmp_audit").check()
+    at.number_input(key="cmp_audit_m").set_value(210)
+    at.text_input(key="cmp_name").input("too many canaries")
+    at.session_state["setup"] = dict(at.session_state["setup"], train_size=200)
+    before = len(list_studies(state.store()))
+    at.button(key="FormSubmitter:cmp_form-Run the comparison").click().run()
+    assert not at.exception
+    assert [e.value for e in at.error] == ["audit canaries 210 is larger than the training set allows: 200 images, 20 "
+                                           "of them held out for validation; use at most 179 canaries or more training "
+                                           "images (Train & measure, Advanced)"]
+    assert len(list_studies(state.store())) == before
+
+
+def test_audit_privacy_page_bounds_canaries_by_the_training_set(app_env):
+    at = _train_size(_app(), 200)
+    at.switch_page("app_pages/privacy.py").run()
+    assert not at.exception
+    assert at.number_input(key="pa_m").value == 179 and at.number_input(key="pa_m").max == 179
+    assert any("at most **179** audit canaries" in c.value for c in at.caption)
+
+
+# ------------------------------------------------------------------ item 5: one DP configuration
+
+def _dp_values(at: AppTest, prefix: str) -> tuple:
+    return (at.radio(key=f"{prefix}_dp_how").value, at.number_input(key=f"{prefix}_dp_eps").value,
+            at.number_input(key=f"{prefix}_dp_noise").value, at.number_input(key=f"{prefix}_dp_clip").value,
+            at.number_input(key=f"{prefix}_dp_delta").value)
+
+
+def test_dp_defaults_are_the_same_on_train_compare_and_audit_privacy(app_env):
+    from ufm.train import DEFAULT_DP, DEFAULT_NOISE_MULTIPLIER
+
+    expected = ("target epsilon", DEFAULT_DP.target_epsilon, DEFAULT_NOISE_MULTIPLIER, DEFAULT_DP.max_grad_norm,
+                DEFAULT_DP.delta)
+    at = _app().switch_page("app_pages/train.py").run()
+    at.multiselect(key="tr_regs").set_value(["dp-sgd"]).run()
+    assert _dp_values(at, "tr") == expected
+    fresh = _app()
+    fresh.switch_page("app_pages/compare.py").run()
+    assert _dp_values(fresh, "cmp") == expected
+    fresh.switch_page("app_pages/privacy.py").run()
+    assert _dp_values(fresh, "pa") == expected
+
+
+def test_compare_dp_members_use_the_shared_default_not_noise_one(app_env):
+    from dashboard import state
+    from ufm.studies import get_study
+    from ufm.train import DEFAULT_DP, NEUTRAL_DP
+
+    at = _app().switch_page("app_pages/train.py").run()
+    at.number_input(key="tr_epochs").set_value(1).run()
+    at.switch_page("app_pages/compare.py").run()
+    at.multiselect(key="cmp_regs").set_value(["none", "dp-sgd"])
+    at.number_input(key="cmp_seeds").set_value(1)
+    at.text_input(key="cmp_name").input("dp default")
+    at.button(key="FormSubmitter:cmp_form-Run the comparison").click().run()
+    assert not at.exception and not at.error
+    study = get_study(state.store(), "dp default")
+    dp = {e.group: e.config.dp for e in study.entries}
+    assert dp["dp-sgd"] == DEFAULT_DP and dp["none"] == NEUTRAL_DP  # a setting a run does not use leaves its key alone
+    for e in study.entries:
+        if e.run_id:
+            state.runner().cancel(e.run_id)
+
+
+def test_cli_dp_default_is_the_dashboards():
+    from ufm.cli import build_parser, config_from_args
+    from ufm.train import DEFAULT_DP, NEUTRAL_DP
+
+    def cfg(*argv):
+        return config_from_args(build_parser().parse_args(["measure", *argv]))
+
+    assert cfg("--regulariser", "dp-sgd").dp == DEFAULT_DP
+    assert cfg("--regulariser", "dp-sgd", "--dp-noise", "2").dp.noise_multiplier == 2.0
+    assert cfg().dp == NEUTRAL_DP and cfg("--dp-epsilon", "3").dp == NEUTRAL_DP  # not used: not in the key
+
+
+def test_models_that_did_not_learn_are_marked_and_never_counted_as_not_memorised():
+    from dashboard.compare_ui import learned_column, not_learned_note
+    from ufm.studies import aggregate
+
+    runs = pd.DataFrame({
+        "group": ["none", "none", "dp-sgd", "dp-sgd", "dp-sgd"],
+        "status": ["done"] * 5,
+        "M": [0.5, 0.4, 0.0, 0.001, 0.2],
+        "significant": [True, False, False, False, False],
+        "verdict": ["memorised", "not_shown", "inconclusive", "inconclusive", "not_shown"],
+        "verdict_test": ["fast"] * 5,
+        "test_accuracy": [0.9, 0.9, 0.5, 0.5, 0.8],
+        "epsilon": [np.nan, np.nan, 31.1, 30.9, 8.0],
+        "learned": [True, True, False, False, True],
+    })
+    agg = aggregate(runs).set_index("group")
+    none, dp = agg.loc["none"], agg.loc["dp-sgd"]
+    assert none.share_significant == 0.5 and none.n_not_learned == 0 and math.isnan(none.mean_epsilon)
+    # two DP models at chance: inconclusive, not "not memorised"; the share is over the one that learned
+    assert dp.n_not_learned == 2 and dp.n_inconclusive == 2 and dp.share_significant == 0.0 and dp.n_significant == 0
+    assert dp.mean_epsilon == pytest.approx((31.1 + 30.9 + 8.0) / 3)
+    only_chance = aggregate(runs[runs["learned"] == False]).iloc[0]  # noqa: E712
+    assert math.isnan(only_chance.share_significant)  # no answer at all, never 0% memorised
+    marks = learned_column(aggregate(runs))
+    assert marks == ["yes", "NO: 2 of 3 at chance (inconclusive)"]
+    assert "dp-sgd (2 of 3)" in not_learned_note(aggregate(runs))
+
+
+def test_study_html_marks_models_that_did_not_learn_and_shows_epsilon():
+    from types import SimpleNamespace
+
+    from ufm.report import _share_cell
+
+    r = SimpleNamespace(done=3, n_inconclusive=2, n_not_learned=2, n_significant=0)
+    assert _share_cell(r) == "0 of 1; 2 did not learn (inconclusive)"
+    assert _share_cell(SimpleNamespace(done=0, n_inconclusive=0, n_not_learned=0, n_significant=0)) == "–"
