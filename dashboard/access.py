@@ -13,6 +13,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import re
 import time
 
 import streamlit as st
@@ -107,6 +108,52 @@ def gate() -> bool:
         time.sleep(WRONG_PASSWORD_DELAY)
         st.error("Wrong password.")
     return False
+
+
+# ------------------------------------------------------------------ browser-session cookies
+
+_COOKIE_VALUE = re.compile(r"[0-9A-Za-z._-]{1,200}")
+_COOKIES_SET = "_ufm_cookies_set"  # session state: {name: value} already sent to this browser
+
+
+def browser_cookie(name: str) -> str | None:
+    """The value of cookie ``name`` that the browser sent when this session connected, or None
+    (no cookie, a malformed value, or no browser: tests, bare mode)."""
+    try:
+        value = st.context.cookies.get(name)
+    except Exception:  # no client context (AppTest, bare mode): no cookies
+        return None
+    return value if isinstance(value, str) and _COOKIE_VALUE.fullmatch(value) else None
+
+
+def set_browser_cookie(name: str, value: str | None) -> None:
+    """Ask the browser to keep ``name=value`` until it closes (a session cookie: no expiry date),
+    for this site only (``SameSite=Strict``); None deletes it. Sent once per value and session.
+
+    Streamlit has no server-side way to set a cookie, so a one-line script does (Streamlit runs it
+    only because ``unsafe_allow_javascript`` is set; the value is checked against a strict pattern,
+    so nothing from a user reaches the script).
+
+    Raises:
+        ValueError: ``name`` or ``value`` has characters a cookie must not carry.
+    """
+    if not _COOKIE_VALUE.fullmatch(name) or (value is not None and not _COOKIE_VALUE.fullmatch(value)):
+        raise ValueError("cookie names and values are letters, digits, '.', '_' and '-' only")
+    sent = st.session_state.setdefault(_COOKIES_SET, {})
+    if sent.get(name, "") == value:
+        return
+    sent[name] = value
+    secure = "; Secure" if _https() else ""
+    cookie = (f"{name}={value}; path=/; SameSite=Strict{secure}" if value is not None
+              else f"{name}=; path=/; max-age=0; SameSite=Strict{secure}")
+    st.html(f"<script>document.cookie = {cookie!r};</script>", unsafe_allow_javascript=True)
+
+
+def _https() -> bool:
+    try:
+        return str(st.context.url or "").startswith("https:")
+    except Exception:
+        return False
 
 
 STARTED_KEY = "_ufm_started_runs"  # session state: ids of the runs this session submitted

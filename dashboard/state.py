@@ -42,6 +42,7 @@ STUDY = "study_name"
 DESIGN = "design"              # query parameter: the saved feature + setup (see the module docstring)
 _DESIGN_ID = "_design_id"
 _DESIGN_TRIED = "_design_restored"
+DESIGN_COOKIE = "ufm_design"   # this browser's last design id (see _restore_design)
 
 QUICK = dict(train_size=3000, epochs=30, patience=5, ood_size=500)
 PAPER = dict(train_size=None, epochs=500, patience=10, ood_size=1000)
@@ -214,6 +215,8 @@ def _save_design() -> None:
         tmp.replace(path)
     st.session_state[_DESIGN_ID] = did
     _sync_url()
+    from .access import set_browser_cookie
+    set_browser_cookie(DESIGN_COOKIE, did)  # a link without ?design= (a new tab, /train?run=ID) finds it too
 
 
 def _sync_url() -> None:
@@ -241,21 +244,56 @@ def load_design(did: str) -> tuple[Feature, dict]:
 
 
 def _restore_design() -> None:
-    """Once per session: take the feature and setup from ``?design=`` (a reload or a shared link)."""
+    """Once per session: take the feature and setup from ``?design=`` (a reload or a shared link),
+    else from this browser's last design (a cookie: a link without ``?design=``, such as
+    ``/train?run=ID``, opened in this browser keeps the feature it was working with), else from the
+    run named by ``?run=`` (the feature that run measured, never the letter A by default)."""
+    from .access import browser_cookie
+
     ss = st.session_state
     if ss.get(_DESIGN_TRIED):
         return
     ss[_DESIGN_TRIED] = True
+    if FEATURE in ss or SETUP in ss:
+        return
     did = st.query_params.get(DESIGN)
-    if not did or FEATURE in ss or SETUP in ss:
+    if did:
+        try:
+            feature, setup = load_design(did)
+        except ValueError as e:
+            st.warning(f"{e}; starting from the letter A and the default setup.")
+            st.query_params.pop(DESIGN, None)
+            return
+        ss[FEATURE], ss[SETUP], ss[_DESIGN_ID] = feature, setup, did
         return
+    kept = browser_cookie(DESIGN_COOKIE)
+    if kept:
+        try:
+            feature, setup = load_design(kept)
+        except ValueError:
+            pass  # a design of another server, or deleted: fall through quietly (the cookie is only a convenience)
+        else:
+            ss[FEATURE], ss[SETUP], ss[_DESIGN_ID] = feature, setup, kept
+            return
+    run = run_design(st.query_params.get("run"))
+    if run is not None:
+        ss[FEATURE], ss[SETUP] = run
+        _save_design()
+
+
+def run_design(run_id: str | None) -> tuple[Feature, dict] | None:
+    """The feature and setup a stored run was made with, or None (no such run, or not an id)."""
+    if not isinstance(run_id, str) or not re.fullmatch(r"[0-9a-f]{8,64}", run_id):
+        return None
     try:
-        feature, setup = load_design(did)
-    except ValueError as e:
-        st.warning(f"{e}; starting from the letter A and the default setup.")
-        st.query_params.pop(DESIGN, None)
-        return
-    ss[FEATURE], ss[SETUP], ss[_DESIGN_ID] = feature, setup, did
+        cfg = store().get(run_id).config
+    except Exception:  # unknown, deleted or unreadable: the page that shows the run says so
+        return None
+    setup = {k: getattr(cfg, k) for k in SETUP_KEYS if k != "dp"}
+    setup["regularisers"] = list(cfg.regularisers)
+    if "dp-sgd" in cfg.regularisers:
+        setup["dp"] = cfg.dp
+    return cfg.feature, setup
 
 
 def config_from_setup(setup: dict | None = None, **overrides) -> ExperimentConfig:

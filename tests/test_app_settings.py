@@ -173,3 +173,100 @@ def test_study_html_marks_models_that_did_not_learn_and_shows_epsilon():
     r = SimpleNamespace(done=3, n_inconclusive=2, n_not_learned=2, n_significant=0)
     assert _share_cell(r) == "0 of 1; 2 did not learn (inconclusive)"
     assert _share_cell(SimpleNamespace(done=0, n_inconclusive=0, n_not_learned=0, n_significant=0)) == "–"
+
+
+# ------------------------------------------------------------------ item 6: the feature survives
+
+def _draw_one_pixel(at: AppTest, r: int = 2, c: int = 2) -> None:
+    at.radio(key="feat_kind").set_value("Draw").run()
+    at.checkbox(key=f"px_{r}_{c}").check().run()
+    assert at.session_state["feature"].name == "drawn" and at.session_state["feature"].array().sum() == 1
+
+
+def test_clicking_text_alone_keeps_the_feature_in_use(app_env):
+    at = _app().switch_page("app_pages/feature.py").run()
+    _draw_one_pixel(at)
+    drawing = at.session_state["feature"]
+    at.radio(key="feat_kind").set_value("Text").run()
+    assert not at.exception
+    assert at.session_state["feature"] == drawing  # not "JD"
+    assert any("stays in use" in i.value for i in at.info) and at.button(key="feat_use")
+    at.button(key="feat_use").click().run()  # an explicit choice makes the default text the feature
+    assert at.session_state["feature"].name == "text 'JD'"
+
+
+def test_draw_text_upload_draw_keeps_the_drawing_and_each_kind_its_value(app_env):
+    at = _app().switch_page("app_pages/feature.py").run()
+    _draw_one_pixel(at, 1, 3)
+    drawing = at.session_state["feature"]
+    at.radio(key="feat_kind").set_value("Text").run()
+    at.text_input(key="text_value").input("KO").run()
+    assert at.session_state["feature"].name == "text 'KO'"
+    assert any(c.value.startswith("Kept in this session") and "Draw: drawn" in c.value for c in at.caption)
+    at.radio(key="feat_kind").set_value("Upload").run()
+    assert at.session_state["feature"].name == "text 'KO'"  # no file yet: the text stays in use
+    at.radio(key="feat_kind").set_value("Draw").run()
+    assert not at.exception
+    assert at.checkbox(key="px_1_3").value and sum(c.value for c in at.checkbox if c.key.startswith("px_")) == 1
+    assert at.session_state["feature"].array().tolist() == drawing.array().tolist()  # the drawing, not the A
+    assert any("Text: text 'KO'" in c.value for c in at.caption if c.value.startswith("Kept"))  # the switch's undo
+    at.radio(key="feat_kind").set_value("Text").run()
+    assert at.text_input(key="text_value").value == "KO" and at.session_state["feature"].name == "text 'KO'"
+
+
+def test_a_new_drawing_starts_blank_so_the_canvas_reset_clears_it(app_env):
+    at = _app().switch_page("app_pages/feature.py").run()
+    at.radio(key="feat_kind").set_value("Draw").run()
+    assert not at.exception and not at.error  # a blank grid is not an error until the user draws
+    assert sum(c.value for c in at.checkbox if c.key.startswith("px_")) == 0
+    assert at.session_state["_canvas_init"]["objects"] == []  # what the toolbar's Reset returns to
+    assert at.session_state["feature"].name == "glyph A"  # still in use until something is drawn
+
+
+def _stored_run(feature) -> str:
+    from dashboard import state
+    from ufm.canary import CanaryChoice
+    from ufm.experiment import ExperimentConfig
+
+    state.runner()
+    cfg = ExperimentConfig(feature=feature, dataset="mnist", canary=CanaryChoice("index", (3,)), epochs=1, seed=77,
+                           train_size=200)
+    run_id = state.store().create_run(cfg, status="queued")
+    state.store().mark_cancelled(run_id)
+    return run_id
+
+
+def test_a_run_link_without_design_keeps_the_browsers_feature(app_env, monkeypatch):
+    from dashboard import access, state
+    from ufm.features import text_feature
+
+    at = _app().switch_page("app_pages/feature.py").run()
+    at.radio(key="feat_kind").set_value("Text").run()
+    at.text_input(key="text_value").input("KO").run()
+    did = at.session_state[state._DESIGN_ID]
+    run_id = _stored_run(text_feature("ZZ"))
+    # a new session (a typed link, a new tab) with this browser's cookie: the feature it worked with
+    monkeypatch.setattr(access, "browser_cookie", lambda name: did if name == state.DESIGN_COOKIE else None)
+    link = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    link.query_params["run"] = run_id
+    link.switch_page("app_pages/train.py").run()
+    assert not link.exception
+    assert link.session_state["feature"].name == "text 'KO'"
+    assert any(c.value.startswith("Feature for the next run: text 'KO'") for c in link.caption)
+    link.switch_page("app_pages/audit.py").run()
+    assert not link.exception and link.session_state["feature"].name == "text 'KO'"
+
+
+def test_a_run_link_in_a_fresh_browser_takes_the_runs_feature_not_the_a(app_env, monkeypatch):
+    from dashboard import access
+    from ufm.features import text_feature
+
+    monkeypatch.setattr(access, "browser_cookie", lambda name: None)
+    run_id = _stored_run(text_feature("ZZ"))
+    link = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    link.query_params["run"] = run_id
+    link.switch_page("app_pages/train.py").run()
+    assert not link.exception
+    assert link.session_state["feature"].name == "text 'ZZ'"
+    assert link.session_state["setup"]["canary"].indices == (3,)
+    assert "design" in link.query_params  # and the design rides in the URL from now on
