@@ -92,7 +92,8 @@ def new_study_form() -> None:
     ss = st.session_state
     ss.setdefault("cmp_name", default_name(setup["dataset"]))
     ss.setdefault("cmp_archs", [setup["arch"]])
-    with st.form("cmp_form"):
+    # Enter in a field must not start a study (it trains many models): only the button submits
+    with st.form("cmp_form", enter_to_submit=False):
         c1, c2, c3 = st.columns([2, 2, 1])
         c1.multiselect("regularisers", SETTINGS, default=["none", "dropout", "dp-sgd"], key="cmp_regs")
         c2.multiselect("architectures", ARCHITECTURES, key="cmp_archs")

@@ -52,7 +52,7 @@ def home() -> str:
 def audit_form() -> AuditConfig | None:
     """The audit's settings (dataset and budget from the Train page); returns the config on submit."""
     setup = state.current_setup()
-    with st.form("pa_form"):
+    with st.form("pa_form", enter_to_submit=False):  # an audit trains a model: only the button starts one
         c1, c2, c3 = st.columns(3)
         arch = c1.selectbox("architecture", ARCHITECTURES, index=ARCHITECTURES.index(setup["arch"]), key="pa_arch")
         regs = c2.multiselect("regularisers", [r for r in REGULARISERS if r != "none"],

@@ -120,6 +120,20 @@ def training_set_size(dataset: str, root: str, train_size: int | None) -> int:
     return count(ExperimentConfig(dataset=dataset, data_dir=root, train_size=train_size))
 
 
+@st.cache_data(show_spinner="Loading images ...", max_entries=16)
+def gallery_indices(dataset: str, root: str, train_size: int | None, n: int, seed: int = 0) -> tuple[int, ...]:
+    """``n`` training-image indices (as a run with ``train_size`` numbers them) spread over every class
+    (:func:`ufm.data.spread_indices`), so a gallery of a class-sorted set is not all one class.
+
+    Raises:
+        DataUnavailable / ValueError: the dataset cannot be read (the message says what to do).
+    """
+    from ufm.data import spread_indices
+
+    d = load_split(dataset, "train", data_dir=root, limit=train_size, stratified=train_size is not None)
+    return tuple(int(i) for i in spread_indices(d.y.numpy(), n, seed=seed))
+
+
 def dataset_choices() -> list[str]:
     """Offline datasets first; the downloadable benchmarks after them."""
     offline = offline_datasets(data_dir())

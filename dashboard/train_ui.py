@@ -119,8 +119,9 @@ def canary_chooser(setup: dict) -> CanaryChoice:
         ss.setdefault("tr_count", 1)
         k = st.number_input("how many canaries (the canary frequency)", 1, 1000, key="tr_count")
         return CanaryChoice("random", (), count=int(k))
-    x, y, classes = state.training_images(setup["dataset"], state.data_dir(), setup.get("train_size"),
-                                          tuple(range(GALLERY)))
+    # a gallery spread over every class (seeded): the first images of a class-sorted set are one class
+    shown = state.gallery_indices(setup["dataset"], state.data_dir(), setup.get("train_size"), GALLERY)
+    x, y, classes = state.training_images(setup["dataset"], state.data_dir(), setup.get("train_size"), shown)
     if mode == "by class":
         c1, c2 = st.columns(2)
         if ss.get("tr_class") is not None and not 0 <= ss["tr_class"] < len(classes):
@@ -132,14 +133,21 @@ def canary_chooser(setup: dict) -> CanaryChoice:
     if mode == "by self-influence rank":
         return _by_influence(setup)
     ss.setdefault("tr_index", 0)
-    idx = int(st.number_input("canary image index", 0, 59_999, key="tr_index",
-                              help="The training image that carries the feature; the gallery sets this box."))
-    with st.popover("Pick from a gallery of training images"):
-        for i in range(min(GALLERY, len(x))):
-            if i % 8 == 0:  # one row of columns per 8 images: reading and tab order run row by row
+    # bounded by this training set, not by the largest dataset (59,999 was accepted on a 200-image set)
+    last = state.training_set_size(setup["dataset"], state.data_dir(), setup.get("train_size")) - 1
+    if ss["tr_index"] > last:
+        st.warning(f"Canary image {ss['tr_index']} is past this training set's {last + 1} images: "
+                   f"the canary is now image {last}.")
+        ss["tr_index"] = last
+    idx = int(st.number_input("canary image index", 0, last, key="tr_index",
+                              help=f"The training image that carries the feature (0 to {last}); the gallery sets "
+                                   "this box."))
+    with st.popover("Pick from a gallery of training images (every class)"):
+        for pos, i in enumerate(shown[:len(x)]):
+            if pos % 8 == 0:  # one row of columns per 8 images: reading and tab order run row by row
                 cols = st.columns(8)
-            with cols[i % 8]:
-                st.image(x[i].transpose(1, 2, 0), caption=f"{i}: {classes[y[i]]}", clamp=True, width=56)
+            with cols[pos % 8]:
+                st.image(x[pos].transpose(1, 2, 0), caption=f"{i}: {classes[y[pos]]}", clamp=True, width=56)
                 st.button("use", key=f"tr_use_{i}", on_click=_use, args=(i,),
                           type="primary" if i == idx else "secondary")
     return CanaryChoice("index", (idx,))

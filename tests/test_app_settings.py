@@ -270,3 +270,52 @@ def test_a_run_link_in_a_fresh_browser_takes_the_runs_feature_not_the_a(app_env,
     assert link.session_state["feature"].name == "text 'ZZ'"
     assert link.session_state["setup"]["canary"].indices == (3,)
     assert "design" in link.query_params  # and the design rides in the URL from now on
+
+
+# ------------------------------------------------------------------ item 7: the smaller fixes
+
+def test_spread_indices_show_every_class_of_a_class_sorted_set():
+    from ufm.data import spread_indices
+
+    y = np.array([0] * 150 + [1] * 50)  # sorted by class, like the chest X-rays
+    idx = spread_indices(y, 24, seed=0)
+    assert len(idx) == len(set(idx.tolist())) == 24 and set(y[idx]) == {0, 1}
+    assert list(y[idx[:4]]) == [0, 1, 0, 1]  # interleaved
+    assert spread_indices(y, 24, seed=0).tolist() == idx.tolist() != spread_indices(y, 24, seed=1).tolist()
+    assert len(spread_indices(np.array([0, 1, 1]), 24)) == 3
+
+
+def test_canary_gallery_spans_the_classes_and_the_index_is_bounded_by_the_set(app_env):
+    at = _train_size(_app(), 200)
+    at.radio(key="tr_canary_mode").set_value("pick an image").run()
+    keys = [b.key for b in at.button if b.key and b.key.startswith("tr_use_")]
+    assert len(keys) == 24 and keys != [f"tr_use_{i}" for i in range(24)]
+    from dashboard import state
+    x, y, _ = state.training_images("mnist", state.data_dir(), 200, tuple(int(k[7:]) for k in keys))
+    assert len(set(y.tolist())) == 3  # all three classes of the tiny set
+    box = at.number_input(key="tr_index")
+    assert box.max == 199  # 200 images: 0..199, not 59,999
+
+
+def test_explain_gives_no_delta_badge_for_a_change_that_rounds_to_zero():
+    from dashboard.explain_ui import delta_text
+
+    assert delta_text(0.1234, 0.1236) is None and delta_text(0.5, 0.5) is None  # no red "-0.000"
+    assert delta_text(0.2, 0.1) == "+0.100" and delta_text(0.1, 0.2) == "-0.100"
+
+
+def test_compare_and_audit_forms_start_only_from_their_button(app_env):
+    at = _app().switch_page("app_pages/compare.py").run()
+    forms = [f for f in at.get("form")]
+    assert forms and all(f.proto.form.enter_to_submit is False for f in forms)  # Enter in a field does not submit
+    at.switch_page("app_pages/privacy.py").run()
+    assert all(f.proto.form.enter_to_submit is False for f in at.get("form"))
+
+
+def test_rank_test_note_names_only_the_family_used():
+    from dashboard.views import disagreement_note
+
+    note = disagreement_note({"M": 0.5, "X_r": 1.0, "exposure_p_value": 0.9, "family": "strings"})
+    assert "random strings" in note and "strokes" not in note and "rearrange" not in note
+    shifted = disagreement_note({"M": 0.5, "X_r": 1.0, "exposure_p_value": 0.9, "family": "shift"})
+    assert "stamped at other places" in shifted and "strings" not in shifted
