@@ -319,3 +319,23 @@ def test_rank_test_note_names_only_the_family_used():
     assert "random strings" in note and "strokes" not in note and "rearrange" not in note
     shifted = disagreement_note({"M": 0.5, "X_r": 1.0, "exposure_p_value": 0.9, "family": "shift"})
     assert "stamped at other places" in shifted and "strings" not in shifted
+
+
+def test_figure_titles_sit_below_the_plotly_toolbar():
+    from ufm.explain import overlay_grid
+    from ufm.plots import (MODEBAR_PX, TITLE_PX, histogram_figure, histogram_grid, image_figure, ladder_figure,
+                           m_bar_figure, pattern_figure, zoom_figure)
+
+    rng = np.random.default_rng(0)
+    img = rng.random((1, 12, 12))
+    figs = [histogram_figure(rng.random(20), rng.random(20)), image_figure(img, title="canary"),
+            zoom_figure(img, (2, 2, 3, 3), title="zoom"), pattern_figure(np.eye(5)),
+            m_bar_figure(["a", "b"], [0.1, 0.2], [0.0, 0.1], [0.2, 0.3]),
+            ladder_figure(["1", "3"], [0.1, None], ["not_shown", None]),
+            histogram_grid({"a": (rng.random(20), rng.random(20)), "b": None}),
+            overlay_grid([img], [rng.random((12, 12))], ["x"], None, title="GradCAM")]
+    for fig in figs:
+        t = fig.layout.title
+        assert t.text and t.yref == "container" and t.yanchor == "top" and t.y == 1, t
+        assert t.pad.t >= MODEBAR_PX >= 28  # the toolbar's row stays free
+        assert fig.layout.margin.t >= MODEBAR_PX + TITLE_PX  # and the title fits above the plot
