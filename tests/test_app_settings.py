@@ -339,3 +339,13 @@ def test_figure_titles_sit_below_the_plotly_toolbar():
         assert t.text and t.yref == "container" and t.yanchor == "top" and t.y == 1, t
         assert t.pad.t >= MODEBAR_PX >= 28  # the toolbar's row stays free
         assert fig.layout.margin.t >= MODEBAR_PX + TITLE_PX  # and the title fits above the plot
+
+
+def test_audit_defaults_to_the_papers_ood_set_and_says_why():
+    from ufm.audit import default_inference_source
+
+    assert default_inference_source(1)[0] == "cifar10" and default_inference_source(3)[0] == "mnist"
+    src, why = default_inference_source(1, "mnist")
+    assert src == "cifar10" and "trained on mnist" in why
+    assert default_inference_source(3, "cifar10")[0] == "mnist"
+    assert "not comparable" in default_inference_source(1)[1]
