@@ -349,3 +349,21 @@ def test_audit_defaults_to_the_papers_ood_set_and_says_why():
     assert src == "cifar10" and "trained on mnist" in why
     assert default_inference_source(3, "cifar10")[0] == "mnist"
     assert "not comparable" in default_inference_source(1)[1]
+
+
+def test_run_details_give_class_counts(app_env):
+    from dashboard import state
+    from .test_app import _wait_done
+
+    at = _train_size(_app(), 60)
+    at.number_input(key="tr_epochs").set_value(1).run()
+    at.number_input(key="tr_ood").set_value(20).run()
+    at.button(key="tr_start").click().run()
+    run_id = at.session_state["run_id"]
+    _wait_done(run_id)
+    at.run()
+    assert not at.exception
+    counts = state.class_counts("mnist", state.data_dir(), 60)
+    assert sum(n for _, n in counts) == 60 and len(counts) == 3
+    text = next(c.value for c in at.caption if c.value.startswith("Training set: 60 images"))
+    assert "54 trained on, 6 for validation" in text and "per class: " + ", ".join(f"{c} {n}" for c, n in counts) in text
