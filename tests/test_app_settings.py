@@ -367,3 +367,20 @@ def test_run_details_give_class_counts(app_env):
     assert sum(n for _, n in counts) == 60 and len(counts) == 3
     text = next(c.value for c in at.caption if c.value.startswith("Training set: 60 images"))
     assert "54 trained on, 6 for validation" in text and "per class: " + ", ".join(f"{c} {n}" for c, n in counts) in text
+
+
+def test_a_child_process_importing_app_py_does_not_run_the_dashboard(monkeypatch):
+    """multiprocessing re-executes the server's __main__ (Streamlit registers app.py as it) in every
+    run and task process, as "__mp_main__": that must not run the gate, the navigation and a page
+    (12 "missing ScriptRunContext" warnings per process)."""
+    import runpy
+
+    import streamlit as st
+
+    def refuse(*a, **k):
+        raise AssertionError("the dashboard ran in a child process")
+
+    monkeypatch.setattr(st, "set_page_config", refuse)
+    monkeypatch.setattr(st, "navigation", refuse)
+    ns = runpy.run_path(str(ROOT / "app.py"), run_name="__mp_main__")
+    assert callable(ns["main"])
