@@ -384,3 +384,17 @@ def test_a_child_process_importing_app_py_does_not_run_the_dashboard(monkeypatch
     monkeypatch.setattr(st, "navigation", refuse)
     ns = runpy.run_path(str(ROOT / "app.py"), run_name="__mp_main__")
     assert callable(ns["main"])
+
+
+def test_runs_table_marks_a_model_that_did_not_learn_and_shows_epsilon():
+    from types import SimpleNamespace
+
+    from ufm.report import RUN_TABLE_COLUMNS, run_row
+
+    rec = SimpleNamespace(id="abc", status="done", created=0.0, finished=1.0, started=0.5, progress=None,
+                          config_data={"dataset": "mnist", "regularisers": ["dp-sgd"]}, config_key="k",
+                          code_version="v", error=None,
+                          summary={"M": 0.0, "learned": False, "test_accuracy": 0.5, "epsilon": 31.1})
+    row = run_row(rec)
+    assert row["learned"] is False and row["epsilon"] == 31.1 and set(row) == set(RUN_TABLE_COLUMNS)
+    assert RUN_TABLE_COLUMNS.index("learned") < RUN_TABLE_COLUMNS.index("dataset")  # on screen without scrolling

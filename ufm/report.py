@@ -39,7 +39,7 @@ def run_json(store: Store, run_id: str, *, indent: int | None = 1) -> str:
 
 # The numbers people look for first (M, the fast test's call, accuracy) come right after the id and
 # status, so they are on screen in the dashboard's table without scrolling.
-RUN_TABLE_COLUMNS = ["id", "status", "M", "significant", "test_accuracy", "dataset", "arch", "regularisers", "feature",
+RUN_TABLE_COLUMNS = ["id", "status", "M", "significant", "test_accuracy", "learned", "dataset", "arch", "regularisers", "feature",
                      "canary", "seed", "created", "finished", "seconds", "max_epochs", "train_size", "X_u", "X_r",
                      "p_value", "p_value_paired", "exposure", "exposure_p_value", "epochs_trained", "epsilon",
                      "progress", "config_key", "code_version", "error"]
@@ -79,6 +79,8 @@ def run_row(rec: RunRecord) -> dict[str, Any]:
         "seed": c.get("seed"), "max_epochs": c.get("epochs"), "train_size": c.get("train_size"),
         **{k: s.get(k) for k in ("M", "X_u", "X_r", "p_value", "p_value_paired", "exposure", "exposure_p_value",
                                  "significant", "test_accuracy", "epochs_trained", "epsilon")},
+        # False marks a model at chance accuracy: its run says nothing about memorisation either way
+        "learned": s.get("learned") if s else None,
         "progress": describe_progress(rec), "config_key": rec.config_key, "code_version": rec.code_version,
         "error": rec.error,
     }
