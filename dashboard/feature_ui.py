@@ -36,6 +36,23 @@ def _fill(pattern: np.ndarray) -> None:
             st.session_state[_px(r, c)] = bool(r < pattern.shape[0] and c < pattern.shape[1] and pattern[r, c] >= 0.5)
 
 
+_UNDO = "_draw_undo"  # session state: the grid before the last Clear / letter A / Invert
+
+
+def _replace(m: int, pattern: np.ndarray) -> None:
+    """Callback of the grid's buttons: keep the drawing for Undo, then set the grid to ``pattern``."""
+    st.session_state[_UNDO] = _grid_values(m)
+    _fill(pattern)
+
+
+def _undo() -> None:
+    """Callback of Undo: the drawing before the last button (its size too)."""
+    before = st.session_state.pop(_UNDO, None)
+    if before is not None:
+        st.session_state["draw_size"] = before.shape[0]
+        _fill(before)
+
+
 def _grid_values(m: int) -> np.ndarray:
     return np.array([[float(st.session_state.get(_px(r, c), False)) for c in range(m)] for r in range(m)])
 
@@ -156,11 +173,16 @@ def draw_editor() -> np.ndarray:
     shown = ss["_canvas_pattern"] if grey and ss.get("_canvas_rgba") is not None else _grid_values(m)
     st.plotly_chart(pattern_figure(shown, title=f"the feature, {m}x{m} pixels, pixel-exact").update_layout(
         height=300, width=300), key="draw_pixels", width="content")
+    # Beside the canvas, not in the expander: Clear is how to empty a drawing that was restored (the
+    # canvas's own Reset returns to what the canvas opened with, which is that drawing).
+    b1, b2, b3, b4 = st.columns(4)
+    b1.button("Clear", on_click=_replace, args=(m, np.zeros((m, m))), key="draw_clear",
+              help="Empty the drawing (the canvas's Reset returns to how the canvas opened).")
+    b2.button("Start from the letter A", on_click=_replace, args=(m, glyph("A", size=m).array()), key="draw_from_a")
+    b3.button("Invert", on_click=lambda: _replace(m, 1 - _grid_values(m)), key="draw_invert")
+    b4.button("Undo", on_click=_undo, key="draw_undo", disabled=ss.get(_UNDO) is None,
+              help="Bring back the drawing as it was before the last Clear, letter A or Invert.")
     with st.expander("Precise editor: one tick box per pixel", expanded=st_canvas is None):
-        b1, b2, b3 = st.columns(3)
-        b1.button("Start from the letter A", on_click=_fill, args=(glyph("A", size=m).array(),), key="draw_from_a")
-        b2.button("Clear", on_click=_fill, args=(np.zeros((m, m)),), key="draw_clear")
-        b3.button("Invert", on_click=lambda: _fill(1 - _grid_values(m)), key="draw_invert")
         st.caption("Tick a box to turn that pixel white.")
         cols = st.columns(m, gap=None)
         for c in range(m):

@@ -398,3 +398,14 @@ def test_runs_table_marks_a_model_that_did_not_learn_and_shows_epsilon():
     row = run_row(rec)
     assert row["learned"] is False and row["epsilon"] == 31.1 and set(row) == set(RUN_TABLE_COLUMNS)
     assert RUN_TABLE_COLUMNS.index("learned") < RUN_TABLE_COLUMNS.index("dataset")  # on screen without scrolling
+
+
+def test_clearing_a_drawing_can_be_undone(app_env):
+    at = _app().switch_page("app_pages/feature.py").run()
+    _draw_one_pixel(at, 0, 4)
+    assert at.button(key="draw_undo").disabled
+    at.button(key="draw_clear").click().run()
+    assert sum(c.value for c in at.checkbox if c.key.startswith("px_")) == 0
+    at.button(key="draw_undo").click().run()
+    assert at.checkbox(key="px_0_4").value and sum(c.value for c in at.checkbox if c.key.startswith("px_")) == 1
+    assert at.session_state["feature"].array()[0, 4] == 1
