@@ -7,11 +7,10 @@ import time
 import pandas as pd
 import streamlit as st
 
+from ufm.data import DataUnavailable
 from ufm.models import ARCHITECTURES
 from ufm.plots import histogram_grid
 from ufm.studies import StudyMember, create_study, list_studies, regulariser_label, submit_study
-
-from ufm.data import DataUnavailable
 from ufm.train import DEFAULT_DP, DPConfig
 
 from . import state
