@@ -184,7 +184,8 @@ def not_learned_note(agg: pd.DataFrame) -> str | None:
     bad = agg[agg["n_not_learned"] > 0]
     if bad.empty:
         return None
-    groups = ", ".join(f"{g} ({int(k)} of {int(d)})" for g, k, d in zip(bad["group"], bad["n_not_learned"], bad["done"]))
+    groups = ", ".join(f"{g} ({int(k)} of {int(d)})"
+                       for g, k, d in zip(bad["group"], bad["n_not_learned"], bad["done"]))
     return (f"Models that did not learn (test accuracy at chance): {groups}. Their runs are inconclusive and left out "
             "of the share memorised: a model that learnt nothing has not been shown to protect anything. For "
             "DP-SGD, allow a larger epsilon, more epochs or a larger learning rate.")

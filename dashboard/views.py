@@ -194,9 +194,9 @@ def result_view(rec: RunRecord) -> None:
     st.caption(f"{cfg.dataset} · {cfg.arch} · regularisers: {', '.join(cfg.regularisers) or 'none'} · "
                f"{cfg.canary.describe()} · feature {cfg.feature.name} at {cfg.feature.offset} · seed {cfg.seed} · "
                f"{s['epochs_trained']} epochs on {s['device']}")
+    counts = state.class_counts_text(cfg.dataset, cfg.data_dir or state.data_dir(), cfg.train_size)
     st.caption(f"Training set: {s['n_train'] + s['n_val']:,} images ({s['n_train']:,} trained on, {s['n_val']:,} "
-               f"for validation), {state.class_counts_text(cfg.dataset, cfg.data_dir or state.data_dir(), cfg.train_size)}"
-               f" · {s['n_ood']:,} inference images")
+               f"for validation), {counts} · {s['n_ood']:,} inference images")
     verdict = verdict_box(rec)
     metrics_row(s, verdict)
     note = disagreement_note(s)

@@ -366,7 +366,8 @@ def test_run_details_give_class_counts(app_env):
     counts = state.class_counts("mnist", state.data_dir(), 60)
     assert sum(n for _, n in counts) == 60 and len(counts) == 3
     text = next(c.value for c in at.caption if c.value.startswith("Training set: 60 images"))
-    assert "54 trained on, 6 for validation" in text and "per class: " + ", ".join(f"{c} {n}" for c, n in counts) in text
+    assert "54 trained on, 6 for validation" in text
+    assert "per class: " + ", ".join(f"{c} {n}" for c, n in counts) in text
 
 
 def test_a_child_process_importing_app_py_does_not_run_the_dashboard(monkeypatch):

@@ -39,9 +39,9 @@ def run_json(store: Store, run_id: str, *, indent: int | None = 1) -> str:
 
 # The numbers people look for first (M, the fast test's call, accuracy) come right after the id and
 # status, so they are on screen in the dashboard's table without scrolling.
-RUN_TABLE_COLUMNS = ["id", "status", "M", "significant", "test_accuracy", "learned", "dataset", "arch", "regularisers", "feature",
-                     "canary", "seed", "created", "finished", "seconds", "max_epochs", "train_size", "X_u", "X_r",
-                     "p_value", "p_value_paired", "exposure", "exposure_p_value", "epochs_trained", "epsilon",
+RUN_TABLE_COLUMNS = ["id", "status", "M", "significant", "test_accuracy", "learned", "dataset", "arch", "regularisers",
+                     "feature", "canary", "seed", "created", "finished", "seconds", "max_epochs", "train_size", "X_u",
+                     "X_r", "p_value", "p_value_paired", "exposure", "exposure_p_value", "epochs_trained", "epsilon",
                      "progress", "config_key", "code_version", "error"]
 
 
@@ -304,8 +304,8 @@ def study_html(store: Store, name: str) -> str:
              '<p class="note">Mean M over the finished runs of each group (seeds) with a 95% Student-t interval; '
              'a group with one finished run has no interval. "Significant" is the exposure (rank) test at each '
              "run's alpha.</p>",
-             _table(["group", "finished / members", "mean M (nats)", "95% interval", "significant", "mean test accuracy",
-                     "epsilon spent (DP-SGD)"],
+             _table(["group", "finished / members", "mean M (nats)", "95% interval", "significant",
+                     "mean test accuracy", "epsilon spent (DP-SGD)"],
                     ([r.group, f"{r.done} / {r.members}", r.mean_M,
                       f"[{fmt(r.ci_low)}, {fmt(r.ci_high)}]" if not math.isnan(r.ci_low) else r.interval,
                       _share_cell(r), pct(r.mean_test_accuracy),
