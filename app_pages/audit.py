@@ -3,7 +3,7 @@
 import streamlit as st
 
 from dashboard import audit_ui, state
-from ufm.audit import AuditConfig, load_audit, stamped_examples
+from ufm.audit import AuditConfig, default_inference_source, load_audit, stamped_examples
 from ufm.data import DataUnavailable
 from ufm.features import FeatureError
 from ufm.limits import MAX_INPUT_SIDE, MAX_ONNX_BYTES, MAX_OOD_SIZE, MAX_UPLOAD_MB, max_images
@@ -85,7 +85,15 @@ source_kind = st.radio("inference images", ["a dataset", "a folder or .npz on th
 source = None
 try:
     if source_kind == "a dataset":
-        source = st.selectbox("dataset (its test split)", state.dataset_choices(), key="audit_dataset")
+        choices = state.dataset_choices()
+        default, why = default_inference_source(model.spec.shape[0], gi.metadata.get("ufm.dataset"))
+        if st.session_state.get("audit_dataset") not in choices:
+            st.session_state["audit_dataset"] = default if default in choices else choices[0]
+        source = st.selectbox("dataset (its test split)", choices, key="audit_dataset")
+        if source == default:
+            st.caption(f"Default: {why}.")
+        else:
+            st.caption(f"The paper's choice would be {default} ({why}).")
     elif source_kind == "a folder or .npz on the server":
         text = st.text_input("path (inside the allowed data folders)", key="audit_source_path")
         source = str(check_user_path(text)) if text.strip() else None

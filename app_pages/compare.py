@@ -3,7 +3,8 @@
 import streamlit as st
 
 from dashboard import state
-from dashboard.compare_ui import interval_warning, new_study_form, small_multiples, study_selector, with_audits
+from dashboard.compare_ui import (audit_problems, interval_warning, learned_column, new_study_form, not_learned_note,
+                                  small_multiples, study_selector, with_audits)
 from ufm.plots import m_bar_figure
 from ufm.report import study_html
 from ufm.studies import list_studies, runs_frame, summary
@@ -29,19 +30,35 @@ def show(name: str) -> None:
     if pending:
         st.progress(1 - pending / len(runs), text=f"{len(runs) - pending} of {len(runs)} runs finished")
     agg, audit_cols = with_audits(name, agg)  # epsilon lower bounds when the study was audited
+    agg = agg.assign(learned=learned_column(agg))
     st.dataframe(agg[["group", "done", "mean_M", "ci_low", "ci_high", "interval", "share_significant",
-                      "mean_test_accuracy", *audit_cols]], hide_index=True, width="stretch",
-                 column_config={"share_significant": st.column_config.ProgressColumn("share significant", min_value=0, max_value=1),
+                      "learned", "mean_test_accuracy", "mean_epsilon", *audit_cols]], hide_index=True, width="stretch",
+                 column_config={"share_significant": st.column_config.ProgressColumn(
+                                    "share memorised", min_value=0, max_value=1,
+                                    help="Of the runs with an answer: a model that did not learn is inconclusive, "
+                                         "never counted as not memorised."),
+                                "learned": st.column_config.TextColumn(
+                                    "model learned?", help="A model at chance accuracy says nothing about "
+                                                          "memorisation (its runs are inconclusive)."),
                                 "mean_M": st.column_config.NumberColumn("mean M (nats)", format="%.4g"),
                                 "ci_low": st.column_config.NumberColumn("95% low", format="%.4g"),
                                 "ci_high": st.column_config.NumberColumn("95% high", format="%.4g"),
                                 "mean_test_accuracy": st.column_config.NumberColumn("test accuracy", format="percent"),
+                                "mean_epsilon": st.column_config.NumberColumn(
+                                    "epsilon spent (DP-SGD)", format="%.3g",
+                                    help="The accountant's epsilon actually spent by the group's DP-SGD runs (mean); "
+                                         "empty without DP-SGD."),
                                 "eps_lower_bound": st.column_config.NumberColumn(
                                     "epsilon lower bound (95%, mean)", format="%.2f",
                                     help="one-run privacy audit per regulariser and seed (Audit privacy page)")})
     warn = interval_warning(agg)
     if warn:
         st.warning(warn)
+    for problem in audit_problems(name):
+        st.error(problem)
+    note = not_learned_note(agg)
+    if note:
+        st.warning(note)
     if agg["done"].sum():
         st.plotly_chart(m_bar_figure(agg["group"], agg["mean_M"], agg["ci_low"], agg["ci_high"]),
                         key=f"cmp_bar_{name}")

@@ -3,6 +3,7 @@
 import streamlit as st
 
 from dashboard import state
+from dashboard.explain_ui import box_share_metrics
 from ufm.explain import explain_run
 from ufm.models import gradcam_layers
 
@@ -38,13 +39,7 @@ layer = layers.get(layer_label)
 with st.spinner("Computing attributions ..."):
     exp = explain_run(net, cfg, int(canary), n_ood=n_ood, target=target, layer=layer)
 s = exp.summary()
-m = st.columns(4)
-m[0].metric("box share, canary without feature", f"{s['canary_share_clean']:.3f}")
-m[1].metric("box share, canary with feature", f"{s['canary_share_feature']:.3f}",
-            delta=f"{s['canary_share_feature'] - s['canary_share_clean']:+.3f}")
-m[2].metric("box share, inference images clean", f"{s['ood_share_clean']:.3f}")
-m[3].metric("box share, inference images with z_u", f"{s['ood_share_feature']:.3f}",
-            delta=f"{s['ood_share_feature'] - s['ood_share_clean']:+.3f}")
+box_share_metrics(s)
 st.caption("Box share: the fraction of the map's total attribution inside the feature's box; a uniform "
            f"map gives {exp.box[2] * exp.box[3] / (exp.canary.shape[-1] * exp.canary.shape[-2]):.3f}.")
 opacity = st.slider("map opacity (0 = the image alone)", 0.0, 1.0, 0.35, 0.05, key="ex_opacity",

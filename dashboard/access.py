@@ -1,7 +1,8 @@
 """Who may use the dashboard: an optional password, required once it is served beyond this machine.
 
 The password comes from ``$UFM_PASSWORD`` or ``ufm_password`` in ``.streamlit/secrets.toml``. With
-one set, every page shows only a sign-in form until the session has given it. Without one, the
+one set, every page shows only a sign-in form until it is given in this browser session (a session
+cookie keeps the sign-in across reloads and links until the browser closes). Without one, the
 dashboard runs only when Streamlit listens on a loopback address (the default of
 ``.streamlit/config.toml``); bound wider, every page refuses and says how to set a password.
 """
@@ -13,6 +14,8 @@ import hmac
 import ipaddress
 import logging
 import os
+import re
+import secrets
 import time
 
 import streamlit as st
@@ -95,6 +98,41 @@ def silence_metrics() -> bool:
     return True
 
 
+# A sign-in lasts for the browser session: a reload or a link opened in the same browser starts a
+# new Streamlit session, which used to ask for the password again on every page load. The browser
+# keeps a session cookie (gone when it closes) holding "<issued>.<mac>": the mac binds the issue
+# time to the password (a changed password signs everyone out) under a key that lives only in this
+# server process (a restart signs everyone out) and never leaves it, so the cookie reveals nothing
+# about the password and cannot be forged. It also expires after SESSION_SECONDS.
+AUTH_COOKIE = "ufm_auth"
+SESSION_SECONDS = 12 * 3600
+_SERVER_KEY = secrets.token_bytes(32)
+_TOKEN = "_ufm_auth_token"      # session state: the token this session's sign-in issued
+_SIGNED_OUT = "_ufm_signed_out"  # session state: signed out here; ignore the cookie sent at connect time
+
+
+def session_token(password: str, now: float | None = None) -> str:
+    """A sign-in token for this browser session (see the comment above)."""
+    issued = str(int(time.time() if now is None else now))
+    return f"{issued}.{_mac(issued, password)}"
+
+
+def session_token_ok(token: str | None, password: str, now: float | None = None) -> bool:
+    """Whether ``token`` was issued by this server process for ``password`` less than
+    :data:`SESSION_SECONDS` ago."""
+    if not token or "." not in token:
+        return False
+    issued, mac = token.split(".", 1)
+    if not issued.isdigit() or not hmac.compare_digest(mac, _mac(issued, password)):
+        return False
+    age = (time.time() if now is None else now) - int(issued)
+    return 0 <= age < SESSION_SECONDS
+
+
+def _mac(issued: str, password: str) -> str:
+    return hmac.new(_SERVER_KEY, f"{issued}.{_fingerprint(password)}".encode(), hashlib.sha256).hexdigest()
+
+
 def gate() -> bool:
     """Show the sign-in form or the refusal when needed; True when this session may see the pages.
 
@@ -114,11 +152,22 @@ def gate() -> bool:
                  "--server.address ...`, or put `ufm_password = \"...\"` in `.streamlit/secrets.toml`. Or "
                  "serve it on this machine only: `streamlit run app.py` (localhost).")
         return False
+    ss = st.session_state
+    cookie = browser_cookie(AUTH_COOKIE)
+    if not signed_in(password) and not ss.get(_SIGNED_OUT) and session_token_ok(cookie, password):
+        ss[AUTH_KEY] = _fingerprint(password)  # signed in earlier in this browser session (a reload, a link)
+        ss[_TOKEN] = cookie
     if signed_in(password):
+        # after the sign-in's rerun, so the script that sets the cookie reaches the browser (once)
+        set_browser_cookie(AUTH_COOKIE, ss.setdefault(_TOKEN, session_token(password)))
         if st.sidebar.button("Sign out", key="ufm_sign_out"):
-            del st.session_state[AUTH_KEY]
+            del ss[AUTH_KEY]
+            ss.pop(_TOKEN, None)
+            ss[_SIGNED_OUT] = True  # this session's cookie header still carries the token: ignore it
             st.rerun()
         return True
+    if ss.get(_SIGNED_OUT):
+        set_browser_cookie(AUTH_COOKIE, None)
     st.title("Sign in")
     with st.form("ufm_login"):
         given = st.text_input("password", type="password", key="ufm_password_input")
@@ -126,12 +175,60 @@ def gate() -> bool:
     if submitted:
         if hmac.compare_digest(given.encode(), password.encode()):
             st.session_state[AUTH_KEY] = _fingerprint(password)
+            st.session_state[_TOKEN] = session_token(password)
+            st.session_state.pop(_SIGNED_OUT, None)
             del st.session_state["ufm_password_input"]  # keep no plain copy in the session
             st.rerun()
         server_log().warning("wrong dashboard password")
         time.sleep(WRONG_PASSWORD_DELAY)
         st.error("Wrong password.")
     return False
+
+
+# ------------------------------------------------------------------ browser-session cookies
+
+_COOKIE_VALUE = re.compile(r"[0-9A-Za-z._-]{1,200}")
+_COOKIES_SET = "_ufm_cookies_set"  # session state: {name: value} already sent to this browser
+
+
+def browser_cookie(name: str) -> str | None:
+    """The value of cookie ``name`` that the browser sent when this session connected, or None
+    (no cookie, a malformed value, or no browser: tests, bare mode)."""
+    try:
+        value = st.context.cookies.get(name)
+    except Exception:  # no client context (AppTest, bare mode): no cookies
+        return None
+    return value if isinstance(value, str) and _COOKIE_VALUE.fullmatch(value) else None
+
+
+def set_browser_cookie(name: str, value: str | None) -> None:
+    """Ask the browser to keep ``name=value`` until it closes (a session cookie: no expiry date),
+    for this site only (``SameSite=Strict``); None deletes it. Sent once per value and session.
+
+    Streamlit has no server-side way to set a cookie, so a one-line script does (Streamlit runs it
+    only because ``unsafe_allow_javascript`` is set; the value is checked against a strict pattern,
+    so nothing from a user reaches the script).
+
+    Raises:
+        ValueError: ``name`` or ``value`` has characters a cookie must not carry.
+    """
+    if not _COOKIE_VALUE.fullmatch(name) or (value is not None and not _COOKIE_VALUE.fullmatch(value)):
+        raise ValueError("cookie names and values are letters, digits, '.', '_' and '-' only")
+    sent = st.session_state.setdefault(_COOKIES_SET, {})
+    if sent.get(name, "") == value:
+        return
+    sent[name] = value
+    secure = "; Secure" if _https() else ""
+    cookie = (f"{name}={value}; path=/; SameSite=Strict{secure}" if value is not None
+              else f"{name}=; path=/; max-age=0; SameSite=Strict{secure}")
+    st.html(f"<script>document.cookie = {cookie!r};</script>", unsafe_allow_javascript=True)
+
+
+def _https() -> bool:
+    try:
+        return str(st.context.url or "").startswith("https:")
+    except Exception:
+        return False
 
 
 STARTED_KEY = "_ufm_started_runs"  # session state: ids of the runs this session submitted

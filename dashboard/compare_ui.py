@@ -7,11 +7,15 @@ import time
 import pandas as pd
 import streamlit as st
 
+from ufm.data import DataUnavailable
 from ufm.models import ARCHITECTURES
 from ufm.plots import histogram_grid
 from ufm.studies import StudyMember, create_study, list_studies, regulariser_label, submit_study
+from ufm.train import DEFAULT_DP, DPConfig
 
 from . import state
+from .dp_ui import dp_from_state, dp_widget
+from .privacy_ui import DEFAULT_CANARIES, canaries_input, canary_limit, check_canaries, limit_reason, setup_dp
 
 SETTINGS = ["none", "dropout", "augment", "batchnorm", "weight-decay", "dp-sgd", "dropout+augment"]
 ERROR = "_cmp_error"
@@ -27,12 +31,17 @@ def _exists(name: str) -> bool:
 
 
 def build_study(name: str, regs: list[str], archs: list[str], n_seeds: int, *, replace: bool = False,
-                audit: bool = False, audit_m: int = 200) -> str:
+                audit: bool = False, audit_m: int = DEFAULT_CANARIES, dp: DPConfig | None = None) -> str:
     """Store and queue a regulariser (x architecture) study of the current setup; returns its name.
 
+    Args:
+        dp: the DP-SGD settings of the dp-sgd members (default :data:`ufm.train.DEFAULT_DP`, the
+            Train and Audit privacy pages' default too); the other members carry none.
+
     Raises:
-        ValueError: no setting or architecture, a bad name, or the name is taken and ``replace``
-            is False (the message says to rename or tick "replace").
+        ValueError: no setting or architecture, a bad name, the name is taken and ``replace`` is
+            False (the message says to rename or tick "replace"), or more audit canaries than the
+            training set allows (the message gives the limit). Nothing is stored or queued then.
     """
     if not regs or not archs:
         raise ValueError("pick at least one regulariser setting and one architecture")
@@ -40,12 +49,14 @@ def build_study(name: str, regs: list[str], archs: list[str], n_seeds: int, *, r
         raise ValueError(f"a study named {name.strip()!r} exists: give the new one another name, or tick "
                          "\"replace the study of that name\" (its finished runs are kept and reused)")
     setup = state.current_setup()
+    if audit:
+        check_canaries(int(audit_m), setup)
     base = state.config_from_setup(setup)
     members = []
     for arch in archs:
         for reg in regs:
             names = tuple(r for r in reg.split("+") if r != "none")
-            cfg = base.replace(arch=arch, regularisers=names)
+            cfg = base.replace(arch=arch, regularisers=names).with_dp(dp or DEFAULT_DP)
             group = regulariser_label(cfg.regularisers) if len(archs) == 1 else f"{arch} / {regulariser_label(cfg.regularisers)}"
             members += [StudyMember(group, cfg.replace(seed=s)) for s in range(int(n_seeds))]
     study = create_study(state.store(), name, "custom" if len(archs) > 1 else "regularisers", base, members,
@@ -64,8 +75,8 @@ def _submit() -> None:
     try:
         name = build_study(ss["cmp_name"], ss["cmp_regs"], ss["cmp_archs"], ss["cmp_seeds"],
                            replace=ss.get("cmp_replace", False), audit=ss.get("cmp_audit", False),
-                           audit_m=ss.get("cmp_audit_m", 200))
-    except ValueError as e:
+                           audit_m=ss.get("cmp_audit_m", DEFAULT_CANARIES), dp=dp_from_state("cmp"))
+    except (ValueError, DataUnavailable) as e:
         ss[ERROR] = str(e)
         return
     ss.pop(ERROR, None)
@@ -80,7 +91,8 @@ def new_study_form() -> None:
     ss = st.session_state
     ss.setdefault("cmp_name", default_name(setup["dataset"]))
     ss.setdefault("cmp_archs", [setup["arch"]])
-    with st.form("cmp_form"):
+    # Enter in a field must not start a study (it trains many models): only the button submits
+    with st.form("cmp_form", enter_to_submit=False):
         c1, c2, c3 = st.columns([2, 2, 1])
         c1.multiselect("regularisers", SETTINGS, default=["none", "dropout", "dp-sgd"], key="cmp_regs")
         c2.multiselect("architectures", ARCHITECTURES, key="cmp_archs")
@@ -90,11 +102,22 @@ def new_study_form() -> None:
         n1.text_input("study name", key="cmp_name")
         n2.checkbox("replace the study of that name", key="cmp_replace",
                     help="Overwrites the study's list of runs; runs already trained are kept and reused.")
+        with st.expander("DP-SGD settings (for the dp-sgd setting; the same defaults as Train and Audit privacy)"):
+            dp_widget("cmp", initial=setup_dp(setup), in_form=True, train_size=setup.get("train_size"))
         a1, a2 = st.columns([3, 1])
+        try:
+            limit, why = canary_limit(setup), limit_reason(setup)
+        except (ValueError, DataUnavailable) as e:
+            limit, why = 0, str(e)
+        if limit < 2:
+            ss["cmp_audit"] = False  # an audit that cannot run is not offered (the reason is shown)
         a1.checkbox("also audit privacy (one audit model per regulariser and seed)", key="cmp_audit",
+                    disabled=limit < 2,
                     help="Adds an epsilon-lower-bound column: each audit trains one more model with "
                          "many distinct features (see the Audit privacy page).")
-        a2.number_input("audit canaries", 2, 5000, 200, key="cmp_audit_m")
+        canaries_input(a2, "cmp_audit_m", limit, label="audit canaries",
+                       help="Distinct features on distinct training images, each IN with probability 1/2.")
+        a1.caption(f"At most {limit} audit canaries for this setup: {why}.")
         st.caption(f"Feature ({state.current_feature().name}), canary ({setup['canary'].describe()}), dataset "
                    f"({setup['dataset']}) and budget come from the Feature and Train & measure pages. Every setting "
                    "is trained once per seed.")
@@ -140,3 +163,48 @@ def small_multiples(runs: pd.DataFrame, log_x: bool = True):
     panels = {g: state.store().load_scores(done.loc[g, "run_id"]) if g in done.index else None
               for g in dict.fromkeys(runs["group"])}
     return histogram_grid(panels, log_x=log_x)
+
+
+def learned_column(agg: pd.DataFrame) -> list[str]:
+    """Per group: whether its models learned, for the table ("no: 2 of 3 at chance" marks a group whose
+    memorisation numbers mean nothing)."""
+    out = []
+    for r in agg.itertuples():
+        if not r.done:
+            out.append("")
+        elif r.n_not_learned:
+            out.append(f"NO: {r.n_not_learned} of {r.done} at chance (inconclusive)")
+        else:
+            out.append("yes")
+    return out
+
+
+def not_learned_note(agg: pd.DataFrame) -> str | None:
+    """A warning naming the groups with models that did not learn, else None."""
+    bad = agg[agg["n_not_learned"] > 0]
+    if bad.empty:
+        return None
+    groups = ", ".join(f"{g} ({int(k)} of {int(d)})"
+                       for g, k, d in zip(bad["group"], bad["n_not_learned"], bad["done"]))
+    return (f"Models that did not learn (test accuracy at chance): {groups}. Their runs are inconclusive and left out "
+            "of the share memorised: a model that learnt nothing has not been shown to protect anything. For "
+            "DP-SGD, allow a larger epsilon, more epochs or a larger learning rate.")
+
+
+def audit_problems(name: str) -> list[str]:
+    """Why audits of study ``name`` failed (each audit's error once), so an epsilon column that stays
+    empty says why instead of nothing."""
+    from ufm.privacy_audit import load_audit, study_audits
+
+    from .privacy_ui import home, status
+
+    out = []
+    for group, cfg in study_audits(home(), name):
+        if load_audit(home(), cfg) is not None:
+            continue
+        s, info = status(cfg.key())
+        if s == "failed":
+            msg = f"The privacy audit of {group} failed: {info}"
+            if msg not in out:
+                out.append(msg)
+    return out

@@ -36,6 +36,23 @@ def _fill(pattern: np.ndarray) -> None:
             st.session_state[_px(r, c)] = bool(r < pattern.shape[0] and c < pattern.shape[1] and pattern[r, c] >= 0.5)
 
 
+_UNDO = "_draw_undo"  # session state: the grid before the last Clear / letter A / Invert
+
+
+def _replace(m: int, pattern: np.ndarray) -> None:
+    """Callback of the grid's buttons: keep the drawing for Undo, then set the grid to ``pattern``."""
+    st.session_state[_UNDO] = _grid_values(m)
+    _fill(pattern)
+
+
+def _undo() -> None:
+    """Callback of Undo: the drawing before the last button (its size too)."""
+    before = st.session_state.pop(_UNDO, None)
+    if before is not None:
+        st.session_state["draw_size"] = before.shape[0]
+        _fill(before)
+
+
 def _grid_values(m: int) -> np.ndarray:
     return np.array([[float(st.session_state.get(_px(r, c), False)) for c in range(m)] for r in range(m)])
 
@@ -103,7 +120,9 @@ def draw_editor() -> np.ndarray:
     _default("draw_size", 5)
     m = st.slider("feature size (pixels)", MIN_GRID, MAX_GRID, key="draw_size")
     if _px(0, 0) not in st.session_state:
-        _fill(glyph("A", size=m).array())
+        # A blank canvas, never the letter A: the canvas's Reset returns to what it was loaded with,
+        # and a drawing that starts from a letter nobody drew would come back on Reset.
+        _fill(np.zeros((m, m)))
     c1, c2, c3 = st.columns(3)
     brush = c1.slider("brush width (feature pixels)", 0.5, 3.0, 1.0, 0.5, key="draw_brush",
                       help="1 = one pixel of the feature; the canvas is the feature enlarged.")
@@ -133,7 +152,8 @@ def draw_editor() -> np.ndarray:
                    "feature. To enable it: pip install 'streamlit-drawable-canvas[image]>=0.13'.")
     else:
         st.caption("Draw with the mouse or a finger. The canvas is the feature enlarged "
-                   f"({CANVAS_PX // m} screen pixels per feature pixel). Its toolbar has undo, redo and reset. "
+                   f"({CANVAS_PX // m} screen pixels per feature pixel). Its toolbar has undo, redo and reset "
+                   "(back to the canvas as it opened: blank for a new drawing); **Clear** under the grid empties it. "
                    "If no canvas appears, its script was blocked: the grid below edits the same feature.")
         st.write("")  # room for the canvas's floating toolbar, which sits just above the drawing
         res = st_canvas(stroke_width=max(1, int(round(brush * CANVAS_PX / m))),
@@ -153,11 +173,16 @@ def draw_editor() -> np.ndarray:
     shown = ss["_canvas_pattern"] if grey and ss.get("_canvas_rgba") is not None else _grid_values(m)
     st.plotly_chart(pattern_figure(shown, title=f"the feature, {m}x{m} pixels, pixel-exact").update_layout(
         height=300, width=300), key="draw_pixels", width="content")
+    # Beside the canvas, not in the expander: Clear is how to empty a drawing that was restored (the
+    # canvas's own Reset returns to what the canvas opened with, which is that drawing).
+    b1, b2, b3, b4 = st.columns(4)
+    b1.button("Clear", on_click=_replace, args=(m, np.zeros((m, m))), key="draw_clear",
+              help="Empty the drawing (the canvas's Reset returns to how the canvas opened).")
+    b2.button("Start from the letter A", on_click=_replace, args=(m, glyph("A", size=m).array()), key="draw_from_a")
+    b3.button("Invert", on_click=lambda: _replace(m, 1 - _grid_values(m)), key="draw_invert")
+    b4.button("Undo", on_click=_undo, key="draw_undo", disabled=ss.get(_UNDO) is None,
+              help="Bring back the drawing as it was before the last Clear, letter A or Invert.")
     with st.expander("Precise editor: one tick box per pixel", expanded=st_canvas is None):
-        b1, b2, b3 = st.columns(3)
-        b1.button("Start from the letter A", on_click=_fill, args=(glyph("A", size=m).array(),), key="draw_from_a")
-        b2.button("Clear", on_click=_fill, args=(np.zeros((m, m)),), key="draw_clear")
-        b3.button("Invert", on_click=lambda: _fill(1 - _grid_values(m)), key="draw_invert")
         st.caption("Tick a box to turn that pixel white.")
         cols = st.columns(m, gap=None)
         for c in range(m):
@@ -216,6 +241,81 @@ def init_widgets(feature: Feature, *, only_missing: bool = False) -> None:
             ss.pop(k, None)
 
 
+# ------------------------------------------------------------------ each kind keeps its own last value
+
+OWN = "_feat_own"            # session state: {kind: the last feature made with that kind}
+FRESH = "_feat_fresh"        # session state: {kind: what its widgets showed before any edit}
+PREV_KIND = "_feat_prev_kind"
+EDITED = "edited"             # FRESH's mark of a kind whose widgets the user has changed
+
+
+def remember(feature: Feature) -> None:
+    """Record ``feature`` as its kind's own value (the current feature when the page opens, or one
+    the user made): switching kinds and back brings it back instead of that kind's defaults."""
+    st.session_state.setdefault(OWN, {})[KIND_OF.get(feature.kind, "Draw")] = feature
+
+
+def own_value(kind: str) -> Feature | None:
+    """The last feature the user made with ``kind`` in this session, or None."""
+    return st.session_state.get(OWN, {}).get(kind)
+
+
+def switch_kind(kind: str) -> str | None:
+    """Call after the kind radio, before the kind's widgets: when the kind changed, set its widgets
+    from its own last value (or its defaults: a blank drawing, "JD", the letter A), since Streamlit
+    forgot them while another kind was shown. Returns the previous kind on a switch, else None."""
+    ss = st.session_state
+    prev = ss.get(PREV_KIND)
+    ss[PREV_KIND] = kind
+    if prev is None or prev == kind:
+        return None
+    restore_kind(kind, own_value(kind))
+    return prev
+
+
+def restore_kind(kind: str, feature: Feature | None) -> None:
+    """Set the widgets of ``kind`` from ``feature`` (one of that kind), or to the kind's defaults."""
+    ss = st.session_state
+    recipe = feature.recipe_dict if feature is not None else {}
+    if kind == "Glyph":
+        h = feature.size[0] if feature is not None else 5
+        ss["glyph_name"] = recipe.get("glyph", "A")
+        ss["glyph_size"] = min(MAX_GRID, max(MIN_GRID, int(recipe.get("size", h))))
+    elif kind == "Text":
+        ss["text_value"] = recipe.get("text", DEFAULT_TEXT)
+        ss["text_height"] = min(MAX_GRID, max(3, int(recipe.get("height", feature.size[0] if feature else 7))))
+    elif kind == "Draw":
+        arr = feature.array() if feature is not None else np.zeros((5, 5))
+        arr = arr if arr.ndim == 2 else arr.mean(0)
+        ss["draw_size"] = min(MAX_GRID, max(MIN_GRID, arr.shape[0]))
+        _fill(arr)
+        for k in ("_canvas_pattern", "_canvas_rgba", "_canvas_params"):
+            ss.pop(k, None)
+
+
+def adopt(kind: str, base: Feature) -> bool:
+    """Whether the feature the widgets of ``kind`` built (``base``, at offset 0) is the one in use.
+
+    Yes when the kind already has its own value in this session (the user made one, or it is the
+    kind of the feature in use), or when the user changed a widget since the kind was shown. Just
+    clicking a kind is not a choice: it shows that kind's defaults without replacing the feature in
+    use (clicking Text once replaced a drawing with "JD").
+    """
+    if own_value(kind) is not None or kind in ("Draw", "Upload"):
+        return True  # their defaults (a blank grid, no file) make no feature: whatever builds one is a choice
+    fresh = st.session_state.setdefault(FRESH, {})
+    first = fresh.setdefault(kind, base)
+    if first is EDITED or base != first:
+        fresh[kind] = EDITED  # from the first edit on, typing the default back in is a choice too
+        return True
+    return False
+
+
+def make_own(kind: str, feature: Feature) -> None:
+    """The "use this feature" button's callback: ``feature`` becomes its kind's own value."""
+    st.session_state.setdefault(OWN, {})[kind] = feature
+
+
 def _default(key: str, value) -> None:
     """A widget's starting value, given through session state (so :func:`init_widgets` can set it too
     without Streamlit's 'default value and Session State' warning)."""
@@ -249,6 +349,10 @@ def build_feature(kind: str) -> Feature:
     colour = st.toggle("keep colour (3-channel datasets only)", key="upload_colour")
     binarise = st.toggle("binarise (threshold 0.5)", value=not colour, disabled=colour, key="upload_binarise")
     if upload is None:
+        kept = own_value("Upload")  # the file widget cannot be refilled: the feature made from it is kept
+        if kept is not None:
+            st.caption(f"Your earlier upload ({kept.name}) is kept; upload another file to replace it.")
+            return kept
         raise _NoUpload()
     return feature_from_upload(upload.getvalue(), upload.name, size, colour=colour, binarise=binarise)
 

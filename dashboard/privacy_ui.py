@@ -13,11 +13,14 @@ import streamlit as st
 
 from ufm.fileio import private_dir
 from ufm.models import ARCHITECTURES
-from ufm.privacy_audit import (SCORES, AuditConfig, AuditResult, audit_dir, audit_histogram, cached_audit,
-                               list_audits, load_audit)
+from ufm.privacy_audit import (SCORES, AuditConfig, AuditResult, audit_canary_limit, audit_dir, audit_histogram,
+                               cached_audit, check_audit_canaries, list_audits, load_audit)
 from ufm.train import REGULARISERS, DPConfig
 
 from . import state
+from .dp_ui import dp_from_state, dp_widget
+
+DEFAULT_CANARIES = 200  # the audit's m where the training set allows it (Audit privacy and Compare)
 
 AUDIT = "privacy_audit_key"  # session-state key: the audit this session looks at
 
@@ -50,15 +53,18 @@ def home() -> str:
 def audit_form() -> AuditConfig | None:
     """The audit's settings (dataset and budget from the Train page); returns the config on submit."""
     setup = state.current_setup()
-    with st.form("pa_form"):
+    with st.form("pa_form", enter_to_submit=False):  # an audit trains a model: only the button starts one
         c1, c2, c3 = st.columns(3)
         arch = c1.selectbox("architecture", ARCHITECTURES, index=ARCHITECTURES.index(setup["arch"]), key="pa_arch")
         regs = c2.multiselect("regularisers", [r for r in REGULARISERS if r != "none"],
                               default=list(setup["regularisers"]), key="pa_regs")
-        dp_eps = c3.number_input("DP-SGD target epsilon (with dp-sgd)", 0.1, 100.0, 4.0, key="pa_dp_eps")
+        limit = canary_limit(setup)
+        with c3:
+            st.caption(f"The training set of this setup allows at most **{limit}** audit canaries "
+                       f"({limit_reason(setup)}).")
         d1, d2, d3, d4 = st.columns(4)
-        m = d1.number_input("canaries m", 2, 5000, 200, key="pa_m",
-                            help="distinct features on distinct training images, each IN with probability 1/2")
+        m = canaries_input(d1, "pa_m", limit, label="canaries m",
+                           help="distinct features on distinct training images, each IN with probability 1/2")
         kind = d2.selectbox("features", ["random", "text"], key="pa_kind",
                             help="random: distinct binary patterns; text: distinct random 3-letter strings")
         size = d3.number_input("feature size (px)", 2, 64, 7, key="pa_size",
@@ -76,16 +82,78 @@ def audit_form() -> AuditConfig | None:
                                   "their classes); measured: IN vs OUT separation AUC 0.83 vs 0.64 for M. "
                                   "M: the paper's label-free score X_u - X_r")
         confidence = e4.select_slider("confidence", [0.9, 0.95, 0.99], 0.95, key="pa_conf")
+        with st.expander("DP-SGD settings (used when dp-sgd is among the regularisers)"):
+            dp_widget("pa", initial=setup_dp(setup), in_form=True, train_size=setup.get("train_size"))
         st.caption(f"Dataset {setup['dataset']}, {setup['train_size'] or 'all'} training images, at most "
                    f"{setup['epochs']} epochs (from Train & measure). delta = 1e-5; the guess counts are chosen "
                    "with a Bonferroni correction over a fixed grid.")
-        if not st.form_submit_button("Audit privacy", type="primary"):
+        if not st.form_submit_button("Audit privacy", type="primary", disabled=limit < 2):
             return None
-    dp = DPConfig(noise_multiplier=None, target_epsilon=float(dp_eps)) if "dp-sgd" in regs else None
-    exp = state.config_from_setup(setup, arch=arch, regularisers=tuple(regs), seed=int(seed),
-                                  **({"dp": dp} if dp is not None else {}))
+    check_canaries(int(m), setup)
+    exp = state.config_from_setup(setup, arch=arch, regularisers=tuple(regs), seed=int(seed), dp=dp_from_state("pa"))
     return AuditConfig(exp, canaries=int(m), features=kind, feature_size=int(size), placement=placement,
                        out_mode=out_mode, confidence=float(confidence), score=score)
+
+
+def setup_dp(setup: dict) -> DPConfig | None:
+    """The current setup's DP settings when it trains with dp-sgd (so the pages start from the
+    settings of the run the user is looking at), else None (the shared default)."""
+    dp = setup.get("dp")
+    return dp if isinstance(dp, DPConfig) and "dp-sgd" in (setup.get("regularisers") or ()) else None
+
+
+# ------------------------------------------------------------------ how many audit canaries a setup allows
+
+def canary_limit(setup: dict) -> int:
+    """The most audit canaries the training set of ``setup`` allows (:func:`ufm.privacy_audit.audit_canary_limit`).
+
+    Raises:
+        DataUnavailable / ValueError: the dataset cannot be read (the page shows the message).
+    """
+    n = state.training_set_size(setup["dataset"], state.data_dir(), setup.get("train_size"))
+    return audit_canary_limit(n, _val_fraction())
+
+
+def _val_fraction() -> float:
+    from ufm.experiment import ExperimentConfig
+
+    return ExperimentConfig.val_fraction  # the pages never change it
+
+
+def limit_reason(setup: dict) -> str:
+    """Why: the training images and the share held out for validation."""
+    n = state.training_set_size(setup["dataset"], state.data_dir(), setup.get("train_size"))
+    return (f"{n} training images, {round(_val_fraction() * n)} held out for validation, one left without a canary; "
+            "more training images (Train & measure, Advanced) allow more")
+
+
+def check_canaries(m: int, setup: dict) -> None:
+    """Refuse ``m`` audit canaries that the setup's training set cannot hold (the CLI's check).
+
+    Raises:
+        ValueError: the message gives the limit and both fixes.
+    """
+    n = state.training_set_size(setup["dataset"], state.data_dir(), setup.get("train_size"))
+    check_audit_canaries(m, n, _val_fraction(), name="audit canaries",
+                         more_images="more training images (Train & measure, Advanced)")
+
+
+def canaries_input(where, key: str, limit: int, *, label: str, help: str, default: int = DEFAULT_CANARIES) -> int:
+    """The audit-canary count, bounded by ``limit`` before anything starts: a value kept from a larger
+    setup is lowered to the limit, and the box is disabled (with the reason beside it) when the
+    training set allows no audit at all."""
+    ss = st.session_state
+    top = max(2, limit)
+    if key not in ss:
+        ss[key] = min(default, top)
+    elif ss[key] > top:
+        st.warning(f"{ss[key]} audit canaries is more than this training set allows: lowered to {top}.")
+        ss[key] = top
+    if limit < 2:
+        where.caption("Too few training images for an audit (it needs at least 2 canaries): use more training "
+                      "images (Train & measure, Advanced).")
+    return int(where.number_input(label, 2, top, key=key, disabled=limit < 2,
+                                  help=f"{help} At most {limit} for this training set."))
 
 
 def start(config: AuditConfig) -> str:

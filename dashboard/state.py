@@ -31,7 +31,7 @@ from ufm.features import Feature, glyph
 from ufm.executors import Executor, executor_from_env
 from ufm.jobs import Runner
 from ufm.store import Store
-from ufm.train import DPConfig
+from ufm.train import DEFAULT_DP, DPConfig
 
 # Session-state keys (one place, so pages cannot drift apart).
 FEATURE = "feature"            # the Feature being designed
@@ -42,6 +42,7 @@ STUDY = "study_name"
 DESIGN = "design"              # query parameter: the saved feature + setup (see the module docstring)
 _DESIGN_ID = "_design_id"
 _DESIGN_TRIED = "_design_restored"
+DESIGN_COOKIE = "ufm_design"   # this browser's last design id (see _restore_design)
 
 QUICK = dict(train_size=3000, epochs=30, patience=5, ood_size=500)
 PAPER = dict(train_size=None, epochs=500, patience=10, ood_size=1000)
@@ -103,6 +104,60 @@ def training_images(dataset: str, root: str, train_size: int | None, indices: tu
         d = load_split(dataset, "train", data_dir=root, limit=train_size, stratified=True)
     idx = [i for i in indices if 0 <= i < len(d)]
     return d.x[idx].numpy(), d.y[idx].numpy(), d.classes
+
+
+@st.cache_data(show_spinner="Counting the training images ...", max_entries=32)
+def training_set_size(dataset: str, root: str, train_size: int | None) -> int:
+    """How many training images a run with ``train_size`` uses (fewer when the set is smaller); only
+    the count is cached, not the images.
+
+    Raises:
+        DataUnavailable / ValueError: the dataset cannot be read (the message says what to do).
+    """
+    from ufm.experiment import ExperimentConfig
+    from ufm.privacy_audit import training_set_size as count
+
+    return count(ExperimentConfig(dataset=dataset, data_dir=root, train_size=train_size))
+
+
+@st.cache_data(show_spinner="Loading images ...", max_entries=16)
+def gallery_indices(dataset: str, root: str, train_size: int | None, n: int, seed: int = 0) -> tuple[int, ...]:
+    """``n`` training-image indices (as a run with ``train_size`` numbers them) spread over every class
+    (:func:`ufm.data.spread_indices`), so a gallery of a class-sorted set is not all one class.
+
+    Raises:
+        DataUnavailable / ValueError: the dataset cannot be read (the message says what to do).
+    """
+    from ufm.data import spread_indices
+
+    d = load_split(dataset, "train", data_dir=root, limit=train_size, stratified=train_size is not None)
+    return tuple(int(i) for i in spread_indices(d.y.numpy(), n, seed=seed))
+
+
+@st.cache_data(show_spinner="Counting the training images ...", max_entries=32)
+def class_counts(dataset: str, root: str, train_size: int | None) -> tuple[tuple[str, int], ...]:
+    """(class name, images) of the training images a run with ``train_size`` uses (training and
+    validation together), in class order; only the counts are cached.
+
+    Raises:
+        DataUnavailable / ValueError: the dataset cannot be read (the message says what to do).
+    """
+    import numpy as np
+
+    d = load_split(dataset, "train", data_dir=root, limit=train_size, stratified=train_size is not None)
+    counts = np.bincount(d.y.numpy(), minlength=len(d.classes))
+    return tuple((str(c), int(n)) for c, n in zip(d.classes, counts))
+
+
+def class_counts_text(dataset: str, root: str, train_size: int | None) -> str:
+    """"per class: normal 135, pneumonia 65" for a run's details; the reason when the set cannot be read."""
+    from ufm.data import DataUnavailable
+
+    try:
+        counts = class_counts(dataset, root, train_size)
+    except (DataUnavailable, ValueError, OSError) as e:
+        return f"class counts unavailable ({e})"
+    return "per class: " + ", ".join(f"{name} {n:,}" for name, n in counts)
 
 
 def dataset_choices() -> list[str]:
@@ -194,6 +249,8 @@ def _save_design() -> None:
     did = save_design(store().home, text)  # private (0600): typed text can be a patient's name
     st.session_state[_DESIGN_ID] = did
     _sync_url()
+    from .access import set_browser_cookie
+    set_browser_cookie(DESIGN_COOKIE, did)  # a link without ?design= (a new tab, /train?run=ID) finds it too
 
 
 def _sync_url() -> None:
@@ -221,21 +278,56 @@ def load_design(did: str) -> tuple[Feature, dict]:
 
 
 def _restore_design() -> None:
-    """Once per session: take the feature and setup from ``?design=`` (a reload or a shared link)."""
+    """Once per session: take the feature and setup from ``?design=`` (a reload or a shared link),
+    else from this browser's last design (a cookie: a link without ``?design=``, such as
+    ``/train?run=ID``, opened in this browser keeps the feature it was working with), else from the
+    run named by ``?run=`` (the feature that run measured, never the letter A by default)."""
+    from .access import browser_cookie
+
     ss = st.session_state
     if ss.get(_DESIGN_TRIED):
         return
     ss[_DESIGN_TRIED] = True
+    if FEATURE in ss or SETUP in ss:
+        return
     did = st.query_params.get(DESIGN)
-    if not did or FEATURE in ss or SETUP in ss:
+    if did:
+        try:
+            feature, setup = load_design(did)
+        except ValueError as e:
+            st.warning(f"{e}; starting from the letter A and the default setup.")
+            st.query_params.pop(DESIGN, None)
+            return
+        ss[FEATURE], ss[SETUP], ss[_DESIGN_ID] = feature, setup, did
         return
+    kept = browser_cookie(DESIGN_COOKIE)
+    if kept:
+        try:
+            feature, setup = load_design(kept)
+        except ValueError:
+            pass  # a design of another server, or deleted: fall through quietly (the cookie is only a convenience)
+        else:
+            ss[FEATURE], ss[SETUP], ss[_DESIGN_ID] = feature, setup, kept
+            return
+    run = run_design(st.query_params.get("run"))
+    if run is not None:
+        ss[FEATURE], ss[SETUP] = run
+        _save_design()
+
+
+def run_design(run_id: str | None) -> tuple[Feature, dict] | None:
+    """The feature and setup a stored run was made with, or None (no such run, or not an id)."""
+    if not isinstance(run_id, str) or not re.fullmatch(r"[0-9a-f]{8,64}", run_id):
+        return None
     try:
-        feature, setup = load_design(did)
-    except ValueError as e:
-        st.warning(f"{e}; starting from the letter A and the default setup.")
-        st.query_params.pop(DESIGN, None)
-        return
-    ss[FEATURE], ss[SETUP], ss[_DESIGN_ID] = feature, setup, did
+        cfg = store().get(run_id).config
+    except Exception:  # unknown, deleted or unreadable: the page that shows the run says so
+        return None
+    setup = {k: getattr(cfg, k) for k in SETUP_KEYS if k != "dp"}
+    setup["regularisers"] = list(cfg.regularisers)
+    if "dp-sgd" in cfg.regularisers:
+        setup["dp"] = cfg.dp
+    return cfg.feature, setup
 
 
 def config_from_setup(setup: dict | None = None, **overrides) -> ExperimentConfig:
@@ -245,12 +337,11 @@ def config_from_setup(setup: dict | None = None, **overrides) -> ExperimentConfi
             "lr", "batch_size", "candidates", "device", "dp"}
     kw = {k: v for k, v in s.items() if k in keys and v is not None}
     kw["regularisers"] = tuple(kw.get("regularisers", ()))
-    # DP settings count only with dp-sgd on; otherwise they would change the config key (and the
-    # cache) of runs they do not affect.
+    # DP settings count only with dp-sgd on (with_dp: otherwise they would change the config key,
+    # and the cache, of runs they do not affect); dp-sgd without settings gets the shared default.
     dp = kw.pop("dp", None)
-    if dp is not None and "dp-sgd" in kw["regularisers"]:
-        kw["dp"] = dp if isinstance(dp, DPConfig) else DPConfig(**dp)
-    return ExperimentConfig(feature=current_feature(), data_dir=data_dir(), **kw)
+    dp = DEFAULT_DP if dp is None else dp if isinstance(dp, DPConfig) else DPConfig(**dp)
+    return ExperimentConfig(feature=current_feature(), data_dir=data_dir(), **kw).with_dp(dp)
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the trained model ...")

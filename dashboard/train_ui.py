@@ -70,36 +70,22 @@ def setup_form() -> dict:
 
 
 def dp_settings(s: dict) -> None:
-    """The DP-SGD block: noise (multiplier or target epsilon), clipping norm, delta, epoch budget.
-    Sets ``s["dp"]`` (a :class:`ufm.train.DPConfig`) and ``s["epochs"]``."""
+    """The DP-SGD block: the shared DP widget (:func:`dashboard.dp_ui.dp_widget`) and the epoch budget.
+    Sets ``s["dp"]`` (a :class:`ufm.train.DPConfig`, dropped when refused) and ``s["epochs"]``."""
+    from .dp_ui import dp_widget
+
     with st.container(border=True):
         st.markdown("**DP-SGD settings** (Opacus). A DP run trains the whole epoch budget (no early stopping), "
                     "so a target epsilon sets the noise for exactly those epochs; the result reports the "
                     "epsilon actually spent.")
-        d = st.columns(4)
-        how = d[0].radio("noise set by", ["target epsilon", "noise multiplier"], key="tr_dp_how")
-        if how == "target epsilon":
-            eps = d[1].number_input("target epsilon", 0.1, 1000.0, 8.0, step=0.5, key="tr_dp_eps")
-            noise = None
-        else:
-            noise = d[1].number_input("noise multiplier", 0.0, 50.0, 1.0, step=0.1, key="tr_dp_noise",
-                                      help="Std of the Gaussian noise relative to the clipping norm.")
-            eps = None
-        clip = d[2].number_input("clipping norm", 0.01, 100.0, 1.0, step=0.1, key="tr_dp_clip",
-                                 help="Per-example gradients are scaled down to at most this L2 norm.")
-        delta = d[3].number_input("delta", 1e-12, 0.1, 1e-5, format="%.1e", key="tr_dp_delta",
-                                  help="The delta of (epsilon, delta)-DP; keep it below 1 / training-set size.")
+        dp = dp_widget("tr", initial=s.get("dp") if isinstance(s.get("dp"), DPConfig) else None,
+                       train_size=s.get("train_size"))
         s["epochs"] = int(st.number_input("epoch budget (all epochs run)", 1, 500, int(s["epochs"]),
                                           key="tr_dp_epochs"))
-        try:
-            s["dp"] = DPConfig(noise_multiplier=noise, target_epsilon=eps, delta=float(delta), max_grad_norm=float(clip))
-        except ValueError as e:
-            st.error(str(e))
+        if dp is None:
             s.pop("dp", None)
-            return
-        n = s.get("train_size")
-        if n and delta >= 1.0 / n:
-            st.warning(f"delta = {delta:.1e} is not below 1 / {n} training images: the guarantee is weak.")
+        else:
+            s["dp"] = dp
 
 
 MODE_OF = {"index": "pick an image", "random": "random", "class": "by class", "none": "none (clean control)"}
@@ -134,8 +120,9 @@ def canary_chooser(setup: dict) -> CanaryChoice:
         ss.setdefault("tr_count", 1)
         k = st.number_input("how many canaries (the canary frequency)", 1, 1000, key="tr_count")
         return CanaryChoice("random", (), count=int(k))
-    x, y, classes = state.training_images(setup["dataset"], state.data_dir(), setup.get("train_size"),
-                                          tuple(range(GALLERY)))
+    # a gallery spread over every class (seeded): the first images of a class-sorted set are one class
+    shown = state.gallery_indices(setup["dataset"], state.data_dir(), setup.get("train_size"), GALLERY)
+    x, y, classes = state.training_images(setup["dataset"], state.data_dir(), setup.get("train_size"), shown)
     if mode == "by class":
         c1, c2 = st.columns(2)
         if ss.get("tr_class") is not None and not 0 <= ss["tr_class"] < len(classes):
@@ -147,14 +134,21 @@ def canary_chooser(setup: dict) -> CanaryChoice:
     if mode == "by self-influence rank":
         return _by_influence(setup)
     ss.setdefault("tr_index", 0)
-    idx = int(st.number_input("canary image index", 0, 59_999, key="tr_index",
-                              help="The training image that carries the feature; the gallery sets this box."))
-    with st.popover("Pick from a gallery of training images"):
-        for i in range(min(GALLERY, len(x))):
-            if i % 8 == 0:  # one row of columns per 8 images: reading and tab order run row by row
+    # bounded by this training set, not by the largest dataset (59,999 was accepted on a 200-image set)
+    last = state.training_set_size(setup["dataset"], state.data_dir(), setup.get("train_size")) - 1
+    if ss["tr_index"] > last:
+        st.warning(f"Canary image {ss['tr_index']} is past this training set's {last + 1} images: "
+                   f"the canary is now image {last}.")
+        ss["tr_index"] = last
+    idx = int(st.number_input("canary image index", 0, last, key="tr_index",
+                              help=f"The training image that carries the feature (0 to {last}); the gallery sets "
+                                   "this box."))
+    with st.popover("Pick from a gallery of training images (every class)"):
+        for pos, i in enumerate(shown[:len(x)]):
+            if pos % 8 == 0:  # one row of columns per 8 images: reading and tab order run row by row
                 cols = st.columns(8)
-            with cols[i % 8]:
-                st.image(x[i].transpose(1, 2, 0), caption=f"{i}: {classes[y[i]]}", clamp=True, width=56)
+            with cols[pos % 8]:
+                st.image(x[pos].transpose(1, 2, 0), caption=f"{i}: {classes[y[pos]]}", clamp=True, width=56)
                 st.button("use", key=f"tr_use_{i}", on_click=_use, args=(i,),
                           type="primary" if i == idx else "secondary")
     return CanaryChoice("index", (idx,))

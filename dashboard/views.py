@@ -145,9 +145,14 @@ def disagreement_note(summary: dict, alpha: float = 0.05) -> str | None:
         how = (f"M is positive ({fmt(m, 3)} nats) yet the rank test finds nothing (p = {fmt(p, 2)})")
     else:
         return None
+    from ufm.candidates import FAMILY_WORDS
+
+    family = summary.get("family")
+    # name only the family this run's rank test used (it differs by feature kind)
+    like = f" ({FAMILY_WORDS[family]})" if family in FAMILY_WORDS else ""
     return (f"M and the rank test disagree: {how}. They can, because they ask different questions: M compares "
             "the feature with fully random patterns, averaged over images; the rank test compares it with "
-            "candidate features of its own kind (the same letters rearranged, other strokes), image by image. "
+            f"candidate features of its own kind{like}, image by image. "
             "A feature can stand out among its look-alikes while random noise moves the model more, or the "
             "reverse. The verdict uses the test above, never M alone.")
 
@@ -189,6 +194,9 @@ def result_view(rec: RunRecord) -> None:
     st.caption(f"{cfg.dataset} · {cfg.arch} · regularisers: {', '.join(cfg.regularisers) or 'none'} · "
                f"{cfg.canary.describe()} · feature {cfg.feature.name} at {cfg.feature.offset} · seed {cfg.seed} · "
                f"{s['epochs_trained']} epochs on {s['device']}")
+    counts = state.class_counts_text(cfg.dataset, cfg.data_dir or state.data_dir(), cfg.train_size)
+    st.caption(f"Training set: {s['n_train'] + s['n_val']:,} images ({s['n_train']:,} trained on, {s['n_val']:,} "
+               f"for validation), {counts} · {s['n_ood']:,} inference images")
     verdict = verdict_box(rec)
     metrics_row(s, verdict)
     note = disagreement_note(s)

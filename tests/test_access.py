@@ -192,3 +192,31 @@ def test_unexpected_error_is_logged_not_shown(app_home, monkeypatch, caplog):
     assert not at.exception
     assert [e.value for e in at.error] == ["Something went wrong; the details are in the server log."]
     assert "internal detail" in caplog.text and "Traceback" in caplog.text
+
+
+def test_sign_in_is_kept_for_the_browser_session(app_home, monkeypatch):
+    from dashboard import access
+
+    monkeypatch.setenv("UFM_PASSWORD", "correct horse")
+    st_config.set_option("server.address", "0.0.0.0")
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    at.text_input(key="ufm_password_input").input("correct horse")
+    at.button(key="FormSubmitter:ufm_login-Sign in").click().run()
+    assert _titles(at) == [HOME_TITLE]
+    token = at.session_state["_ufm_cookies_set"][access.AUTH_COOKIE]  # sent to the browser once signed in
+    assert access.session_token_ok(token, "correct horse") and "correct horse" not in token
+    # a reload or a link is a new session; the browser sends the cookie back: no second sign-in
+    monkeypatch.setattr(access, "browser_cookie", lambda name: token if name == access.AUTH_COOKIE else None)
+    again = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
+    assert not again.exception and _titles(again) == [HOME_TITLE]
+    again.switch_page("app_pages/runs.py").run()
+    assert _titles(again) != ["Sign in"]
+    # signing out ignores the cookie this session connected with, and asks the browser to drop it
+    again.button(key="ufm_sign_out").click().run()
+    assert _titles(again) == ["Sign in"] and again.session_state["_ufm_cookies_set"][access.AUTH_COOKIE] is None
+    # a forged, expired or other-password token is refused
+    for bad in ("123.abc", token.split(".")[0] + ".0", access.session_token("correct horse", now=0),
+                access.session_token("other password")):
+        assert not access.session_token_ok(bad, "correct horse")
+        monkeypatch.setattr(access, "browser_cookie", lambda name, bad=bad: bad)
+        assert _titles(AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()) == ["Sign in"]

@@ -51,6 +51,12 @@ def _app() -> AppTest:
     return at
 
 
+def _gallery_index(at: AppTest, position: int) -> int:
+    """The training-image index of the gallery's image at ``position`` (its "use" button's key)."""
+    keys = [b.key for b in at.button if b.key and b.key.startswith("tr_use_")]
+    return int(keys[position].removeprefix("tr_use_"))
+
+
 def _wait_done(run_id: str, timeout: float = 240) -> None:
     from dashboard import state
     state.runner().wait(run_id, timeout=timeout)
@@ -149,8 +155,9 @@ def test_quick_run_from_train_page_shows_numbers(app_env):
     assert at.multiselect(key="tr_regs").options[-1] == "dp-sgd"
     assert at.radio(key="tr_budget").value.startswith("Quick") and at.button(key="tr_start").label == "Start"
     at.radio(key="tr_canary_mode").set_value("pick an image").run()
-    at.button(key="tr_use_5").click().run()
-    assert at.number_input(key="tr_index").value == 5
+    pick = _gallery_index(at, 1)  # the gallery spreads over the classes: use the second image shown
+    at.button(key=f"tr_use_{pick}").click().run()
+    assert at.number_input(key="tr_index").value == pick
     at.number_input(key="tr_epochs").set_value(3).run()
     at.number_input(key="tr_ood").set_value(60).run()
     at.button(key="tr_start").click().run()
@@ -163,7 +170,7 @@ def test_quick_run_from_train_page_shows_numbers(app_env):
     from dashboard import state
     rec = state.store().get(run_id)
     assert rec.status == "done" and labels["M = X_u - X_r (nats)"] == f"{rec.summary['M']:.4g}"
-    assert rec.config.canary.indices == (5,) and rec.config.epochs == 3
+    assert rec.config.canary.indices == (pick,) and rec.config.epochs == 3
     # the result is in the store: a new session (a reload) finds it through the query string
     at2 = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
     at2.query_params["run"] = run_id
@@ -413,19 +420,20 @@ def test_drawn_feature_survives_a_page_change_and_grid_and_canvas_share_it(app_e
 def test_gallery_canary_reaches_the_run_and_survives_a_page_change(app_env):
     at = _app().switch_page("app_pages/train.py").run()
     at.radio(key="tr_canary_mode").set_value("pick an image").run()
-    at.button(key="tr_use_10").click().run()
-    assert at.number_input(key="tr_index").value == 10
-    assert at.session_state["setup"]["canary"].indices == (10,)
+    pick = _gallery_index(at, 2)
+    at.button(key=f"tr_use_{pick}").click().run()
+    assert at.number_input(key="tr_index").value == pick
+    assert at.session_state["setup"]["canary"].indices == (pick,)
     at.switch_page("app_pages/compare.py").run()
-    assert any("canary at index 10" in c.value for c in at.caption)  # the study would use the same canary
+    assert any(f"canary at index {pick}" in c.value for c in at.caption)  # the study would use the same canary
     at.switch_page("app_pages/train.py").run()
-    assert at.number_input(key="tr_index").value == 10
+    assert at.number_input(key="tr_index").value == pick
     at.number_input(key="tr_epochs").set_value(2).run()
     at.number_input(key="tr_ood").set_value(40).run()
     at.button(key="tr_start").click().run()
     from dashboard import state
     rec = state.store().get(at.session_state["run_id"])
-    assert rec.config.canary.indices == (10,)
+    assert rec.config.canary.indices == (pick,)
 
 
 def test_train_caption_describes_the_run_not_the_current_feature(app_env):

@@ -445,8 +445,13 @@ def test_audit_page_upload_run_verdict(app_env, one_torch_thread):
     at.file_uploader(key="audit_upload").set_value(("deployed.onnx", data, "application/octet-stream")).run()
     assert not at.exception and not at.error
     assert any("NCHW 1x28x28" in c.value for c in at.caption)
-    assert at.selectbox(key="audit_dataset").value == "mnist"
-    at.selectbox(key="audit_dataset").set_value("cifar10")  # RGB 32x32 test images, made 1x28x28 like training
+    # the paper's OOD set for a 1-channel model, and why (not the first dataset, MNIST: in-distribution)
+    assert at.selectbox(key="audit_dataset").value == "cifar10"  # RGB 32x32 test images, made 1x28x28
+    assert any(c.value.startswith("Default: the paper's out-of-distribution set for a 1-channel model")
+               for c in at.caption)
+    at.selectbox(key="audit_dataset").set_value("mnist").run()
+    assert any("The paper's choice would be cifar10" in c.value for c in at.caption)
+    at.selectbox(key="audit_dataset").set_value("cifar10")
     at.number_input(key="audit_n").set_value(20)
     at.number_input(key="audit_k").set_value(5).run()
     assert not at.exception and not at.error, [e.value for e in at.error]

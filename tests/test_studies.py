@@ -36,7 +36,10 @@ def test_regulariser_study_varies_only_regularisers_and_seeds():
     assert [m.config.seed for m in members] == [0, 1] * 4
     assert members[0].config.regularisers == () and members[4].config.regularisers == ("augment", "dropout")
     for m in members:
-        assert m.config.replace(regularisers=(), seed=0) == base.replace(regularisers=(), seed=0)
+        assert m.config.replace(regularisers=(), seed=0, dp=base.dp) == base.replace(regularisers=(), seed=0)
+    # dp-sgd members get the shared default DP settings (not DPConfig()'s noise multiplier 1.0)
+    from ufm.train import DEFAULT_DP, NEUTRAL_DP
+    assert members[6].config.dp == DEFAULT_DP and members[0].config.dp == NEUTRAL_DP
 
 
 def test_canary_and_seed_studies():

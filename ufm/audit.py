@@ -90,6 +90,28 @@ def _folder_images(folder: Path, shape: tuple[int, int, int], n: int) -> torch.T
     return torch.cat(out)
 
 
+def default_inference_source(channels: int, trained_on: str | None = None) -> tuple[str, str]:
+    """The inference set an audit starts from, and why: the paper's out-of-distribution set.
+
+    ``trained_on`` (a ufm export records it): that dataset's OOD set (:data:`ufm.data.DEFAULT_OOD`),
+    the one its runs were measured on, so the audit's M is comparable with the run's. Otherwise by
+    the model's channels: greyscale CIFAR-10 for a one-channel model, MNIST (as 3 channels) for a
+    colour one. Never the model's own kind of images: in-distribution images give a different,
+    usually larger, M (an MNIST run's 0.0013 read 0.0086 on MNIST test images), not comparable.
+    """
+    from .data import DEFAULT_OOD
+
+    if trained_on in DEFAULT_OOD:
+        src = DEFAULT_OOD[trained_on]
+        return src, (f"the paper's out-of-distribution set for a model trained on {trained_on} (the file says so): "
+                     f"{'greyscale ' if src == 'cifar10' else ''}{src} test images, as its runs were measured")
+    src = "mnist" if int(channels) == 3 else "cifar10"
+    what = "MNIST digits as 3 channels" if src == "mnist" else "greyscale CIFAR-10 photos"
+    return src, (f"the paper's out-of-distribution set for a {int(channels)}-channel model: {what}. Images like "
+                 "the model's own training images (e.g. MNIST test images for a digit classifier) measure "
+                 "something else and give a different M, not comparable with a ufm run's")
+
+
 def inference_images(source: str, shape: Sequence[int], n: int, *, data_dir: str | None = None) -> torch.Tensor:
     """The first ``n`` inference images of ``source`` as ``(n, C, H, W)`` float32 in [0, 1], in ``shape``.
 

@@ -46,6 +46,15 @@ FAMILIES = ("permute", "strings", "strokes", "shift", "bernoulli", "uniform")
 # digit classifier differently from strokes or scattered ink), shifted copies 0%; random strings 0% for
 # text (permute 21%); strokes 0% for drawings (permute 3%); permute 0% for an uploaded image.
 DEFAULT_FAMILY: dict[str, str] = {"text": "strings", "glyph": "shift", "drawn": "strokes", "image": "permute"}
+#: Each family in plain words, for notes that say what the feature was compared with.
+FAMILY_WORDS: dict[str, str] = {
+    "permute": "rearrangements of the feature's own pixels",
+    "strings": "random strings of the same length, rendered the same way",
+    "strokes": "random straight strokes with the same ink",
+    "shift": "the same feature stamped at other places",
+    "bernoulli": "random binary patterns",
+    "uniform": "random grey patterns",
+}
 VALID_FAMILIES: dict[str, tuple[str, ...]] = {
     "text": FAMILIES,
     "glyph": ("permute", "strokes", "shift", "bernoulli", "uniform"),

@@ -432,3 +432,21 @@ def training_subset(data: ImageData, n: int | None, *, seed: int = 0) -> ImageDa
     """
     idx = stratified_indices(data.y, len(data) if n is None else int(n), seed=seed)
     return data if len(idx) == len(data) else data.subset(idx)
+
+
+def spread_indices(y: np.ndarray | torch.Tensor | Sequence[int], n: int, *, seed: int = 0) -> np.ndarray:
+    """``n`` indices of ``y`` taken in turn from each class (seeded within a class), for galleries.
+
+    The first indices of a set stored sorted by class (the chest X-rays: all "normal" first) show
+    one class only; this shows every class, as evenly as the counts allow, in class-interleaved
+    order (class 0, class 1, ..., class 0, ...). Fewer than ``n`` when ``y`` is shorter.
+    """
+    labels = np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y, dtype=np.int64).reshape(-1)
+    rng = np.random.default_rng(seed)
+    queues = [list(rng.permutation(np.flatnonzero(labels == c))) for c in np.unique(labels)]
+    out: list[int] = []
+    while len(out) < min(n, len(labels)):
+        for q in queues:
+            if q and len(out) < n:
+                out.append(int(q.pop(0)))
+    return np.asarray(out, dtype=np.int64)

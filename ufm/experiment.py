@@ -26,7 +26,7 @@ from .features import Feature, glyph
 from .limits import MAX_CANDIDATES, MAX_OOD_SIZE, MAX_REPEATS
 from .models import ARCHITECTURES, DEFAULT_BATCH, DEFAULT_LR, build_model
 from .scores import AccessScores, MScore, access_scores, memorisation_score, model_learned
-from .train import (REGULARISERS, CancelFlag, Checkpoint, DPConfig, EpochLog, Progress, ProgressFn,
+from .train import (REGULARISERS, CancelFlag, Checkpoint, DPConfig, EpochLog, NEUTRAL_DP, Progress, ProgressFn,
                     TrainConfig, TrainingCancelled, evaluate, is_cancelled, resolve_device, train)
 
 # cuBLAS needs this set before the first CUDA call to run deterministically.
@@ -179,6 +179,14 @@ class ExperimentConfig:
 
     def replace(self, **changes: Any) -> "ExperimentConfig":
         return replace(self, **changes)
+
+    def with_dp(self, dp: DPConfig | None) -> "ExperimentConfig":
+        """This config with ``dp`` as its DP-SGD settings when ``dp-sgd`` is on (None keeps its own), and
+        with the neutral ``DPConfig()`` when it is off: settings a run does not use must not change its
+        key, or a study's "none" member would not reuse the identical run trained elsewhere."""
+        if "dp-sgd" not in self.regularisers:
+            return replace(self, dp=NEUTRAL_DP)
+        return self if dp is None else replace(self, dp=dp)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from plotly.subplots import make_subplots
 from torch import Tensor, nn
 
 from ufm.models import default_gradcam_layer
+from ufm.plots import TOP_MARGIN, title_layout
 
 __all__ = [
     "GradCamResult",
@@ -276,8 +277,9 @@ def overlay_grid(images: Sequence[ArrayLike], heatmaps: Sequence[ArrayLike],
     fig.update_layout(
         coloraxis=dict(colorscale="Jet", cmin=0.0, cmax=vmax if vmax > 0 else 1.0,
                        colorbar=dict(title=dict(text=label, side="right"))),
-        title=title, margin=dict(l=10, r=10, t=60 if title else 40, b=10),
-        width=max(320, 260 * p + 120), height=340,
+        # below the plotly toolbar (ufm.plots.title_layout); + 20 px for the panels' own titles
+        title=title_layout(title) if title else None, margin=dict(l=10, r=10, t=TOP_MARGIN + 20, b=10),
+        width=max(320, 260 * p + 120), height=340 + TOP_MARGIN - 40,
         plot_bgcolor="white",
     )
     return fig
@@ -314,7 +316,7 @@ def overlay_figure(image: ArrayLike, heatmap: ArrayLike, box: Box | None = None,
     """
     fig = overlay_grid([image], [heatmap], [""], box, label=label, opacity=opacity,
                        title=title or None)
-    fig.update_layout(width=420, height=380)
+    fig.update_layout(width=420, height=380 + TOP_MARGIN - 40)
     return fig
 
 

@@ -18,10 +18,27 @@ COLOURS = {"z_u": "#d62728", "z_r": "#1f77b4", "train": "#2ca02c", "val": "#ff7f
 LOG_FLOOR = 1e-12  # KL values below this are shown at this value on a log axis
 
 
+# Plotly's toolbar (the "modebar": zoom, download, ...) floats over the top-right corner of every
+# chart, about 28 px tall, on top of whatever is drawn there. Titles are therefore placed below it:
+# anchored to the figure's top edge, pushed down by MODEBAR_PX, left-aligned; the top margin leaves
+# room for the title (TITLE_PX) and, where there is one, the legend row above the plot (LEGEND_PX).
+MODEBAR_PX = 34
+TITLE_PX = 24
+LEGEND_PX = 28
+TOP_MARGIN = MODEBAR_PX + TITLE_PX + 8                 # figures without a legend above the plot
+TOP_MARGIN_LEGEND = TOP_MARGIN + LEGEND_PX             # figures with one (:func:`_layout`)
+
+
+def title_layout(text: str) -> dict:
+    """A figure title that the toolbar cannot cover (see :data:`MODEBAR_PX`)."""
+    return dict(text=text, x=0, xref="container", xanchor="left", y=1, yref="container", yanchor="top",
+                pad=dict(t=MODEBAR_PX, l=12), font=dict(size=16))
+
+
 def _layout(fig: go.Figure, title: str, x: str, y: str, **kw) -> go.Figure:
-    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, template="plotly_white",
+    fig.update_layout(title=title_layout(title), xaxis_title=x, yaxis_title=y, template="plotly_white",
                       legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
-                      margin=dict(l=60, r=20, t=70, b=55), **kw)
+                      margin=dict(l=60, r=20, t=TOP_MARGIN_LEGEND, b=55), **kw)
     return fig
 
 
@@ -119,7 +136,8 @@ def histogram_grid(panels: dict[str, tuple[np.ndarray, np.ndarray] | None], *, l
             bar.showlegend = first
             fig.add_trace(bar, row=k // cols + 1, col=k % cols + 1)
         first = False
-    fig.update_layout(barmode="overlay", bargap=0, height=280 * rows, title=title, template="plotly_white")
+    fig.update_layout(barmode="overlay", bargap=0, height=280 * rows + TOP_MARGIN, title=title_layout(title),
+                      template="plotly_white", margin=dict(t=TOP_MARGIN + 20))  # + the panels' own titles
     fig.update_xaxes(title_text="KL (nats, log scale)" if log_x else "KL (nats)", range=[edges[0], edges[-1]],
                      showticklabels=True)
     if log_x:
@@ -202,7 +220,7 @@ def image_figure(image: np.ndarray, *, box: tuple[int, int, int, int] | None = N
         _outline(fig, box, img.shape[0], img.shape[1])
     fig.update_xaxes(showticklabels=False, title="column (px)")
     fig.update_yaxes(showticklabels=False, title="row (px)")
-    fig.update_layout(title=title, margin=dict(l=10, r=10, t=40, b=10), template="plotly_white")
+    fig.update_layout(title=title_layout(title), margin=dict(l=10, r=10, t=TOP_MARGIN, b=10), template="plotly_white")
     return fig
 
 
@@ -258,8 +276,8 @@ def zoom_figure(image: np.ndarray, box: tuple[int, int, int, int], *, margin: in
     fig.update_xaxes(title="column (px)", range=[c0 - 0.5, c1 - 0.5], showgrid=False, zeroline=False)
     fig.update_yaxes(title="row (px)", range=[r1 - 0.5, r0 - 0.5], showgrid=False, zeroline=False,
                      scaleanchor="x")
-    fig.update_layout(title=title or f"rows {r0}-{r1 - 1}, columns {c0}-{c1 - 1} up close",
-                      margin=dict(l=40, r=10, t=40, b=40), template="plotly_white")
+    fig.update_layout(title=title_layout(title or f"rows {r0}-{r1 - 1}, columns {c0}-{c1 - 1} up close"),
+                      margin=dict(l=40, r=10, t=TOP_MARGIN, b=40), template="plotly_white")
     return fig
 
 

@@ -371,6 +371,53 @@ def _place(feats: list, placement: str, hw: tuple[int, int], rng: np.random.Gene
     return out
 
 
+# ----------------------------------------------------------------------------------- what a training set allows
+
+def audit_canary_limit(n_images: int, val_fraction: float) -> int:
+    """The most audit canaries a training set of ``n_images`` allows (0 when it allows none).
+
+    The canaries are kept out of the validation split (:func:`run_audit`), so they must fit in the
+    training part, ``n_images - round(val_fraction * n_images)`` images, and leave at least one
+    image that is not a canary (otherwise every image is IN or OUT and the model has no clean
+    training image to learn the task from). Capped at :data:`MAX_AUDIT_CANARIES`.
+    """
+    n_val = int(round(val_fraction * n_images))
+    return max(0, min(MAX_AUDIT_CANARIES, n_images - n_val - 1))
+
+
+def check_audit_canaries(m: int, n_images: int, val_fraction: float, *, name: str = "--canaries",
+                         more_images: str = "a larger --train-size") -> None:
+    """Refuse ``m`` audit canaries that a training set of ``n_images`` cannot hold; the one check the
+    CLI (through :func:`run_audit`), the Audit privacy page and Compare's "also audit privacy" share.
+
+    Args:
+        name, more_images: how the message names the setting and the way to get more images (the
+            CLI's flags by default; a page passes its own widget labels).
+
+    Raises:
+        ValueError: ``m`` is above :func:`audit_canary_limit`; the message gives the limit and both fixes.
+    """
+    limit = audit_canary_limit(n_images, val_fraction)
+    if m > limit:
+        n_val = int(round(val_fraction * n_images))
+        fix = f"use at most {limit} canaries or {more_images}" if limit >= 2 else f"use {more_images}"
+        raise ValueError(f"{name} {m} is larger than the training set allows: {n_images} images, {n_val} of them held "
+                         f"out for validation; {fix}")
+
+
+def training_set_size(experiment: Any) -> int:
+    """How many training images ``experiment`` uses (its ``train_size``, or fewer when the dataset
+    has fewer); loads the set without keeping it (``run_audit`` loads its own cached copy).
+
+    Raises:
+        DataUnavailable: the dataset cannot be read (the message says what to do).
+    """
+    from .data import load_split
+
+    return len(load_split(experiment.dataset, "train", data_dir=experiment.data_dir, limit=experiment.train_size,
+                          stratified=True))
+
+
 # ----------------------------------------------------------------------------------- the job
 
 @dataclass(frozen=True)
@@ -580,10 +627,7 @@ def run_audit(config: AuditConfig, progress: Callable[[Any], None] | None = None
     test = _cached_split(exp.dataset, "test", exp.data_dir, None)
     check_same_classes(full, test)
     n = len(full)
-    n_val = int(round(exp.val_fraction * n))
-    if m > n - n_val - 1:
-        raise ValueError(f"--canaries {m} is larger than the training set allows: {n} images, {n_val} of them held "
-                         f"out for validation; use at most {n - n_val - 1} canaries or a larger --train-size")
+    check_audit_canaries(m, n, exp.val_fraction)
     feats = audit_features(config.features, m, config.feature_size, full.image_shape, offset=config.offset,
                            text_length=config.text_length, seed=exp.seed, placement=config.placement)
     idx = np.sort(_rng(exp.seed, "images").choice(n, size=m, replace=False)).astype(np.int64)

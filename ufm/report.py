@@ -39,9 +39,9 @@ def run_json(store: Store, run_id: str, *, indent: int | None = 1) -> str:
 
 # The numbers people look for first (M, the fast test's call, accuracy) come right after the id and
 # status, so they are on screen in the dashboard's table without scrolling.
-RUN_TABLE_COLUMNS = ["id", "status", "M", "significant", "test_accuracy", "dataset", "arch", "regularisers", "feature",
-                     "canary", "seed", "created", "finished", "seconds", "max_epochs", "train_size", "X_u", "X_r",
-                     "p_value", "p_value_paired", "exposure", "exposure_p_value", "epochs_trained", "epsilon",
+RUN_TABLE_COLUMNS = ["id", "status", "M", "significant", "test_accuracy", "learned", "dataset", "arch", "regularisers",
+                     "feature", "canary", "seed", "created", "finished", "seconds", "max_epochs", "train_size", "X_u",
+                     "X_r", "p_value", "p_value_paired", "exposure", "exposure_p_value", "epochs_trained", "epsilon",
                      "progress", "config_key", "code_version", "error"]
 
 
@@ -79,6 +79,8 @@ def run_row(rec: RunRecord) -> dict[str, Any]:
         "seed": c.get("seed"), "max_epochs": c.get("epochs"), "train_size": c.get("train_size"),
         **{k: s.get(k) for k in ("M", "X_u", "X_r", "p_value", "p_value_paired", "exposure", "exposure_p_value",
                                  "significant", "test_accuracy", "epochs_trained", "epsilon")},
+        # False marks a model at chance accuracy: its run says nothing about memorisation either way
+        "learned": s.get("learned") if s else None,
         "progress": describe_progress(rec), "config_key": rec.config_key, "code_version": rec.code_version,
         "error": rec.error,
     }
@@ -270,6 +272,20 @@ def _differences(base: dict[str, Any], d: dict[str, Any]) -> str:
     return "; ".join(diff) or "as the base config"
 
 
+def _share_cell(r) -> str:
+    """"k of n" memorised over the runs with an answer; runs whose model did not learn (accuracy at
+    chance) or are otherwise inconclusive are counted apart, never as "not memorised"."""
+    if not r.done:
+        return "–"
+    answered = r.done - r.n_inconclusive
+    cell = f"{r.n_significant} of {answered}"
+    if r.n_not_learned:
+        cell += f"; {r.n_not_learned} did not learn (inconclusive)"
+    elif r.n_inconclusive:
+        cell += f"; {r.n_inconclusive} inconclusive"
+    return cell
+
+
 def study_html(store: Store, name: str) -> str:
     """A study report: per-group mean M with 95% intervals (table and bar chart), the d_u vs d_r
     histogram of every finished run (small multiples), the runs, the configs and versions."""
@@ -288,10 +304,12 @@ def study_html(store: Store, name: str) -> str:
              '<p class="note">Mean M over the finished runs of each group (seeds) with a 95% Student-t interval; '
              'a group with one finished run has no interval. "Significant" is the exposure (rank) test at each '
              "run's alpha.</p>",
-             _table(["group", "finished / members", "mean M (nats)", "95% interval", "significant", "mean test accuracy"],
+             _table(["group", "finished / members", "mean M (nats)", "95% interval", "significant",
+                     "mean test accuracy", "epsilon spent (DP-SGD)"],
                     ([r.group, f"{r.done} / {r.members}", r.mean_M,
                       f"[{fmt(r.ci_low)}, {fmt(r.ci_high)}]" if not math.isnan(r.ci_low) else r.interval,
-                      f"{r.n_significant} of {r.done}" if r.done else "–", pct(r.mean_test_accuracy)]
+                      _share_cell(r), pct(r.mean_test_accuracy),
+                      "–" if math.isnan(r.mean_epsilon) else f"{r.mean_epsilon:.3g}"]
                      for r in agg.itertuples()))]
     if (agg["done"] > 0).any():
         shown = agg[agg["done"] > 0]

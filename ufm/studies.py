@@ -102,12 +102,17 @@ def regulariser_members(base: "ExperimentConfig", regularisers: Sequence[str | S
         regularisers: settings; each a name (``"dropout"``), a ``+``/``,``-joined combination
             (``"dropout+augment"``), a sequence of names, or ``"none"``.
     """
+    from .train import DEFAULT_DP
+
     seeds = _check_seeds(seeds)
     members, seen = [], set()
     for r in regularisers:
         names = [x.strip() for x in r.replace(",", "+").split("+")] if isinstance(r, str) else list(r)
         names = [x for x in names if x and x != "none"]
-        cfg0 = base.replace(regularisers=tuple(names))  # validates and sorts the names
+        # validates and sorts the names; a dp-sgd member gets the base's DP settings, else the shared
+        # default (never DPConfig()'s noise multiplier 1.0, which spent epsilon ~31 in a quick run)
+        cfg0 = base.replace(regularisers=tuple(names)).with_dp(
+            base.dp if "dp-sgd" in base.regularisers else DEFAULT_DP)
         label = regulariser_label(cfg0.regularisers)
         if label in seen:
             raise ValueError(f"regulariser setting {label!r} is listed twice")
@@ -284,7 +289,7 @@ def run_study(store: Store, name: str, *, force: bool = False, progress: "Progre
 
 RUN_COLUMNS = ["position", "group", "seed", "run_id", "status", "M", "X_u", "X_r", "p_value", "p_value_paired",
                "exposure", "exposure_p_value", "verdict", "verdict_test", "verdict_p", "significant", "test_accuracy",
-               "epsilon", "error"]
+               "epsilon", "learned", "error"]
 
 
 def runs_frame(store: Store, name: str, references: int = DEFAULT_REFERENCES) -> pd.DataFrame:
@@ -308,7 +313,10 @@ def runs_frame(store: Store, name: str, references: int = DEFAULT_REFERENCES) ->
                                                      "exposure_p_value", "test_accuracy")},
                      "verdict": v.status if v else None, "verdict_test": v.test if v else None,
                      "verdict_p": v.p_value if v else np.nan, "significant": v.memorised if v else np.nan,
-                     "epsilon": s.get("epsilon", np.nan), "error": rec.error if rec is not None else None})
+                     "epsilon": s.get("epsilon", np.nan),
+                     # False only when the run says its model did not learn (accuracy at chance)
+                     "learned": (s.get("learned") is not False) if s else None,
+                     "error": rec.error if rec is not None else None})
     df = pd.DataFrame(rows, columns=RUN_COLUMNS)
     for col in ("M", "X_u", "X_r", "p_value", "p_value_paired", "exposure", "exposure_p_value", "verdict_p",
                 "test_accuracy", "epsilon"):
@@ -337,7 +345,8 @@ def t_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, fl
 
 
 SUMMARY_COLUMNS = ["group", "members", "done", "failed", "pending", "mean_M", "sd_M", "ci_low", "ci_high",
-                   "interval", "share_significant", "n_significant", "n_calibrated", "mean_test_accuracy"]
+                   "interval", "share_significant", "n_significant", "n_calibrated", "mean_test_accuracy",
+                   "n_not_learned", "n_inconclusive", "mean_epsilon"]
 
 
 def aggregate(runs: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame:
@@ -360,13 +369,27 @@ def aggregate(runs: pd.DataFrame, level: float = LEVEL) -> pd.DataFrame:
         else:
             note = f"{level:.0%} t-interval over {n} seeds"
         sig = done["significant"].astype(bool) if n else pd.Series([], dtype=bool)
+        # The share is over runs with an answer: an inconclusive run (a model that did not learn,
+        # accuracy at chance) is neither memorised nor "not memorised", so it is left out of both
+        # counts and reported on its own (n_not_learned, n_inconclusive).
+        if "verdict" in done:
+            conclusive = done["verdict"].isin(["memorised", "not_shown"])
+        else:  # a frame without verdicts (older callers): every finished run counts
+            conclusive = pd.Series(True, index=done.index)
+        n_answered = int(conclusive.sum())
+        eps = done["epsilon"].dropna() if "epsilon" in done else pd.Series([], dtype=float)
+        not_learned = int((done["learned"] == False).sum()) if "learned" in done else 0  # noqa: E712 (None is not False)
         out.append({"group": group, "members": len(g), "done": n, "failed": int((g["status"] == "failed").sum()),
                     "pending": int(g["status"].isin(["queued", "running", "not run"]).sum()),
                     "mean_M": mean, "sd_M": float(done["M"].std(ddof=1)) if n >= 2 else math.nan,
                     "ci_low": math.nan if lo is None else lo, "ci_high": math.nan if hi is None else hi,
-                    "interval": note, "share_significant": float(sig.mean()) if n else math.nan,
-                    "n_significant": int(sig.sum()), "n_calibrated": int((done["verdict_test"] == "reference").sum()),
-                    "mean_test_accuracy": float(done["test_accuracy"].mean()) if n else math.nan})
+                    "interval": note,
+                    "share_significant": float(sig[conclusive].mean()) if n_answered else math.nan,
+                    "n_significant": int(sig[conclusive].sum()) if n else 0,
+                    "n_calibrated": int((done["verdict_test"] == "reference").sum()),
+                    "mean_test_accuracy": float(done["test_accuracy"].mean()) if n else math.nan,
+                    "n_not_learned": not_learned,
+                    "n_inconclusive": n - n_answered, "mean_epsilon": float(eps.mean()) if len(eps) else math.nan})
     return pd.DataFrame(out, columns=SUMMARY_COLUMNS)
 
 

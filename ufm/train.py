@@ -73,6 +73,19 @@ class DPConfig:
             raise ValueError(f"clipping norm must be > 0, got {self.max_grad_norm}")
 
 
+# The DP-SGD settings every surface starts from (Train, Compare, Audit privacy, the CLI): one place,
+# so the same "dp-sgd" means the same privacy everywhere. A target epsilon rather than a noise
+# multiplier: the noise multiplier 1.0 that DPConfig() holds spends epsilon ~31 over a 30-epoch
+# quick run on 3,000 images, which is no meaningful privacy, while a target fixes the promise and
+# Opacus picks the noise for the epochs that really run.
+DEFAULT_DP = DPConfig(noise_multiplier=None, target_epsilon=8.0, delta=1e-5, max_grad_norm=1.0)
+# The noise multiplier offered when a user chooses to set the noise instead of a target epsilon.
+DEFAULT_NOISE_MULTIPLIER = 1.0
+# What a configuration without dp-sgd carries: its DP settings are never used but are part of its
+# key (ufm.experiment.ExperimentConfig.key), so they must not vary with a page's DP widgets.
+NEUTRAL_DP = DPConfig()
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How to train. Units: ``lr`` per Adam step, ``max_epochs``/``patience`` in epochs.

@@ -75,10 +75,7 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--batch-size", type=_pos_int, default=None, help="batch size (default: the paper's for --arch)")
     m.add_argument("--dropout", type=finite_float, default=0.5, help="drop probability with --regulariser dropout")
     m.add_argument("--weight-decay", type=finite_float, default=5e-4, help="Adam weight decay with weight-decay")
-    m.add_argument("--dp-noise", type=finite_float, default=None, help="DP-SGD noise multiplier (default 1.0)")
-    m.add_argument("--dp-epsilon", type=finite_float, default=None, help="DP-SGD target epsilon (instead of --dp-noise)")
-    m.add_argument("--dp-clip", type=finite_float, default=1.0, help="DP-SGD per-example clipping norm")
-    m.add_argument("--dp-delta", type=finite_float, default=1e-5, help="DP-SGD delta")
+    add_dp_flags(m)
     f = p.add_argument_group("feature")
     f.add_argument("--feature", default="A", help="a glyph (A, X, plus, ...), text:JOHN DOE, or an image path")
     f.add_argument("--feature-size", type=int_in(1, MAX_FEATURE_SIDE), default=None,
@@ -114,7 +111,6 @@ def config_from_args(a: argparse.Namespace):
     from ..canary import CanaryChoice
     from ..experiment import ExperimentConfig
     from ..features import parse_feature_spec
-    from ..train import DPConfig
 
     if a.no_canary:
         canary = CanaryChoice("none", ())
@@ -125,15 +121,42 @@ def config_from_args(a: argparse.Namespace):
     else:
         canary = CanaryChoice("index", tuple(a.canary_index or (0,)))
     feature = parse_feature_spec(a.feature, a.feature_size, offset=tuple(a.offset), intensity=a.intensity)
-    dp = DPConfig(noise_multiplier=None if a.dp_epsilon is not None else (a.dp_noise if a.dp_noise is not None else 1.0),
-                  target_epsilon=a.dp_epsilon, delta=a.dp_delta, max_grad_norm=a.dp_clip)
+    dp = dp_from_args(a)
     return ExperimentConfig(
         feature=feature, dataset=a.dataset, data_dir=a.data_dir, arch=a.arch,
         regularisers=tuple(r.strip() for r in a.regulariser.split(",") if r.strip()),
-        dropout=a.dropout, weight_decay=a.weight_decay, dp=dp, canary=canary, epochs=a.epochs,
+        dropout=a.dropout, weight_decay=a.weight_decay, canary=canary, epochs=a.epochs,
         patience=a.patience, lr=a.lr, batch_size=a.batch_size, train_size=a.train_size,
         ood_source=a.ood_source, ood_size=a.ood_size, repeats=a.repeats, candidates=a.candidates,
-        candidate_kind=a.candidate_kind, seed=a.seed, device=a.device)
+        candidate_kind=a.candidate_kind, seed=a.seed, device=a.device).with_dp(dp)
+
+
+def dp_from_args(a: argparse.Namespace):
+    """The DP-SGD settings of ``--dp-epsilon`` / ``--dp-noise`` / ``--dp-clip`` / ``--dp-delta``; with
+    neither epsilon nor noise given, the dashboard's default target epsilon (``ufm.train.DEFAULT_DP``),
+    so that "dp-sgd" means the same privacy from the CLI as from any page."""
+    from ..train import DEFAULT_DP, DPConfig
+
+    if a.dp_epsilon is not None:
+        return DPConfig(noise_multiplier=None, target_epsilon=a.dp_epsilon, delta=a.dp_delta, max_grad_norm=a.dp_clip)
+    if a.dp_noise is not None:
+        return DPConfig(noise_multiplier=a.dp_noise, target_epsilon=None, delta=a.dp_delta, max_grad_norm=a.dp_clip)
+    return DPConfig(noise_multiplier=DEFAULT_DP.noise_multiplier, target_epsilon=DEFAULT_DP.target_epsilon,
+                    delta=a.dp_delta, max_grad_norm=a.dp_clip)
+
+
+def add_dp_flags(m: argparse.ArgumentParser) -> None:
+    """The DP-SGD flags of ``measure`` and ``privacy-audit`` (one definition, one default)."""
+    from ..train import DEFAULT_DP
+
+    m.add_argument("--dp-noise", type=finite_float, default=None,
+                   help="DP-SGD noise multiplier (instead of --dp-epsilon)")
+    m.add_argument("--dp-epsilon", type=finite_float, default=None,
+                   help=f"DP-SGD target epsilon over the epoch budget (default {DEFAULT_DP.target_epsilon:g} "
+                        "when --dp-noise is not given either; the dashboard's default too)")
+    m.add_argument("--dp-clip", type=finite_float, default=DEFAULT_DP.max_grad_norm,
+                   help="DP-SGD per-example clipping norm")
+    m.add_argument("--dp-delta", type=finite_float, default=DEFAULT_DP.delta, help="DP-SGD delta")
 
 
 class StderrProgress:

@@ -9,23 +9,21 @@ from pathlib import Path
 
 from ..fileio import atomic_write as write_atomic
 from ..limits import MAX_FEATURE_SIDE, MAX_OOD_SIZE
-from .common import StderrProgress, _nonneg_int, _pos_int, check_out, finite_float, int_in
+from .common import StderrProgress, add_dp_flags, dp_from_args, _nonneg_int, _pos_int, check_out, finite_float, int_in
 
 
 def audit_config_from_args(a: argparse.Namespace):
     """Build an :class:`~ufm.privacy_audit.AuditConfig` from parsed flags."""
     from ..experiment import ExperimentConfig
     from ..privacy_audit import AuditConfig
-    from ..train import DPConfig
 
-    dp = DPConfig(noise_multiplier=None if a.dp_epsilon is not None else (a.dp_noise if a.dp_noise is not None else 1.0),
-                  target_epsilon=a.dp_epsilon, delta=a.dp_delta, max_grad_norm=a.dp_clip)
+    dp = dp_from_args(a)
     regs = tuple(r.strip() for r in a.regulariser.split(",") if r.strip())
     exp = ExperimentConfig(dataset=a.dataset, data_dir=a.data_dir, arch=a.arch, regularisers=regs,
                            dropout=a.dropout, weight_decay=a.weight_decay,
-                           **({"dp": dp} if "dp-sgd" in regs else {}), epochs=a.epochs, patience=a.patience,
+                           epochs=a.epochs, patience=a.patience,
                            lr=a.lr, batch_size=a.batch_size, train_size=a.train_size, ood_source=a.ood_source,
-                           ood_size=a.ood_size, repeats=a.repeats, seed=a.seed, device=a.device)
+                           ood_size=a.ood_size, repeats=a.repeats, seed=a.seed, device=a.device).with_dp(dp)
     if (a.k_plus is None) != (a.k_minus is None):
         raise ValueError("give both --k-plus and --k-minus (fixed guess counts) or neither (Bonferroni over the grid)")
     return AuditConfig(exp, canaries=a.canaries, features=a.features, feature_size=a.feature_size,
@@ -84,10 +82,7 @@ def register(sub) -> None:
     m.add_argument("--batch-size", type=_pos_int, default=None)
     m.add_argument("--dropout", type=finite_float, default=0.5)
     m.add_argument("--weight-decay", type=finite_float, default=5e-4)
-    m.add_argument("--dp-noise", type=finite_float, default=None, help="DP-SGD noise multiplier (default 1.0)")
-    m.add_argument("--dp-epsilon", type=finite_float, default=None, help="DP-SGD target epsilon (instead of --dp-noise)")
-    m.add_argument("--dp-clip", type=finite_float, default=1.0)
-    m.add_argument("--dp-delta", type=finite_float, default=1e-5)
+    add_dp_flags(m)
     a = p.add_argument_group("audit")
     a.add_argument("--canaries", type=int, required=True, metavar="M",
                    help="m >= 2 distinct features on m distinct training images (100 or more for a useful bound)")
