@@ -135,7 +135,7 @@ def dp_from_args(a: argparse.Namespace):
     """The DP-SGD settings of ``--dp-epsilon`` / ``--dp-noise`` / ``--dp-clip`` / ``--dp-delta``; with
     neither epsilon nor noise given, the dashboard's default target epsilon (``ufm.train.DEFAULT_DP``),
     so that "dp-sgd" means the same privacy from the CLI as from any page."""
-    from ..train import DEFAULT_DP, DPConfig
+    from ..dp import DEFAULT_DP, DPConfig
 
     if a.dp_epsilon is not None:
         return DPConfig(noise_multiplier=None, target_epsilon=a.dp_epsilon, delta=a.dp_delta, max_grad_norm=a.dp_clip)
@@ -147,7 +147,7 @@ def dp_from_args(a: argparse.Namespace):
 
 def add_dp_flags(m: argparse.ArgumentParser) -> None:
     """The DP-SGD flags of ``measure`` and ``privacy-audit`` (one definition, one default)."""
-    from ..train import DEFAULT_DP
+    from ..dp import DEFAULT_DP
 
     m.add_argument("--dp-noise", type=finite_float, default=None,
                    help="DP-SGD noise multiplier (instead of --dp-epsilon)")
