@@ -22,7 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import experiment, worker
-from .store import ACTIVE, FINISHED, RunRecord, Store, StoreError
+from .store import ACTIVE, FINISHED, FOREGROUND, RunRecord, Store, StoreError
 from .train import CancelFlag, Progress, ProgressFn, TrainingCancelled, is_cancelled
 
 if TYPE_CHECKING:
@@ -140,6 +140,10 @@ def execute(store: Store, run_id: str, config: "ExperimentConfig", *, progress: 
     except BaseException as e:
         store.mark_failed(run_id, f"the result could not be saved: {_describe(e)}")
         raise
+    # The verdict record: this run's, and if it completed a bank, those of the runs waiting for it.
+    from .verdict import after_run
+
+    after_run(store, run_id)
     return result
 
 
@@ -207,6 +211,9 @@ def _run_main(home: str, run_id: str, config: "ExperimentConfig", env: dict[str,
 MAX_PENDING = int(os.environ.get("UFM_MAX_PENDING", "200"))
 
 
+_LAST = 2**62  # the priority of the shutdown markers: after every run
+
+
 class QueueFull(RuntimeError):
     """The runner holds ``max_pending`` unfinished runs; the message says what to do."""
 
@@ -214,11 +221,21 @@ class QueueFull(RuntimeError):
 def reusable_run(store: Store, inflight: dict[tuple[str, str], str], config: "ExperimentConfig",
                  ident: tuple[str, str]) -> str | None:
     """The run that already answers ``config``: a finished identical run in the store (same config
-    key and ufm version), else an identical run this executor has queued or running; None if neither."""
+    key and ufm version), else an identical run this executor has queued or running and nobody
+    asked to cancel; None if neither."""
     hit = store.find_cached(config)
     if hit is not None:
         return hit.id
-    return inflight.get(ident)
+    run_id = inflight.get(ident)
+    if run_id is None:
+        return None
+    # A run cancelled a moment ago is still in flight until its worker lets go of it: reusing it
+    # made Start after Cancel show the cancelled run again (or wait for it), so it is never reused.
+    try:
+        rec = store.get(run_id)
+    except StoreError:
+        return None
+    return run_id if rec.status in ACTIVE and not rec.cancel_requested else None
 
 
 class Runner:
@@ -263,6 +280,8 @@ class Runner:
         self._cancel: dict[str, threading.Event] = {}   # run id -> its cancel flag (runs of this runner)
         self._ended: dict[str, threading.Event] = {}    # run id -> set when the worker is done with it
         self._inflight: dict[tuple[str, str], str] = {}  # (config key, version) -> queued/running run id
+        self._queued_at: dict[str, int] = {}  # run id -> its priority, while it waits in a queue
+        self._seq = 0  # submission counter: first in, first out within a priority
         self._closed = False
         self._heartbeat = Heartbeat(store, heartbeat_interval).start()
 
@@ -272,12 +291,16 @@ class Runner:
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
 
-    def submit(self, config: "ExperimentConfig", *, force: bool = False) -> str:
+    def submit(self, config: "ExperimentConfig", *, force: bool = False, priority: int = FOREGROUND) -> str:
         """Queue ``config`` and return its run id at once.
 
         Without ``force``, a finished identical run (same config key and ufm version) is returned
         instead (nothing is trained), and so is an identical run already queued or running in
-        this runner.
+        this runner (moved up to ``priority`` if it was queued lower).
+
+        ``priority``: lower starts first; runs of one priority start in the order submitted. A
+        user's runs are :data:`~ufm.store.FOREGROUND`; reference models queued for a calibrated
+        verdict are :data:`~ufm.store.BACKGROUND`, so they never hold up a run someone waits for.
 
         Raises:
             ValueError: the config's device is not available here.
@@ -293,24 +316,35 @@ class Runner:
                 raise RuntimeError("this Runner was shut down; create a new one")
             reused = None if force else reusable_run(self.store, self._inflight, config, ident)
             if reused is not None:
+                if reused in self._queued_at and priority < self._queued_at[reused] \
+                        and self.store.set_priority(reused, priority):
+                    self._queued_at[reused] = priority  # the older entry is skipped when it comes up
+                    self._put(dev, priority, (reused, config, ident))
                 return reused
             pending = sum(not ev.is_set() for ev in self._ended.values())
             if pending >= self.max_pending:
                 raise QueueFull(f"{pending} runs are already queued or running here (the limit is {self.max_pending}, "
                                 "UFM_MAX_PENDING): wait for some to finish or cancel them on the Runs page")
-            run_id = self.store.create_run(config, status="queued")
+            run_id = self.store.create_run(config, status="queued", priority=priority)
             self._cancel[run_id] = threading.Event()
             self._ended[run_id] = threading.Event()
             self._inflight[ident] = run_id
-            q = self._queues.get(dev)
-            if q is None:
-                q = self._queues[dev] = queue.Queue()
-                for i in range(self.workers_per_device):
-                    t = threading.Thread(target=self._work, args=(q,), name=f"ufm-slot-{dev}-{i}", daemon=True)
-                    t.start()
-                    self._threads.append(t)
-            q.put((run_id, config, ident))
+            self._queued_at[run_id] = priority
+            self._put(dev, priority, (run_id, config, ident))
         return run_id
+
+    def _put(self, dev: str, priority: int, item: tuple | None) -> None:
+        """Queue ``item`` on ``dev``'s queue (started with its slots on first use); call with the lock held.
+        Entries are ``(priority, sequence, item)``: the sequence keeps one priority first in, first out."""
+        q = self._queues.get(dev)
+        if q is None:
+            q = self._queues[dev] = queue.PriorityQueue()
+            for i in range(self.workers_per_device):
+                t = threading.Thread(target=self._work, args=(q,), name=f"ufm-slot-{dev}-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
+        self._seq += 1
+        q.put((priority, self._seq, item))
 
     def cancel(self, run_id: str) -> str:
         """Stop a run: a queued one is ``cancelled`` at once, a running one at its next batch,
@@ -320,6 +354,9 @@ class Runner:
         status = self.store.request_cancel(run_id)
         with self._lock:
             ev = self._cancel.get(run_id)
+            # Not reusable from now on: Start right after Cancel queues a new run.
+            for ident in [k for k, v in self._inflight.items() if v == run_id]:
+                del self._inflight[ident]
         if ev is not None:
             ev.set()
         return status
@@ -356,7 +393,6 @@ class Runner:
         with self._lock:
             self._closed = True
             pending = [r for r, ev in self._ended.items() if not ev.is_set()]
-            queues = list(self._queues.values())
             threads = list(self._threads)
         if cancel:
             for run_id in pending:
@@ -364,20 +400,25 @@ class Runner:
                     self.cancel(run_id)
                 except StoreError as e:
                     log.warning("could not cancel run %s: %s", run_id, e)
-        for q in queues:
-            for _ in range(self.workers_per_device):
-                q.put(None)
+        with self._lock:
+            for dev in list(self._queues):  # after every queued run: the slots finish what is queued first
+                for _ in range(self.workers_per_device):
+                    self._put(dev, _LAST, None)
         if wait:
             for t in threads:
                 t.join(timeout)
         self._heartbeat.stop()
 
-    def _work(self, q: queue.Queue) -> None:
+    def _work(self, q: queue.PriorityQueue) -> None:
         while True:
-            item = q.get()
+            _, _, item = q.get()
             if item is None:
                 return
             run_id, config, ident = item
+            with self._lock:
+                if run_id not in self._queued_at:
+                    continue  # an older entry of a run moved up the queue, already taken
+                del self._queued_at[run_id]
             try:
                 self._run_in_process(run_id, config)
             except Exception as e:  # noqa: BLE001 - the slot lives on for the next run
