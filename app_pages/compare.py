@@ -31,7 +31,11 @@ def show(name: str) -> None:
     agg, audit_cols = with_audits(name, agg)  # epsilon lower bounds when the study was audited
     st.dataframe(agg[["group", "done", "mean_M", "ci_low", "ci_high", "interval", "share_significant",
                       "mean_test_accuracy", *audit_cols]], hide_index=True, width="stretch",
-                 column_config={"share_significant": st.column_config.ProgressColumn("share significant", min_value=0, max_value=1),
+                 column_config={"share_significant": st.column_config.ProgressColumn(
+                                    "share memorised (verdict)", min_value=0, max_value=1,
+                                    help="Runs whose verdict record says memorised (calibrated where the reference "
+                                         "models exist, else the provisional fast test); the paper's t-test never "
+                                         "decides."),
                                 "mean_M": st.column_config.NumberColumn("mean M (nats)", format="%.4g"),
                                 "ci_low": st.column_config.NumberColumn("95% low", format="%.4g"),
                                 "ci_high": st.column_config.NumberColumn("95% high", format="%.4g"),

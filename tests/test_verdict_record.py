@@ -156,3 +156,93 @@ def test_cancelling_a_run_cancels_its_bank_unless_another_run_needs_it(tiny_data
             assert cancel_unneeded_bank(runner, cfg) == [] and s.get(unrelated[0]).status == "queued"
         finally:
             runner.shutdown()
+
+
+def _surfaces(store: Store, home: Path, run_id: str, capsys) -> dict[str, str]:
+    """What each surface prints for run ``run_id``: ``ufm runs show``, ``ufm runs list``, the HTML
+    and CSV exports, and a Compare table (a study holding the run)."""
+    import html
+    import io
+
+    import pandas as pd
+
+    from ufm.cli import main
+    from ufm.report import run_html, run_json, runs_csv
+    from ufm.studies import StudyMember, attach_run, create_study, runs_frame
+
+    h = ["--home", str(home)]
+    capsys.readouterr()
+    assert main(["runs", "show", run_id, *h]) == 0
+    show = capsys.readouterr().out
+    assert main(["runs", "list", *h]) == 0
+    listed = capsys.readouterr().out
+    row = pd.read_csv(io.StringIO(runs_csv(store))).set_index("id").loc[run_id]
+    rec = store.get(run_id)
+    name = f"study of {run_id}"
+    create_study(store, name, "custom", rec.config, [StudyMember("g", rec.config)], replace=True)
+    attach_run(store, name, 0, run_id)
+    frame = runs_frame(store, name).iloc[0]
+    return {"show": show, "list": listed, "html": html.unescape(run_html(store, run_id)),
+            "json": json.loads(run_json(store, run_id))["run"]["verdict"]["sentence"],
+            "csv_text": row["verdict_text"], "csv_headline": row["verdict"], "csv_p": row["verdict_p"],
+            "compare_text": frame["verdict_text"], "compare_p": frame["verdict_p_text"],
+            "compare_headline": frame["verdict_headline"]}
+
+
+def _same_everywhere(v: Verdict, s: dict) -> None:
+    assert v.sentence in s["show"] and f"{v.p_label} = {v.p_text}" in s["show"]
+    assert v.headline in s["list"]
+    assert v.sentence in s["html"] and f"<th>{v.p_label}</th><td>{v.p_text}</td>" in s["html"]
+    assert s["json"] == s["csv_text"] == s["compare_text"] == v.sentence
+    assert s["csv_headline"] == s["compare_headline"] == v.headline
+    assert s["compare_p"] == v.p_text
+    if v.p_value is None:
+        assert np.isnan(s["csv_p"])
+    else:
+        assert f"{s['csv_p']:.3g}" == v.p_text
+    # the paper's t-test is never called significant
+    assert "significant" not in s["show"] and "the paper's statistics (never decide): t-test p" in s["show"]
+
+
+def test_the_same_verdict_text_and_p_on_every_surface(clean_result, tmp_path, capsys):
+    from ufm.jobs import measure
+
+    data, clean = clean_result
+    home = tmp_path / "home"
+    with Store(home) as s:
+        run_id, _, _ = measure(s, tiny_config(data, seed=5))
+        provisional = Verdict.from_dict(s.get(run_id).verdict)
+        assert provisional.provisional
+        _same_everywhere(provisional, _surfaces(s, home, run_id, capsys))
+        ids = fill_bank(s, s.get(run_id).config, clean)
+        after_run(s, ids[-1])
+        calibrated = Verdict.from_dict(s.get(run_id).verdict)
+        assert calibrated.test == "reference" and calibrated != provisional
+        surfaces = _surfaces(s, home, run_id, capsys)
+        _same_everywhere(calibrated, surfaces)
+        assert "calibrated p (reference models) = " in surfaces["show"]
+        # `ufm runs list` hides the 39 reference models and summarises their bank in one line
+        assert run_id in surfaces["list"] and not any(i in surfaces["list"] for i in ids)
+        assert "bank " in surfaces["list"] and "39 done" in surfaces["list"]
+        capsys.readouterr()
+        from ufm.cli import main
+        assert main(["runs", "list", "--all", "--home", str(home)]) == 0
+        out = capsys.readouterr().out
+        assert all(i in out for i in ids)
+
+
+def test_a_model_that_did_not_learn_is_inconclusive_on_every_surface(clean_result, tmp_path, capsys):
+    data, clean = clean_result
+    home = tmp_path / "home"
+    dead = dataclasses.replace(clean, config=tiny_config(data, seed=6), learned=False,
+                               learned_note="the model did not learn: test accuracy 33.3% is not clearly above the "
+                                            "33.3% of always answering the most common class")
+    with Store(home) as s:
+        run_id = s.add_result(dead)  # recorded by an older path: no verdict stored yet; the first read stores it
+        assert s.get(run_id).verdict is None
+        surfaces = _surfaces(s, home, run_id, capsys)
+        v = Verdict.from_dict(s.get(run_id).verdict)
+        assert v.headline == "Inconclusive: did not learn" and v.p_value is None
+        _same_everywhere(v, surfaces)
+        assert "No evidence of memorisation" not in surfaces["show"]
+        assert "Inconclusive. Inconclusive" not in surfaces["show"] + surfaces["html"]
