@@ -246,3 +246,60 @@ def test_a_model_that_did_not_learn_is_inconclusive_on_every_surface(clean_resul
         _same_everywhere(v, surfaces)
         assert "No evidence of memorisation" not in surfaces["show"]
         assert "Inconclusive. Inconclusive" not in surfaces["show"] + surfaces["html"]
+
+
+def test_a_user_run_submitted_after_a_queued_bank_starts_first(tiny_data, tmp_path):
+    """One slot, busy; then two background reference models, then the user's run: the user's run
+    starts next. A reference model the user asks for in the foreground moves up. Start after
+    Cancel queues a new run instead of showing the cancelled one."""
+    from ufm.jobs import Runner, queue_estimate
+
+    cfg = tiny_config(tiny_data)
+    with Store(tmp_path / "home") as s, Runner(s, progress_interval=0.0) as runner:
+        blocker = runner.submit(cfg.replace(epochs=100000, patience=100000, seed=1))
+        deadline = time.monotonic() + 60
+        while s.get(blocker).status != "running":
+            assert time.monotonic() < deadline, s.get(blocker)
+            time.sleep(0.05)
+        bank = [runner.submit(c, priority=BACKGROUND) for c in bank_configs(cfg, 19)[:2]]
+        mine = runner.submit(cfg.replace(seed=2))
+        est = queue_estimate(s, mine)
+        assert (est.position, est.background_ahead, est.running) == (1, 0, 1)
+        assert "next in the queue" in est.text() and "1 run is training now" in est.text()
+        assert queue_estimate(s, bank[1]).position == 3
+        assert runner.submit(bank_configs(cfg, 19)[1]) == bank[1]  # asked for in the foreground: moves up
+        assert s.get(bank[1]).priority == FOREGROUND and queue_estimate(s, bank[1]).position == 1  # queued first
+        assert queue_estimate(s, mine).position == 2 and queue_estimate(s, bank[0]).position == 3
+
+        again = cfg.replace(seed=3)
+        cancelled = runner.submit(again)
+        runner.cancel(cancelled)
+        restarted = runner.submit(again)  # Start after Cancel
+        assert restarted != cancelled and s.get(restarted).status == "queued"
+
+        runner.cancel(blocker)
+        for r in (mine, *bank, restarted):
+            assert runner.wait(r, timeout=240).status == "done", s.get(r)
+        started = {r: s.get(r).started for r in (mine, *bank, restarted)}
+        assert started[bank[1]] < started[mine] < started[restarted] < started[bank[0]]
+        assert s.get(cancelled).status == "cancelled"
+
+
+def test_queue_estimate_sums_typical_durations_of_the_runs_ahead(clean_result, tmp_path):
+    from ufm.jobs import queue_estimate
+
+    data, clean = clean_result
+    with Store(tmp_path / "home") as s:
+        for seed, seconds in ((10, 100.0), (11, 300.0), (12, 200.0)):  # median 200 s for this setting
+            rid = s.add_result(dataclasses.replace(clean, config=tiny_config(data, seed=seed)))
+            s._update("UPDATE runs SET started = ?, finished = ? WHERE id = ?", (1000.0, 1000.0 + seconds, rid))
+        running = s.create_run(tiny_config(data, seed=20), status="running")
+        s._update("UPDATE runs SET started = ? WHERE id = ?", (time.time() - 50, running))
+        ahead = [s.create_run(tiny_config(data, seed=21 + i)) for i in range(2)]
+        mine = s.create_run(tiny_config(data, seed=30))
+        est = queue_estimate(s, mine)
+        assert (est.position, est.ahead, est.running) == (3, 2, 1)
+        assert est.seconds == pytest.approx(2 * 200 + 150, abs=2)  # two typical runs + the rest of the running one
+        assert "same settings" in est.basis and "about 9 min" in est.text()
+        assert queue_estimate(s, mine, slots=2).seconds == pytest.approx(est.seconds / 2, abs=1)
+        assert queue_estimate(s, running) is None

@@ -299,7 +299,7 @@ class Runner:
         instead (nothing is trained), and so is an identical run already queued or running in
         this runner (moved up to ``priority`` if it was queued lower).
 
-        ``priority``: lower starts first; runs of one priority start in the order submitted. A
+        ``priority``: lower starts first; runs of one priority in the order first queued. A
         user's runs are :data:`~ufm.store.FOREGROUND`; reference models queued for a calibrated
         verdict are :data:`~ufm.store.BACKGROUND`, so they never hold up a run someone waits for.
 
@@ -320,7 +320,7 @@ class Runner:
                 if reused in self._queued_at and priority < self._queued_at[reused] \
                         and self.store.set_priority(reused, priority):
                     self._queued_at[reused] = priority  # the older entry is skipped when it comes up
-                    self._put(dev, priority, (reused, config, ident))
+                    self._put(dev, priority, self.store.get(reused).created, (reused, config, ident))
                 return reused
             pending = sum(not ev.is_set() for ev in self._ended.values())
             if pending >= self.max_pending:
@@ -331,12 +331,14 @@ class Runner:
             self._ended[run_id] = threading.Event()
             self._inflight[ident] = run_id
             self._queued_at[run_id] = priority
-            self._put(dev, priority, (run_id, config, ident))
+            self._put(dev, priority, self.store.get(run_id).created, (run_id, config, ident))
         return run_id
 
-    def _put(self, dev: str, priority: int, item: tuple | None) -> None:
+    def _put(self, dev: str, priority: int, created: float, item: tuple | None) -> None:
         """Queue ``item`` on ``dev``'s queue (started with its slots on first use); call with the lock held.
-        Entries are ``(priority, sequence, item)``: the sequence keeps one priority first in, first out."""
+        Entries are ``(priority, created, sequence, item)``: the order of the store's
+        :meth:`~ufm.store.Store.queue_ahead` (so the position a page shows is the true one), one
+        priority first in, first out."""
         q = self._queues.get(dev)
         if q is None:
             q = self._queues[dev] = queue.PriorityQueue()
@@ -345,7 +347,7 @@ class Runner:
                 t.start()
                 self._threads.append(t)
         self._seq += 1
-        q.put((priority, self._seq, item))
+        q.put((priority, created, self._seq, item))
 
     def cancel(self, run_id: str) -> str:
         """Stop a run: a queued one is ``cancelled`` at once, a running one at its next batch,
@@ -404,7 +406,7 @@ class Runner:
         with self._lock:
             for dev in list(self._queues):  # after every queued run: the slots finish what is queued first
                 for _ in range(self.workers_per_device):
-                    self._put(dev, _LAST, None)
+                    self._put(dev, _LAST, 0.0, None)
         if wait:
             for t in threads:
                 t.join(timeout)
@@ -412,7 +414,7 @@ class Runner:
 
     def _work(self, q: queue.PriorityQueue) -> None:
         while True:
-            _, _, item = q.get()
+            *_, item = q.get()
             if item is None:
                 return
             run_id, config, ident = item
