@@ -76,7 +76,7 @@ def progress_fragment(run_id: str) -> None:
                                  val_acc=p["val_acc"])
     if rec.status == "queued":
         est = queue_estimate(state.store(), run_id, slots=state.runner().workers_per_device)
-        st.info(f"Run {state.short(run_id)}: " + (est.text() if est is not None else "queued."))
+        st.info(f"Run {state.short(run_id)} is queued" + (f": {est.text()}" if est is not None else "."))
     else:
         ep, mx = p.get("epoch", 0), max(p.get("max_epochs", 1), 1)
         label = {"data": "loading data", "train": f"training: epoch {ep} (at most {mx}; early stopping may end it sooner)",

@@ -507,7 +507,7 @@ class QueueEstimate:
     basis: str
 
     def text(self) -> str:
-        """One sentence for the page."""
+        """Where it stands, for a sentence such as "Run 1234 is queued: {text}"."""
         where = ("next in the queue" if self.ahead == 0 else
                  f"number {self.position} in the queue ({self.ahead} run{'s' if self.ahead != 1 else ''} ahead"
                  + (f", {self.background_ahead} of them reference models" if self.background_ahead else "") + ")")
@@ -515,7 +515,7 @@ class QueueEstimate:
                 else "")
         eta = ("" if self.seconds is None else
                f". It should start in about {_duration(self.seconds)} ({self.basis})")
-        return f"Queued: {where}{busy}{eta}."
+        return f"{where}{busy}{eta}."
 
 
 def _duration(seconds: float) -> str:
