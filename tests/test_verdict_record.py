@@ -256,7 +256,8 @@ def test_a_user_run_submitted_after_a_queued_bank_starts_first(tiny_data, tmp_pa
 
     cfg = tiny_config(tiny_data)
     with Store(tmp_path / "home") as s, Runner(s, progress_interval=0.0) as runner:
-        blocker = runner.submit(cfg.replace(epochs=100000, patience=100000, seed=1))
+        long = cfg.replace(epochs=100000, patience=100000, seed=1)
+        blocker = runner.submit(long)
         deadline = time.monotonic() + 60
         while s.get(blocker).status != "running":
             assert time.monotonic() < deadline, s.get(blocker)
@@ -277,7 +278,9 @@ def test_a_user_run_submitted_after_a_queued_bank_starts_first(tiny_data, tmp_pa
         restarted = runner.submit(again)  # Start after Cancel
         assert restarted != cancelled and s.get(restarted).status == "queued"
 
-        runner.cancel(blocker)
+        runner.cancel(blocker)  # running: it stops within seconds; Start at once must not get it back
+        assert (again_long := runner.submit(long)) != blocker
+        runner.cancel(again_long)
         for r in (mine, *bank, restarted):
             assert runner.wait(r, timeout=240).status == "done", s.get(r)
         started = {r: s.get(r).started for r in (mine, *bank, restarted)}

@@ -174,8 +174,9 @@ def stored_verdict(store: "Store", record: "RunRecord", *, refresh: bool = True,
 
     With ``refresh`` (the default) a record that can be out of date is brought up to date first:
     none stored yet (a run recorded by an older ufm, or whose process died before storing it), or
-    a provisional one whose bank of reference models is now complete. A final verdict (calibrated,
-    or a model that did not learn) is read as stored. ``refresh=False`` only reads.
+    a provisional one whose bank of ``references`` reference models is now complete (0: the bank is
+    not looked at). A final verdict (calibrated, or a model that did not learn) is read as stored.
+    ``refresh=False`` only reads (a run without a stored verdict gets the fast test's, not stored).
     """
     if record.status != "done" or not record.summary:
         return None
@@ -185,8 +186,8 @@ def stored_verdict(store: "Store", record: "RunRecord", *, refresh: bool = True,
     if v is not None:
         from .reference import bank_status
 
-        if not bank_status(store, record.config, references).complete:
-            return v  # still waiting for the bank: nothing can have changed
+        if not references or not bank_status(store, record.config, references).complete:
+            return v  # still waiting for the bank (or asked not to look): nothing can have changed
     return update_verdict(store, record.id, references, device=device)
 
 
