@@ -111,7 +111,7 @@ def cancel_run(run_id: str) -> None:
     runner.cancel(run_id)
     rec = state.store().get(run_id)
     if not rec.is_reference:
-        cancel_unneeded_bank(runner, rec.config, except_run=run_id)
+        cancel_unneeded_bank(state.store(), rec.config, except_run=run_id, cancel=runner.cancel)
 
 
 def verdict_box(rec: RunRecord) -> dict:

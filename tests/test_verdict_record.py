@@ -146,14 +146,14 @@ def test_cancelling_a_run_cancels_its_bank_unless_another_run_needs_it(tiny_data
             bank = [s.create_run(c, priority=BACKGROUND) for c in bank_configs(cfg, 19)[:2]]
             other = s.create_run(cfg.replace(seed=9))  # another run of the same setting, still queued
             runner.cancel(mine)
-            assert cancel_unneeded_bank(runner, cfg, except_run=mine) == []  # `other` still needs it
+            assert cancel_unneeded_bank(s, cfg, except_run=mine, cancel=runner.cancel) == []  # `other` needs it
             assert {s.get(b).status for b in bank} == {"queued"}
             runner.cancel(other)
-            assert sorted(cancel_unneeded_bank(runner, cfg, except_run=other)) == sorted(bank)
+            assert sorted(cancel_unneeded_bank(s, cfg, except_run=other, cancel=runner.cancel)) == sorted(bank)
             assert {s.get(b).status for b in bank} == {"cancelled"}
             unrelated = [s.create_run(c, priority=BACKGROUND)
                          for c in bank_configs(cfg.replace(regularisers=("dropout",)), 19)[:1]]
-            assert cancel_unneeded_bank(runner, cfg) == [] and s.get(unrelated[0]).status == "queued"
+            assert cancel_unneeded_bank(s, cfg) == [] and s.get(unrelated[0]).status == "queued"
         finally:
             runner.shutdown()
 
@@ -306,3 +306,17 @@ def test_queue_estimate_sums_typical_durations_of_the_runs_ahead(clean_result, t
         assert "same settings" in est.basis and "about 9 min" in est.text()
         assert queue_estimate(s, mine, slots=2).seconds == pytest.approx(est.seconds / 2, abs=1)
         assert queue_estimate(s, running) is None
+
+
+def test_ufm_runs_cancel_also_cancels_the_bank_queued_for_the_run(tiny_data, tmp_path, capsys):
+    from ufm.cli import main
+
+    cfg = tiny_config(tiny_data, seed=4)
+    with Store(tmp_path / "home") as s:
+        mine = s.create_run(cfg)
+        bank = [s.create_run(c, priority=BACKGROUND) for c in bank_configs(cfg, 19)[:2]]
+    capsys.readouterr()
+    assert main(["runs", "cancel", mine, "--home", str(tmp_path / "home")]) == 0
+    assert "also cancelled the 2 unfinished reference models" in capsys.readouterr().out
+    with Store(tmp_path / "home") as s:
+        assert [s.get(r).status for r in (mine, *bank)] == ["cancelled"] * 3

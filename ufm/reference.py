@@ -179,8 +179,8 @@ def submit_bank(runner: "Runner | Executor", config: "ExperimentConfig",
     return [runner.submit(cfg, priority=BACKGROUND) for cfg in bank_configs(config, references)]
 
 
-def cancel_unneeded_bank(runner: "Runner | Executor", config: "ExperimentConfig", *,
-                         except_run: str | None = None) -> list[str]:
+def cancel_unneeded_bank(store: "Store", config: "ExperimentConfig", *, except_run: str | None = None,
+                         cancel: "Callable[[str], Any] | None" = None) -> list[str]:
     """Cancel the unfinished reference models of ``config``'s bank unless another run still needs
     them; returns the ids cancelled.
 
@@ -188,8 +188,11 @@ def cancel_unneeded_bank(runner: "Runner | Executor", config: "ExperimentConfig"
     ``except_run``) that is queued or running, or done with a verdict that is not final yet (no
     stored verdict, or the provisional fast test's): the bank would calibrate it. Called when the
     user cancels a run: its bank should not keep the machine busy for nobody.
+
+    ``cancel``: how to cancel a run (the runner's ``cancel``, which also stops a running one of
+    this process at once); None = ``store.request_cancel`` (any process's run, by the store's flag).
     """
-    store = runner.store
+    cancel = cancel if cancel is not None else store.request_cancel
     key = bank_key(config)
     for r in store.query("SELECT id, status, config_json, verdict_json FROM runs WHERE bank IS NULL AND "
                          "status IN ('queued', 'running', 'done') AND id IS NOT ?", (except_run,)):
@@ -205,7 +208,7 @@ def cancel_unneeded_bank(runner: "Runner | Executor", config: "ExperimentConfig"
     ids = [r[0] for r in store.query("SELECT id FROM runs WHERE bank = ? AND status IN ('queued', 'running')",
                                      (key,))]
     for run_id in ids:
-        runner.cancel(run_id)
+        cancel(run_id)
     return ids
 
 

@@ -176,12 +176,21 @@ def _export_onnx(a: argparse.Namespace) -> int:
 
 
 def cmd_runs_cancel(a: argparse.Namespace) -> int:
+    from ..reference import cancel_unneeded_bank
+
     with open_store(a) as store:
         run_id = _resolve(store, a.id)
         status = store.request_cancel(run_id)
+        rec = store.get(run_id)
+        # the reference models queued for its verdict, unless another run needs them
+        bank = cancel_unneeded_bank(store, rec.config, except_run=run_id) \
+            if status in ("cancelled", "running") and not rec.is_reference else []
     msg = {"cancelled": f"run {run_id} cancelled",
            "running": f"run {run_id}: cancel requested; it stops at its next training batch"}
     print(msg.get(status, f"run {run_id} had already finished ({status}); nothing to cancel"))
+    if bank:
+        print(f"also cancelled the {len(bank)} unfinished reference models queued for its verdict (no other run "
+              "needs them)")
     return 0
 
 
