@@ -298,7 +298,8 @@ def test_queue_estimate_sums_typical_durations_of_the_runs_ahead(clean_result, t
             s._update("UPDATE runs SET started = ?, finished = ? WHERE id = ?", (1000.0, 1000.0 + seconds, rid))
         running = s.create_run(tiny_config(data, seed=20), status="running")
         s._update("UPDATE runs SET started = ? WHERE id = ?", (time.time() - 50, running))
-        ahead = [s.create_run(tiny_config(data, seed=21 + i)) for i in range(2)]
+        for i in range(2):  # two queued runs ahead
+            s.create_run(tiny_config(data, seed=21 + i))
         mine = s.create_run(tiny_config(data, seed=30))
         est = queue_estimate(s, mine)
         assert (est.position, est.ahead, est.running) == (3, 2, 1)

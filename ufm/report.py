@@ -125,8 +125,9 @@ def bank_summary(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
     out = []
     for bank, rs in groups.items():
         c = rs[0].config_data
-        setting = (f"{c.get('dataset')} · {c.get('arch')} · {'+'.join(c.get('regularisers', [])) or 'no regularisers'} · "
-                   f"{c.get('train_size') or 'all'} images · {c.get('epochs')} epochs max")
+        regs = "+".join(c.get("regularisers", [])) or "no regularisers"
+        setting = (f"{c.get('dataset')} · {c.get('arch')} · {regs} · {c.get('train_size') or 'all'} images · "
+                   f"{c.get('epochs')} epochs max")
         out.append({"bank": bank, "setting": setting, "models": len(rs),
                     "done": sum(r.status == "done" for r in rs),
                     "active": sum(r.status in ("queued", "running") for r in rs),

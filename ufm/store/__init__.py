@@ -39,8 +39,8 @@ from .database import (APPLICATION_ID, BACKGROUND, DB_NAME, FOREGROUND, MIGRATIO
 from .lifecycle import ACTIVE, FINISHED, STALE_AFTER, STATUSES, RunLifecycle, RunRecord, result_summary
 from .lifecycle import _data_shape  # noqa: F401 - for ufm.executors
 
-__all__ = ["ACTIVE", "APPLICATION_ID", "BACKGROUND", "FOREGROUND", "DB_NAME", "FINISHED", "MIGRATIONS", "SCHEMA_VERSION", "SQLITE_MAGIC",
-           "STALE_AFTER", "STATUSES", "TMP_MAX_AGE", "Artifacts", "Database", "RunLifecycle", "RunNotFound",
+__all__ = ["ACTIVE", "APPLICATION_ID", "BACKGROUND", "DB_NAME", "FINISHED", "FOREGROUND", "MIGRATIONS", "SCHEMA_VERSION",
+           "SQLITE_MAGIC", "STALE_AFTER", "STATUSES", "TMP_MAX_AGE", "Artifacts", "Database", "RunLifecycle", "RunNotFound",
            "RunRecord", "Store", "StoreError", "default_home", "result_summary"]
 
 

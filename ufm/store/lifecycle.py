@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .. import __version__
-from .database import BACKGROUND, FOREGROUND, RunNotFound, StoreError
+from .database import FOREGROUND, RunNotFound, StoreError
 
 if TYPE_CHECKING:  # the experiment module is imported lazily: `ufm runs list` stays fast
     from ..experiment import ExperimentConfig, Result
@@ -297,8 +297,8 @@ class RunLifecycle:
         rec = self.get(run_id)
         if rec.status != "queued":
             return []
-        rows = self.query("SELECT * FROM runs WHERE status = 'queued' AND owner_pid IS ? AND owner_host IS ? AND id != ? "
-                          "AND (priority < ? OR (priority = ? AND (created < ? OR (created = ? AND rowid < "
+        rows = self.query("SELECT * FROM runs WHERE status = 'queued' AND owner_pid IS ? AND owner_host IS ? "
+                          "AND id != ? AND (priority < ? OR (priority = ? AND (created < ? OR (created = ? AND rowid < "
                           "(SELECT rowid FROM runs WHERE id = ?))))) ORDER BY priority, created, rowid",
                           (rec.owner_pid, rec.owner_host, run_id, rec.priority, rec.priority, rec.created, rec.created,
                            run_id))
