@@ -201,7 +201,7 @@ def cancel_unneeded_bank(store: "Store", config: "ExperimentConfig", *, except_r
             continue  # final: calibrated, or inconclusive because the model did not learn
         try:
             needs = _setting_key(r["config_json"]) == key
-        except (ValueError, KeyError, TypeError):  # a config this ufm cannot read: not of this bank
+        except Exception:  # noqa: BLE001 - a config this ufm cannot read is not of this bank
             needs = False
         if needs:
             return []

@@ -218,7 +218,7 @@ def after_run(store: "Store", run_id: str, *, device: str = "cpu") -> list[str]:
                 continue
             try:
                 same = _setting_key(r["config_json"]) == rec.bank
-            except (ValueError, KeyError, TypeError):
+            except Exception:  # noqa: BLE001 - a config this ufm cannot read is not of this bank; go on
                 same = False
             if same and (new := update_verdict(store, r["id"], device=device)) is not None and new.final:
                 updated.append(r["id"])
