@@ -23,7 +23,8 @@ refs = table["bank"].notna()
 show_refs = st.toggle(f"show the {int(refs.sum())} reference models one by one", key="runs_refs",
                       help="Clean models trained for the calibrated verdict, once per training setting. Hidden by "
                            "default: below they are summarised per bank.") if refs.any() else False
-shown = table if show_refs else table[~refs]
+# shown: each bank's models together, after the other runs (a stable sort keeps newest first within)
+shown = table.sort_values("bank", na_position="first", kind="stable") if show_refs else table[~refs]
 if status:
     shown = shown[shown["status"].isin(status)]
 if datasets:

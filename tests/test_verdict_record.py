@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import tiny_config
 from ufm.canary import CanaryChoice
 from ufm.experiment import run_experiment
-from ufm.reference import (DEFAULT_REFERENCES, bank_configs, bank_key, bank_status, cancel_unneeded_bank,
+from ufm.reference import (DEFAULT_REFERENCES, REFERENCE_SEED_BASE, bank_config, bank_configs, bank_key, bank_status, cancel_unneeded_bank,
                            reference_bank_of)
 from ufm.store import BACKGROUND, FOREGROUND, SCHEMA_VERSION, Store
 from ufm.store.database import APPLICATION_ID, MIGRATIONS
@@ -321,3 +321,20 @@ def test_ufm_runs_cancel_also_cancels_the_bank_queued_for_the_run(tiny_data, tmp
     assert "also cancelled the 2 unfinished reference models" in capsys.readouterr().out
     with Store(tmp_path / "home") as s:
         assert [s.get(r).status for r in (mine, *bank)] == ["cancelled"] * 3
+
+
+def test_a_reference_model_is_never_scored_against_its_own_bank(clean_result, tmp_path, monkeypatch):
+    """Listing runs must stay cheap: a reference model's verdict is its fast test, stored once."""
+    import ufm.reference
+
+    data, clean = clean_result
+    with Store(tmp_path / "home") as s:
+        cfg = tiny_config(data)
+        ids = fill_bank(s, cfg, clean)
+        # one more: now the first reference model (seed BASE) has 39 others, a complete "bank" of its own
+        s.add_result(dataclasses.replace(clean, config=bank_config(cfg, REFERENCE_SEED_BASE + DEFAULT_REFERENCES)))
+        assert bank_status(s, s.get(ids[0]).config).complete
+        monkeypatch.setattr(ufm.reference, "reference_scores", lambda *a, **k: pytest.fail("scored a bank"))
+        for rid in ids[:3]:
+            v = stored_verdict(s, s.get(rid))
+            assert v.test in ("fast", "none") and s.get(rid).verdict == v.to_dict()
