@@ -212,6 +212,26 @@ def cancel_unneeded_bank(store: "Store", config: "ExperimentConfig", *, except_r
     return ids
 
 
+def bank_may_be_complete(store: "Store", config_key: str, config_data: dict[str, Any],
+                         references: int = DEFAULT_REFERENCES) -> bool:
+    """False when the bank of a run (its ``config_key`` and stored config) certainly is not
+    complete: fewer than ``references`` finished reference models of its setting, by this ufm, are
+    in the store. One query, where :func:`bank_status` makes R + 1; True means "look closer"."""
+    from . import __version__
+
+    key = _BANK_KEYS.get(config_key)
+    if key is None:  # the config key fixes the config (data_dir aside), so it fixes the bank key
+        from .experiment import ExperimentConfig
+
+        key = _BANK_KEYS[config_key] = bank_key(ExperimentConfig.from_dict(config_data))
+    n = store.query("SELECT COUNT(DISTINCT config_key) FROM runs WHERE bank = ? AND status = 'done' AND "
+                    "code_version = ?", (key, __version__))[0][0]
+    return int(n) >= int(references)
+
+
+_BANK_KEYS: dict[str, str] = {}  # config key -> bank key (a cache; both are hashes of the config)
+
+
 @functools.lru_cache(maxsize=4096)
 def _setting_key(config_json: str) -> str:
     """:func:`bank_key` of a stored config (cached: the same configs are looked at again and again)."""

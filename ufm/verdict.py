@@ -186,10 +186,13 @@ def stored_verdict(store: "Store", record: "RunRecord", *, refresh: bool = True,
     if not refresh or (v is not None and v.final):
         return v if v is not None else run_verdict(store, record, 0)
     if v is not None:
-        from .reference import bank_status
+        from .reference import bank_may_be_complete, bank_status
 
-        if not references or not bank_status(store, record.config, references).complete:
-            return v  # still waiting for the bank (or asked not to look): nothing can have changed
+        # still waiting for the bank (or asked not to look): nothing can have changed. The one-query
+        # count first: tables list many runs, and most banks are not complete.
+        if not references or not bank_may_be_complete(store, record.config_key, record.config_data, references) \
+                or not bank_status(store, record.config, references).complete:
+            return v
     return update_verdict(store, record.id, references, device=device)
 
 
