@@ -603,3 +603,23 @@ def test_cancelling_a_run_cancels_the_bank_queued_for_it(app_env):
     at.button(key=f"cancel_{run_id}").click().run()
     assert not at.exception and store.get(run_id).status == "cancelled"
     assert {store.get(b).status for b in bank} == {"cancelled"}
+
+
+def test_start_after_cancel_always_starts_a_new_run(app_env):
+    """Start, Cancel, Start with the same choices: the second Start queues a new run (it used to
+    get the cancelled run back while that run was still in the runner's queue)."""
+    from dashboard import state
+    at = _app().switch_page("app_pages/train.py").run()
+    at.number_input(key="tr_seed").set_value(9191).run()  # a setting no other test trains
+    at.number_input(key="tr_ood").set_value(30).run()
+    at.button(key="tr_start").click().run()
+    first = at.session_state[state.RUN]
+    at.button(key=f"cancel_{first}").click().run()
+    assert not at.exception and state.store().get(first).status in ("cancelled", "running")
+    at.button(key="tr_start").click().run()
+    second = at.session_state[state.RUN]
+    assert second != first and state.store().get(second).status in ("queued", "running")
+    assert not any("was cancelled" in w.value for w in at.warning)
+    state.runner().cancel(second)
+    _wait_done(second)
+    _wait_done(first)
