@@ -338,3 +338,14 @@ def test_a_reference_model_is_never_scored_against_its_own_bank(clean_result, tm
         for rid in ids[:3]:
             v = stored_verdict(s, s.get(rid))
             assert v.test in ("fast", "none") and s.get(rid).verdict == v.to_dict()
+
+
+def test_an_audit_verdict_never_repeats_its_headline():
+    from ufm.audit import _decide
+
+    dead = _decide(None, None, None, False, "the model did not learn: test accuracy 10.0% is at chance")
+    assert dead.sentence == ("Inconclusive: did not learn. The model did not learn: test accuracy 10.0% is at chance. "
+                             "A model that did not learn says nothing about memorisation either way.")
+    odd = _decide(None, None, "the fast test is miscalibrated here", True, "")
+    assert odd.sentence.startswith("Inconclusive. The fast test is miscalibrated here.")
+    assert Verdict.from_dict(json.loads(json.dumps(dead.to_dict()))) == dead
