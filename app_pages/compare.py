@@ -34,9 +34,11 @@ def show(name: str) -> None:
     st.dataframe(agg[["group", "done", "mean_M", "ci_low", "ci_high", "interval", "share_significant",
                       "learned", "mean_test_accuracy", "mean_epsilon", *audit_cols]], hide_index=True, width="stretch",
                  column_config={"share_significant": st.column_config.ProgressColumn(
-                                    "share memorised", min_value=0, max_value=1,
-                                    help="Of the runs with an answer: a model that did not learn is inconclusive, "
-                                         "never counted as not memorised."),
+                                    "share memorised (verdict)", min_value=0, max_value=1,
+                                    help="Of the runs with an answer, those whose verdict record says memorised "
+                                         "(calibrated where the reference models exist, else the provisional fast "
+                                         "test). A model that did not learn is inconclusive, never counted as not "
+                                         "memorised; the paper's t-test never decides."),
                                 "learned": st.column_config.TextColumn(
                                     "model learned?", help="A model at chance accuracy says nothing about "
                                                           "memorisation (its runs are inconclusive)."),

@@ -1,9 +1,10 @@
 """Runs: every run with its status, configuration and key numbers; open, delete, export."""
 
+import pandas as pd
 import streamlit as st
 
 from dashboard import access, audit_ui, state, views
-from ufm.report import run_html, run_json, runs_csv, runs_table
+from ufm.report import BANK_COLUMNS, bank_summary, run_html, run_json, runs_csv, runs_table
 from ufm.store import RunNotFound, StoreError
 
 st.title("Runs")
@@ -18,14 +19,27 @@ c1, c2, c3 = st.columns(3)
 status = c1.multiselect("status", sorted(table["status"].unique()), key="runs_status")
 datasets = c2.multiselect("dataset", sorted(table["dataset"].unique()), key="runs_dataset")
 text = c3.text_input("search (id, architecture, regulariser, canary)", key="runs_search")
-shown = table
+refs = table["bank"].notna()
+show_refs = st.toggle(f"show the {int(refs.sum())} reference models one by one", key="runs_refs",
+                      help="Clean models trained for the calibrated verdict, once per training setting. Hidden by "
+                           "default: below they are summarised per bank.") if refs.any() else False
+# shown: each bank's models together, after the other runs (a stable sort keeps newest first within)
+shown = table.sort_values("bank", na_position="first", kind="stable") if show_refs else table[~refs]
 if status:
     shown = shown[shown["status"].isin(status)]
 if datasets:
     shown = shown[shown["dataset"].isin(datasets)]
 if text:
     shown = shown[shown.astype(str).apply(lambda r: r.str.contains(text, case=False, regex=False)).any(axis=1)]
-st.dataframe(shown, hide_index=True, width="stretch")
+st.dataframe(shown, hide_index=True, width="stretch",
+             column_config={"verdict_p": st.column_config.NumberColumn("verdict p", format="%.3g"),
+                            "ttest_p_paper": st.column_config.NumberColumn("t-test p (the paper's statistic)"),
+                            "paired_ttest_p_paper": st.column_config.NumberColumn(
+                                "paired t-test p (the paper's statistic)")})
+if refs.any() and not show_refs:
+    with st.expander(f"Reference models: {int(refs.sum())} in {table.loc[refs, 'bank'].nunique()} bank(s)"):
+        st.dataframe(pd.DataFrame(bank_summary(store.list_runs()), columns=BANK_COLUMNS), hide_index=True,
+                     width="stretch", key="runs_banks")
 st.download_button("Export all runs (CSV)", runs_csv(store), "ufm-runs.csv", "text/csv", key="runs_csv")
 
 if shown.empty:

@@ -12,9 +12,10 @@ import torch
 
 from ufm.canary import stamp_feature
 from ufm.plots import histogram_figure, image_figure, loss_curve_figure
-from ufm.reference import bank_status, submit_bank
+from ufm.jobs import queue_estimate
+from ufm.reference import bank_status, cancel_unneeded_bank, submit_bank
 from ufm.store import RunNotFound, RunRecord
-from ufm.verdict import run_verdict
+from ufm.verdict import stored_verdict
 
 from . import access, state
 
@@ -74,7 +75,8 @@ def progress_fragment(run_id: str) -> None:
         curve[p["epoch"]] = dict(epoch=p["epoch"], train_loss=p["train_loss"], val_loss=p["val_loss"],
                                  val_acc=p["val_acc"])
     if rec.status == "queued":
-        st.info(f"Run {state.short(run_id)} is queued behind the runs ahead of it on this device.")
+        est = queue_estimate(state.store(), run_id, slots=state.runner().workers_per_device)
+        st.info(f"Run {state.short(run_id)} is queued" + (f": {est.text()}" if est is not None else "."))
     else:
         ep, mx = p.get("epoch", 0), max(p.get("max_epochs", 1), 1)
         label = {"data": "loading data", "train": f"training: epoch {ep} (at most {mx}; early stopping may end it sooner)",
@@ -99,35 +101,63 @@ def progress_fragment(run_id: str) -> None:
     if access.confirm_button("Cancel run", f"cancel_{run_id}", target=run_id, needed=not mine,
                              prompt=f"Run {state.short(run_id)} was not started in this session: someone else may "
                                     "be waiting for it. Cancel it anyway?"):
-        state.runner().cancel(run_id)
+        cancel_run(run_id)
         st.rerun()
 
 
-@st.cache_data(show_spinner="Scoring the feature on the reference models ...", max_entries=64)
-def _verdict(run_id: str, bank_ids: tuple[str, ...]) -> dict:
-    """The run's verdict, recomputed only when its bank changes (reference scores are cached on disk too)."""
-    return run_verdict(state.store(), state.store().get(run_id)).to_dict()
+def cancel_run(run_id: str) -> None:
+    """Cancel a run, and the reference models queued for its verdict unless another run needs them."""
+    runner = state.runner()
+    runner.cancel(run_id)
+    rec = state.store().get(run_id)
+    if not rec.is_reference:
+        cancel_unneeded_bank(state.store(), rec.config, except_run=run_id, cancel=runner.cancel)
 
 
 def verdict_box(rec: RunRecord) -> dict:
-    """The verdict (calibrated once the bank of reference models is complete), what decided it, and
-    the bank's progress with a button to train it. Returns the verdict as a dict."""
-    bank = bank_status(state.store(), rec.config)
-    v = _verdict(rec.id, bank.run_ids if bank.complete else ())
-    box, icon = STATUS_STYLE[v["status"]]
-    box(f"**{v['headline']}.** {v['text']}", icon=icon)
-    if v["provisional"] or (v["status"] == "inconclusive" and not bank.complete):
-        if v.get("calibration"):
-            st.caption(v["calibration"])
-        c1, c2 = st.columns([3, 1])
-        c1.info(f"Reference models for this setting: {bank.done} of {bank.references} finished. When all are done "
-                "the calibrated verdict replaces the provisional one (they are trained once per dataset, "
-                "architecture, regularisers and budget, and serve every feature, canary and seed).")
-        if c2.button("Train the reference models", key=f"bank_{rec.id}", disabled=bank.complete):
-            access.mark_started(*submit_bank(state.runner(), rec.config))
-            st.rerun()
+    """The run's verdict record (calibrated once the bank of reference models is complete), what
+    decided it, and, while it waits for the bank, the bank's progress, refreshed by itself. Returns
+    the verdict as a dict."""
+    with st.spinner("Scoring the feature on the reference models ..."):
+        v = stored_verdict(state.store(), rec)  # the one record every surface shows, brought up to date
+    box, icon = STATUS_STYLE[v.status]
+    box(f"**{v.headline}.** {v.text}", icon=icon)
+    if not v.final:
+        if v.calibration:
+            st.caption(v.calibration)
+        bank_fragment(rec.id, v.to_dict())
     st.caption(CAVEAT)
-    return v
+    return v.to_dict()
+
+
+BANK_REFRESH = 5.0  # seconds between looks at the store while a result waits for its reference models
+
+
+@st.fragment(run_every=BANK_REFRESH)
+def bank_fragment(run_id: str, shown: dict) -> None:
+    """While the verdict is not final: the bank's progress and the button to train it (disabled
+    while its models are queued or training). Every few seconds it looks again; when the stored
+    verdict changes (the bank completed: the worker stored the calibrated verdict) the whole page
+    is redrawn with it, no reload needed."""
+    store = state.store()
+    try:
+        rec = store.get(run_id)
+    except RunNotFound:
+        st.rerun()  # deleted meanwhile: the page says so
+    v = stored_verdict(store, rec)
+    if v is None or v.to_dict() != shown:
+        st.rerun(scope="app")  # the verdict changed: redraw the result with it
+    bank = bank_status(store, rec.config)
+    c1, c2 = st.columns([3, 1])
+    queued = f", {bank.active} queued or training" if bank.active else ""
+    c1.info(f"Reference models for this setting: {bank.done} of {bank.references} finished{queued}. When all are "
+            "done the calibrated verdict replaces the provisional one, here, without a reload (they are trained "
+            "once per dataset, architecture, regularisers and budget, and serve every feature, canary and seed).")
+    busy = bank.complete or bank.queued
+    if c2.button("Train the reference models", key=f"bank_{run_id}", disabled=busy,
+                 help="Already queued or training: the verdict updates when they finish." if bank.queued else None):
+        access.mark_started(*submit_bank(state.runner(), rec.config))
+        st.rerun(scope="fragment")
 
 
 def disagreement_note(summary: dict, alpha: float = 0.05) -> str | None:
@@ -165,14 +195,15 @@ def metrics_row(summary: dict, verdict: dict) -> None:
     c[1].metric("X_u (nats)", fmt(summary["X_u"]), help="Mean KL change with the unique feature.")
     c[2].metric("X_r (nats)", fmt(summary["X_r"]), help="Mean KL change with random features.")
     ref = verdict["test"] == "reference"
-    c[3].metric("calibrated p (reference models)" if ref else "fast test p (provisional)",
-                fmt(verdict["p_value"] if ref else summary["exposure_p_value"], 3),
+    # The verdict record's p and its label, as `ufm runs show` and the exports print them.
+    c[3].metric(verdict["p_label"], verdict["p_text"],
                 help="Rank of this model's M among the reference models' M" if ref else
                 f"Rank {summary['rank']} of {summary['candidates'] + 1} among candidate features "
                 f"({summary.get('family') or 'permute'} family) on this model")
     c = st.columns(4)
-    c[0].metric("t-test p (paper's, Welch)", fmt(summary["p_value"], 3), help="Shown, never decides: see below.")
-    c[1].metric("paired t-test p (paper's)", fmt(summary["p_value_paired"], 3))
+    c[0].metric("t-test p (the paper's statistic, Welch)", fmt(summary["p_value"], 3),
+                help="Shown, never decides: see below.")
+    c[1].metric("paired t-test p (the paper's statistic)", fmt(summary["p_value_paired"], 3))
     c[2].metric("exposure (bits)", fmt(summary["exposure"], 3), help="log2(K + 1) - log2(rank) of the fast test.")
     c[3].metric("test accuracy", f"{100 * summary['test_accuracy']:.2f}%")
     if summary.get("epsilon") is not None:

@@ -520,3 +520,110 @@ def test_disagreement_note_only_when_m_and_the_rank_test_point_different_ways():
     assert disagreement_note({"M": 0.5, "X_r": 1.0, "exposure_p_value": 0.01}) is None  # agree
     assert disagreement_note({"M": -0.1, "X_r": 1.0, "exposure_p_value": 0.6}) is None  # agree
     assert disagreement_note({"M": float("nan"), "exposure_p_value": 0.01}) is None
+
+
+# ------------------------------------------------------------------ one verdict, live; a fair queue (issue 17)
+
+def test_result_page_turns_calibrated_when_the_bank_completes_without_a_reload(app_env):
+    """The result page of a provisional run follows its bank: its button is disabled once the bank
+    is queued, and when the bank finishes (recorded as the worker records it) the next run of the
+    page script (the fragment's tick or any rerun: no reload, same session) shows the calibrated
+    verdict with the p-value every other surface shows. Then the Runs page hides the 39 reference
+    models unless asked."""
+    import dataclasses
+
+    from dashboard import state
+    from ufm.canary import CanaryChoice
+    from ufm.experiment import ExperimentConfig, run_experiment
+    from ufm.features import glyph
+    from ufm.jobs import measure
+    from ufm.reference import bank_configs
+    from ufm.store import BACKGROUND
+    from ufm.verdict import Verdict, after_run
+
+    store = state.store()
+    state.runner()  # first, so its start-up recovery has already looked at the store
+    cfg = ExperimentConfig(feature=glyph("A"), dataset="mnist", data_dir=state.data_dir(), epochs=2, patience=1,
+                           ood_size=40, candidates=9, canary=CanaryChoice("index", (0,)), seed=4242)
+    run_id, _, _ = measure(store, cfg)
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
+    at.query_params["run"] = run_id
+    at.switch_page("app_pages/train.py").run()
+    assert not at.exception
+    boxes = [b.value for b in [*at.error, *at.success, *at.warning] if b.value.startswith("**")]
+    assert len(boxes) == 1 and "(provisional)" in boxes[0]
+    assert any("0 of 39 finished" in i.value for i in at.info)
+    assert not at.button(key=f"bank_{run_id}").disabled
+
+    refs = bank_configs(cfg)
+    parked = [store.create_run(c, priority=BACKGROUND) for c in refs]  # queued (e.g. by another session)
+    at.run()
+    assert at.button(key=f"bank_{run_id}").disabled
+    assert any("0 of 39 finished, 39 queued or training" in i.value for i in at.info)
+
+    clean = run_experiment(refs[0])  # one clean model stands in for all 39 (their weights are what counts)
+    for c, rid in zip(refs, parked):
+        assert store.mark_running(rid)
+        store.save_result(rid, dataclasses.replace(clean, config=c))
+    after_run(store, parked[-1])  # what the worker does after the last reference model
+    at.run()
+    assert not at.exception
+    v = Verdict.from_dict(store.get(run_id).verdict)
+    assert v.test == "reference"
+    boxes = [b.value for b in [*at.error, *at.success, *at.warning] if b.value.startswith("**")]
+    assert boxes == [f"**{v.headline}.** {v.text}"] and "provisional" not in boxes[0]
+    assert {m.label: m.value for m in at.metric}["calibrated p (reference models)"] == v.p_text
+    assert not any("Reference models for this setting" in i.value for i in at.info)
+    assert not [b for b in at.button if b.key == f"bank_{run_id}"]
+
+    at.switch_page("app_pages/runs.py").run()
+    assert not at.exception
+    listed = set(at.dataframe[0].value["id"])
+    assert run_id in listed and not listed & set(parked)  # reference models hidden by default ...
+    assert any(e.label.startswith("Reference models: ") for e in at.expander)  # ... summarised per bank
+    at.toggle(key="runs_refs").set_value(True).run()
+    assert set(parked) <= set(at.dataframe[0].value["id"])  # ... and shown when asked
+
+
+def test_cancelling_a_run_cancels_the_bank_queued_for_it(app_env):
+    from dashboard import access, state
+    from ufm.canary import CanaryChoice
+    from ufm.experiment import ExperimentConfig
+    from ufm.features import glyph
+    from ufm.reference import bank_configs
+    from ufm.store import BACKGROUND
+
+    state.runner()
+    store = state.store()
+    cfg = ExperimentConfig(feature=glyph("A"), dataset="mnist", data_dir=state.data_dir(), epochs=7,
+                           canary=CanaryChoice("index", (0,)), seed=77)
+    run_id = store.create_run(cfg)  # parked: no worker takes it
+    bank = [store.create_run(c, priority=BACKGROUND) for c in bank_configs(cfg)[:3]]
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.session_state[state.RUN] = run_id
+    at.session_state[access.STARTED_KEY] = {run_id}
+    at.switch_page("app_pages/train.py").run()
+    assert any("in the queue" in i.value for i in at.info)  # its queue position, not "behind the runs ahead"
+    at.button(key=f"cancel_{run_id}").click().run()
+    assert not at.exception and store.get(run_id).status == "cancelled"
+    assert {store.get(b).status for b in bank} == {"cancelled"}
+
+
+def test_start_after_cancel_always_starts_a_new_run(app_env):
+    """Start, Cancel, Start with the same choices: the second Start queues a new run (it used to
+    get the cancelled run back while that run was still in the runner's queue)."""
+    from dashboard import state
+    at = _app().switch_page("app_pages/train.py").run()
+    at.number_input(key="tr_seed").set_value(9191).run()  # a setting no other test trains
+    at.number_input(key="tr_ood").set_value(30).run()
+    at.button(key="tr_start").click().run()
+    first = at.session_state[state.RUN]
+    at.button(key=f"cancel_{first}").click().run()
+    assert not at.exception and state.store().get(first).status in ("cancelled", "running")
+    at.button(key="tr_start").click().run()
+    second = at.session_state[state.RUN]
+    assert second != first and state.store().get(second).status in ("queued", "running")
+    assert not any("was cancelled" in w.value for w in at.warning)
+    state.runner().cancel(second)
+    _wait_done(second)
+    _wait_done(first)

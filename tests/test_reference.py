@@ -81,11 +81,11 @@ def test_verdict_precedence():
     summary = {"status": "memorised", "significant": True, "verdict": "fast says so.", "exposure_p_value": 0.01,
                "learned": True, "feature_kind": "glyph", "family": "strokes"}
     fast = decide(summary, None, arch="mlp")
-    assert fast.provisional and fast.status == "memorised" and "Provisional" in fast.text
+    assert fast.provisional and fast.status == "memorised" and "needs reference models" in fast.text
     assert fast.headline == "Memorised (provisional)"
     ref = decide(summary, rank_test(0.0, np.linspace(0.1, 1, 24)), arch="mlp")
     assert ref.test == "reference" and ref.status == "not_shown" and not ref.provisional
     dead = decide(dict(summary, learned=False, learned_note="the model did not learn: accuracy 10%"), None)
-    assert dead.status == "inconclusive" and "did not learn" in dead.text
+    assert dead.status == "inconclusive" and dead.headline == "Inconclusive: did not learn" and "10%" in dead.text
     old = decide({"significant": False, "verdict": "old text", "exposure_p_value": 0.3})
     assert old.status == "not_shown" and "uncalibrated" in old.calibration

@@ -71,15 +71,15 @@ def test_side_by_side_known_answer():
     canaries = pd.DataFrame({"setting": [s.label] * 4, "status": ["done", "done", "done", "failed"],
                              "M": [0.004, -0.001, 0.002, np.nan], "X_u": [0.03, 0.01, 0.02, np.nan],
                              "X_r": [0.026, 0.011, 0.018, np.nan], "significant": [True, False, False, False],
-                             "significant_ttest": [True, False, True, False],
+                             "paper_ttest_p_below_alpha": [True, False, True, False],
                              "test_accuracy": [0.9, 0.8, 0.7, np.nan]})
     t = rp.side_by_side(canaries, "table1")
     row = t.iloc[0]
     assert (row["canaries"], row["done"], row["ufm_n_M_positive"]) == (4, 3, 2)
     assert row["ufm_mean_M_positive"] == pytest.approx(0.003)
     assert row["ufm_mean_X_u_positive"] == pytest.approx(0.025)
-    assert row["ufm_share_significant_verdict"] == pytest.approx(1 / 3)
-    assert row["ufm_share_significant_ttest"] == pytest.approx(2 / 3)
+    assert row["ufm_share_memorised_verdict"] == pytest.approx(1 / 3)
+    assert row["ufm_share_paper_ttest_p_below_alpha"] == pytest.approx(2 / 3)
     assert row["ufm_test_accuracy"] == pytest.approx(0.8)
     assert row["ufm_top5_M"] == "0.004, 0.002, -0.001"
     assert row["paper_mean_M_positive"] == 0.0013 and row["paper_top5_significant"] == "5/5"

@@ -374,10 +374,9 @@ class AuditResult:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AuditResult":
-        v = {k: d["verdict"][k] for k in ("status", "test", "p_value", "text", "calibration")}
         return cls(AuditConfig.from_dict(d["config"]), d["model_name"], d["model_sha256"], d["input_spec"],
                    d["output_kind"], d["num_classes"], MScore.from_dict(d["score"]),
-                   AccessScores.from_dict(d["access"]), Verdict(**v), d.get("family_reason"), d["n_ood"],
+                   AccessScores.from_dict(d["access"]), Verdict.from_dict(d["verdict"]), d.get("family_reason"), d["n_ood"],
                    d.get("test_accuracy"), d.get("learned"), d.get("learned_note", ""), d.get("score_seconds", 0.0),
                    d.get("versions", {}))
 
@@ -407,24 +406,29 @@ def ignores_input(clean_out: torch.Tensor, score: MScore) -> str | None:
 def _decide(score: MScore, cal: FastTestCalibration | None, reason: str | None, learned: bool | None,
             learned_note: str, dead: str | None = None) -> Verdict:
     """The audit's verdict from the fast test and its calibration (never from the t-tests)."""
+    # The texts never start with the headline: every surface prints "headline. text".
     if dead is not None:
-        return Verdict(INCONCLUSIVE, "none", None, f"Inconclusive: {dead}. The numbers are shown as measurements, "
+        return Verdict(INCONCLUSIVE, "none", None, f"{_capital(dead)}. The numbers are shown as measurements, "
                        "not as a verdict.")
     if learned is False:
-        return Verdict(INCONCLUSIVE, "none", None, f"Inconclusive: {learned_note}. A model that did not learn says "
-                       "nothing about memorisation either way.")
+        return Verdict(INCONCLUSIVE, "none", None, f"{_capital(learned_note)}. A model that did not learn says "
+                       "nothing about memorisation either way.", learned=False)
     if reason is not None:
         return Verdict(INCONCLUSIVE, "none", None,
-                       f"Inconclusive: {reason}. The numbers are shown as measurements, not as a verdict.",
+                       f"{_capital(reason)}. The numbers are shown as measurements, not as a verdict.",
                        cal.text() if cal is not None else None)
     assert cal is not None
     note = (f"{cal.text()} Measured on ufm's {cal.arch} models: the closest published figure for a model "
             "you did not train.")
     if score.status == INCONCLUSIVE:
-        return Verdict(INCONCLUSIVE, "fast", None, f"Inconclusive: {score.verdict()}", note)
+        return Verdict(INCONCLUSIVE, "fast", None, score.verdict(), note)
     return Verdict(score.status, "fast", score.exposure_p_value,
-                   f"Provisional: {score.verdict()} A model you did not train has no reference models; the fast test "
+                   f"{score.verdict()} A model you did not train has no reference models; the fast test "
                    "is used where the calibration study found it calibrated for this kind of feature.", note)
+
+
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def run_audit(model: OnnxModel, config: AuditConfig, *, x_ood: torch.Tensor | None = None,

@@ -31,7 +31,8 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .jobs import CANCEL_POLL, HEARTBEAT_INTERVAL, PROGRESS_INTERVAL, Heartbeat, Runner, reusable_run
-from .store import FINISHED, RunRecord, Store, StoreError
+from .store import FINISHED, FOREGROUND, RunRecord, Store, StoreError
+from .verdict import after_run
 
 if TYPE_CHECKING:
     from .experiment import ExperimentConfig
@@ -50,10 +51,12 @@ class Executor(ABC):
     store: Store
 
     @abstractmethod
-    def submit(self, config: "ExperimentConfig", *, force: bool = False) -> str:
+    def submit(self, config: "ExperimentConfig", *, force: bool = False, priority: int = FOREGROUND) -> str:
         """Queue ``config`` and return its run id at once. Without ``force`` a finished identical
         run (same config key and ufm version) is returned instead and nothing trains, and so is
-        an identical run this executor already has queued or running."""
+        an identical run this executor already has queued or running. ``priority``: lower starts
+        first (:data:`~ufm.store.FOREGROUND` for a user's runs, :data:`~ufm.store.BACKGROUND` for
+        reference models)."""
 
     @abstractmethod
     def cancel(self, run_id: str) -> str:
@@ -112,8 +115,8 @@ class LocalExecutor(Executor):
                                                                **runner_kwargs)
         self.store = self.runner.store
 
-    def submit(self, config: "ExperimentConfig", *, force: bool = False) -> str:
-        return self.runner.submit(config, force=force)
+    def submit(self, config: "ExperimentConfig", *, force: bool = False, priority: int = FOREGROUND) -> str:
+        return self.runner.submit(config, force=force, priority=priority)
 
     def cancel(self, run_id: str) -> str:
         return self.runner.cancel(run_id)
@@ -298,7 +301,9 @@ class RayExecutor(Executor):
         self._monitor.start()
 
     # ------------------------------------------------------------------ the interface
-    def submit(self, config: "ExperimentConfig", *, force: bool = False) -> str:
+    def submit(self, config: "ExperimentConfig", *, force: bool = False, priority: int = FOREGROUND) -> str:
+        """See :meth:`Executor.submit`. The priority is recorded in the store and passed to Ray as
+        nothing more: Ray's scheduler places the tasks as resources free up."""
         from . import __version__
 
         if config.device not in ("auto", "cpu") and not (config.device.startswith("cuda") and self.num_gpus > 0):
@@ -311,7 +316,7 @@ class RayExecutor(Executor):
             reused = None if force else reusable_run(self.store, self._inflight, config, ident)
             if reused is not None:
                 return reused
-            run_id = self.store.create_run(config, status="queued")
+            run_id = self.store.create_run(config, status="queued", priority=priority)
             ref = self._task.remote(config.to_json(), run_id, self._channel, self.threads, self._env)
             self._refs[run_id] = ref
             self._ended[run_id] = threading.Event()
@@ -439,6 +444,7 @@ class RayExecutor(Executor):
                 self.store.mark_running(run_id)
             self.store.save_result(run_id, out["result"], input_shape=out["input_shape"],
                                    num_classes=out["num_classes"])
+            after_run(self.store, run_id)  # the verdict records, as ufm.jobs.execute does for local runs
         except Exception as e:  # noqa: BLE001 - record it; the loop goes on with the other runs
             log.exception("run %s could not be recorded", run_id)
             try:

@@ -19,10 +19,11 @@ import os
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from . import experiment, worker
-from .store import ACTIVE, FINISHED, RunRecord, Store, StoreError
+from .store import ACTIVE, FINISHED, FOREGROUND, RunRecord, Store, StoreError
 from .train import CancelFlag, Progress, ProgressFn, TrainingCancelled, is_cancelled
 
 if TYPE_CHECKING:
@@ -140,6 +141,10 @@ def execute(store: Store, run_id: str, config: "ExperimentConfig", *, progress: 
     except BaseException as e:
         store.mark_failed(run_id, f"the result could not be saved: {_describe(e)}")
         raise
+    # The verdict record: this run's, and if it completed a bank, those of the runs waiting for it.
+    from .verdict import after_run
+
+    after_run(store, run_id)
     return result
 
 
@@ -210,6 +215,9 @@ def _run_main(home: str, run_id: str, config: "ExperimentConfig", env: dict[str,
 MAX_PENDING = int(os.environ.get("UFM_MAX_PENDING", "200"))
 
 
+_LAST = 2**62  # the priority of the shutdown markers: after every run
+
+
 class QueueFull(RuntimeError):
     """The runner holds ``max_pending`` unfinished runs; the message says what to do."""
 
@@ -217,11 +225,21 @@ class QueueFull(RuntimeError):
 def reusable_run(store: Store, inflight: dict[tuple[str, str], str], config: "ExperimentConfig",
                  ident: tuple[str, str]) -> str | None:
     """The run that already answers ``config``: a finished identical run in the store (same config
-    key and ufm version), else an identical run this executor has queued or running; None if neither."""
+    key and ufm version), else an identical run this executor has queued or running and nobody
+    asked to cancel; None if neither."""
     hit = store.find_cached(config)
     if hit is not None:
         return hit.id
-    return inflight.get(ident)
+    run_id = inflight.get(ident)
+    if run_id is None:
+        return None
+    # A run cancelled a moment ago is still in flight until its worker lets go of it: reusing it
+    # made Start after Cancel show the cancelled run again (or wait for it), so it is never reused.
+    try:
+        rec = store.get(run_id)
+    except StoreError:
+        return None
+    return run_id if rec.status in ACTIVE and not rec.cancel_requested else None
 
 
 class Runner:
@@ -266,6 +284,8 @@ class Runner:
         self._cancel: dict[str, threading.Event] = {}   # run id -> its cancel flag (runs of this runner)
         self._ended: dict[str, threading.Event] = {}    # run id -> set when the worker is done with it
         self._inflight: dict[tuple[str, str], str] = {}  # (config key, version) -> queued/running run id
+        self._queued_at: dict[str, int] = {}  # run id -> its priority, while it waits in a queue
+        self._seq = 0  # submission counter: first in, first out within a priority
         self._closed = False
         self._heartbeat = Heartbeat(store, heartbeat_interval).start()
 
@@ -275,12 +295,16 @@ class Runner:
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
 
-    def submit(self, config: "ExperimentConfig", *, force: bool = False) -> str:
+    def submit(self, config: "ExperimentConfig", *, force: bool = False, priority: int = FOREGROUND) -> str:
         """Queue ``config`` and return its run id at once.
 
         Without ``force``, a finished identical run (same config key and ufm version) is returned
         instead (nothing is trained), and so is an identical run already queued or running in
-        this runner.
+        this runner (moved up to ``priority`` if it was queued lower).
+
+        ``priority``: lower starts first; runs of one priority in the order first queued. A
+        user's runs are :data:`~ufm.store.FOREGROUND`; reference models queued for a calibrated
+        verdict are :data:`~ufm.store.BACKGROUND`, so they never hold up a run someone waits for.
 
         Raises:
             ValueError: the config's device is not available here.
@@ -296,24 +320,37 @@ class Runner:
                 raise RuntimeError("this Runner was shut down; create a new one")
             reused = None if force else reusable_run(self.store, self._inflight, config, ident)
             if reused is not None:
+                if reused in self._queued_at and priority < self._queued_at[reused] \
+                        and self.store.set_priority(reused, priority):
+                    self._queued_at[reused] = priority  # the older entry is skipped when it comes up
+                    self._put(dev, priority, self.store.get(reused).created, (reused, config, ident))
                 return reused
             pending = sum(not ev.is_set() for ev in self._ended.values())
             if pending >= self.max_pending:
                 raise QueueFull(f"{pending} runs are already queued or running here (the limit is {self.max_pending}, "
                                 "UFM_MAX_PENDING): wait for some to finish or cancel them on the Runs page")
-            run_id = self.store.create_run(config, status="queued")
+            run_id = self.store.create_run(config, status="queued", priority=priority)
             self._cancel[run_id] = threading.Event()
             self._ended[run_id] = threading.Event()
             self._inflight[ident] = run_id
-            q = self._queues.get(dev)
-            if q is None:
-                q = self._queues[dev] = queue.Queue()
-                for i in range(self.workers_per_device):
-                    t = threading.Thread(target=self._work, args=(q,), name=f"ufm-slot-{dev}-{i}", daemon=True)
-                    t.start()
-                    self._threads.append(t)
-            q.put((run_id, config, ident))
+            self._queued_at[run_id] = priority
+            self._put(dev, priority, self.store.get(run_id).created, (run_id, config, ident))
         return run_id
+
+    def _put(self, dev: str, priority: int, created: float, item: tuple | None) -> None:
+        """Queue ``item`` on ``dev``'s queue (started with its slots on first use); call with the lock held.
+        Entries are ``(priority, created, sequence, item)``: the order of the store's
+        :meth:`~ufm.store.Store.queue_ahead` (so the position a page shows is the true one), one
+        priority first in, first out."""
+        q = self._queues.get(dev)
+        if q is None:
+            q = self._queues[dev] = queue.PriorityQueue()
+            for i in range(self.workers_per_device):
+                t = threading.Thread(target=self._work, args=(q,), name=f"ufm-slot-{dev}-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
+        self._seq += 1
+        q.put((priority, created, self._seq, item))
 
     def cancel(self, run_id: str) -> str:
         """Stop a run: a queued one is ``cancelled`` at once, a running one at its next batch,
@@ -323,6 +360,9 @@ class Runner:
         status = self.store.request_cancel(run_id)
         with self._lock:
             ev = self._cancel.get(run_id)
+            # Not reusable from now on: Start right after Cancel queues a new run.
+            for ident in [k for k, v in self._inflight.items() if v == run_id]:
+                del self._inflight[ident]
         if ev is not None:
             ev.set()
         return status
@@ -359,7 +399,6 @@ class Runner:
         with self._lock:
             self._closed = True
             pending = [r for r, ev in self._ended.items() if not ev.is_set()]
-            queues = list(self._queues.values())
             threads = list(self._threads)
         if cancel:
             for run_id in pending:
@@ -367,20 +406,25 @@ class Runner:
                     self.cancel(run_id)
                 except StoreError as e:
                     log.warning("could not cancel run %s: %s", run_id, e)
-        for q in queues:
-            for _ in range(self.workers_per_device):
-                q.put(None)
+        with self._lock:
+            for dev in list(self._queues):  # after every queued run: the slots finish what is queued first
+                for _ in range(self.workers_per_device):
+                    self._put(dev, _LAST, 0.0, None)
         if wait:
             for t in threads:
                 t.join(timeout)
         self._heartbeat.stop()
 
-    def _work(self, q: queue.Queue) -> None:
+    def _work(self, q: queue.PriorityQueue) -> None:
         while True:
-            item = q.get()
+            *_, item = q.get()
             if item is None:
                 return
             run_id, config, ident = item
+            with self._lock:
+                if run_id not in self._queued_at:
+                    continue  # an older entry of a run moved up the queue, already taken
+                del self._queued_at[run_id]
             try:
                 self._run_in_process(run_id, config)
             except Exception as e:  # noqa: BLE001 - the slot lives on for the next run
@@ -439,3 +483,97 @@ class Runner:
                                                f"({worker.describe_exit(proc.exitcode)})")
         elif terminated:
             log.info("run %s ended %s as its process was terminated", run_id, rec.status)
+
+
+# ---------------------------------------------------------------------------------- queue position
+
+@dataclass(frozen=True)
+class QueueEstimate:
+    """Where a queued run stands.
+
+    Attributes:
+        position: 1 + the number of runs that start before it in its runner's queue.
+        ahead: those runs (queued, same runner; see :meth:`ufm.store.Store.queue_ahead`).
+        background_ahead: how many of them are background reference models (0 unless the run
+            itself is one: a user's run is queued before every reference model).
+        running: runs training now on this machine (the slots it waits for).
+        seconds: rough wait until it starts (None without finished runs to go by): the typical
+            duration of each run ahead and the rest of each running one, shared over ``slots``.
+        basis: how ``seconds`` was estimated, in words.
+    """
+
+    position: int
+    ahead: int
+    background_ahead: int
+    running: int
+    seconds: float | None
+    basis: str
+
+    def text(self) -> str:
+        """Where it stands, for a sentence such as "Run 1234 is queued: {text}"."""
+        where = ("next in the queue" if self.ahead == 0 else
+                 f"number {self.position} in the queue ({self.ahead} run{'s' if self.ahead != 1 else ''} ahead"
+                 + (f", {self.background_ahead} of them reference models" if self.background_ahead else "") + ")")
+        busy = (f"; {self.running} run{'s are' if self.running != 1 else ' is'} training now" if self.running
+                else "")
+        eta = ("" if self.seconds is None else
+               f". It should start in about {_duration(self.seconds)} ({self.basis})")
+        return f"{where}{busy}{eta}."
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(seconds, 1):.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _setting(config_data: dict[str, Any]) -> tuple:
+    """What a run's duration mostly depends on: data, model, regularisers and budget."""
+    c = config_data
+    return (c.get("dataset"), c.get("arch"), tuple(c.get("regularisers") or ()), c.get("train_size"),
+            c.get("epochs"), c.get("batch_size"), c.get("device"))
+
+
+def queue_estimate(store: Store, run_id: str, *, slots: int = 1, history: int = 200) -> QueueEstimate | None:
+    """The queue position of queued run ``run_id`` and a rough wait; None unless it is queued.
+
+    The duration of a run is the median (``finished - started``) of the latest ``history`` finished
+    runs of the same setting (:func:`_setting`), else of all of them; a running run counts with
+    that duration minus the time it has run (at least 0). The total is divided by ``slots`` (the
+    runner's ``workers_per_device``).
+    """
+    import statistics
+
+    rec = store.get(run_id)
+    if rec.status != "queued":
+        return None
+    ahead = store.queue_ahead(run_id)
+    running = store.list_runs("running")
+    durations: dict[tuple, list[float]] = {}
+    every: list[float] = []
+    for r in store.list_runs("done", limit=history):
+        if r.started is not None and r.finished is not None and r.finished >= r.started:
+            d = r.finished - r.started
+            durations.setdefault(_setting(r.config_data), []).append(d)
+            every.append(d)
+    seconds, basis = None, ""
+    if every:
+        overall = statistics.median(every)
+        exact = 0
+
+        def typical(r: RunRecord) -> float:
+            nonlocal exact
+            same = durations.get(_setting(r.config_data))
+            exact += same is not None
+            return statistics.median(same) if same else overall
+
+        now = time.time()
+        work = sum(typical(r) for r in ahead)
+        work += sum(max(0.0, typical(r) - (now - (r.started or now))) for r in running)
+        seconds = work / max(1, int(slots))
+        n = len(ahead) + len(running)
+        basis = ("from how long finished runs of the same settings took" if exact == n
+                 else "rough: from how long earlier runs took")
+    return QueueEstimate(len(ahead) + 1, len(ahead), sum(r.is_reference for r in ahead), len(running), seconds, basis)

@@ -32,6 +32,7 @@ model's seed (its clean twin would not be an independent draw).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from .canary import CanaryChoice
 
 if TYPE_CHECKING:
     from .experiment import ExperimentConfig
+    from .executors import Executor
     from .jobs import Runner
     from .store import Store
     from .train import CancelFlag, ProgressFn
@@ -76,10 +78,41 @@ def bank_config(config: "ExperimentConfig", seed: int) -> "ExperimentConfig":
     scoring is set to one canonical value, so the same bank serves every feature and scoring choice
     (each reference model is re-scored for a feature by :func:`reference_scores`).
     """
+    return config.replace(canary=CanaryChoice("none", ()), seed=int(seed), feature=_canonical_feature(), **_CANONICAL)
+
+
+# What bank_config fixes for every reference model, as in the stored config JSON: a run whose config
+# has these values and a seed from the reference range is a reference model.
+_CANONICAL = {"ood_size": 2, "repeats": 1, "candidates": 1, "random_kind": None, "checkpoint_every": 0}
+
+
+def reference_bank_of(config: dict[str, Any]) -> str | None:
+    """The bank key (:func:`bank_key`) of a reference model, from its config as stored (plain JSON
+    data, as ``json.loads(config.to_json())``); None for every other run.
+
+    Works on the dict so the store can mark the reference models of an older store when it
+    migrates it. For a config written by this ufm the key equals :func:`bank_key`.
+    """
+    try:
+        seed = int(config.get("seed", -1))
+        canary = config.get("canary") or {}
+    except (TypeError, ValueError, AttributeError):
+        return None
+    if seed < REFERENCE_SEED_BASE or canary.get("mode") != "none":
+        return None
+    if any(config.get(k, v) != v for k, v in _CANONICAL.items()):
+        return None
+    if config.get("feature") != json.loads(json.dumps(_canonical_feature().to_dict())):
+        return None
+    d = {k: v for k, v in config.items() if k != "data_dir"}
+    d["seed"] = 0
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _canonical_feature():
     from .features import glyph
 
-    return config.replace(canary=CanaryChoice("none", ()), seed=int(seed), feature=glyph("A", size=2, offset=(0, 0)),
-                          ood_size=2, repeats=1, candidates=1, random_kind=None, checkpoint_every=0)
+    return glyph("A", size=2, offset=(0, 0))
 
 
 def bank_configs(config: "ExperimentConfig", references: int = DEFAULT_REFERENCES) -> list["ExperimentConfig"]:
@@ -93,11 +126,18 @@ def bank_key(config: "ExperimentConfig") -> str:
 
 @dataclass(frozen=True)
 class BankStatus:
-    """Which reference models of a bank are finished (``run_ids``) and which are not (``missing``)."""
+    """Which reference models of a bank are finished (``run_ids``) and which are not (``missing``);
+    ``active``: how many of the missing ones are queued or training now."""
 
     references: int
     run_ids: tuple[str, ...]
     missing: tuple["ExperimentConfig", ...]
+    active: int = 0
+
+    @property
+    def queued(self) -> bool:
+        """Every missing reference model is already queued or training: nothing to submit."""
+        return bool(self.missing) and self.active >= len(self.missing)
 
     @property
     def complete(self) -> bool:
@@ -109,7 +149,10 @@ class BankStatus:
 
 
 def bank_status(store: "Store", config: "ExperimentConfig", references: int = DEFAULT_REFERENCES) -> BankStatus:
-    """Look the bank of ``config`` up in the run store (finished, cached runs only)."""
+    """Look the bank of ``config`` up in the run store (finished, cached runs only; the ``active``
+    count: missing ones queued or running in any process)."""
+    from . import __version__
+
     found, missing = [], []
     for cfg in bank_configs(config, references):
         hit = store.find_cached(cfg)
@@ -117,13 +160,84 @@ def bank_status(store: "Store", config: "ExperimentConfig", references: int = DE
             missing.append(cfg)
         else:
             found.append(hit.id)
-    return BankStatus(int(references), tuple(found), tuple(missing))
+    active = 0
+    if missing:
+        keys = {c.key() for c in missing}
+        rows = store.query("SELECT DISTINCT config_key FROM runs WHERE status IN ('queued', 'running') AND "
+                           "code_version = ? AND bank = ?", (__version__, bank_key(config)))
+        active = sum(r[0] in keys for r in rows)
+    return BankStatus(int(references), tuple(found), tuple(missing), active)
 
 
-def submit_bank(runner: "Runner", config: "ExperimentConfig", references: int = DEFAULT_REFERENCES) -> list[str]:
-    """Queue the missing reference models of ``config`` on ``runner`` (background); returns their run ids.
-    Finished ones are reused by the store's cache, queued ones are not queued twice."""
-    return [runner.submit(cfg) for cfg in bank_configs(config, references)]
+def submit_bank(runner: "Runner | Executor", config: "ExperimentConfig",
+                references: int = DEFAULT_REFERENCES) -> list[str]:
+    """Queue the missing reference models of ``config`` on ``runner`` in the background (behind
+    every run a user starts, :data:`ufm.store.BACKGROUND`); returns their run ids. Finished ones
+    are reused by the store's cache, queued ones are not queued twice."""
+    from .store import BACKGROUND
+
+    return [runner.submit(cfg, priority=BACKGROUND) for cfg in bank_configs(config, references)]
+
+
+def cancel_unneeded_bank(store: "Store", config: "ExperimentConfig", *, except_run: str | None = None,
+                         cancel: "Callable[[str], Any] | None" = None) -> list[str]:
+    """Cancel the unfinished reference models of ``config``'s bank unless another run still needs
+    them; returns the ids cancelled.
+
+    A bank is needed by a run of the same training setting (not a reference model itself, not
+    ``except_run``) that is queued or running, or done with a verdict that is not final yet (no
+    stored verdict, or the provisional fast test's): the bank would calibrate it. Called when the
+    user cancels a run: its bank should not keep the machine busy for nobody.
+
+    ``cancel``: how to cancel a run (the runner's ``cancel``, which also stops a running one of
+    this process at once); None = ``store.request_cancel`` (any process's run, by the store's flag).
+    """
+    cancel = cancel if cancel is not None else store.request_cancel
+    key = bank_key(config)
+    for r in store.query("SELECT id, status, config_json, verdict_json FROM runs WHERE bank IS NULL AND "
+                         "status IN ('queued', 'running', 'done') AND id IS NOT ?", (except_run,)):
+        if r["status"] == "done" and r["verdict_json"] is not None and \
+                json.loads(r["verdict_json"]).get("test") != "fast":
+            continue  # final: calibrated, or inconclusive because the model did not learn
+        try:
+            needs = _setting_key(r["config_json"]) == key
+        except Exception:  # noqa: BLE001 - a config this ufm cannot read is not of this bank
+            needs = False
+        if needs:
+            return []
+    ids = [r[0] for r in store.query("SELECT id FROM runs WHERE bank = ? AND status IN ('queued', 'running')",
+                                     (key,))]
+    for run_id in ids:
+        cancel(run_id)
+    return ids
+
+
+def bank_may_be_complete(store: "Store", config_key: str, config_data: dict[str, Any],
+                         references: int = DEFAULT_REFERENCES) -> bool:
+    """False when the bank of a run (its ``config_key`` and stored config) certainly is not
+    complete: fewer than ``references`` finished reference models of its setting, by this ufm, are
+    in the store. One query, where :func:`bank_status` makes R + 1; True means "look closer"."""
+    from . import __version__
+
+    key = _BANK_KEYS.get(config_key)
+    if key is None:  # the config key fixes the config (data_dir aside), so it fixes the bank key
+        from .experiment import ExperimentConfig
+
+        key = _BANK_KEYS[config_key] = bank_key(ExperimentConfig.from_dict(config_data))
+    n = store.query("SELECT COUNT(DISTINCT config_key) FROM runs WHERE bank = ? AND status = 'done' AND "
+                    "code_version = ?", (key, __version__))[0][0]
+    return int(n) >= int(references)
+
+
+_BANK_KEYS: dict[str, str] = {}  # config key -> bank key (a cache; both are hashes of the config)
+
+
+@functools.lru_cache(maxsize=4096)
+def _setting_key(config_json: str) -> str:
+    """:func:`bank_key` of a stored config (cached: the same configs are looked at again and again)."""
+    from .experiment import ExperimentConfig
+
+    return bank_key(ExperimentConfig.from_json(config_json))
 
 
 def build_bank(store: "Store", config: "ExperimentConfig", references: int = DEFAULT_REFERENCES, *,

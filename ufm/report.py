@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import plotly.graph_objects as go
 
     from .studies import Study
+    from .verdict import Verdict
 
 
 # ---------------------------------------------------------------------------------- JSON and CSV
@@ -30,19 +31,27 @@ def run_json(store: Store, run_id: str, *, indent: int | None = 1) -> str:
     """A run as JSON: ``{"run": the database record, "result": the full Result dict or null}``.
 
     ``result`` (with ``d_u``, ``d_r``, the history, access scores, versions) is there for ``done``
-    runs; a failed or cancelled run carries its ``error`` in ``run``.
+    runs; a failed or cancelled run carries its ``error`` in ``run``. ``run.verdict`` is the verdict
+    record (:func:`ufm.verdict.stored_verdict`, brought up to date first): the verdict every surface shows.
     """
+    from .verdict import stored_verdict
+
+    stored_verdict(store, store.get(run_id))
     rec = store.get(run_id)
     result = json.loads(store.artifact(run_id, "result.json").read_text()) if rec.status == "done" else None
     return json.dumps({"run": rec.to_dict(), "result": result}, indent=indent, allow_nan=False)
 
 
-# The numbers people look for first (M, the fast test's call, accuracy) come right after the id and
-# status, so they are on screen in the dashboard's table without scrolling.
-RUN_TABLE_COLUMNS = ["id", "status", "M", "significant", "test_accuracy", "learned", "dataset", "arch", "regularisers",
+# The numbers people look for first (M, the verdict, accuracy) come right after the id and status,
+# so they are on screen in the dashboard's table without scrolling. The verdict columns are the run's
+# verdict record (ufm.verdict): verdict = its headline, verdict_p = the deciding p-value, verdict_test
+# = which test decided (reference: calibrated; fast: provisional), verdict_text = the full sentence.
+# The t-tests are the paper's statistics and say so in their names; they never decide.
+RUN_TABLE_COLUMNS = ["id", "status", "M", "verdict", "verdict_p", "test_accuracy", "learned", "dataset", "arch", "regularisers",
                      "feature", "canary", "seed", "created", "finished", "seconds", "max_epochs", "train_size", "X_u",
-                     "X_r", "p_value", "p_value_paired", "exposure", "exposure_p_value", "epochs_trained", "epsilon",
-                     "progress", "config_key", "code_version", "error"]
+                     "X_r", "verdict_test", "verdict_text", "ttest_p_paper", "paired_ttest_p_paper", "exposure",
+                     "exposure_p_value", "epochs_trained", "epsilon", "bank", "progress", "config_key", "code_version",
+                     "error"]
 
 
 def iso_time(t: float | None) -> str | None:
@@ -66,19 +75,28 @@ def describe_progress(rec: RunRecord) -> str:
     return f"{p.get('phase')}: {p.get('message', '')}".strip(": ")
 
 
-def run_row(rec: RunRecord) -> dict[str, Any]:
+def run_row(rec: RunRecord, verdict: "Verdict | None" = None) -> dict[str, Any]:
     """One run as a flat dict with the columns of :data:`RUN_TABLE_COLUMNS` (M etc. in nats,
-    exposure in bits, accuracy 0-1, times as local ISO strings, seconds = finished - started)."""
+    exposure in bits, accuracy 0-1, times as local ISO strings, seconds = finished - started).
+
+    ``verdict``: the run's verdict record (:func:`ufm.verdict.stored_verdict`); None = as stored
+    in ``rec`` (nothing for a run that is not done)."""
+    from .verdict import Verdict
+
     c, s = rec.config_data, rec.summary or {}
     feat = c.get("feature", {})
+    v = verdict if verdict is not None else (Verdict.from_dict(rec.verdict) if rec.verdict else None)
     return {
         "id": rec.id, "status": rec.status, "created": iso_time(rec.created), "finished": iso_time(rec.finished),
         "seconds": None if rec.finished is None or rec.started is None else round(rec.finished - rec.started, 3),
         "dataset": c.get("dataset"), "arch": c.get("arch"), "regularisers": "+".join(c.get("regularisers", [])) or "none",
         "feature": feat.get("name"), "canary": describe_canary(c["canary"]) if "canary" in c else None,
         "seed": c.get("seed"), "max_epochs": c.get("epochs"), "train_size": c.get("train_size"),
-        **{k: s.get(k) for k in ("M", "X_u", "X_r", "p_value", "p_value_paired", "exposure", "exposure_p_value",
-                                 "significant", "test_accuracy", "epochs_trained", "epsilon")},
+        **{k: s.get(k) for k in ("M", "X_u", "X_r", "exposure", "exposure_p_value", "test_accuracy", "epochs_trained",
+                                 "epsilon")},
+        "ttest_p_paper": s.get("p_value"), "paired_ttest_p_paper": s.get("p_value_paired"),
+        "verdict": v.headline if v else None, "verdict_p": v.p_value if v else None,
+        "verdict_test": v.test if v else None, "verdict_text": v.sentence if v else None, "bank": rec.bank,
         # False marks a model at chance accuracy: its run says nothing about memorisation either way
         "learned": s.get("learned") if s else None,
         "progress": describe_progress(rec), "config_key": rec.config_key, "code_version": rec.code_version,
@@ -87,8 +105,37 @@ def run_row(rec: RunRecord) -> dict[str, Any]:
 
 
 def runs_table(store: Store, status: str | Sequence[str] | None = None) -> pd.DataFrame:
-    """All runs (newest first), one row each, columns :data:`RUN_TABLE_COLUMNS`."""
-    return pd.DataFrame([run_row(r) for r in store.list_runs(status)], columns=RUN_TABLE_COLUMNS)
+    """All runs (newest first), one row each, columns :data:`RUN_TABLE_COLUMNS`; the verdicts are
+    the records, brought up to date (:func:`ufm.verdict.stored_verdict`)."""
+    from .verdict import stored_verdict
+
+    return pd.DataFrame([run_row(r, stored_verdict(store, r)) for r in store.list_runs(status)],
+                        columns=RUN_TABLE_COLUMNS)
+
+
+BANK_COLUMNS = ["bank", "setting", "models", "done", "active", "failed", "created"]
+
+
+def bank_summary(records: Sequence[RunRecord]) -> list[dict[str, Any]]:
+    """The reference models among ``records`` grouped by bank (newest bank first): per bank its key,
+    the training setting in words, and how many models are done, queued or running (``active``),
+    failed or cancelled; ``created``: when its newest model was queued (local ISO)."""
+    groups: dict[str, list[RunRecord]] = {}
+    for r in records:
+        if r.bank is not None:
+            groups.setdefault(r.bank, []).append(r)
+    out = []
+    for bank, rs in groups.items():
+        c = rs[0].config_data
+        regs = "+".join(c.get("regularisers", [])) or "no regularisers"
+        setting = (f"{c.get('dataset')} · {c.get('arch')} · {regs} · {c.get('train_size') or 'all'} images · "
+                   f"{c.get('epochs')} epochs max")
+        out.append({"bank": bank, "setting": setting, "models": len(rs),
+                    "done": sum(r.status == "done" for r in rs),
+                    "active": sum(r.status in ("queued", "running") for r in rs),
+                    "failed": sum(r.status in ("failed", "cancelled") for r in rs),
+                    "created": iso_time(max(r.created for r in rs))})
+    return sorted(out, key=lambda b: b["created"] or "", reverse=True)
 
 
 def runs_csv(store: Store, status: str | Sequence[str] | None = None) -> str:
@@ -225,12 +272,14 @@ def _versions_table(versions: dict[str, dict[str, str]]) -> str:
     return _table(["run", *cols], ([rid, *(v.get(k) for k in cols)] for rid, v in versions.items()))
 
 
-def _summary_pairs(s: dict[str, Any]) -> list[tuple[str, Any]]:
-    return [("M = X_u - X_r (nats)", s.get("M")), ("X_u (nats)", s.get("X_u")), ("X_r (nats)", s.get("X_r")),
-            ("t-test p (Welch, one-tailed)", s.get("p_value")), ("paired t-test p", s.get("p_value_paired")),
+def _summary_pairs(s: dict[str, Any], v: "Verdict | None") -> list[tuple[str, Any]]:
+    verdict = [] if v is None else [("verdict", v.headline), (v.p_label, v.p_text)]
+    return [*verdict, ("M = X_u - X_r (nats)", s.get("M")), ("X_u (nats)", s.get("X_u")), ("X_r (nats)", s.get("X_r")),
+            ("t-test p (Welch, one-tailed; the paper's statistic, never decides)", s.get("p_value")),
+            ("paired t-test p (the paper's statistic, never decides)", s.get("p_value_paired")),
             ("exposure (bits)", s.get("exposure")),
-            ("exposure p (rank test; drives the verdict)", s.get("exposure_p_value")),
-            ("significant", s.get("significant")), ("test accuracy", pct(s.get("test_accuracy"))),
+            ("exposure p (the fast test)", s.get("exposure_p_value")),
+            ("test accuracy", pct(s.get("test_accuracy"))),
             ("epochs trained", s.get("epochs_trained")), ("stopped by", s.get("stopped")),
             ("DP epsilon", s.get("epsilon")), ("canary indices", ", ".join(map(str, s.get("canary_indices", [])))
                                                or "none"), ("inference images", s.get("n_ood"))]
@@ -242,6 +291,9 @@ def run_html(store: Store, run_id: str) -> str:
     """A one-run report: verdict, numbers, d_u vs d_r histogram, training curves, config, versions."""
     from .plots import histogram_figure, loss_curve_figure
 
+    from .verdict import stored_verdict
+
+    v = stored_verdict(store, store.get(run_id))
     rec = store.get(run_id)
     body = [f"<h1>ufm run {_esc(rec.id)}</h1>",
             _kv_table([("status", rec.status), ("created", iso_time(rec.created)), ("finished", iso_time(rec.finished)),
@@ -253,8 +305,9 @@ def run_html(store: Store, run_id: str) -> str:
         s = rec.summary
         d_u, d_r = store.load_scores(run_id)
         history = store.load_history(run_id)
-        body += [f'<p class="verdict">{_esc(s.get("verdict", ""))}</p>', "<h2>Memorisation</h2>",
-                 _kv_table(_summary_pairs(s)),
+        sentence = v.sentence if v is not None else s.get("verdict", "")
+        body += [f'<p class="verdict">{_esc(sentence)}</p>', "<h2>Memorisation</h2>",
+                 _kv_table(_summary_pairs(s, v)),
                  _figure_html(histogram_figure(d_u, d_r), "fig-hist", 420),
                  "<h2>Training</h2>", _figure_html(loss_curve_figure(history), "fig-loss", 380)]
         versions[rec.id] = s.get("versions", {})
@@ -302,9 +355,10 @@ def study_html(store: Store, name: str) -> str:
 
     body += ["<h2>Memorisation by group</h2>",
              '<p class="note">Mean M over the finished runs of each group (seeds) with a 95% Student-t interval; '
-             'a group with one finished run has no interval. "Significant" is the exposure (rank) test at each '
-             "run's alpha.</p>",
-             _table(["group", "finished / members", "mean M (nats)", "95% interval", "significant",
+             'a group with one finished run has no interval. "Memorised (verdict)" counts the runs whose verdict '
+             "record says memorised (calibrated where the run's reference models exist, else the provisional "
+             "fast test); the paper's t-test never decides.</p>",
+             _table(["group", "finished / members", "mean M (nats)", "95% interval", "memorised (verdict)",
                      "mean test accuracy", "epsilon spent (DP-SGD)"],
                     ([r.group, f"{r.done} / {r.members}", r.mean_M,
                       f"[{fmt(r.ci_low)}, {fmt(r.ci_high)}]" if not math.isnan(r.ci_low) else r.interval,
@@ -333,10 +387,10 @@ def study_html(store: Store, name: str) -> str:
         body.append("</div>")
 
     body += ["<h2>Runs</h2>",
-             _table(["#", "group", "seed", "run", "status", "M (nats)", "exposure p", "significant", "test accuracy",
+             _table(["#", "group", "seed", "run", "status", "M (nats)", "verdict", "verdict p", "test accuracy",
                      "error"],
-                    ([r.position, r.group, r.seed, r.run_id or "–", r.status, r.M, r.exposure_p_value,
-                      None if r.status != "done" else bool(r.significant), pct(r.test_accuracy), r.error]
+                    ([r.position, r.group, r.seed, r.run_id or "–", r.status, r.M, r.verdict_headline,
+                      r.verdict_p_text, pct(r.test_accuracy), r.error]
                      for r in runs.itertuples()))]
     body += ["<h2>Configuration</h2>", "<p>Base configuration:</p>", _kv_table(config_rows(base)),
              "<p>Groups (what differs from the base, besides the seed):</p>",

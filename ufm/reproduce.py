@@ -228,7 +228,8 @@ def run(executor: "Executor", name: str, *, say: Callable[[str], None] | None = 
 def canary_frame(store: Store, name: str, scale: str) -> pd.DataFrame:
     """One row per canary of study ``name``: setting, end (top/bottom), image index,
     self-influence and rank, and the run's numbers (:func:`ufm.studies.runs_frame`; ``significant``
-    is the verdict, ``significant_ttest`` the paper's one-tailed Welch t-test at 0.05)."""
+    is the verdict record, ``paper_ttest_p_below_alpha`` whether the paper's one-tailed Welch t-test
+    p is below 0.05: the paper's statistic, shown to compare with the paper; it never decides)."""
     from .studies import get_study, runs_frame
     from .sweep import cached_influence, reference_config
 
@@ -250,7 +251,7 @@ def canary_frame(store: Store, name: str, scale: str) -> pd.DataFrame:
                      regularisers=["+".join(e.config.regularisers) or "none" for e in entries],
                      image=[int(e.config.canary.indices[0]) for e in entries], self_influence=infl,
                      influence_rank=rank)
-    df["significant_ttest"] = df["p_value"] < ALPHA
+    df["paper_ttest_p_below_alpha"] = df["p_value"] < ALPHA
     return df
 
 
@@ -277,19 +278,19 @@ def pearson_ci(r: float, n: int, level: float = 0.95) -> tuple[float, float]:
 TABLE_COLUMNS = ["target", "dataset", "arch", "regularisers", "canaries", "done", "paper_top5_M", "ufm_top5_M",
                  "paper_mean_M_positive", "ufm_mean_M_positive", "ufm_n_M_positive", "paper_mean_X_u_positive",
                  "ufm_mean_X_u_positive", "paper_mean_X_r_positive", "ufm_mean_X_r_positive",
-                 "paper_top5_significant", "ufm_share_significant_verdict", "ufm_share_significant_ttest",
+                 "paper_top5_significant", "ufm_share_memorised_verdict", "ufm_share_paper_ttest_p_below_alpha",
                  "paper_accuracy", "ufm_test_accuracy", "paper_ref"]
 FIGURE_COLUMNS = ["target", "dataset", "arch", "regularisers", "canaries", "done", "paper_pearson_r", "ufm_pearson_r",
-                  "ufm_pearson_p", "ufm_r_ci_low", "ufm_r_ci_high", "ufm_share_significant_verdict",
-                  "ufm_share_significant_ttest", "ufm_test_accuracy", "paper_ref"]
+                  "ufm_pearson_p", "ufm_r_ci_low", "ufm_r_ci_high", "ufm_share_memorised_verdict",
+                  "ufm_share_paper_ttest_p_below_alpha", "ufm_test_accuracy", "paper_ref"]
 
 
 def side_by_side(canaries: pd.DataFrame, target: str) -> pd.DataFrame:
     """The paper's numbers beside ufm's, one row per setting of ``target``.
 
     Tables: top-5 M (largest first), M averaged over canaries with M > 0 (the paper's AVERAGE
-    rows) with X_u/X_r over the same canaries, the share of canaries significant by the
-    calibrated verdict and by the paper's t-test, test accuracy (the paper gives validation
+    rows) with X_u/X_r over the same canaries, the share of canaries memorised by the verdict
+    record and the share with the paper's t-test p below 0.05 (its statistic), test accuracy (the paper gives validation
     accuracy for CIFAR-10 only). Figure 4: Pearson r of self-influence and M, its p-value and
     95% Fisher-z interval. Paper cells with no published value are NaN/empty."""
     paper = paper_results()
@@ -300,12 +301,12 @@ def side_by_side(canaries: pd.DataFrame, target: str) -> pd.DataFrame:
         pos = done[done["M"] > 0]
         acc = float(done["test_accuracy"].mean()) if len(done) else math.nan
         share_v = float(done["significant"].astype(bool).mean()) if len(done) else math.nan
-        share_t = float(done["significant_ttest"].astype(bool).mean()) if len(done) else math.nan
+        share_t = float(done["paper_ttest_p_below_alpha"].astype(bool).mean()) if len(done) else math.nan
         refs = sorted({r["ref"] for r in paper if r["table"] == s.target and r["dataset"] == s.dataset
                        and r["arch"] == s.arch and r["regularisers"] == s.regulariser_label})
         row: dict[str, Any] = {"target": target, "dataset": s.dataset, "arch": s.arch,
                                "regularisers": s.regulariser_label, "canaries": len(g), "done": len(done),
-                               "ufm_share_significant_verdict": share_v, "ufm_share_significant_ttest": share_t,
+                               "ufm_share_memorised_verdict": share_v, "ufm_share_paper_ttest_p_below_alpha": share_t,
                                "ufm_test_accuracy": acc, "paper_ref": "; ".join(refs)}
         if target == "figure4":
             r, p = _pearson(done["self_influence"], done["M"])
@@ -372,7 +373,7 @@ def to_html(table: pd.DataFrame, canaries: pd.DataFrame, target: str, scale: str
                                            labels=[f"image {i}" for i in done["image"]])
             body += ["<h2>Self-influence vs M</h2>", _figure_html(fig, "scatter", 450)]
     cols = ["setting", "end", "image", "self_influence", "influence_rank", "status", "M", "X_u", "X_r", "p_value",
-            "significant_ttest", "exposure_p_value", "verdict", "verdict_test", "test_accuracy", "run_id"]
+            "paper_ttest_p_below_alpha", "exposure_p_value", "verdict", "verdict_test", "test_accuracy", "run_id"]
     body += ["<h2>Canaries</h2>", _table(cols, canaries[cols].itertuples(index=False))]
     return _page(f"ufm reproduce {target} {scale}", body)
 

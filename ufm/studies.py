@@ -9,7 +9,7 @@ Kinds (what varies between groups; every group repeats the same seeds):
 
 A study lives in the run store (tables ``studies`` and ``study_runs``); each member is a config,
 linked to the run that measured it once submitted. :func:`summary` gives per group the mean M
-with a 95% t-interval over seeds, the share of runs the exposure test calls significant, and the
+with a 95% t-interval over seeds, the share of runs whose verdict record says memorised, and the
 mean test accuracy.
 """
 
@@ -27,7 +27,7 @@ from scipy import stats
 
 from .reference import DEFAULT_REFERENCES
 from .store import ACTIVE, RunNotFound, Store, StoreError
-from .verdict import run_verdict
+from .verdict import stored_verdict
 
 if TYPE_CHECKING:
     from .canary import CanaryChoice
@@ -289,14 +289,19 @@ def run_study(store: Store, name: str, *, force: bool = False, progress: "Progre
 
 RUN_COLUMNS = ["position", "group", "seed", "run_id", "status", "M", "X_u", "X_r", "p_value", "p_value_paired",
                "exposure", "exposure_p_value", "verdict", "verdict_test", "verdict_p", "significant", "test_accuracy",
-               "epsilon", "learned", "error"]
+               "epsilon", "learned", "error", "verdict_headline", "verdict_p_text", "verdict_text"]
 
 
 def runs_frame(store: Store, name: str, references: int = DEFAULT_REFERENCES) -> pd.DataFrame:
     """One row per member of study ``name``: its group, seed, run and the run's numbers
-    (NaN until the run is done). M, X_u, X_r in nats; exposure in bits. ``verdict`` /
-    ``significant`` come from :func:`ufm.verdict.run_verdict`: the reference test where the bank of
-    ``references`` clean models of the member's setting is complete (``verdict_test`` says which)."""
+    (NaN until the run is done). M, X_u, X_r in nats; exposure in bits; ``p_value`` and
+    ``p_value_paired`` are the paper's t-tests (statistics; they never decide).
+
+    The verdict columns are the run's verdict record (:func:`ufm.verdict.stored_verdict`, brought
+    up to date: calibrated once the bank of ``references`` clean models of the member's setting is
+    complete): ``verdict`` its status, ``verdict_test`` which test decided, ``verdict_p`` the deciding
+    p-value, ``significant`` whether it says memorised, ``verdict_headline`` / ``verdict_p_text`` /
+    ``verdict_text`` the words every other surface prints for the run."""
     rows = []
     for e in get_study(store, name).entries:
         rec = None
@@ -306,7 +311,7 @@ def runs_frame(store: Store, name: str, references: int = DEFAULT_REFERENCES) ->
             except RunNotFound:
                 rec = None
         s = (rec.summary if rec is not None else None) or {}
-        v = run_verdict(store, rec, references) if rec is not None else None
+        v = stored_verdict(store, rec, references=references) if rec is not None else None
         rows.append({"position": e.position, "group": e.group, "seed": e.config.seed, "run_id": e.run_id,
                      "status": rec.status if rec is not None else "not run",
                      **{k: s.get(k, np.nan) for k in ("M", "X_u", "X_r", "p_value", "p_value_paired", "exposure",
@@ -316,7 +321,9 @@ def runs_frame(store: Store, name: str, references: int = DEFAULT_REFERENCES) ->
                      "epsilon": s.get("epsilon", np.nan),
                      # False only when the run says its model did not learn (accuracy at chance)
                      "learned": (s.get("learned") is not False) if s else None,
-                     "error": rec.error if rec is not None else None})
+                     "error": rec.error if rec is not None else None,
+                     "verdict_headline": v.headline if v else None, "verdict_p_text": v.p_text if v else None,
+                     "verdict_text": v.sentence if v else None})
     df = pd.DataFrame(rows, columns=RUN_COLUMNS)
     for col in ("M", "X_u", "X_r", "p_value", "p_value_paired", "exposure", "exposure_p_value", "verdict_p",
                 "test_accuracy", "epsilon"):

@@ -66,7 +66,7 @@ def measure_in_store(a: argparse.Namespace, config: "ExperimentConfig",
     from ..jobs import measure
     from ..reference import DEFAULT_REFERENCES, build_bank, report_bank_progress
     from ..train import TrainingCancelled
-    from ..verdict import run_verdict
+    from ..verdict import update_verdict
 
     references = getattr(a, "references", 0) or 0
     with open_store(a) as store:
@@ -74,7 +74,8 @@ def measure_in_store(a: argparse.Namespace, config: "ExperimentConfig",
             run_id, result, cached = measure(store, config, force=a.force, progress=progress)
             if references:
                 build_bank(store, config, references, progress=report_bank_progress(progress))
-            verdict = run_verdict(store, store.get(run_id), references or DEFAULT_REFERENCES)
+            # stored with the run: `ufm runs show` and the exports print this same verdict
+            verdict = update_verdict(store, run_id, references or DEFAULT_REFERENCES)
         except StoreError as e:
             raise UsageError(str(e)) from e
         except TrainingCancelled as e:

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..store import STATUSES, Store, StoreError
+from ..store import STATUSES, RunRecord, Store, StoreError
 from .common import UsageError, _pos_int, add_home, check_out, finite_float, open_store
 
 LIST_COLUMNS = ["id", "status", "created", "dataset", "arch", "regularisers", "canary", "seed", "M",
-                "exposure_p_value", "test_accuracy", "note"]
+                "verdict", "verdict_p", "test_accuracy", "note"]
 
 
 def _check_out(a: argparse.Namespace) -> None:
@@ -43,40 +43,61 @@ def cmd_runs_list(a: argparse.Namespace) -> int:
     import pandas as pd
 
     from ..report import RUN_TABLE_COLUMNS, fmt, run_row, to_csv
+    from ..verdict import stored_verdict
 
     _check_out(a)
     with open_store(a) as store:
         records = store.list_runs(a.status, limit=a.limit)
+        if not a.all:  # reference models: one line per bank below, not 39 lines each
+            banks = [r for r in records if r.is_reference]
+            records = [r for r in records if not r.is_reference]
+        verdicts = {r.id: stored_verdict(store, r) for r in records}  # the records, brought up to date
+        records = [store.get(r.id) for r in records]
         if a.json:
             _write_out(json.dumps([r.to_dict() for r in records], indent=1), a.out)
             return 0
         if a.csv:
-            table = pd.DataFrame([run_row(r) for r in records], columns=RUN_TABLE_COLUMNS)
+            table = pd.DataFrame([run_row(r, verdicts[r.id]) for r in records], columns=RUN_TABLE_COLUMNS)
             _write_out(to_csv(table), a.out)
             return 0
-    if not records:
+    if not records and (a.all or not banks):
         print(f"no runs in {store.db_path}" + (f" with status {a.status}" if a.status else ""), file=sys.stderr)
         return 0
     header = ["id", "status", "created", "dataset", "arch", "regularisers", "canary", "seed", "M (nats)",
-              "exposure p", "test acc", "note"]
+              "verdict", "verdict p", "test acc", "note"]
     rows = [header]
     for rec in records:
-        r = run_row(rec)
+        r = run_row(rec, verdicts[rec.id])
         r["note"] = r["progress"] or (r["error"] or "")[:60]
         acc = r["test_accuracy"]
         r["test_accuracy"] = "–" if acc is None else f"{100 * acc:.1f}%"
+        r["verdict_p"] = verdicts[rec.id].p_text if verdicts[rec.id] is not None else None
         rows.append([fmt(r[c]) for c in LIST_COLUMNS])
     widths = [max(len(str(x)) for x in col) for col in zip(*rows)]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
+    if not a.all and banks:
+        lines.append("")
+        lines += [f"reference models (--all lists them): {line}" for line in bank_lines(banks)]
     _write_out("\n".join(lines), a.out)
     return 0
 
 
+def bank_lines(records: "list[RunRecord]") -> list[str]:
+    """One line per bank of reference models: its key, setting and how many are done, queued, failed."""
+    from ..report import bank_summary
+
+    return [f"bank {b['bank']} ({b['setting']}): {b['done']} done, {b['active']} queued or training, "
+            f"{b['failed']} failed or cancelled" for b in bank_summary(records)]
+
+
 def cmd_runs_show(a: argparse.Namespace) -> int:
     from ..report import config_rows, describe_progress, fmt, iso_time
+    from ..verdict import stored_verdict
 
     with open_store(a) as store:
         rec = store.get(_resolve(store, a.id))
+        verdict = stored_verdict(store, rec)  # the record, brought up to date (e.g. the bank completed)
+        rec = store.get(rec.id)
         run_dir = store.run_dir(rec.id)
     if a.json:
         print(json.dumps(rec.to_dict(), indent=1))
@@ -89,10 +110,14 @@ def cmd_runs_show(a: argparse.Namespace) -> int:
         lines.append(f"{'note' if rec.status == 'done' else 'error'}: {rec.error}")
     if rec.summary:
         s = rec.summary
+        if verdict is not None:
+            lines += [f"verdict: {verdict.sentence}", f"{verdict.p_label} = {verdict.p_text}"]
+            if verdict.calibration:
+                lines.append(f"calibration: {verdict.calibration}")
         lines += [f"M = {fmt(s['M'])}  (X_u = {fmt(s['X_u'])}, X_r = {fmt(s['X_r'])}; nats)",
-                  f"t-test p = {fmt(s['p_value'])}   paired p = {fmt(s['p_value_paired'])}",
-                  f"exposure = {fmt(s['exposure'])} bits, empirical p = {fmt(s['exposure_p_value'])}",
-                  f"verdict: {s['verdict']}",
+                  f"the paper's statistics (never decide): t-test p = {fmt(s['p_value'])}   "
+                  f"paired t-test p = {fmt(s['p_value_paired'])}",
+                  f"fast test: exposure = {fmt(s['exposure'])} bits, empirical p = {fmt(s['exposure_p_value'])}",
                   f"test accuracy {fmt(s['test_accuracy'])}  epochs {s['epochs_trained']}  "
                   f"DP epsilon {fmt(s.get('epsilon'))}",
                   f"images used: {fmt(s.get('n_train'))} training + {fmt(s.get('n_val'))} validation, "
@@ -151,12 +176,21 @@ def _export_onnx(a: argparse.Namespace) -> int:
 
 
 def cmd_runs_cancel(a: argparse.Namespace) -> int:
+    from ..reference import cancel_unneeded_bank
+
     with open_store(a) as store:
         run_id = _resolve(store, a.id)
         status = store.request_cancel(run_id)
+        rec = store.get(run_id)
+        # the reference models queued for its verdict, unless another run needs them
+        bank = cancel_unneeded_bank(store, rec.config, except_run=run_id) \
+            if status in ("cancelled", "running") and not rec.is_reference else []
     msg = {"cancelled": f"run {run_id} cancelled",
            "running": f"run {run_id}: cancel requested; it stops at its next training batch"}
     print(msg.get(status, f"run {run_id} had already finished ({status}); nothing to cancel"))
+    if bank:
+        print(f"also cancelled the {len(bank)} unfinished reference models queued for its verdict (no other run "
+              "needs them)")
     return 0
 
 
@@ -234,6 +268,8 @@ def register(sub: Any) -> None:
     fmt.add_argument("--json", action="store_true", help="a JSON list of the run records")
     fmt.add_argument("--csv", action="store_true", help="one CSV row per run (numbers, config, versions)")
     p.add_argument("--status", choices=STATUSES, default=None, help="only runs with this status")
+    p.add_argument("--all", action="store_true",
+                   help="also list the reference models one by one (by default: one summary line per bank)")
     p.add_argument("--limit", type=_pos_int, default=None, help="at most N runs")
     p.add_argument("--out", default=None, help="write here instead of stdout")
     p.set_defaults(func=cmd_runs_list)

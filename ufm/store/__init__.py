@@ -39,13 +39,13 @@ import socket
 from typing import Any
 
 from .artifacts import Artifacts
-from .database import (APPLICATION_ID, DB_NAME, MIGRATIONS, SCHEMA_VERSION, SQLITE_MAGIC, TMP_MAX_AGE, Database,
-                       RunNotFound, StoreError, default_home)
+from .database import (APPLICATION_ID, BACKGROUND, DB_NAME, FOREGROUND, MIGRATIONS, SCHEMA_VERSION, SQLITE_MAGIC,
+                       TMP_MAX_AGE, Database, RunNotFound, StoreError, default_home)
 from .lifecycle import ACTIVE, FINISHED, STALE_AFTER, STATUSES, RunLifecycle, RunRecord, result_summary
 from .lifecycle import _data_shape  # noqa: F401 - for ufm.executors
 
-__all__ = ["ACTIVE", "APPLICATION_ID", "DB_NAME", "FINISHED", "MIGRATIONS", "SCHEMA_VERSION", "SQLITE_MAGIC",
-           "STALE_AFTER", "STATUSES", "TMP_MAX_AGE", "Artifacts", "Database", "RunLifecycle", "RunNotFound",
+__all__ = ["ACTIVE", "APPLICATION_ID", "BACKGROUND", "DB_NAME", "FINISHED", "FOREGROUND", "MIGRATIONS", "SCHEMA_VERSION",
+           "SQLITE_MAGIC", "STALE_AFTER", "STATUSES", "TMP_MAX_AGE", "Artifacts", "Database", "RunLifecycle", "RunNotFound",
            "RunRecord", "Store", "StoreError", "default_home", "result_summary"]
 
 

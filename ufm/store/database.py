@@ -93,7 +93,41 @@ _V3 = (
     "CREATE INDEX audits_by_created ON audits (created)",
 )
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_statements(_V1), _statements(_V2), _statements(_V3)]
+FOREGROUND = 0   # queue priority of the runs a user starts (Train, Compare, demos, CLI)
+BACKGROUND = 10  # queue priority of reference models queued for a calibrated verdict
+
+# v4 (issue 17): a fair queue and one verdict record.
+# - priority: lower runs first (like nice); the user's own runs are FOREGROUND (0), reference models
+#   queued in the background BACKGROUND (10), so a bank never starves the run someone waits for.
+# - verdict_json: the run's verdict as computed by ufm.verdict (calibrated / provisional /
+#   inconclusive), written when it changes, read by every surface (dashboard, CLI, exports, studies).
+# - bank: the bank key of a reference model (NULL for every other run): hides them from the runs
+#   table and groups them by bank.
+_V4 = (
+    "ALTER TABLE runs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE runs ADD COLUMN verdict_json TEXT",
+    "ALTER TABLE runs ADD COLUMN bank TEXT",
+    "CREATE INDEX runs_by_queue ON runs (status, priority, created)",
+)
+
+
+def _v4(conn: sqlite3.Connection) -> None:
+    _statements(_V4)(conn)
+    # Reference models recorded by an older ufm: recognised by their config (see
+    # ufm.reference.reference_bank_of, plain JSON, no torch), marked with their bank and, if still
+    # queued, moved to the background.
+    import json
+
+    from ..reference import reference_bank_of  # noqa: PLC0415 - imports torch: only when migrating
+
+    rows = conn.execute("SELECT id, config_json FROM runs").fetchall()
+    for run_id, config_json in rows:
+        bank = reference_bank_of(json.loads(config_json))
+        if bank is not None:
+            conn.execute("UPDATE runs SET bank = ?, priority = ? WHERE id = ?", (bank, BACKGROUND, run_id))
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_statements(_V1), _statements(_V2), _statements(_V3), _v4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

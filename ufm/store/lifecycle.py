@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .. import __version__
-from .database import RunNotFound, StoreError
+from .database import FOREGROUND, RunNotFound, StoreError
 
 if TYPE_CHECKING:  # the experiment module is imported lazily: `ufm runs list` stays fast
     from ..experiment import ExperimentConfig, Result
@@ -151,6 +151,14 @@ class RunRecord:
     heartbeat: float | None
     cancel_requested: bool
     owner_start: int | None = None
+    priority: int = FOREGROUND
+    verdict: dict[str, Any] | None = None
+    bank: str | None = None
+
+    @property
+    def is_reference(self) -> bool:
+        """A reference model of a bank (trained without the canary for the calibrated verdict)."""
+        return self.bank is not None
 
     @property
     def config(self) -> "ExperimentConfig":
@@ -179,7 +187,10 @@ class RunRecord:
                    code_version=r["code_version"], error=r["error"], summary=js(r["summary_json"]),
                    progress=js(r["progress_json"]), model_meta=js(r["model_json"]), owner_pid=r["owner_pid"],
                    owner_host=r["owner_host"], heartbeat=r["heartbeat"], cancel_requested=bool(r["cancel_requested"]),
-                   owner_start=r["owner_start"] if "owner_start" in r.keys() else None)
+                   owner_start=r["owner_start"] if "owner_start" in r.keys() else None,
+                   priority=r["priority"] if "priority" in r.keys() else FOREGROUND,
+                   verdict=js(r["verdict_json"]) if "verdict_json" in r.keys() else None,
+                   bank=r["bank"] if "bank" in r.keys() else None)
 
 
 class RunLifecycle:
@@ -244,27 +255,60 @@ class RunLifecycle:
         return bool(rows and rows[0][0])
 
     # ------------------------------------------------------------------ runs: writing
-    def create_run(self, config: "ExperimentConfig", *, status: str = "queued") -> str:
+    def create_run(self, config: "ExperimentConfig", *, status: str = "queued", priority: int = FOREGROUND) -> str:
         """Add a run for ``config`` owned by this process and return its id.
 
         ``status`` is ``queued`` (a worker will start it) or ``running`` (the caller starts now).
+        ``priority``: the queue order, lower first (:data:`FOREGROUND` for a user's own runs,
+        :data:`BACKGROUND` for reference models queued behind them).
         """
+        from ..reference import reference_bank_of
+
         if status not in ACTIVE:
             raise ValueError(f"a new run starts as 'queued' or 'running', not {status!r}")
         now = time.time()
+        config_json = config.to_json()
+        bank = reference_bank_of(json.loads(config_json))
         for _ in range(5):
             run_id = _new_id()
             try:
                 with self.transaction() as c:
                     c.execute("INSERT INTO runs (id, created, started, status, config_json, config_key, code_version, "
-                              "owner_pid, owner_host, owner_start, heartbeat) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                              (run_id, now, now if status == "running" else None, status, config.to_json(),
-                               config.key(), __version__, os.getpid(), self._host, _proc_start(os.getpid()), now))
+                              "owner_pid, owner_host, owner_start, heartbeat, priority, bank) "
+                              "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                              (run_id, now, now if status == "running" else None, status, config_json,
+                               config.key(), __version__, os.getpid(), self._host, _proc_start(os.getpid()), now,
+                               int(priority), bank))
                 return run_id
             except sqlite3.IntegrityError:
                 continue  # id clash (1 in 2^48): draw another
         raise StoreError("could not draw a fresh run id in 5 tries; the runs table looks damaged")
 
+
+    def set_priority(self, run_id: str, priority: int) -> bool:
+        """Change the queue priority of a queued run (False if it is no longer queued)."""
+        return self._update("UPDATE runs SET priority = ? WHERE id = ? AND status = 'queued'",
+                            (int(priority), run_id)) == 1
+
+    def queue_ahead(self, run_id: str) -> list[RunRecord]:
+        """The queued runs that start before ``run_id`` (a queued run) in its runner's queue: queued
+        by the same process (the same runner), with a lower priority, or the same priority and
+        queued earlier. Empty when ``run_id`` is not queued."""
+        rec = self.get(run_id)
+        if rec.status != "queued":
+            return []
+        rows = self.query("SELECT * FROM runs WHERE status = 'queued' AND owner_pid IS ? AND owner_host IS ? "
+                          "AND id != ? AND (priority < ? OR (priority = ? AND (created < ? OR (created = ? AND rowid < "
+                          "(SELECT rowid FROM runs WHERE id = ?))))) ORDER BY priority, created, rowid",
+                          (rec.owner_pid, rec.owner_host, run_id, rec.priority, rec.priority, rec.created, rec.created,
+                           run_id))
+        return [RunRecord._from_row(r) for r in rows]
+
+    def set_verdict(self, run_id: str, verdict: dict[str, Any]) -> bool:
+        """Store the verdict of a ``done`` run (:mod:`ufm.verdict` computes it); True when it changed."""
+        text = _dumps({k: _finite(v) for k, v in verdict.items()})
+        return self._update("UPDATE runs SET verdict_json = ? WHERE id = ? AND status = 'done' AND "
+                            "verdict_json IS NOT ?", (text, run_id, text)) == 1
 
     def _require(self, run_id: str) -> RunRecord:
         return self.get(run_id)  # raises RunNotFound
