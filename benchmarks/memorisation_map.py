@@ -254,7 +254,8 @@ def summarise(rows: list[dict]) -> list[MapCell]:
         low, high = wilson_interval(k, n)
         idx = g[0]["canary_indices"][0] if key[5] in ("top", "bottom") else None
         out.append(MapCell(*key, models=n, detected=k, low=low, high=high,
-                           seconds_per_model=sum(r["seconds"] for r in g) / n, bank_seconds=g[0]["bank_seconds"],
+                           # the median: a run paused mid-training (SIGSTOP, a busy machine) inflates a mean
+                           seconds_per_model=sorted(r["seconds"] for r in g)[n // 2], bank_seconds=g[0]["bank_seconds"],
                            references=g[0]["references"], alpha=g[0]["alpha"], canary_index=idx,
                            mean_M=sum(r["M"] for r in g) / n, load=sum(r["load"] for r in g) / n))
     return out
@@ -291,7 +292,8 @@ def table(args: argparse.Namespace) -> None:
     (RESULTS / "memorisation-map.md").write_text(
         "# Memorisation map: one canary, calibrated verdict (R = 39, p < 0.05)\n\n"
         "Each entry: canary models called memorised / models (95% Wilson interval). "
-        "s / model: training + scoring seconds of one canary model; bank s: the 39 reference models.\n\n" + md)
+        "s / model: median training + scoring seconds of one canary model; bank s: the 39 reference models' "
+        "sum (inflated where the grid was paused while a model trained).\n\n" + md)
     print(md)
     if args.png:
         import tempfile

@@ -550,7 +550,7 @@ def test_result_page_turns_calibrated_when_the_bank_completes_without_a_reload(a
     at.query_params["run"] = run_id
     at.switch_page("app_pages/train.py").run()
     assert not at.exception
-    boxes = [b.value for b in [*at.error, *at.success, *at.warning] if b.value.startswith("**")]
+    boxes = [b.value for b in [*at.error, *at.success, *at.warning, *at.info] if b.value.startswith("**")]
     assert len(boxes) == 1 and "(provisional)" in boxes[0]
     assert any("0 of 39 finished" in i.value for i in at.info)
     assert not at.button(key=f"bank_{run_id}").disabled
@@ -570,7 +570,7 @@ def test_result_page_turns_calibrated_when_the_bank_completes_without_a_reload(a
     assert not at.exception
     v = Verdict.from_dict(store.get(run_id).verdict)
     assert v.test == "reference"
-    boxes = [b.value for b in [*at.error, *at.success, *at.warning] if b.value.startswith("**")]
+    boxes = [b.value for b in [*at.error, *at.success, *at.warning, *at.info] if b.value.startswith("**")]
     assert boxes == [f"**{v.headline}.** {v.text}"] and "provisional" not in boxes[0]
     assert {m.label: m.value for m in at.metric}["calibrated p (reference models)"] == v.p_text
     assert not any("Reference models for this setting" in i.value for i in at.info)

@@ -394,7 +394,7 @@ def test_runs_table_marks_a_model_that_did_not_learn_and_shows_epsilon():
 
     rec = SimpleNamespace(id="abc", status="done", created=0.0, finished=1.0, started=0.5, progress=None,
                           config_data={"dataset": "mnist", "regularisers": ["dp-sgd"]}, config_key="k",
-                          code_version="v", error=None,
+                          code_version="v", error=None, verdict=None, bank=None,
                           summary={"M": 0.0, "learned": False, "test_accuracy": 0.5, "epsilon": 31.1})
     row = run_row(rec)
     assert row["learned"] is False and row["epsilon"] == 31.1 and set(row) == set(RUN_TABLE_COLUMNS)

@@ -134,7 +134,8 @@ def test_draw_a_stroke_with_the_mouse(page, shots):
     page.get_by_text("Draw", exact=True).click()
     page.get_by_text("Precise editor: one tick box per pixel").click()  # open the grid
     page.get_by_role("button", name="Clear").click()
-    page.get_by_text("feature is empty").wait_for(timeout=30_000)
+    # a new drawing starts blank; the feature in use (the A) stays until something is drawn
+    page.get_by_text("Draw on the canvas or tick pixels").wait_for(timeout=30_000)
     page.wait_for_load_state("networkidle")
     page.wait_for_timeout(1500)  # Clear remounts the canvas (blank); the old one may linger a moment
     canvas = page.locator("canvas.upper-canvas").last
@@ -157,15 +158,18 @@ def test_gallery_canary_is_the_one_trained_and_m_appears(page, shots):
     _nav(page, "Train & measure")
     page.get_by_text("Feature for the next run: drawn").wait_for(timeout=30_000)
     page.get_by_text("Pick from a gallery of training images").click()
+    # the gallery is spread over every class (seeded): its 11th image is this training image
+    from ufm.data import load_split, spread_indices
+    want = int(spread_indices(load_split("mnist", "train", data_dir=SHARED, limit=3000, stratified=True).y, 24)[10])
     use = page.get_by_role("button", name="use", exact=True)
     use.nth(10).wait_for(timeout=30_000)
     use.nth(10).click()
     page.keyboard.press("Escape")
     index = page.locator('input[aria-label="canary image index"]')
     page.wait_for_function("() => [...document.querySelectorAll('input')].some("
-                           "i => i.getAttribute('aria-label') === 'canary image index' && i.value === '10')",
+                           f"i => i.getAttribute('aria-label') === 'canary image index' && i.value === '{want}')",
                            timeout=30_000)
-    assert index.input_value() == "10"
+    assert index.input_value() == str(want)
     page.get_by_text("Advanced").click()
     for label, value in (("max epochs", "3"), ("inference images", "100")):
         f = page.get_by_label(label, exact=True)
@@ -174,7 +178,7 @@ def test_gallery_canary_is_the_one_trained_and_m_appears(page, shots):
         page.wait_for_timeout(800)
     page.get_by_role("button", name="Start").click()
     page.get_by_text("M = X_u - X_r (nats)").wait_for(timeout=600_000)
-    page.get_by_text("canary at index 10").first.wait_for(timeout=30_000)  # the run's own caption
+    page.get_by_text(f"canary at index {want}").first.wait_for(timeout=30_000)  # the run's own caption
     hist = page.locator(".js-plotly-plot", has_text="unique feature z_u")
     hist.first.wait_for(timeout=30_000)
     page.wait_for_timeout(1500)  # let plotly finish drawing before the picture
@@ -190,6 +194,8 @@ def test_type_a_feature_train_and_see_m(page, shots):
     box.wait_for(timeout=30_000)
     box.fill("JD")
     box.press("Enter")
+    # JD is the Text kind's default: shown, not yet in use, until the user says so
+    page.get_by_role("button", name="Use this feature").click()
     page.get_by_text("In use: text 'JD'").wait_for(timeout=30_000)
     page.screenshot(path=str(shots / "feature.png"), full_page=True)
 

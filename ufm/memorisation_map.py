@@ -87,7 +87,7 @@ class MapCell:
         models: canary models trained (one per seed); ``detected`` of them were called memorised by
             the calibrated reference test (R = ``references`` clean models, level ``alpha``).
         low, high: 95% Wilson interval of the detection rate.
-        seconds_per_model: mean training + scoring seconds of one canary model on ``device``.
+        seconds_per_model: median training + scoring seconds of one canary model on ``device``.
         bank_seconds: training + scoring seconds of the setting's whole reference bank.
         canary_index: the training image that carries the feature (``top``/``bottom`` only).
         mean_M: mean M (nats) of the canary models.

@@ -40,7 +40,6 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from .canary import CanaryChoice
 
 if TYPE_CHECKING:
     from .experiment import ExperimentConfig
@@ -78,6 +77,8 @@ def bank_config(config: "ExperimentConfig", seed: int) -> "ExperimentConfig":
     scoring is set to one canonical value, so the same bank serves every feature and scoring choice
     (each reference model is re-scored for a feature by :func:`reference_scores`).
     """
+    from .canary import CanaryChoice  # here, not at the top: the verdict's readers (ufm runs list) need no torch
+
     return config.replace(canary=CanaryChoice("none", ()), seed=int(seed), feature=_canonical_feature(), **_CANONICAL)
 
 
