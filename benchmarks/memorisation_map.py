@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ufm.memorisation_map import (CLINICAL, FEATURE_KINDS, LADDER_CLASS, MAP_FILE, PLACEMENTS,  # noqa: E402
-                                  TEACHING, MapCell, Setting, map_feature)
+                                  TEACHING, MapCell, Setting)
 
 RESULTS = ROOT / "benchmarks" / "results"
 REFERENCES = 39
@@ -123,9 +123,8 @@ def _ranking(args: tuple[str, str]) -> tuple[str, int, int, float]:
     from ufm.sweep import cached_influence
 
     setting = Setting(**json.loads(setting_json))
-    side = 64 if setting.dataset == "chest-xray" else 28
     t0 = time.perf_counter()
-    table = cached_influence(home, setting.config(map_feature("glyph", side)))
+    table = cached_influence(home, setting.config(setting.feature("glyph")))
     order = table.sort_values("rank")["index"].astype(int).tolist()
     return setting_json, order[0], order[-1], time.perf_counter() - t0
 
@@ -137,8 +136,7 @@ def _jobs(setting: Setting, top: int, bottom: int, seeds: int):
     from ufm.canary import CanaryChoice
     from ufm.reference import bank_configs
 
-    side = 64 if setting.dataset == "chest-xray" else 28
-    base = setting.config(map_feature("glyph", side))
+    base = setting.config(setting.feature("glyph"))
     bank = bank_configs(base, REFERENCES)
     canaries = []
     for placement, feature, count, n in cells(setting, seeds):
@@ -149,7 +147,7 @@ def _jobs(setting: Setting, top: int, bottom: int, seeds: int):
                 choice = CanaryChoice("class", (), count=count, label=LADDER_CLASS)
             else:
                 choice = CanaryChoice("index", (top if placement == "top" else bottom,))
-            cfg = setting.config(map_feature(feature, side), canary=choice, seed=seed)
+            cfg = setting.config(setting.feature(feature), canary=choice, seed=seed)
             canaries.append(((placement, feature, count), seed, cfg))
     return bank, canaries
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .canary import CanaryChoice
-from .memorisation_map import LADDER_CLASS, DemoChoice, demo_setting, find_cell, load_cells, map_feature
+from .memorisation_map import LADDER_CLASS, DemoChoice, demo_setting, find_cell, load_cells
 
 if TYPE_CHECKING:
     from .experiment import ExperimentConfig
@@ -62,9 +62,7 @@ def plan_demo(demo: str, device: str = "cpu", data_dir: str | None = None) -> De
     """
     cells = load_cells()
     choice = demo_setting(demo, device, cells)
-    side = 64 if choice.train.dataset == "chest-xray" else 28
-    kind = "glyph" if demo == "teaching" else "name"
-    feature = map_feature(kind, side)
+    feature = choice.train.feature("glyph" if demo == "teaching" else "name")
     base = choice.train.config(feature, data_dir=data_dir)
     if demo == "teaching":
         typical = find_cell(cells, choice.measured, "bottom", "glyph")

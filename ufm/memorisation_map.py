@@ -74,6 +74,10 @@ class Setting:
                                 ood_size=OOD_SIZE, device=self.device, canary=CanaryChoice("none", ()),
                                 **BUDGETS[self.budget]).replace(**changes)
 
+    def feature(self, kind: str) -> "Feature":
+        """The map's feature of ``kind`` for this setting's images (the chest X-rays are 64x64, the rest 28x28)."""
+        return map_feature(kind, 64 if self.dataset == "chest-xray" else 28)
+
     @property
     def label(self) -> str:
         return f"{self.arch}, {self.dataset}, {self.train_size:,} images, {self.budget} budget, {self.device}"
