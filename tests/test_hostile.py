@@ -6,9 +6,10 @@ fix. The store's delete/orphan/mode cases are in ``tests/test_hostile_store.py``
 from __future__ import annotations
 
 import os
-import resource
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -104,14 +105,30 @@ def _pool_model(shape, batch_dim=None) -> bytes:
     return oh.make_model(g, opset_imports=OPSET).SerializeToString()
 
 
-def _max_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+def _ufm(*args: str, home: Path, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
+    """Run the CLI; returns (result, that one process's peak RSS in MB).
 
-
-def _ufm(*args: str, home: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    The peak comes from wait4 on this child alone: RUSAGE_CHILDREN would be the largest of every
+    child the test session ever reaped (a training subprocess of another test read 1.5 GB there)."""
     env = {**os.environ, "UFM_HOME": str(home), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "ufm", *args], capture_output=True, text=True, env=env,
-                          timeout=timeout, cwd=home.parent)
+    home.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "ufm", *args], stdout=out, stderr=err, text=True,
+                                env=env, cwd=home.parent)
+        deadline = time.monotonic() + timeout
+        while True:  # wait4 reaps the child and hands back its own rusage; WNOHANG keeps the timeout
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                raise subprocess.TimeoutExpired(proc.args, timeout)
+            time.sleep(0.05)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read()), usage.ru_maxrss / 1024
 
 
 def test_a_huge_declared_input_is_refused_in_one_line_before_any_image_is_made(tmp_path):
@@ -120,12 +137,12 @@ def test_a_huge_declared_input_is_refused_in_one_line_before_any_image_is_made(t
     assert big.stat().st_size < 400  # the issue's 276-byte file asked for 9.6 GB
     noise = tmp_path / "noise.npz"
     np.savez(noise, x=np.zeros((4, 8, 8), np.uint8))
-    r = _ufm("audit", "--model", str(big), "--ood", str(noise), "--ood-size", "2", "--candidates", "3",
-             home=tmp_path / "home")
+    r, peak_mb = _ufm("audit", "--model", str(big), "--ood", str(noise), "--ood-size", "2", "--candidates", "3",
+                      home=tmp_path / "home")
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "20000x20000" in lines[0] and f"{MAX_INPUT_SIDE}x{MAX_INPUT_SIDE}" in lines[0], lines
-    assert _max_rss_mb() < 1500  # measured ~600 MB (torch and onnx imported); the old code died asking 9.6 GB
+    assert peak_mb < 1500  # measured ~600 MB (torch and onnx imported); the old code died asking 9.6 GB
     # a dynamic input stated too large, and the page's check (no onnxruntime session in the server)
     dyn = _pool_model((3, None, None))
     with pytest.raises(OnnxModelError, match=f"up to {MAX_INPUT_SIDE}x{MAX_INPUT_SIDE}"):
