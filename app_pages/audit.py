@@ -3,13 +3,13 @@
 import streamlit as st
 
 from dashboard import audit_ui, state
-from ufm.audit import AuditConfig, default_inference_source, load_audit, stamped_examples
-from ufm.data import DataUnavailable
-from ufm.features import FeatureError
+from ufm.audits.model_audit import AuditConfig, default_inference_source, load_audit, stamped_examples
+from ufm.core.data import DataUnavailable
+from ufm.core.features import FeatureError
 from ufm.limits import MAX_INPUT_SIDE, MAX_ONNX_BYTES, MAX_OOD_SIZE, MAX_UPLOAD_MB, max_images
-from ufm.onnx_model import OnnxModelError
+from ufm.audits.onnx_model import OnnxModelError
 from ufm.paths import PathNotAllowed, check_user_path
-from ufm.store import StoreError
+from ufm.runs.store import StoreError
 
 st.title("Audit a model")
 st.caption("Does a classifier you did not train react to a unique feature, e.g. a patient's name? Upload it as "

@@ -5,9 +5,9 @@ import streamlit as st
 from dashboard import state
 from dashboard.compare_ui import (audit_problems, interval_warning, learned_column, new_study_form, not_learned_note,
                                   small_multiples, study_selector, with_audits)
-from ufm.plots import m_bar_figure
-from ufm.report import study_html
-from ufm.studies import list_studies, runs_frame, summary
+from ufm.reports.plots import m_bar_figure
+from ufm.reports.run_report import study_html
+from ufm.runs.studies import list_studies, runs_frame, summary
 
 st.title("Compare regularisers side by side")
 st.write("DP-SGD is the defence expected to reduce memorisation; dropout, augmentation and batch norm "

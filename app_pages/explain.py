@@ -4,8 +4,8 @@ import streamlit as st
 
 from dashboard import state
 from dashboard.explain_ui import box_share_metrics
-from ufm.explain import explain_run
-from ufm.models import gradcam_layers
+from ufm.attribution.explain import explain_run
+from ufm.core.models import gradcam_layers
 
 st.title("Where does the trained model look?")
 st.write("GradCAM on a convolutional layer (captum's LayerGradCam, upsampled to the image); an MLP has "

@@ -6,10 +6,10 @@ import torch
 from dashboard import state
 from dashboard.feature_ui import (KIND_OF, KINDS, NoUpload, adopt, build_feature, init_widgets, make_own, own_value,
                                   remember, switch_kind)
-from ufm.canary import stamp_feature
-from ufm.data import DataUnavailable
-from ufm.features import FeatureError
-from ufm.plots import image_figure, zoom_figure
+from ufm.core.canary import stamp_feature
+from ufm.core.data import DataUnavailable
+from ufm.core.features import FeatureError
+from ufm.reports.plots import image_figure, zoom_figure
 
 st.title("Design the unique feature")
 st.write("The feature is pasted, opaque, onto the canary image(s) for training, and onto every "

@@ -4,7 +4,7 @@ import streamlit as st
 
 from dashboard import state
 from dashboard.demos import DEMO_KEY, DEMOS, demo_view, missing_data, start_demo
-from ufm.train import describe_device
+from ufm.core.train import describe_device
 
 st.title("Does the network remember what it saw once?")
 st.markdown(

@@ -4,9 +4,9 @@ import streamlit as st
 
 from dashboard import influence_ui as ui
 from dashboard import state, views
-from ufm.plots import influence_scatter_figure, pearson
-from ufm.report import to_csv
-from ufm.sweep import reference_config
+from ufm.reports.plots import influence_scatter_figure, pearson
+from ufm.reports.run_report import to_csv
+from ufm.attribution.sweep import reference_config
 
 st.title("Are influential images memorised more?")
 st.write("TracIn self-influence (sum over checkpoints of learning rate x squared loss-gradient norm) of a "

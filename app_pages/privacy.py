@@ -4,7 +4,7 @@ import streamlit as st
 
 from dashboard import privacy_ui as ui
 from dashboard import state
-from ufm.data import DataUnavailable
+from ufm.core.data import DataUnavailable
 
 st.title("How private is it, in numbers?")
 st.write("Put m **distinct** unique features on m training images, each included with probability 1/2, "

@@ -4,8 +4,8 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import access, audit_ui, state, views
-from ufm.report import BANK_COLUMNS, bank_summary, run_html, run_json, runs_csv, runs_table
-from ufm.store import RunNotFound, StoreError
+from ufm.reports.run_report import BANK_COLUMNS, bank_summary, run_html, run_json, runs_csv, runs_table
+from ufm.runs.store import RunNotFound, StoreError
 
 st.title("Runs")
 store = state.store()

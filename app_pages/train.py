@@ -4,10 +4,10 @@ import streamlit as st
 
 from dashboard import access, state, views
 from dashboard.train_ui import canary_chooser, canary_preview, map_hint, setup_form
-from ufm.data import DataUnavailable
-from ufm.features import FeatureError
-from ufm.jobs import QueueFull
-from ufm.reference import DEFAULT_REFERENCES, submit_bank
+from ufm.core.data import DataUnavailable
+from ufm.core.features import FeatureError
+from ufm.runs.jobs import QueueFull
+from ufm.measure.bank import DEFAULT_REFERENCES, submit_bank
 
 st.title("Train with a canary and measure memorisation")
 feature = state.current_feature()

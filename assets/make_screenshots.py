@@ -30,13 +30,13 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
 def fill_store(home: Path) -> None:
     sys.path.insert(0, str(ROOT))
     from dashboard.state import QUICK
-    from ufm.canary import CanaryChoice
-    from ufm.experiment import ExperimentConfig
+    from ufm.core.canary import CanaryChoice
+    from ufm.core.experiment import ExperimentConfig
     from ufm.fileio import atomic_write
-    from ufm.jobs import Runner
-    from ufm.store import Store
-    from ufm.studies import create_study, regulariser_members, submit_study
-    from ufm.sweep import influence_scores, reference_config
+    from ufm.runs.jobs import Runner
+    from ufm.runs.store import Store
+    from ufm.runs.studies import create_study, regulariser_members, submit_study
+    from ufm.attribution.sweep import influence_scores, reference_config
 
     store = Store(home)
     base = ExperimentConfig(dataset="mnist", data_dir=os.environ.get("UFM_DATA_DIR"), arch="mlp",
@@ -66,8 +66,8 @@ def demos_shot(page) -> None:
 
 def audit_shot(page, home: Path) -> None:
     """The Audit a model page on the teaching run's model, exported to ONNX and audited on CIFAR-10."""
-    from ufm.onnx_model import export_run
-    from ufm.store import Store
+    from ufm.audits.onnx_model import export_run
+    from ufm.runs.store import Store
 
     with Store(home) as store:
         first = store.list_runs("done")[-1].id  # the teaching demo's run: one canary, MNIST MLP

@@ -4,7 +4,7 @@ A clean model (no canary) does not depend on the feature, so one set of clean mo
 features. For every (model, feature) pair this records the decision of
 
 * the **reference test** (the verdict: the model's M among R clean reference models of the same
-  training setting, :mod:`ufm.reference`), with the product's own bank of reference seeds,
+  training setting, :mod:`ufm.measure.bank`), with the product's own bank of reference seeds,
 * the **fast exposure test** with each candidate family that applies to the feature's kind,
 * the paper's **t-tests** (Welch and paired), and
 * the **access settings** (white-, grey-, black-box confidence gain): calibrated rank p-values
@@ -47,7 +47,7 @@ def features():
     """The study's features: 5 glyphs, 3 typed texts, 2 drawn patterns, 1 uploaded image (all fit 28x28)."""
     from PIL import Image, ImageDraw
 
-    from ufm.features import glyph, grid_feature, image_feature, text_feature
+    from ufm.core.features import glyph, grid_feature, image_feature, text_feature
 
     smile = ["011110", "100001", "101101", "100001", "101101", "010010"]
     zigzag = ["1000001", "0100010", "0010100", "0001000", "0010100", "0100010", "1111111"]
@@ -66,7 +66,7 @@ def features():
 
 def families(feature) -> list[str]:
     """Candidate families tried for a feature's kind (the first is the product's default)."""
-    from ufm.candidates import default_family
+    from ufm.measure.candidates import default_family
 
     by_kind = {"glyph": ["strokes", "permute", "shift"], "drawn": ["strokes", "permute", "shift"],
                "text": ["strings", "permute"], "image": ["permute", "shift"]}
@@ -76,9 +76,9 @@ def families(feature) -> list[str]:
 
 
 def base_config(a, arch: str):
-    from ufm.canary import CanaryChoice
-    from ufm.experiment import ExperimentConfig
-    from ufm.features import glyph
+    from ufm.core.canary import CanaryChoice
+    from ufm.core.experiment import ExperimentConfig
+    from ufm.core.features import glyph
 
     return ExperimentConfig(feature=glyph("A"), dataset="mnist", data_dir=a.data_dir, arch=arch,
                             canary=CanaryChoice("none", ()), train_size=a.train_size, epochs=a.epochs,
@@ -89,7 +89,7 @@ def held_out(a, per_class: int):
     """Up to ``per_class`` test images of each class (the access settings' held-out data)."""
     import torch
 
-    from ufm.data import load_split
+    from ufm.core.data import load_split
 
     test = load_split("mnist", "test", data_dir=a.data_dir)
     keep = torch.cat([torch.nonzero(test.y == c).flatten()[:per_class] for c in range(test.num_classes)])
@@ -101,7 +101,7 @@ def log(msg: str) -> None:
 
 
 def train_models(store, configs) -> list[str]:
-    from ufm.jobs import measure
+    from ufm.runs.jobs import measure
 
     ids = []
     for i, cfg in enumerate(configs):
@@ -114,10 +114,10 @@ def train_models(store, configs) -> list[str]:
 
 def clean(a) -> None:
     """Clean models: every test's decision on every feature."""
-    from ufm.experiment import inference_images
-    from ufm.reference import bank_config, bank_configs, rank_test
-    from ufm.scores import access_scores, feature_effect, memorisation_score
-    from ufm.store import Store
+    from ufm.core.experiment import inference_images
+    from ufm.measure.bank import bank_config, bank_configs, rank_test
+    from ufm.measure.scores import access_scores, feature_effect, memorisation_score
+    from ufm.runs.store import Store
 
     store = Store(a.home)
     base = base_config(a, a.arch)
@@ -174,12 +174,12 @@ def clean(a) -> None:
 
 def power(a) -> None:
     """Canary models: detection rate against canary frequency, reference and fast test on the same models."""
-    from ufm.canary import CanaryChoice
-    from ufm.experiment import inference_images
-    from ufm.features import glyph
-    from ufm.reference import bank_configs, rank_test, reference_scores
-    from ufm.scores import memorisation_score
-    from ufm.store import Store
+    from ufm.core.canary import CanaryChoice
+    from ufm.core.experiment import inference_images
+    from ufm.core.features import glyph
+    from ufm.measure.bank import bank_configs, rank_test, reference_scores
+    from ufm.measure.scores import memorisation_score
+    from ufm.runs.store import Store
 
     store = Store(a.home)
     feature = glyph("A")
@@ -211,10 +211,10 @@ def power(a) -> None:
 def extend(a) -> None:
     """Grow the bank of a finished ``clean`` part to ``--references`` models (re-deciding the reference
     test of every row) and add candidate families (``--add-families``) to its fast test."""
-    from ufm.experiment import inference_images
-    from ufm.reference import bank_configs, rank_test
-    from ufm.scores import feature_effect, memorisation_score
-    from ufm.store import Store
+    from ufm.core.experiment import inference_images
+    from ufm.measure.bank import bank_configs, rank_test
+    from ufm.measure.scores import feature_effect, memorisation_score
+    from ufm.runs.store import Store
 
     path = RESULTS / f"calibration-clean-{a.arch}.json"
     d = json.loads(path.read_text())
@@ -252,7 +252,7 @@ def extend(a) -> None:
 def settings(a) -> dict:
     import torch
 
-    from ufm import __version__
+    from ufm.version import __version__
     return {k: v for k, v in vars(a).items() if k not in ("func",)} | {
         "ufm": __version__, "torch": torch.__version__, "score_seed": SCORE_SEED, "alpha": ALPHA,
         "cpu_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
@@ -267,7 +267,7 @@ def write(name: str, payload: dict) -> None:
 # ----------------------------------------------------------------------------------------- report
 
 def wilson(k: int, n: int) -> tuple[float, float, float]:
-    from ufm.stats import wilson_interval
+    from ufm.measure.stats import wilson_interval
 
     if n == 0:
         return float("nan"), float("nan"), float("nan")
@@ -281,8 +281,8 @@ def _rate(calls) -> str:
 
 
 def _default(g) -> str:
-    """The product's current default family for these rows' kind (ufm.candidates.DEFAULT_FAMILY)."""
-    from ufm.candidates import DEFAULT_FAMILY
+    """The product's current default family for these rows' kind (ufm.measure.candidates.DEFAULT_FAMILY)."""
+    from ufm.measure.candidates import DEFAULT_FAMILY
 
     fam = DEFAULT_FAMILY[g["kind"].iloc[0]]
     col = f"fast_{fam}_status"

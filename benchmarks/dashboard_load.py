@@ -40,7 +40,7 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _run_seconds(home: Path) -> tuple[float, str]:
-    from ufm.store import Store
+    from ufm.runs.store import Store
 
     with Store(home) as store:
         rec = store.list_runs("done", limit=1)[0]

@@ -1,7 +1,7 @@
 """Wall time of the guided demos as the dashboard runs them: first result and calibrated answer.
 
 Each demo is queued exactly as the Home page's button does it (its study's runs, then its
-setting's 39 reference models, on the dashboard's background :class:`ufm.jobs.Runner`, in a fresh
+setting's 39 reference models, on the dashboard's background :class:`ufm.runs.jobs.Runner`, in a fresh
 store), and timed until its first rung is trained (the first result on the page) and until every
 rung has its calibrated verdict (bank complete and scored). ``--busy`` starts one process that
 keeps a core busy beside it (a Python loop), as another user's job would.
@@ -28,10 +28,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def time_demo(key: str, data_dir: str | None) -> dict:
-    from ufm.demos import plan_demo
-    from ufm.jobs import Runner
-    from ufm.reference import bank_status, reference_test, submit_bank
-    from ufm.store import Store
+    from ufm.measure.demos import plan_demo
+    from ufm.runs.jobs import Runner
+    from ufm.measure.bank import bank_status, reference_test, submit_bank
+    from ufm.runs.store import Store
 
     with tempfile.TemporaryDirectory() as home:
         store = Store(home)

@@ -7,9 +7,9 @@ Usage (from the repository root; best on a quiet machine):
 
 The study: ``--runs`` MLP models on the first ``--train-size`` MNIST images, the letter A on
 image 0, seeds 0..runs-1 (every run is a different config, so nothing is cached). Each backend
-gets a fresh store under a temporary folder. ``local`` is :class:`ufm.executors.LocalExecutor`
+gets a fresh store under a temporary folder. ``local`` is :class:`ufm.runs.executors.LocalExecutor`
 with one slot per device (the dashboard's and CLI's default: runs one after the other, each in
-its own process); ``ray`` is :class:`ufm.executors.RayExecutor` on a local Ray instance with
+its own process); ``ray`` is :class:`ufm.runs.executors.RayExecutor` on a local Ray instance with
 ``--ray-cpus`` CPUs, one CPU per run. Both train each run on one torch thread, so the numbers
 agree (checked) and the speed-up is what running runs side by side buys. Ray's start-up is
 timed separately and not counted in its study time.
@@ -27,13 +27,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ufm.canary import CanaryChoice  # noqa: E402
-from ufm.executors import LocalExecutor, RayExecutor  # noqa: E402
-from ufm.experiment import ExperimentConfig  # noqa: E402
-from ufm.features import glyph  # noqa: E402
-from ufm.store import Store  # noqa: E402
-from ufm.studies import create_study, runs_frame, seed_members, submit_study  # noqa: E402
-from ufm.worker import cores  # noqa: E402
+from ufm.core.canary import CanaryChoice  # noqa: E402
+from ufm.runs.executors import LocalExecutor, RayExecutor  # noqa: E402
+from ufm.core.experiment import ExperimentConfig  # noqa: E402
+from ufm.core.features import glyph  # noqa: E402
+from ufm.runs.store import Store  # noqa: E402
+from ufm.runs.studies import create_study, runs_frame, seed_members, submit_study  # noqa: E402
+from ufm.runs.worker import cores  # noqa: E402
 
 print = functools.partial(print, flush=True)  # noqa: A001
 

@@ -11,7 +11,7 @@ Usage (from the repository root):
    ``ufm.run_experiment`` end to end; prints training images per second (epochs x training
    images / training seconds), training and scoring seconds.
 2. The paper's figure 4 sweep (MLP, MNIST): a reference model, TracIn self-influence of every
-   training image, then one model per top-15 / bottom-15 canary (:func:`ufm.sweep.sweep_canaries`,
+   training image, then one model per top-15 / bottom-15 canary (:func:`ufm.attribution.sweep.sweep_canaries`,
    in a fresh store under a temporary folder, so nothing is cached); prints the seconds of each
    part and the training images per second over the 30 models.
 
@@ -34,12 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from ufm.canary import CanaryChoice  # noqa: E402
-from ufm.experiment import ExperimentConfig, run_experiment  # noqa: E402
-from ufm.features import glyph  # noqa: E402
-from ufm.store import Store  # noqa: E402
-from ufm.sweep import sweep_canaries  # noqa: E402
-from ufm.train import resolve_device  # noqa: E402
+from ufm.core.canary import CanaryChoice  # noqa: E402
+from ufm.core.experiment import ExperimentConfig, run_experiment  # noqa: E402
+from ufm.core.features import glyph  # noqa: E402
+from ufm.runs.store import Store  # noqa: E402
+from ufm.attribution.sweep import sweep_canaries  # noqa: E402
+from ufm.core.train import resolve_device  # noqa: E402
 
 print = functools.partial(print, flush=True)  # noqa: A001
 
@@ -82,11 +82,11 @@ def mlp_sweep(data_dir: str, device: str, quick: bool, executor: str) -> None:
     with tempfile.TemporaryDirectory() as tmp, Store(Path(tmp) / "home") as store:
         ex = None
         if executor != "thread":
-            from ufm.executors import make_executor
+            from ufm.runs.executors import make_executor
             ex = make_executor(executor, store)
         try:
             t0 = time.perf_counter()
-            from ufm.sweep import cached_influence
+            from ufm.attribution.sweep import cached_influence
             cached_influence(store.home, cfg)
             t1 = time.perf_counter()
             res = sweep_canaries(cfg, Path(tmp) / "out", store=store, top=top, bottom=bottom, executor=ex)

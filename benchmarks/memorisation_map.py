@@ -3,9 +3,9 @@
 For every setting (architecture, dataset, training-set size, budget, device) it trains, through
 the run store and exactly as the dashboard would:
 
-* the setting's TracIn ranking model (:func:`ufm.sweep.cached_influence`), to find its most and
+* the setting's TracIn ranking model (:func:`ufm.attribution.sweep.cached_influence`), to find its most and
   least self-influential training images;
-* the bank of R = 39 clean reference models (:func:`ufm.reference.bank_configs`);
+* the bank of R = 39 clean reference models (:func:`ufm.measure.bank.bank_configs`);
 * canary models: the feature on ONE training image (top / random / bottom self-influence), glyph
   and typed name, one model per seed; plus, for the clinical ladder, the name on 3 and 10 images;
 
@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ufm.memorisation_map import (CLINICAL, FEATURE_KINDS, LADDER_CLASS, MAP_FILE, PLACEMENTS,  # noqa: E402
+from ufm.measure.memorisation_map import (CLINICAL, FEATURE_KINDS, LADDER_CLASS, MAP_FILE, PLACEMENTS,  # noqa: E402
                                   TEACHING, MapCell, Setting)
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -42,7 +42,7 @@ REFERENCES = 39
 DEMO_SEEDS = 10
 
 S = Setting
-# The demos' CPU settings (ufm.memorisation_map.TEACHING, CLINICAL) are measured first.
+# The demos' CPU settings (ufm.measure.memorisation_map.TEACHING, CLINICAL) are measured first.
 # Cells a demo can use get DEMO_SEEDS seeds in every setting, so any setting can become a demo's:
 # the teaching demo's typical and atypical canaries (MNIST) and the clinical ladder (chest X-rays).
 TEACHING_CELLS = [("top", "glyph", 1), ("bottom", "glyph", 1)]
@@ -98,15 +98,15 @@ def _init(home: str) -> None:
 
     global _STORE
     torch.set_num_threads(1)  # one core per worker: OpenMP threads spin-wait beside each other
-    from ufm.store import Store
+    from ufm.runs.store import Store
 
     _STORE = Store(home)
 
 
 def _train(config_json: str) -> dict:
     """Train (or reuse) one config in a worker; its M and cost."""
-    from ufm.experiment import ExperimentConfig
-    from ufm.jobs import measure
+    from ufm.core.experiment import ExperimentConfig
+    from ufm.runs.jobs import measure
 
     cfg = ExperimentConfig.from_json(config_json)
     t0 = time.perf_counter()
@@ -120,7 +120,7 @@ def _train(config_json: str) -> dict:
 def _ranking(args: tuple[str, str]) -> tuple[str, int, int, float]:
     """(setting json, top index, bottom index, seconds) from the setting's TracIn ranking model."""
     home, setting_json = args
-    from ufm.sweep import cached_influence
+    from ufm.attribution.sweep import cached_influence
 
     setting = Setting(**json.loads(setting_json))
     t0 = time.perf_counter()
@@ -133,8 +133,8 @@ def _ranking(args: tuple[str, str]) -> tuple[str, int, int, float]:
 
 def _jobs(setting: Setting, top: int, bottom: int, seeds: int):
     """(bank configs, [(cell, seed, config)]) of one setting."""
-    from ufm.canary import CanaryChoice
-    from ufm.reference import bank_configs
+    from ufm.core.canary import CanaryChoice
+    from ufm.measure.bank import bank_configs
 
     base = setting.config(setting.feature("glyph"))
     bank = bank_configs(base, REFERENCES)
@@ -161,7 +161,7 @@ def _done_keys(rows_path: Path) -> set[str]:
 def run(args: argparse.Namespace) -> None:
     import torch
 
-    from ufm.store import Store
+    from ufm.runs.store import Store
 
     torch.set_num_threads(1)  # scoring the bank here, beside the workers: spin-waiting threads would starve
 
@@ -206,7 +206,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def _write_setting(store, rows_path: Path, item, out: dict, ranks: dict, device: str) -> None:
-    from ufm.reference import reference_test
+    from ufm.measure.bank import reference_test
 
     setting, bank, todo = item
     bank_seconds = sum(out[c.key()]["seconds"] for c in bank)
@@ -240,7 +240,7 @@ def load_rows(paths: list[Path]) -> list[dict]:
 
 
 def summarise(rows: list[dict]) -> list[MapCell]:
-    from ufm.stats import wilson_interval
+    from ufm.measure.stats import wilson_interval
 
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -279,7 +279,7 @@ def markdown(cells_: list[MapCell]) -> str:
 
 
 def table(args: argparse.Namespace) -> None:
-    from ufm.plots import memorisation_map_figure
+    from ufm.reports.plots import memorisation_map_figure
 
     paths = [Path(p) for p in args.rows] if args.rows else sorted(RESULTS.glob("memorisation-map-*.jsonl"))
     rows = load_rows(paths)

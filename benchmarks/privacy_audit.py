@@ -1,4 +1,4 @@
-"""Power and validity of the one-run privacy audit (ufm.privacy_audit) on real data.
+"""Power and validity of the one-run privacy audit (ufm.audits.privacy_audit) on real data.
 
 One audit model per regulariser setting, score and seed: an MLP on N MNIST training images (the
 stratified seeded subset) with m distinct random binary features (each IN with probability 1/2),
@@ -25,9 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ufm.experiment import ExperimentConfig  # noqa: E402
-from ufm.privacy_audit import SCORES, AuditConfig, run_audit  # noqa: E402
-from ufm.train import DPConfig  # noqa: E402
+from ufm.core.experiment import ExperimentConfig  # noqa: E402
+from ufm.audits.privacy_audit import SCORES, AuditConfig, run_audit  # noqa: E402
+from ufm.core.train import DPConfig  # noqa: E402
 
 SETTINGS = {
     "none": dict(regularisers=()),

@@ -8,7 +8,7 @@ Four figures per setting: seconds for ``--steps`` Adam steps of a 784-256-10 MLP
 - default: a fresh interpreter with torch's defaults (one intra-op thread per core, OpenMP's
   default wait policy: waiting threads spin), OMP_NUM_THREADS and OMP_WAIT_POLICY unset.
 - default + PASSIVE: the same with only ``OMP_WAIT_POLICY=PASSIVE`` set (the wait policy alone).
-- worker: a process of :mod:`ufm.worker` as a Runner starts it for one run at a time
+- worker: a process of :mod:`ufm.runs.worker` as a Runner starts it for one run at a time
   (``threads_per_run(1)`` threads, ``OMP_WAIT_POLICY=PASSIVE`` set before torch loads).
 - worker, 1 thread: the same with one thread (what two concurrent runs on 2 cores get).
 
@@ -72,7 +72,7 @@ def _default(steps: int, batch: int, policy: str | None = None) -> str:
 
 
 def _worker(steps: int, batch: int, threads: int | None) -> str:
-    from ufm import worker
+    from ufm.runs import worker
 
     seen: list[str] = []
     worker.run_task(step_loop, (steps, batch), report=seen.append, threads=threads)
@@ -88,7 +88,7 @@ def main() -> None:
     os.environ.pop("OMP_NUM_THREADS", None)
     os.environ.pop("OMP_WAIT_POLICY", None)
     sys.path.insert(0, str(ROOT))
-    from ufm import worker
+    from ufm.runs import worker
 
     print(f"{worker.cores()} cores; {args.steps} steps of a 784-256-10 MLP, batch {args.batch}")
     settings = [("default", lambda: _default(args.steps, args.batch)),

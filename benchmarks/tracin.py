@@ -1,4 +1,4 @@
-"""Benchmark: ufm.influence.self_influence against captum's TracInCP.self_influence.
+"""Benchmark: ufm.attribution.tracin.self_influence against captum's TracInCP.self_influence.
 
 Usage (from the repository root):
 
@@ -35,8 +35,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ufm.influence import self_influence  # noqa: E402
-from ufm.models import DEFAULT_BATCH, DEFAULT_LR, build_model  # noqa: E402
+from ufm.attribution.tracin import self_influence  # noqa: E402
+from ufm.core.models import DEFAULT_BATCH, DEFAULT_LR, build_model  # noqa: E402
 
 print = functools.partial(print, flush=True)  # noqa: A001  (progress shows up in logs)
 

@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from ufm.audit import (AuditConfig, AuditResult, audit_html, audit_task, delete_audit, inference_images, list_audits,
+from ufm.audits.model_audit import (AuditConfig, AuditResult, audit_html, audit_task, delete_audit, inference_images, list_audits,
                        load_audit, new_audit_id)
 from ufm.fileio import atomic_write, private_dir
 from ufm.limits import MAX_ONNX_BYTES
-from ufm.onnx_model import CheckedModel, GraphInput, check_onnx, graph_input, parse_onnx
-from ufm.plots import histogram_figure
+from ufm.audits.onnx_model import CheckedModel, GraphInput, check_onnx, graph_input, parse_onnx
+from ufm.reports.plots import histogram_figure
 
 from . import access, state, views
 
@@ -38,7 +38,7 @@ def accept_upload(name: str, data: bytes, home: str | Path) -> tuple[Path, Graph
     Raises:
         OnnxModelError: the file is too large, not ONNX, or has an unsupported input or output.
     """
-    from ufm.onnx_model import OnnxModelError
+    from ufm.audits.onnx_model import OnnxModelError
 
     if len(data) > MAX_ONNX_BYTES:
         raise OnnxModelError(f"{name} is larger than {MAX_ONNX_BYTES / 2**20:.0f} MB (the limit for a model to audit)")
@@ -58,7 +58,7 @@ def graph_of(path: str, name: str) -> GraphInput:
 
 def accept_path(path: Path, home: str | Path) -> tuple[Path, GraphInput]:
     """:func:`accept_upload` for a model file already on the server (an allowed path)."""
-    from ufm.onnx_model import read_model_bytes
+    from ufm.audits.onnx_model import read_model_bytes
 
     data, name = read_model_bytes(path)
     return accept_upload(name, data, home)
@@ -79,7 +79,7 @@ def accept_images(name: str, data: bytes, home: str | Path, shape: tuple[int, in
     """Check an uploaded ``.npz`` of inference images in memory (read with ``allow_pickle=False``:
     uint8 ``x``, convertible to the model's ``shape``) and only then keep it (0600). A rejected
     upload leaves nothing on disk, and its message names the upload, never a server path."""
-    from ufm.audit import check_npz_images
+    from ufm.audits.model_audit import check_npz_images
 
     check_npz_images(name, data, shape)
     path = _audit_dir(home, "images") / f"{hashlib.sha256(data).hexdigest()}.npz"

@@ -7,11 +7,11 @@ import time
 import pandas as pd
 import streamlit as st
 
-from ufm.data import DataUnavailable
-from ufm.models import ARCHITECTURES
-from ufm.plots import histogram_grid
-from ufm.studies import StudyMember, create_study, list_studies, regulariser_label, submit_study
-from ufm.train import DEFAULT_DP, DPConfig
+from ufm.core.data import DataUnavailable
+from ufm.core.models import ARCHITECTURES
+from ufm.reports.plots import histogram_grid
+from ufm.runs.studies import StudyMember, create_study, list_studies, regulariser_label, submit_study
+from ufm.core.train import DEFAULT_DP, DPConfig
 
 from . import state
 from .dp_ui import dp_from_state, dp_widget
@@ -35,7 +35,7 @@ def build_study(name: str, regs: list[str], archs: list[str], n_seeds: int, *, r
     """Store and queue a regulariser (x architecture) study of the current setup; returns its name.
 
     Args:
-        dp: the DP-SGD settings of the dp-sgd members (default :data:`ufm.train.DEFAULT_DP`, the
+        dp: the DP-SGD settings of the dp-sgd members (default :data:`ufm.core.train.DEFAULT_DP`, the
             Train and Audit privacy pages' default too); the other members carry none.
 
     Raises:
@@ -148,7 +148,7 @@ def interval_warning(agg: pd.DataFrame) -> str | None:
 
 def with_audits(name: str, agg: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """``agg`` with the study's epsilon-lower-bound columns (when it was audited) and their names."""
-    from ufm.privacy_audit import study_audit_table
+    from ufm.audits.privacy_audit import study_audit_table
 
     table = study_audit_table(state.store().home, name)
     if table is None:
@@ -194,7 +194,7 @@ def not_learned_note(agg: pd.DataFrame) -> str | None:
 def audit_problems(name: str) -> list[str]:
     """Why audits of study ``name`` failed (each audit's error once), so an epsilon column that stays
     empty says why instead of nothing."""
-    from ufm.privacy_audit import load_audit, study_audits
+    from ufm.audits.privacy_audit import load_audit, study_audits
 
     from .privacy_ui import home, status
 

@@ -1,4 +1,4 @@
-"""The guided demos of the Home page (the plans, sentences and settings are :mod:`ufm.demos`).
+"""The guided demos of the Home page (the plans, sentences and settings are :mod:`ufm.measure.demos`).
 
 Each demo is a study in the store (one run per rung) plus its setting's bank of reference models,
 queued together; the Home page follows it live: M per rung as soon as each model is trained, the
@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 import streamlit as st
 
-from ufm.demos import DemoPlan, calibrated_rows, clinician_sentence, plan_demo, teaching_sentence
-from ufm.plots import ladder_figure
-from ufm.reference import DEFAULT_REFERENCES, bank_status, submit_bank
-from ufm.studies import StudyMember, create_study, runs_frame, submit_study
-from ufm.train import resolve_device
+from ufm.measure.demos import DemoPlan, calibrated_rows, clinician_sentence, plan_demo, teaching_sentence
+from ufm.reports.plots import ladder_figure
+from ufm.measure.bank import DEFAULT_REFERENCES, bank_status, submit_bank
+from ufm.runs.studies import StudyMember, create_study, runs_frame, submit_study
+from ufm.core.train import resolve_device
 
 from . import access, state
 

@@ -2,14 +2,14 @@
 
 Each page used to have its own (Train: target epsilon 8; Audit privacy: 4; Compare: none at all,
 so its dp-sgd runs took ``DPConfig()``'s noise multiplier 1.0 and spent epsilon 31). Now all three
-draw this widget, start from :data:`ufm.train.DEFAULT_DP`, and differ only in their key prefix.
+draw this widget, start from :data:`ufm.core.train.DEFAULT_DP`, and differ only in their key prefix.
 """
 
 from __future__ import annotations
 
 import streamlit as st
 
-from ufm.train import DEFAULT_DP, DEFAULT_NOISE_MULTIPLIER, DPConfig
+from ufm.core.train import DEFAULT_DP, DEFAULT_NOISE_MULTIPLIER, DPConfig
 
 HOW = ["target epsilon", "noise multiplier"]
 
@@ -41,7 +41,7 @@ def dp_widget(prefix: str, *, initial: DPConfig | None = None, in_form: bool = F
 
     Args:
         prefix: the page's key prefix (``tr``, ``cmp``, ``pa``), so each page keeps its own values.
-        initial: what the widgets start from (default :data:`ufm.train.DEFAULT_DP`).
+        initial: what the widgets start from (default :data:`ufm.core.train.DEFAULT_DP`).
         in_form: inside ``st.form`` a widget cannot enable another before submit, so both noise
             inputs stay enabled and the caption says which one applies.
         train_size: the training images, for the "delta should be below 1/n" warning.

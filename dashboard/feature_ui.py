@@ -15,7 +15,7 @@ import numpy as np
 import streamlit as st
 from PIL import Image
 
-from ufm.features import GLYPHS, Feature, FeatureError, glyph, grid_feature, image_feature, text_feature
+from ufm.core.features import GLYPHS, Feature, FeatureError, glyph, grid_feature, image_feature, text_feature
 from ufm.imageio import ImageError, open_image
 
 MIN_GRID, MAX_GRID = 3, 16
@@ -169,7 +169,7 @@ def draw_editor() -> np.ndarray:
                 pattern = canvas_to_pattern(rgba, m, threshold)
                 _fill(pattern)
                 ss["_canvas_pattern"] = pattern
-    from ufm.plots import pattern_figure
+    from ufm.reports.plots import pattern_figure
     shown = ss["_canvas_pattern"] if grey and ss.get("_canvas_rgba") is not None else _grid_values(m)
     st.plotly_chart(pattern_figure(shown, title=f"the feature, {m}x{m} pixels, pixel-exact").update_layout(
         height=300, width=300), key="draw_pixels", width="content")

@@ -1,6 +1,6 @@
 """The Influence page's pieces: computing the ranking in the background, the gallery, the sweep.
 
-The ranking and the sweep are those of ``ufm sweep-canaries`` (:mod:`ufm.sweep`): the table is
+The ranking and the sweep are those of ``ufm sweep-canaries`` (:mod:`ufm.attribution.sweep`): the table is
 cached under the store's home by the reference config key, the sweep is a study in the store.
 """
 
@@ -11,10 +11,10 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from ufm.experiment import ExperimentConfig
+from ufm.core.experiment import ExperimentConfig
 from ufm.fileio import private_dir
-from ufm.studies import submit_study
-from ufm.sweep import cached_influence, ensure_sweep_study, influence_path, load_influence_table, reference_config, sweep_rows
+from ufm.runs.studies import submit_study
+from ufm.attribution.sweep import cached_influence, ensure_sweep_study, influence_path, load_influence_table, reference_config, sweep_rows
 
 from . import state
 

@@ -1,7 +1,7 @@
 """The Audit privacy page's pieces: the form, the background audit and the result panel.
 
 An audit trains one model, so it runs as a background task in its own process
-(``state.tasks()``); the result is saved under the store's home (:func:`ufm.privacy_audit.save_audit`)
+(``state.tasks()``); the result is saved under the store's home (:func:`ufm.audits.privacy_audit.save_audit`)
 by the task itself, so it survives reloads, page switches and restarts.
 """
 
@@ -12,10 +12,10 @@ from pathlib import Path
 import streamlit as st
 
 from ufm.fileio import private_dir
-from ufm.models import ARCHITECTURES
-from ufm.privacy_audit import (SCORES, AuditConfig, AuditResult, audit_canary_limit, audit_dir, audit_histogram,
+from ufm.core.models import ARCHITECTURES
+from ufm.audits.privacy_audit import (SCORES, AuditConfig, AuditResult, audit_canary_limit, audit_dir, audit_histogram,
                                cached_audit, check_audit_canaries, list_audits, load_audit)
-from ufm.train import REGULARISERS, DPConfig
+from ufm.core.train import REGULARISERS, DPConfig
 
 from . import state
 from .dp_ui import dp_from_state, dp_widget
@@ -105,7 +105,7 @@ def setup_dp(setup: dict) -> DPConfig | None:
 # ------------------------------------------------------------------ how many audit canaries a setup allows
 
 def canary_limit(setup: dict) -> int:
-    """The most audit canaries the training set of ``setup`` allows (:func:`ufm.privacy_audit.audit_canary_limit`).
+    """The most audit canaries the training set of ``setup`` allows (:func:`ufm.audits.privacy_audit.audit_canary_limit`).
 
     Raises:
         DataUnavailable / ValueError: the dataset cannot be read (the page shows the message).
@@ -115,7 +115,7 @@ def canary_limit(setup: dict) -> int:
 
 
 def _val_fraction() -> float:
-    from ufm.experiment import ExperimentConfig
+    from ufm.core.experiment import ExperimentConfig
 
     return ExperimentConfig.val_fraction  # the pages never change it
 
@@ -170,7 +170,7 @@ def start(config: AuditConfig) -> str:
 def start_study_audits(study: str, members: list, canaries: int) -> None:
     """One audit per (group, experiment config) of a Compare study, queued in the background and
     recorded with the study so its table gains the epsilon-lower-bound column."""
-    from ufm.privacy_audit import attach_study_audits
+    from ufm.audits.privacy_audit import attach_study_audits
 
     audits = [(group, AuditConfig(cfg, canaries=canaries)) for group, cfg in members]
     attach_study_audits(home(), study, audits)

@@ -23,15 +23,15 @@ from pathlib import Path
 
 import streamlit as st
 
-from ufm.canary import CanaryChoice
-from ufm.data import BENCHMARKS, available_offline, default_data_dir, load_split
-from ufm.designs import save_design
-from ufm.experiment import ExperimentConfig
-from ufm.features import Feature, glyph
-from ufm.executors import Executor, executor_from_env
-from ufm.jobs import Runner
-from ufm.store import Store
-from ufm.train import DEFAULT_DP, DPConfig
+from ufm.core.canary import CanaryChoice
+from ufm.core.data import BENCHMARKS, available_offline, default_data_dir, load_split
+from ufm.core.designs import save_design
+from ufm.core.experiment import ExperimentConfig
+from ufm.core.features import Feature, glyph
+from ufm.runs.executors import Executor, executor_from_env
+from ufm.runs.jobs import Runner
+from ufm.runs.store import Store
+from ufm.core.train import DEFAULT_DP, DPConfig
 
 # Session-state keys (one place, so pages cannot drift apart).
 FEATURE = "feature"            # the Feature being designed
@@ -92,7 +92,7 @@ def images(dataset: str, split: str, root: str, limit: int | None = 200):
 @st.cache_data(show_spinner="Loading images ...", max_entries=16)
 def training_images(dataset: str, root: str, train_size: int | None, indices: tuple[int, ...]):
     """(x, y, classes) of the training images at ``indices`` as a run with ``train_size`` sees them
-    (the stratified subset of :func:`ufm.experiment.training_split`), so that "image 10" in a gallery
+    (the stratified subset of :func:`ufm.core.experiment.training_split`), so that "image 10" in a gallery
     is the image a run's canary index 10 stamps. Indices past the set are left out.
 
     Raises:
@@ -114,8 +114,8 @@ def training_set_size(dataset: str, root: str, train_size: int | None) -> int:
     Raises:
         DataUnavailable / ValueError: the dataset cannot be read (the message says what to do).
     """
-    from ufm.experiment import ExperimentConfig
-    from ufm.privacy_audit import training_set_size as count
+    from ufm.core.experiment import ExperimentConfig
+    from ufm.audits.privacy_audit import training_set_size as count
 
     return count(ExperimentConfig(dataset=dataset, data_dir=root, train_size=train_size))
 
@@ -123,12 +123,12 @@ def training_set_size(dataset: str, root: str, train_size: int | None) -> int:
 @st.cache_data(show_spinner="Loading images ...", max_entries=16)
 def gallery_indices(dataset: str, root: str, train_size: int | None, n: int, seed: int = 0) -> tuple[int, ...]:
     """``n`` training-image indices (as a run with ``train_size`` numbers them) spread over every class
-    (:func:`ufm.data.spread_indices`), so a gallery of a class-sorted set is not all one class.
+    (:func:`ufm.core.data.spread_indices`), so a gallery of a class-sorted set is not all one class.
 
     Raises:
         DataUnavailable / ValueError: the dataset cannot be read (the message says what to do).
     """
-    from ufm.data import spread_indices
+    from ufm.core.data import spread_indices
 
     d = load_split(dataset, "train", data_dir=root, limit=train_size, stratified=train_size is not None)
     return tuple(int(i) for i in spread_indices(d.y.numpy(), n, seed=seed))
@@ -151,7 +151,7 @@ def class_counts(dataset: str, root: str, train_size: int | None) -> tuple[tuple
 
 def class_counts_text(dataset: str, root: str, train_size: int | None) -> str:
     """"per class: normal 135, pneumonia 65" for a run's details; the reason when the set cannot be read."""
-    from ufm.data import DataUnavailable
+    from ufm.core.data import DataUnavailable
 
     try:
         counts = class_counts(dataset, root, train_size)
@@ -361,7 +361,7 @@ def asset(name: str) -> Path:
 @st.cache_data(show_spinner=False, max_entries=8)
 def ood_preview(dataset: str, shape: tuple[int, int, int], root: str, n: int = 2):
     """The first ``n`` inference images for a model trained on ``dataset`` (numpy, (n, C, H, W))."""
-    from ufm.data import load_ood
+    from ufm.core.data import load_ood
     return load_ood(dataset, shape, n, data_dir=root).x.numpy()
 
 
@@ -371,7 +371,7 @@ def influence_path(reference_key: str) -> Path:
 
 
 def progress_text(p, training: str, scoring: str) -> str:
-    """A task's progress report (:class:`ufm.train.Progress`) as "fraction<TAB>words" (read back by
+    """A task's progress report (:class:`ufm.core.train.Progress`) as "fraction<TAB>words" (read back by
     :func:`parse_progress`): training is the first 80% (epochs of the budget; early stopping may
     jump ahead), what follows it the rest."""
     if p.phase == "train" and p.max_epochs:
@@ -393,7 +393,7 @@ def parse_progress(text: str | None) -> tuple[float, str]:
 class Tasks:
     """Background work that is not an experiment run (self-influence of a training set).
 
-    Each task runs in its own process (:func:`ufm.worker.run_task`, the machinery of the run
+    Each task runs in its own process (:func:`ufm.runs.worker.run_task`, the machinery of the run
     processes), one at a time, so it never competes with the web server for the interpreter. A
     task is a module-level function ``fn(report, *args, **kwargs)`` (or ``"module:function"``),
     importable in that process; ``report(text)`` shows progress. Each task has a key, its latest
@@ -419,7 +419,7 @@ class Tasks:
             ValueError: ``fn`` is a lambda or nested function (it cannot be imported by the
                 task's process); make it a module-level function.
         """
-        from ufm.worker import resolve, run_task
+        from ufm.runs.worker import resolve, run_task
 
         resolve(fn)
         with self._lock:

@@ -7,12 +7,12 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from ufm.canary import CanaryChoice
-from ufm.experiment import ExperimentConfig
-from ufm.models import ARCHITECTURES
+from ufm.core.canary import CanaryChoice
+from ufm.core.experiment import ExperimentConfig
+from ufm.core.models import ARCHITECTURES
 from ufm.paths import PathNotAllowed, check_user_path
-from ufm.plots import image_figure
-from ufm.train import REGULARISERS, DPConfig
+from ufm.reports.plots import image_figure
+from ufm.core.train import REGULARISERS, DPConfig
 
 from . import state
 
@@ -71,7 +71,7 @@ def setup_form() -> dict:
 
 def dp_settings(s: dict) -> None:
     """The DP-SGD block: the shared DP widget (:func:`dashboard.dp_ui.dp_widget`) and the epoch budget.
-    Sets ``s["dp"]`` (a :class:`ufm.train.DPConfig`, dropped when refused) and ``s["epochs"]``."""
+    Sets ``s["dp"]`` (a :class:`ufm.core.train.DPConfig`, dropped when refused) and ``s["epochs"]``."""
     from .dp_ui import dp_widget
 
     with st.container(border=True):
@@ -155,7 +155,7 @@ def canary_chooser(setup: dict) -> CanaryChoice:
 
 
 def _by_influence(setup: dict) -> CanaryChoice:
-    from ufm.sweep import reference_config
+    from ufm.attribution.sweep import reference_config
 
     ref = reference_config(state.config_from_setup(setup)).key()
     path = state.influence_path(ref)
@@ -183,7 +183,7 @@ def canary_preview(setup: dict, choice: CanaryChoice) -> None:
         st.warning(f"Image {i} is past the {setup.get('train_size')} training images: pick a smaller index.")
         return
     f = state.current_feature()
-    from ufm.canary import stamp_feature
+    from ufm.core.canary import stamp_feature
     import torch
     img = stamp_feature(torch.from_numpy(x[:1]), f)[0].numpy()
     st.plotly_chart(image_figure(img, box=(*f.offset, *f.size), title=f"canary {i} ({classes[y[0]]}) with {f.name}"),
@@ -194,8 +194,8 @@ def map_hint(config: ExperimentConfig) -> None:
     """Before Start: how often one canary was detected in the nearest measured setting (the
     memorisation map), so a 'not shown' does not surprise anyone who chose a setting where one
     canary is mostly below detection."""
-    from ufm.memorisation_map import nearest_cell
-    from ufm.train import resolve_device
+    from ufm.measure.memorisation_map import nearest_cell
+    from ufm.core.train import resolve_device
 
     try:
         device = "cuda" if resolve_device(config.device).type == "cuda" else "cpu"

@@ -10,12 +10,12 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from ufm.canary import stamp_feature
-from ufm.plots import histogram_figure, image_figure, loss_curve_figure
-from ufm.jobs import queue_estimate
-from ufm.reference import bank_status, cancel_unneeded_bank, submit_bank
-from ufm.store import RunNotFound, RunRecord
-from ufm.verdict import stored_verdict
+from ufm.core.canary import stamp_feature
+from ufm.reports.plots import histogram_figure, image_figure, loss_curve_figure
+from ufm.runs.jobs import queue_estimate
+from ufm.measure.bank import bank_status, cancel_unneeded_bank, submit_bank
+from ufm.runs.store import RunNotFound, RunRecord
+from ufm.measure.verdict import stored_verdict
 
 from . import access, state
 
@@ -175,7 +175,7 @@ def disagreement_note(summary: dict, alpha: float = 0.05) -> str | None:
         how = (f"M is positive ({fmt(m, 3)} nats) yet the rank test finds nothing (p = {fmt(p, 2)})")
     else:
         return None
-    from ufm.candidates import FAMILY_WORDS
+    from ufm.measure.candidates import FAMILY_WORDS
 
     family = summary.get("family")
     # name only the family this run's rank test used (it differs by feature kind)
@@ -213,7 +213,7 @@ def metrics_row(summary: dict, verdict: dict) -> None:
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def canary_image(dataset: str, root: str, train_size: int | None, index: int, feature_json: str) -> np.ndarray:
-    from ufm.features import Feature
+    from ufm.core.features import Feature
     x = state.training_images(dataset, root, train_size, (index,))[0]  # the run's (stratified) training set
     return stamp_feature(torch.from_numpy(x[:1]), Feature.from_dict(json.loads(feature_json)))[0].numpy()
 

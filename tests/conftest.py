@@ -86,9 +86,9 @@ def one_torch_thread():
 
 def tiny_config(tiny_data: dict[str, Path], **kw):
     """A cheap ExperimentConfig on the ``tiny_data`` fixture (3x3 letter A at the corner)."""
-    from ufm.canary import CanaryChoice
-    from ufm.experiment import ExperimentConfig
-    from ufm.features import glyph
+    from ufm.core.canary import CanaryChoice
+    from ufm.core.experiment import ExperimentConfig
+    from ufm.core.features import glyph
 
     base = dict(feature=glyph("A", size=3, offset=(0, 0)), dataset=str(tiny_data["train"]),
                 ood_source=str(tiny_data["ood"]), ood_size=30, epochs=2, patience=2, candidates=5,

@@ -186,7 +186,7 @@ def test_unexpected_error_is_logged_not_shown(app_home, monkeypatch, caplog):
     def broken():
         raise RuntimeError("internal detail /srv/secret.db")
 
-    monkeypatch.setattr("ufm.train.describe_device", broken)
+    monkeypatch.setattr("ufm.core.train.describe_device", broken)
     with caplog.at_level(logging.ERROR, logger="ufm.dashboard"):
         at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60).run()
     assert not at.exception

@@ -79,11 +79,11 @@ def test_clinical_demo_needs_its_chest_xray_data_and_says_where(app_env):
 
 def _tiny_plan(data_dir: str):
     """The teaching demo's shape on the tests' 3-class blobs: two rungs, a 39-model bank of 2-epoch MLPs."""
-    from ufm.canary import CanaryChoice
-    from ufm.demos import ATYPICAL, TYPICAL, DemoPlan, Rung
-    from ufm.memorisation_map import DemoChoice, Setting
-    from ufm.features import glyph
-    from ufm.experiment import ExperimentConfig
+    from ufm.core.canary import CanaryChoice
+    from ufm.measure.demos import ATYPICAL, TYPICAL, DemoPlan, Rung
+    from ufm.measure.memorisation_map import DemoChoice, Setting
+    from ufm.core.features import glyph
+    from ufm.core.experiment import ExperimentConfig
     setting = Setting("mlp", "mnist", 240, "quick")
     # 3 epochs: a training setting of its own, so its bank is not the one other tests expect to be missing
     base = ExperimentConfig(feature=glyph("A"), dataset="mnist", data_dir=data_dir, epochs=3, patience=1, ood_size=40,
@@ -103,8 +103,8 @@ def test_demo_turns_calibrated_when_its_bank_lands_without_a_reload(app_env, mon
     assert not at.exception
     key, name, _ = at.session_state[demos.DEMO_KEY]
     assert key == "teaching"
-    from ufm.reference import bank_status
-    from ufm.studies import runs_frame
+    from ufm.measure.bank import bank_status
+    from ufm.runs.studies import runs_frame
     runs = runs_frame(state.store(), name)
     assert list(runs["group"]) == [r.label for r in plan.rungs]
     assert any("Waiting for the reference models" in i.value for i in at.info)  # never a provisional verdict
@@ -201,7 +201,7 @@ def test_compare_and_influence_pages_run_small_studies(app_env):
     at.switch_page("app_pages/influence.py").run()
     at.button(key="inf_start").click().run()
     deadline = time.time() + 240
-    from ufm.sweep import reference_config
+    from ufm.attribution.sweep import reference_config
     key = reference_config(state.config_from_setup(at.session_state["setup"])).key() if "setup" in at.session_state else None
     while time.time() < deadline and state.tasks().status(key)[0] in ("running", "none"):
         time.sleep(1)
@@ -250,9 +250,9 @@ def test_train_page_dp_sgd_settings_reach_the_run(app_env):
 def _parked_run(status: str) -> str:
     """A run recorded in the store but never trained: ``queued`` (no worker takes it) or ``cancelled``."""
     from dashboard import state
-    from ufm.canary import CanaryChoice
-    from ufm.experiment import ExperimentConfig
-    from ufm.features import glyph
+    from ufm.core.canary import CanaryChoice
+    from ufm.core.experiment import ExperimentConfig
+    from ufm.core.features import glyph
 
     state.runner()  # first, so its start-up recovery has already looked at the store
     cfg = ExperimentConfig(feature=glyph("A"), dataset="mnist", canary=CanaryChoice("index", (0,)), epochs=1,
@@ -310,7 +310,7 @@ def test_runs_page_asks_before_deleting(app_env):
     at.button(key="runs_delete").click().run()
     at.button(key="runs_delete_yes").click().run()
     assert not at.exception
-    from ufm.store import RunNotFound
+    from ufm.runs.store import RunNotFound
     with pytest.raises(RunNotFound):
         state.store().get(run_id)
 
@@ -439,7 +439,7 @@ def test_gallery_canary_reaches_the_run_and_survives_a_page_change(app_env):
 
 def test_train_caption_describes_the_run_not_the_current_feature(app_env):
     from dashboard import state
-    from ufm.features import text_feature
+    from ufm.core.features import text_feature
     at = _app().switch_page("app_pages/train.py").run()
     at.number_input(key="tr_epochs").set_value(2).run()
     at.number_input(key="tr_ood").set_value(40).run()
@@ -534,13 +534,13 @@ def test_result_page_turns_calibrated_when_the_bank_completes_without_a_reload(a
     import dataclasses
 
     from dashboard import state
-    from ufm.canary import CanaryChoice
-    from ufm.experiment import ExperimentConfig, run_experiment
-    from ufm.features import glyph
-    from ufm.jobs import measure
-    from ufm.reference import bank_configs
-    from ufm.store import BACKGROUND
-    from ufm.verdict import Verdict, after_run
+    from ufm.core.canary import CanaryChoice
+    from ufm.core.experiment import ExperimentConfig, run_experiment
+    from ufm.core.features import glyph
+    from ufm.runs.jobs import measure
+    from ufm.measure.bank import bank_configs
+    from ufm.runs.store import BACKGROUND
+    from ufm.measure.verdict import Verdict, after_run
 
     store = state.store()
     state.runner()  # first, so its start-up recovery has already looked at the store
@@ -588,11 +588,11 @@ def test_result_page_turns_calibrated_when_the_bank_completes_without_a_reload(a
 
 def test_cancelling_a_run_cancels_the_bank_queued_for_it(app_env):
     from dashboard import access, state
-    from ufm.canary import CanaryChoice
-    from ufm.experiment import ExperimentConfig
-    from ufm.features import glyph
-    from ufm.reference import bank_configs
-    from ufm.store import BACKGROUND
+    from ufm.core.canary import CanaryChoice
+    from ufm.core.experiment import ExperimentConfig
+    from ufm.core.features import glyph
+    from ufm.measure.bank import bank_configs
+    from ufm.runs.store import BACKGROUND
 
     state.runner()
     store = state.store()

@@ -13,7 +13,7 @@ def test_compare_page_runs_its_study_on_ray(app_env, monkeypatch):  # noqa: F811
         pytest.skip(f"ray could not start here: {e}")
     monkeypatch.setenv("UFM_RAY_ADDRESS", "auto")  # Ray is up in this process: the executor joins it
     from dashboard import state
-    from ufm.executors import RayExecutor
+    from ufm.runs.executors import RayExecutor
 
     state.executor.clear()
     try:

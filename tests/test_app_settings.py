@@ -34,7 +34,7 @@ def _train_size(at: AppTest, n: int) -> AppTest:
 # ------------------------------------------------------------------ item 3: audit canaries the set cannot hold
 
 def test_audit_canary_limit_is_the_clis_rule():
-    from ufm.privacy_audit import audit_canary_limit, check_audit_canaries
+    from ufm.audits.privacy_audit import audit_canary_limit, check_audit_canaries
 
     assert audit_canary_limit(200, 0.1) == 179  # 20 held out for validation, one image left without a canary
     assert audit_canary_limit(3, 0.1) == 2 and audit_canary_limit(2, 0.1) == 1 and audit_canary_limit(0, 0.1) == 0
@@ -47,7 +47,7 @@ def test_audit_canary_limit_is_the_clis_rule():
 
 def test_compare_audit_on_a_200_image_set_is_clamped_and_refused_before_start(app_env):
     from dashboard import state
-    from ufm.studies import list_studies
+    from ufm.runs.studies import list_studies
 
     at = _train_size(_app(), 200)
     at.switch_page("app_pages/compare.py").run()
@@ -90,7 +90,7 @@ def _dp_values(at: AppTest, prefix: str) -> tuple:
 
 
 def test_dp_defaults_are_the_same_on_train_compare_and_audit_privacy(app_env):
-    from ufm.train import DEFAULT_DP, DEFAULT_NOISE_MULTIPLIER
+    from ufm.core.train import DEFAULT_DP, DEFAULT_NOISE_MULTIPLIER
 
     expected = ("target epsilon", DEFAULT_DP.target_epsilon, DEFAULT_NOISE_MULTIPLIER, DEFAULT_DP.max_grad_norm,
                 DEFAULT_DP.delta)
@@ -106,8 +106,8 @@ def test_dp_defaults_are_the_same_on_train_compare_and_audit_privacy(app_env):
 
 def test_compare_dp_members_use_the_shared_default_not_noise_one(app_env):
     from dashboard import state
-    from ufm.studies import get_study
-    from ufm.train import DEFAULT_DP, NEUTRAL_DP
+    from ufm.runs.studies import get_study
+    from ufm.core.train import DEFAULT_DP, NEUTRAL_DP
 
     at = _app().switch_page("app_pages/train.py").run()
     at.number_input(key="tr_epochs").set_value(1).run()
@@ -127,7 +127,7 @@ def test_compare_dp_members_use_the_shared_default_not_noise_one(app_env):
 
 def test_cli_dp_default_is_the_dashboards():
     from ufm.cli import build_parser, config_from_args
-    from ufm.train import DEFAULT_DP, NEUTRAL_DP
+    from ufm.core.train import DEFAULT_DP, NEUTRAL_DP
 
     def cfg(*argv):
         return config_from_args(build_parser().parse_args(["measure", *argv]))
@@ -139,7 +139,7 @@ def test_cli_dp_default_is_the_dashboards():
 
 def test_models_that_did_not_learn_are_marked_and_never_counted_as_not_memorised():
     from dashboard.compare_ui import learned_column, not_learned_note
-    from ufm.studies import aggregate
+    from ufm.runs.studies import aggregate
 
     runs = pd.DataFrame({
         "group": ["none", "none", "dp-sgd", "dp-sgd", "dp-sgd"],
@@ -168,7 +168,7 @@ def test_models_that_did_not_learn_are_marked_and_never_counted_as_not_memorised
 def test_study_html_marks_models_that_did_not_learn_and_shows_epsilon():
     from types import SimpleNamespace
 
-    from ufm.report import _share_cell
+    from ufm.reports.run_report import _share_cell
 
     r = SimpleNamespace(done=3, n_inconclusive=2, n_not_learned=2, n_significant=0)
     assert _share_cell(r) == "0 of 1; 2 did not learn (inconclusive)"
@@ -225,8 +225,8 @@ def test_a_new_drawing_starts_blank_so_the_canvas_reset_clears_it(app_env):
 
 def _stored_run(feature) -> str:
     from dashboard import state
-    from ufm.canary import CanaryChoice
-    from ufm.experiment import ExperimentConfig
+    from ufm.core.canary import CanaryChoice
+    from ufm.core.experiment import ExperimentConfig
 
     state.runner()
     cfg = ExperimentConfig(feature=feature, dataset="mnist", canary=CanaryChoice("index", (3,)), epochs=1, seed=77,
@@ -238,7 +238,7 @@ def _stored_run(feature) -> str:
 
 def test_a_run_link_without_design_keeps_the_browsers_feature(app_env, monkeypatch):
     from dashboard import access, state
-    from ufm.features import text_feature
+    from ufm.core.features import text_feature
 
     at = _app().switch_page("app_pages/feature.py").run()
     at.radio(key="feat_kind").set_value("Text").run()
@@ -259,7 +259,7 @@ def test_a_run_link_without_design_keeps_the_browsers_feature(app_env, monkeypat
 
 def test_a_run_link_in_a_fresh_browser_takes_the_runs_feature_not_the_a(app_env, monkeypatch):
     from dashboard import access
-    from ufm.features import text_feature
+    from ufm.core.features import text_feature
 
     monkeypatch.setattr(access, "browser_cookie", lambda name: None)
     run_id = _stored_run(text_feature("ZZ"))
@@ -275,7 +275,7 @@ def test_a_run_link_in_a_fresh_browser_takes_the_runs_feature_not_the_a(app_env,
 # ------------------------------------------------------------------ item 7: the smaller fixes
 
 def test_spread_indices_show_every_class_of_a_class_sorted_set():
-    from ufm.data import spread_indices
+    from ufm.core.data import spread_indices
 
     y = np.array([0] * 150 + [1] * 50)  # sorted by class, like the chest X-rays
     idx = spread_indices(y, 24, seed=0)
@@ -322,8 +322,8 @@ def test_rank_test_note_names_only_the_family_used():
 
 
 def test_figure_titles_sit_below_the_plotly_toolbar():
-    from ufm.explain import overlay_grid
-    from ufm.plots import (MODEBAR_PX, TITLE_PX, histogram_figure, histogram_grid, image_figure, ladder_figure,
+    from ufm.attribution.explain import overlay_grid
+    from ufm.reports.plots import (MODEBAR_PX, TITLE_PX, histogram_figure, histogram_grid, image_figure, ladder_figure,
                            m_bar_figure, pattern_figure, zoom_figure)
 
     rng = np.random.default_rng(0)
@@ -342,7 +342,7 @@ def test_figure_titles_sit_below_the_plotly_toolbar():
 
 
 def test_audit_defaults_to_the_papers_ood_set_and_says_why():
-    from ufm.audit import default_inference_source
+    from ufm.audits.model_audit import default_inference_source
 
     assert default_inference_source(1)[0] == "cifar10" and default_inference_source(3)[0] == "mnist"
     src, why = default_inference_source(1, "mnist")
@@ -390,7 +390,7 @@ def test_a_child_process_importing_app_py_does_not_run_the_dashboard(monkeypatch
 def test_runs_table_marks_a_model_that_did_not_learn_and_shows_epsilon():
     from types import SimpleNamespace
 
-    from ufm.report import RUN_TABLE_COLUMNS, run_row
+    from ufm.reports.run_report import RUN_TABLE_COLUMNS, run_row
 
     rec = SimpleNamespace(id="abc", status="done", created=0.0, finished=1.0, started=0.5, progress=None,
                           config_data={"dataset": "mnist", "regularisers": ["dp-sgd"]}, config_key="k",

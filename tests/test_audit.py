@@ -14,14 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-from ufm import calibration
-from ufm.audit import (AuditConfig, AuditResult, audit_html, audit_task, choose_family, inference_images,
+from ufm.measure import calibration
+from ufm.audits.model_audit import (AuditConfig, AuditResult, audit_html, audit_task, choose_family, inference_images,
                        list_audits, load_audit, run_audit, save_audit)
 from ufm.cli import main
-from ufm.features import glyph, text_feature
-from ufm.onnx_model import load_onnx
-from ufm.scores import memorisation_score
-from ufm.store import SCHEMA_VERSION, Store
+from ufm.core.features import glyph, text_feature
+from ufm.audits.onnx_model import load_onnx
+from ufm.measure.scores import memorisation_score
+from ufm.runs.store import SCHEMA_VERSION, Store
 
 from .conftest import blob_images, needs_shared, write_split
 
@@ -216,8 +216,8 @@ def test_model_exported_outside_ufm_with_its_own_normalisation_and_softmax(tmp_p
     """A plain torch model (normalisation layer inside, probability output), trained here with a
     canary on 100 images of class 0 and exported with torch.onnx.export, is audited correctly."""
     cal_table(_row())
-    from ufm.canary import stamp_feature
-    from ufm.data import load_split
+    from ufm.core.canary import stamp_feature
+    from ufm.core.data import load_split
 
     feature = glyph("A", size=3, offset=(0, 0))
     d = load_split(str(audit_data["train"]), "train")
@@ -265,8 +265,8 @@ def test_labelled_images_give_white_and_grey_box_gains_and_the_accuracy_check(tm
     assert a["access"]["grey_box"]["gain"] == pytest.approx(native["grey_box"]["gain"], rel=1e-4)
     assert a["access"]["black_box_gain"]["gain"] == pytest.approx(native["black_box_gain"]["gain"], rel=1e-4)
     # an untrained model says nothing either way
-    from ufm.models import build_model
-    from ufm.onnx_model import export_onnx
+    from ufm.core.models import build_model
+    from ufm.audits.onnx_model import export_onnx
     torch.manual_seed(3)
     (tmp_path / "untrained.onnx").write_bytes(export_onnx(build_model("mlp", 1, (12, 12), 3), (1, 12, 12)))
     b = _audit(home, tmp_path / "untrained.onnx", audit_data, tmp_path, "--labelled", str(audit_data["train"]))
@@ -377,7 +377,7 @@ def test_bad_input_one_message_each_and_nothing_stored(tmp_path, audit_data, cap
 
 def test_runs_export_onnx_needs_a_file_and_a_finished_run(tmp_path, capsys):
     with Store(tmp_path / "h") as s:
-        from ufm.experiment import ExperimentConfig
+        from ufm.core.experiment import ExperimentConfig
         rid = s.create_run(ExperimentConfig())
     _fails(capsys, ["runs", "export", rid, "--format", "onnx", "--home", str(tmp_path / "h")], "give --out FILE")
     _fails(capsys, ["runs", "export", rid, "--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--home",
@@ -418,7 +418,7 @@ def test_audit_task_records_under_the_given_id_and_honours_cancel(tmp_path, audi
     assert msgs[-1].startswith("done") and any("scoring 20 images" in m for m in msgs)
     flag = tmp_path / "cancel"
     flag.touch()
-    from ufm.train import TrainingCancelled
+    from ufm.core.train import TrainingCancelled
     with pytest.raises(TrainingCancelled):
         audit_task(msgs.append, str(path), cfg, {}, home, "0123456789ac", str(flag))
     with Store(home) as s:
@@ -431,8 +431,8 @@ from .test_app import _app, app_env  # noqa: E402,F401 - the dashboard's test da
 
 
 def test_audit_page_upload_run_verdict(app_env, one_torch_thread):
-    from ufm.models import build_model
-    from ufm.onnx_model import export_onnx
+    from ufm.core.models import build_model
+    from ufm.audits.onnx_model import export_onnx
 
     from dashboard import audit_ui, state
 
@@ -479,7 +479,7 @@ def test_audit_page_upload_run_verdict(app_env, one_torch_thread):
 
 
 def test_accept_upload_refuses_before_storing(tmp_path):
-    from ufm.onnx_model import OnnxModelError
+    from ufm.audits.onnx_model import OnnxModelError
 
     from dashboard import audit_ui
 

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from ufm.canary import (CanaryChoice, candidate_patches, choose_canaries, permuted_patches, random_patches,
+from ufm.core.canary import (CanaryChoice, candidate_patches, choose_canaries, permuted_patches, random_patches,
                         stamp, stamp_feature)
-from ufm.features import glyph
+from ufm.core.features import glyph
 
 
 def test_stamp_pixel_by_pixel_greyscale():

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from ufm.candidates import (DEFAULT_FAMILY, FAMILIES, VALID_FAMILIES, CandidateSet, CandidatesUnavailable,
+from ufm.measure.candidates import (DEFAULT_FAMILY, FAMILIES, VALID_FAMILIES, CandidateSet, CandidatesUnavailable,
                             candidate_set, default_family, derived_generator, distinct_candidates, is_solid,
                             resolve_family)
-from ufm.canary import CANDIDATE_KINDS, candidate_patches, stamp
-from ufm.features import Feature, FeatureError, glyph, grid_feature, image_feature, text_feature
+from ufm.core.canary import CANDIDATE_KINDS, candidate_patches, stamp
+from ufm.core.features import Feature, FeatureError, glyph, grid_feature, image_feature, text_feature
 
 
 def _keys(patches):
@@ -129,7 +129,7 @@ def test_strings_family():
     assert torch.equal(cs.patches, candidate_set(f, 30, "strings", (1, 12, 30), _gen(5)).patches)
     assert not torch.equal(cs.patches, candidate_set(f, 30, "strings", (1, 12, 30), _gen(6)).patches)
     # each candidate is a rendered string of the same classes: re-render one from the same renderer
-    from ufm.features import render_text
+    from ufm.core.features import render_text
     assert np.array_equal(render_text("Ab 13", 7, width=f.size[1]).shape, f.size)
     with pytest.raises(FeatureError, match="strings"):
         resolve_family(glyph("A"), "strings")

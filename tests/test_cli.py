@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from ufm.cli import build_parser, config_from_args, main
-from ufm.features import glyph
+from ufm.core.features import glyph
 
 from .conftest import needs_shared
 
@@ -102,7 +102,7 @@ def test_size_knobs_are_bounded_and_name_the_flag(argv, msg, capsys):
 
 
 def test_config_bounds_without_the_cli():
-    from ufm.experiment import ExperimentConfig
+    from ufm.core.experiment import ExperimentConfig
     from ufm.limits import MAX_CANDIDATES, MAX_OOD_SIZE, MAX_REPEATS
 
     for kw, msg in ((dict(candidates=MAX_CANDIDATES + 1), "candidates K must be between 1 and"),
@@ -147,7 +147,7 @@ def test_train_size_larger_than_the_data_is_refused_before_a_run_is_recorded(tin
     assert err == ("ufm: error: --train-size 500 is more than the 300 training images of "
                    f"{tiny_data['train']}: give at most 300, or leave it out to use them all")
     assert not out.exists()
-    from ufm.store import Store
+    from ufm.runs.store import Store
     with Store(tmp_path / "home") as s:
         assert s.list_runs() == []
 
@@ -197,8 +197,8 @@ def test_bad_inputs_as_subprocesses_end_in_one_line(tiny_data, tmp_path):
 
 
 def test_broken_pipe_on_stdout_exits_quietly(tmp_path):
-    from ufm.experiment import ExperimentConfig
-    from ufm.store import Store
+    from ufm.core.experiment import ExperimentConfig
+    from ufm.runs.store import Store
 
     with Store(tmp_path / "home") as s:
         ids = [s.create_run(ExperimentConfig(seed=i)) for i in range(3)]

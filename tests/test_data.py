@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ufm import data as D
-from ufm.data import DataUnavailable, convert_images, load_ood, load_split, to_float_images, train_val_split
+from ufm.core import data as D
+from ufm.core.data import DataUnavailable, convert_images, load_ood, load_split, to_float_images, train_val_split
 
 from .conftest import needs_shared
 
@@ -143,7 +143,7 @@ def test_train_val_split_canaries_only_displace():
 
 def test_available_offline(tmp_path):
     from .conftest import write_split
-    from ufm.data import available_offline
+    from ufm.core.data import available_offline
     assert available_offline(tmp_path) == []
     write_split(tmp_path / "mnist", np.zeros((2, 4, 4), np.uint8), np.array([0, 1]), "train")
     assert available_offline(tmp_path) == []  # test split missing
@@ -152,7 +152,7 @@ def test_available_offline(tmp_path):
 
 
 def test_pneumoniamnist_from_medmnist_file_and_offline_error(tmp_path, monkeypatch):
-    from ufm import data as D
+    from ufm.core import data as D
     with pytest.raises(DataUnavailable, match="switched off"):
         load_split("pneumoniamnist", "train", data_dir=tmp_path, download=False)
     import torchvision.datasets.utils as U
@@ -213,8 +213,8 @@ def _class_folders(base: Path, classes, n=3, side=8) -> None:
 
 
 def test_test_split_with_other_classes_is_refused_naming_both(tmp_path):
-    from ufm.experiment import ExperimentConfig, prepare_data
-    from ufm.features import glyph
+    from ufm.core.experiment import ExperimentConfig, prepare_data
+    from ufm.core.features import glyph
 
     root = tmp_path / "folders"
     _class_folders(root / "train", ["cat", "dog"], n=12)
@@ -249,7 +249,7 @@ def test_bad_image_in_class_folder_is_one_message(tmp_path, bad, first):
 
 
 def test_stratified_subset_keeps_every_class_in_proportion_and_is_seeded():
-    from ufm.data import ImageData, stratified_indices, training_subset
+    from ufm.core.data import ImageData, stratified_indices, training_subset
 
     y = np.repeat([0, 1, 2], [600, 300, 100])  # stored sorted by class, as the chest X-rays are
     idx = stratified_indices(y, 100, seed=0)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ufm.demos import ATYPICAL, TYPICAL, plan_demo
-from ufm.jobs import measure
-from ufm.reference import build_bank, reference_test
-from ufm.store import Store
+from ufm.measure.demos import ATYPICAL, TYPICAL, plan_demo
+from ufm.runs.jobs import measure
+from ufm.measure.bank import build_bank, reference_test
+from ufm.runs.store import Store
 
 from .conftest import needs_shared
 

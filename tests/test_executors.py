@@ -5,9 +5,9 @@ import time
 import numpy as np
 import pytest
 
-from ufm.executors import LocalExecutor, RayExecutor, make_executor
-from ufm.store import Store
-from ufm.studies import create_study, regulariser_members, runs_frame, submit_study
+from ufm.runs.executors import LocalExecutor, RayExecutor, make_executor
+from ufm.runs.store import Store
+from ufm.runs.studies import create_study, regulariser_members, runs_frame, submit_study
 
 from .conftest import tiny_config
 
@@ -89,8 +89,8 @@ def test_ray_progress_and_cancel(tiny_data, tmp_path, ray_session):
 
 
 def test_executor_from_env(tmp_path, monkeypatch, ray_session):
-    from ufm.executors import executor_from_env
-    from ufm.jobs import Runner
+    from ufm.runs.executors import executor_from_env
+    from ufm.runs.jobs import Runner
 
     with Store(tmp_path / "home") as store:
         monkeypatch.delenv("UFM_RAY_ADDRESS", raising=False)
@@ -134,7 +134,7 @@ def test_make_executor_rejects_bad_choices(tmp_path):
 
 
 def test_sweep_on_ray_matches_the_sweep_in_this_thread(tiny_data, tmp_path, ray_session):
-    from ufm.sweep import sweep_canaries
+    from ufm.attribution.sweep import sweep_canaries
 
     cfg = tiny_config(tiny_data, device="auto")
     with Store(tmp_path / "a") as s1:

@@ -3,11 +3,11 @@ import json
 import numpy as np
 import pytest
 
-from ufm import experiment as E
-from ufm.canary import CanaryChoice
-from ufm.experiment import ExperimentConfig, Result, run_experiment
-from ufm.features import glyph, text_feature
-from ufm.train import DPConfig, TrainingCancelled
+from ufm.core import experiment as E
+from ufm.core.canary import CanaryChoice
+from ufm.core.experiment import ExperimentConfig, Result, run_experiment
+from ufm.core.features import glyph, text_feature
+from ufm.core.train import DPConfig, TrainingCancelled
 
 from .conftest import tiny_config
 
@@ -102,9 +102,9 @@ def test_dp_sgd_experiment_records_epsilon(tiny_data):
 
 def test_a_model_that_did_not_learn_gets_an_inconclusive_verdict(tiny_data, one_torch_thread):
     """The audit's lr = 1e6 case: a dead model must not read as 'no evidence of memorisation'."""
-    from ufm.experiment import run_experiment
-    from ufm.store import result_summary
-    from ufm.verdict import decide
+    from ufm.core.experiment import run_experiment
+    from ufm.runs.store import result_summary
+    from ufm.measure.verdict import decide
 
     res = run_experiment(tiny_config(tiny_data, lr=1e-9, epochs=1))
     assert not res.learned and "did not learn" in res.learned_note

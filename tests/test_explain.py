@@ -1,4 +1,4 @@
-"""Tests for ufm.explain: GradCAM / saliency against captum and known answers, box share,
+"""Tests for ufm.attribution.explain: GradCAM / saliency against captum and known answers, box share,
 figure builders, and a positive-control science check on MNIST."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ufm.explain import GradCamResult, box_share, gradcam, overlay_figure, overlay_grid, overlay_png
-from ufm.models import build_model, last_conv_layer
+from ufm.attribution.explain import GradCamResult, box_share, gradcam, overlay_figure, overlay_grid, overlay_png
+from ufm.core.models import build_model, last_conv_layer
 
 
 @pytest.fixture(autouse=True)
@@ -110,7 +110,7 @@ def test_gradcam_other_layer_and_errors():
 
 
 def test_densenet_default_layer_is_the_final_feature_map():
-    from ufm.models import default_gradcam_layer, gradcam_layers
+    from ufm.core.models import default_gradcam_layer, gradcam_layers
 
     model = build_model("densenet100", 3, (16, 16), 4).eval()
     layers = gradcam_layers(model)
@@ -135,7 +135,7 @@ def test_densenet_default_layer_is_the_final_feature_map():
 
 
 def test_gradcam_layers_of_cnns_and_mlp():
-    from ufm.models import gradcam_layers
+    from ufm.core.models import gradcam_layers
 
     labels = [lab for lab, _ in gradcam_layers(build_model("cnn2", 1, (16, 16), 3))]
     assert labels == ["7 (last conv, 64 ch)", "5 (conv 3 of 4, 64 ch)", "2 (conv 2 of 4, 32 ch)",

@@ -5,11 +5,11 @@ import json
 import pandas as pd
 import torch
 
-from ufm.canary import CanaryChoice
+from ufm.core.canary import CanaryChoice
 from ufm.cli import main
-from ufm.experiment import ExperimentConfig, run_experiment
-from ufm.explain import explain_run, gradcam, write_explanation_pngs
-from ufm.features import glyph
+from ufm.core.experiment import ExperimentConfig, run_experiment
+from ufm.attribution.explain import explain_run, gradcam, write_explanation_pngs
+from ufm.core.features import glyph
 
 
 def _tiny_args(tiny_data):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ufm.features import (GLYPHS, Feature, FeatureError, glyph, grid_feature, image_feature, infer_kind,
+from ufm.core.features import (GLYPHS, Feature, FeatureError, glyph, grid_feature, image_feature, infer_kind,
                           parse_feature_spec, render_text, text_feature)
 
 from .test_app import app_env  # noqa: F401 - fixture for the Feature page test

@@ -17,10 +17,10 @@ import torch
 from onnx import TensorProto
 from onnx import helper as oh
 
-from ufm.audit import AuditConfig, run_audit
-from ufm.features import glyph
+from ufm.audits.model_audit import AuditConfig, run_audit
+from ufm.core.features import glyph
 from ufm.limits import MAX_AUDIT_IMAGE_BYTES, MAX_BATCH_BYTES, MAX_INPUT_SIDE
-from ufm.onnx_model import OnnxModelError, check_onnx, load_onnx, parse_onnx
+from ufm.audits.onnx_model import OnnxModelError, check_onnx, load_onnx, parse_onnx
 
 REPO = Path(__file__).resolve().parents[1]
 OPSET = [oh.make_opsetid("", 17)]
@@ -160,7 +160,7 @@ def test_inference_images_that_would_not_fit_are_refused_before_loading(tmp_path
 
 
 def test_large_images_reach_onnxruntime_in_chunks_of_the_batch_memory(monkeypatch):
-    import ufm.onnx_model as om
+    import ufm.audits.onnx_model as om
 
     model = load_onnx(_pool_model((3, 64, 64)))
     seen = []

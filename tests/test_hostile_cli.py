@@ -19,7 +19,7 @@ import pytest
 
 from ufm.cli import main
 from ufm.limits import MAX_ONNX_BYTES, MAX_UPLOAD_MB
-from ufm.store import Store
+from ufm.runs.store import Store
 
 from .test_browser import CHROMIUM, FLAGS, server  # noqa: F401 - server is a fixture (a real streamlit run)
 from .test_store import _cli_args
@@ -68,7 +68,7 @@ def test_an_unreachable_ray_address_is_one_line_before_any_work(tmp_path, capsys
     assert f"nothing answers at 127.0.0.1:{port}" in line and "ray start --head" in line
     assert time.perf_counter() - t0 < 20  # was a ConnectionError traceback after 33 s
     assert not (tmp_path / "out").exists()
-    from ufm.executors import check_ray_address
+    from ufm.runs.executors import check_ray_address
     with pytest.raises(ValueError, match="is not HOST:PORT"):
         check_ray_address("head-node")
     check_ray_address("auto")  # left to Ray
@@ -125,7 +125,7 @@ def _npy(array) -> bytes:
 ])
 def test_a_rejected_image_upload_leaves_nothing_and_names_no_server_path(data, match, tmp_path):
     from dashboard.audit_ui import accept_images
-    from ufm.data import DataUnavailable
+    from ufm.core.data import DataUnavailable
 
     home = tmp_path / "secret-home"
     with pytest.raises(DataUnavailable, match=match) as e:

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from ufm.cli import main
-from ufm.designs import forget_designs, list_designs, save_design
-from ufm.store import Store
+from ufm.core.designs import forget_designs, list_designs, save_design
+from ufm.runs.store import Store
 
 from .test_store import CHILD_ENV, ROOT, _cli_args, _wait_running_epoch
 
@@ -130,7 +130,7 @@ def test_every_file_under_the_home_is_private_after_every_command(tiny_data, tmp
                      "--feature", "text:JO", "--feature-size", "5", "--offset", "0", "0", "--candidates", "5",
                      "--quiet", "--out", str(out / "audit.json"), "--report", str(out / "audit.html"), *h]) == 0
         save_design(home, json.dumps({"feature": {"text": "JOHN DOE"}}))
-        from ufm.sweep import cached_influence
+        from ufm.attribution.sweep import cached_influence
 
         from .conftest import tiny_config
         cached_influence(home, tiny_config(tiny_data, epochs=1), n_checkpoints=2)  # home/influence/<key>.csv

@@ -1,4 +1,4 @@
-"""Tests for ufm.influence: TracIn self-influence against captum, a per-example loop and
+"""Tests for ufm.attribution.tracin: TracIn self-influence against captum, a per-example loop and
 hand-derived answers; checkpoint selection and ranking known answers."""
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from ufm.influence import (
+from ufm.attribution.tracin import (
     _outer_sq_norm,
     rank_by_self_influence,
     self_influence,
     top_bottom,
     tracin_checkpoints,
 )
-from ufm.models import build_model
+from ufm.core.models import build_model
 
 
 @pytest.fixture(autouse=True)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from ufm import worker
-from ufm.experiment import ExperimentConfig
-from ufm.jobs import Runner, device_key, measure
-from ufm.store import Store
+from ufm.runs import worker
+from ufm.core.experiment import ExperimentConfig
+from ufm.runs.jobs import Runner, device_key, measure
+from ufm.runs.store import Store
 
 from .conftest import tiny_config, write_split
 
@@ -226,7 +226,7 @@ def test_threads_per_run_shares_the_cores(monkeypatch):
 
 
 def report_task(report, n: int, fail: bool = False) -> None:
-    """A task for :func:`ufm.worker.run_task` (module level: the task's process imports it)."""
+    """A task for :func:`ufm.runs.worker.run_task` (module level: the task's process imports it)."""
     import torch
 
     for i in range(n):
@@ -248,7 +248,7 @@ def test_run_task_in_its_own_process_reports_progress_and_failure():
 
 
 def test_runner_refuses_more_than_max_pending(tiny_data, tmp_path):
-    from ufm.jobs import QueueFull
+    from ufm.runs.jobs import QueueFull
 
     store = Store(tmp_path / "home")
     with Runner(store, max_pending=2) as runner:

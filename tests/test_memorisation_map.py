@@ -9,13 +9,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ufm.canary import CanaryChoice
-from ufm.demos import ATYPICAL, TYPICAL, calibrated_rows, clinician_sentence, plan_demo, teaching_sentence
-from ufm.experiment import ExperimentConfig
-from ufm.features import glyph, text_feature
-from ufm.memorisation_map import (CLINICAL, MAP_FILE, TEACHING, MapCell, Setting, demo_setting, find_cell,
+from ufm.core.canary import CanaryChoice
+from ufm.measure.demos import ATYPICAL, TYPICAL, calibrated_rows, clinician_sentence, plan_demo, teaching_sentence
+from ufm.core.experiment import ExperimentConfig
+from ufm.core.features import glyph, text_feature
+from ufm.measure.memorisation_map import (CLINICAL, MAP_FILE, TEACHING, MapCell, Setting, demo_setting, find_cell,
                                   load_cells, nearest_cell)
-from ufm.stats import wilson_interval
+from ufm.measure.stats import wilson_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from ufm.models import ARCHITECTURES, build_model, count_parameters, has_batchnorm, last_conv_layer
+from ufm.core.models import ARCHITECTURES, build_model, count_parameters, has_batchnorm, last_conv_layer
 
 SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32), "chest-xray": (1, 64, 64)}
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from ufm.models import build_model, predict_logits
-from ufm.onnx_model import (SPEC_KEY, InputSpec, OnnxModelError, export_onnx, graph_input, load_onnx,
+from ufm.core.models import build_model, predict_logits
+from ufm.audits.onnx_model import (SPEC_KEY, InputSpec, OnnxModelError, export_onnx, graph_input, load_onnx,
                             parse_onnx)
 
 

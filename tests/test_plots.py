@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ufm.plots import (COLOURS, histogram_figure, image_figure, influence_scatter_figure, loss_curve_figure,
+from ufm.reports.plots import (COLOURS, histogram_figure, image_figure, influence_scatter_figure, loss_curve_figure,
                        m_bar_figure, pearson)
 
 
@@ -46,7 +46,7 @@ def test_other_figures_have_titles_and_axes():
 
 
 def test_histogram_grid_panels_share_the_single_figure_bars():
-    from ufm.plots import histogram_bars, histogram_grid
+    from ufm.reports.plots import histogram_bars, histogram_grid
     rng = np.random.default_rng(1)
     a, b = rng.exponential(0.2, 50), rng.exponential(0.1, (1, 50))
     fig = histogram_grid({"none": (a, b), "dropout": None, "dp-sgd": (b[0], a[None])})
@@ -57,7 +57,7 @@ def test_histogram_grid_panels_share_the_single_figure_bars():
 
 
 def test_zoom_figure_is_nearest_neighbour_with_a_pixel_grid_and_an_outline_outside_the_feature():
-    from ufm.plots import zoom_figure
+    from ufm.reports.plots import zoom_figure
     rng = np.random.default_rng(0)
     img = rng.random((1, 28, 28))
     fig = zoom_figure(img, (2, 3, 5, 4), margin=2, scale=8)
@@ -78,7 +78,7 @@ def test_zoom_figure_is_nearest_neighbour_with_a_pixel_grid_and_an_outline_outsi
 
 
 def test_histogram_labels_do_not_collide_hover_is_formatted_and_small_multiples_share_x():
-    from ufm.plots import histogram_grid
+    from ufm.reports.plots import histogram_grid
     rng = np.random.default_rng(2)
     du, dr = rng.exponential(0.2, 100), rng.exponential(0.2, (1, 100))
     fig = histogram_figure(du, dr, log_x=True)
@@ -98,7 +98,7 @@ def test_loss_curve_ticks_are_whole_epochs():
 
 
 def test_ladder_figure_colours_bars_by_verdict_and_leaves_unfinished_rungs_empty():
-    from ufm.plots import VERDICT_COLOURS, ladder_figure
+    from ufm.reports.plots import VERDICT_COLOURS, ladder_figure
     f = ladder_figure(["1", "3", "10"], [0.001, 0.2, None], ["not_shown", "memorised", None])
     bar = f.data[0]
     assert list(bar.marker.color) == [VERDICT_COLOURS["not_shown"], VERDICT_COLOURS["memorised"], VERDICT_COLOURS[None]]

@@ -12,11 +12,11 @@ import pytest
 
 from tests.conftest import tiny_config
 from tests.test_app import app_env  # noqa: F401 - the dashboard fixture
-from ufm.features import FeatureError
-from ufm.privacy_audit import (AuditConfig, AuditResult, audit_bound, audit_features, audit_histogram, default_grid,
+from ufm.core.features import FeatureError
+from ufm.audits.privacy_audit import (AuditConfig, AuditResult, audit_bound, audit_features, audit_histogram, default_grid,
                                epsilon_lower_bound, load_audit, make_guesses, p_value, run_audit, save_audit,
                                score_auc)
-from ufm.scores import class_gain, log_prob_gains
+from ufm.measure.scores import class_gain, log_prob_gains
 
 from .conftest import needs_shared
 
@@ -206,7 +206,7 @@ def test_dp_sgd_audit_never_exceeds_the_claim(tiny_data, one_torch_thread, targe
     """Validity: repeated audits of DP-SGD models (3 per claim: two seeds leaving OUT images out,
     the adjacency the accountant's epsilon is for, and one replacing them) never give a lower
     bound above the accountant's epsilon."""
-    from ufm.train import DPConfig
+    from ufm.core.train import DPConfig
 
     for seed, mode in ((0, "removed"), (1, "removed"), (2, "clean")):
         exp = tiny_config(tiny_data, regularisers=("dp-sgd",), epochs=3, seed=seed,
@@ -224,7 +224,7 @@ def test_log_prob_gains_known_answer():
     import torch
     from torch import nn
 
-    from ufm.features import grid_feature
+    from ufm.core.features import grid_feature
 
     torch.manual_seed(0)
     lin = nn.Linear(16, 3).double()
@@ -289,7 +289,7 @@ def test_power_plain_mlp_on_mnist_gives_a_bound(shared_data, one_torch_thread):
     """The acceptance's power case: an MLP on MNIST without regularisation, 100 canaries, gives a
     lower bound above 0 at 95% with the default score (README: every one of 8 seeds does); M on
     the same model separates IN from OUT less well."""
-    from ufm.experiment import ExperimentConfig
+    from ufm.core.experiment import ExperimentConfig
 
     exp = ExperimentConfig(dataset="mnist", data_dir=str(shared_data), arch="mlp", train_size=500, epochs=80,
                            patience=10, ood_size=500, seed=0, device="cpu")
@@ -384,7 +384,7 @@ def test_audit_page_cancel_stops_the_task_and_keeps_the_form(app_env):
     assert not at.exception and not at.error
     assert any("was cancelled" in i.value for i in at.info)
     assert at.button(key="FormSubmitter:pa_form-Audit privacy") is not None
-    from ufm.privacy_audit import audit_dir
+    from ufm.audits.privacy_audit import audit_dir
 
     assert not (audit_dir(privacy_ui.home()) / f"{key}.json").exists()  # nothing half-done was saved
 
@@ -405,7 +405,7 @@ def test_compare_page_audit_column(app_env):
     assert not at.exception
     for rid in state.runner().active():
         state.runner().wait(rid, timeout=240)
-    from ufm.privacy_audit import study_audit_table, study_audits
+    from ufm.audits.privacy_audit import study_audit_table, study_audits
     audits = study_audits(state.store().home, "audited study")
     assert len(audits) == 1 and audits[0][1].canaries == 10
     deadline = time.time() + 240

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_config
-from ufm.canary import CanaryChoice
-from ufm.features import glyph
-from ufm.reference import (DEFAULT_REFERENCES, REFERENCE_SEED_BASE, SCORES_FILE, ReferenceTest, bank_config,
+from ufm.core.canary import CanaryChoice
+from ufm.core.features import glyph
+from ufm.measure.bank import (DEFAULT_REFERENCES, REFERENCE_SEED_BASE, SCORES_FILE, ReferenceTest, bank_config,
                            bank_configs, bank_key, bank_status, build_bank, check_references, rank_test,
                            reference_scores, reference_seeds, reference_test)
-from ufm.verdict import decide
+from ufm.measure.verdict import decide
 
 
 def test_reference_seeds_skip_the_canary_runs_seed(tiny_data):
@@ -58,8 +58,8 @@ def test_rank_test_counts_ties_against_memorisation():
 def test_bank_scores_equal_the_canary_runs_own_computation(tiny_data, tmp_path):
     """A reference model's M for a feature is computed exactly as a run's own M (same images,
     same random features): scoring the canary model itself through the bank path gives its M."""
-    from ufm.jobs import measure
-    from ufm.store import Store
+    from ufm.runs.jobs import measure
+    from ufm.runs.store import Store
 
     store = Store(tmp_path / "home")
     cfg = tiny_config(tiny_data, seed=3)

@@ -12,15 +12,15 @@ import plotly.io as pio
 import pytest
 import torch
 
-from ufm import __version__
-from ufm.canary import CanaryChoice
+from ufm.version import __version__
+from ufm.core.canary import CanaryChoice
 from ufm.cli import main
-from ufm.experiment import ExperimentConfig
-from ufm.features import glyph
-from ufm.plots import histogram_figure
-from ufm.report import run_html, run_json, runs_csv, runs_table, study_html
-from ufm.store import Store
-from ufm.studies import create_study, expand, run_study, summary
+from ufm.core.experiment import ExperimentConfig
+from ufm.core.features import glyph
+from ufm.reports.plots import histogram_figure
+from ufm.reports.run_report import run_html, run_json, runs_csv, runs_table, study_html
+from ufm.runs.store import Store
+from ufm.runs.studies import create_study, expand, run_study, summary
 
 CHROMIUM = Path("/usr/bin/chromium")
 STUDY = "regularisers <b>& co</b>"  # markup in a name must come out escaped
@@ -167,7 +167,7 @@ def test_study_report_renders_in_headless_chromium_offline(home, tmp_path):
 # ------------------------------------------------------------------- formula-safe CSV
 
 def test_csv_cells_that_look_like_formulas_are_quoted_numbers_stay_numeric():
-    from ufm.report import csv_safe, to_csv
+    from ufm.reports.run_report import csv_safe, to_csv
 
     for bad in ("=HYPERLINK(\"http://x\")", "+1+1", "-2+3", "@SUM(A1)", "\tx", "\rx"):
         assert csv_safe(bad) == "'" + bad
@@ -184,8 +184,8 @@ def test_csv_cells_that_look_like_formulas_are_quoted_numbers_stay_numeric():
 
 
 def test_every_csv_ufm_writes_is_formula_safe(tmp_path, capsys):
-    from ufm.features import grid_feature
-    from ufm.studies import create_study, expand
+    from ufm.core.features import grid_feature
+    from ufm.runs.studies import create_study, expand
 
     evil = "=cmd|' /C calc'!A0"
     base = ExperimentConfig(feature=grid_feature([[1, 0], [0, 1]], name="@evil feature"), dataset="-dataset")

@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ufm import reproduce as rp
+from ufm.reports import reproduce as rp
 from ufm.cli import main
-from ufm.store import Store
+from ufm.runs.store import Store
 
 from .conftest import needs_shared, SHARED
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from ufm.canary import CanaryChoice
-from ufm.experiment import ExperimentConfig, run_experiment
+from ufm.core.canary import CanaryChoice
+from ufm.core.experiment import ExperimentConfig, run_experiment
 
 pytestmark = pytest.mark.slow
 

@@ -7,13 +7,13 @@ import torch
 from scipy import special, stats
 from torch import nn
 
-from ufm.candidates import FAMILIES, candidate_set, derived_generator
-from ufm.canary import random_patches
-from ufm.features import FeatureError, glyph, grid_feature, text_feature
-from ufm.scores import (TIE_RTOL, AccessScores, GainStat, MScore, _feature_stamp, _Forward, access_scores,
+from ufm.measure.candidates import FAMILIES, candidate_set, derived_generator
+from ufm.core.canary import random_patches
+from ufm.core.features import FeatureError, glyph, grid_feature, text_feature
+from ufm.measure.scores import (TIE_RTOL, AccessScores, GainStat, MScore, _feature_stamp, _Forward, access_scores,
                         confidence_gain, exposure_test, feature_effect, kl_divergence, memorisation_score,
                         model_learned, rank_against, ttests)
-from ufm.train import TrainingCancelled
+from ufm.core.train import TrainingCancelled
 
 from .conftest import tiny_config
 
@@ -165,7 +165,7 @@ def test_confidence_gain_and_access_settings():
     x = torch.rand(30, 1, 8, 8) * 0.1
     g = confidence_gain(Detector(), x, glyph("A"), 2)
     pc = Detector()(x).softmax(1)[:, 2]
-    from ufm.canary import stamp_feature
+    from ufm.core.canary import stamp_feature
     pu = Detector()(stamp_feature(x, glyph("A"))).softmax(1)[:, 2]
     assert g.gain == pytest.approx((pu - pc).mean().item(), rel=1e-5) and g.p_value_paper < 1e-6
     assert math.isnan(g.p_value)  # calibration needs candidates: access_scores
@@ -356,8 +356,8 @@ def test_calibrated_access_p_values_on_clean_models(one_torch_thread):
 
 def test_calibrated_access_p_values_on_briefly_trained_clean_models(tiny_data, one_torch_thread):
     """Clean models trained a few epochs (no canary): the black-box t-test flags them, the rank does not."""
-    from ufm.canary import CanaryChoice
-    from ufm.experiment import run_experiment
+    from ufm.core.canary import CanaryChoice
+    from ufm.core.experiment import run_experiment
 
     cal, paper = [], []
     for seed in range(4):

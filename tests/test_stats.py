@@ -1,9 +1,9 @@
-"""ufm.stats against scipy's own Wilson interval (binomtest(...).proportion_ci)."""
+"""ufm.measure.stats against scipy's own Wilson interval (binomtest(...).proportion_ci)."""
 
 import pytest
 from scipy.stats import binomtest
 
-from ufm.stats import wilson_interval
+from ufm.measure.stats import wilson_interval
 
 
 @pytest.mark.parametrize("k,n", [(0, 1), (1, 1), (0, 10), (3, 10), (9, 10), (10, 10), (5, 72), (0, 72), (37, 50)])

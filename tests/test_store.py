@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from ufm import __version__
-from ufm import experiment as E
+from ufm.version import __version__
+from ufm.core import experiment as E
 from ufm.cli import main
-from ufm.experiment import ExperimentConfig, run_experiment
-from ufm.jobs import measure
-from ufm.models import predict_logits
-from ufm.store import APPLICATION_ID, SCHEMA_VERSION, Store, StoreError, default_home
+from ufm.core.experiment import ExperimentConfig, run_experiment
+from ufm.runs.jobs import measure
+from ufm.core.models import predict_logits
+from ufm.runs.store import APPLICATION_ID, SCHEMA_VERSION, Store, StoreError, default_home
 
 from .conftest import tiny_config
 
@@ -247,9 +247,9 @@ def test_cli_measure_records_run_and_reuses_cache(tiny_data, tmp_path, capsys, m
 _WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from ufm.experiment import Result
-    from ufm.models import build_model
-    from ufm.store import Store
+    from ufm.core.experiment import Result
+    from ufm.core.models import build_model
+    from ufm.runs.store import Store
     home, result_json, offset, n, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
     base = Result.from_json(Path(result_json).read_text())
     while not go.exists():  # start both writers at the same moment

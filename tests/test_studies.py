@@ -9,11 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from ufm.canary import CanaryChoice
-from ufm.experiment import ExperimentConfig
-from ufm.jobs import Runner
-from ufm.store import Store
-from ufm.studies import (StudyNotFound, aggregate, create_study, delete_study, expand, get_study, list_studies,
+from ufm.core.canary import CanaryChoice
+from ufm.core.experiment import ExperimentConfig
+from ufm.runs.jobs import Runner
+from ufm.runs.store import Store
+from ufm.runs.studies import (StudyNotFound, aggregate, create_study, delete_study, expand, get_study, list_studies,
                          run_study, runs_frame, submit_study, summary, t_interval)
 
 from .conftest import tiny_config
@@ -38,7 +38,7 @@ def test_regulariser_study_varies_only_regularisers_and_seeds():
     for m in members:
         assert m.config.replace(regularisers=(), seed=0, dp=base.dp) == base.replace(regularisers=(), seed=0)
     # dp-sgd members get the shared default DP settings (not DPConfig()'s noise multiplier 1.0)
-    from ufm.train import DEFAULT_DP, NEUTRAL_DP
+    from ufm.core.train import DEFAULT_DP, NEUTRAL_DP
     assert members[6].config.dp == DEFAULT_DP and members[0].config.dp == NEUTRAL_DP
 
 

@@ -5,11 +5,11 @@ import pandas as pd
 import pytest
 import torch
 
-from ufm.canary import CanaryChoice
-from ufm.experiment import prepare_data
-from ufm.store import Store
-from ufm.studies import get_study
-from ufm.sweep import (cached_influence, ensure_sweep_study, influence_path, influence_scores,
+from ufm.core.canary import CanaryChoice
+from ufm.core.experiment import prepare_data
+from ufm.runs.store import Store
+from ufm.runs.studies import get_study
+from ufm.attribution.sweep import (cached_influence, ensure_sweep_study, influence_path, influence_scores,
                        reference_config, reference_train_indices, sweep_canaries)
 
 from .conftest import tiny_config
@@ -34,7 +34,7 @@ def test_influence_scores_rank_only_the_reference_training_part(tiny_data):
     by_index = table.set_index("index")
     assert by_index.loc[top[0], "self_influence"] == infl.scores.max()
     assert by_index.loc[bottom[0], "self_influence"] == infl.scores.min()
-    from ufm.data import load_split
+    from ufm.core.data import load_split
     assert (table["label"].to_numpy() == load_split(cfg.dataset, "train").y.numpy()[infl.indices]).all()
 
 
@@ -97,7 +97,7 @@ def test_sweep_is_a_store_study_that_resumes(tiny_data, tmp_path):
 
 def test_stale_influence_table_is_recomputed(tiny_data, tmp_path):
     """A cached table ranking images the reference never trained on (ufm < 0.3) is not used."""
-    from ufm.sweep import load_influence_table
+    from ufm.attribution.sweep import load_influence_table
 
     cfg = _cfg(tiny_data, epochs=2)
     path = influence_path(tmp_path, reference_config(cfg).key())

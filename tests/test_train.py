@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from ufm.data import ImageData
-from ufm.models import build_model
-from ufm.train import (DPConfig, TrainConfig, TrainingCancelled, TrainingDiverged, augment_batch,
+from ufm.core.data import ImageData
+from ufm.core.models import build_model
+from ufm.core.train import (DPConfig, TrainConfig, TrainingCancelled, TrainingDiverged, augment_batch,
                        resolve_device, train)
 
 
@@ -30,7 +30,7 @@ def test_learns_and_restores_best_weights():
     assert res.history[-1].val_acc > 0.9 or min(h.val_loss for h in res.history) < 0.3
     best = min(res.history, key=lambda h: h.val_loss)
     assert res.best_epoch == best.epoch
-    from ufm.train import evaluate
+    from ufm.core.train import evaluate
     assert evaluate(res.model, val)[0] == pytest.approx(best.val_loss, rel=1e-5)
     assert len(events) == res.epochs_trained and events[0].phase == "train"
 
@@ -76,7 +76,7 @@ def test_checkpoints_for_tracin():
     assert steps == [0, 3, 6, 9, 12, 15, 18]  # 6 steps per epoch x 3 epochs, plus the initial weights
     assert res.checkpoints[0].train_loss == pytest.approx(np.log(3), abs=0.3)
     # every checkpoint's loss is the eval-mode loss of its own weights on the training images
-    from ufm.train import evaluate
+    from ufm.core.train import evaluate
     model = _mlp()
     for c in res.checkpoints:
         model.load_state_dict(c.state_dict)
@@ -119,7 +119,7 @@ def test_dp_sgd_runs_the_epoch_budget_and_spends_the_target_epsilon():
     res = train(_mlp(), _blobs(), noise, cfg)
     assert res.epochs_trained == 6 and res.stopped == "max_epochs" and res.best_epoch == 6
     assert res.epsilon == pytest.approx(3.0, rel=0.10)
-    from ufm.train import evaluate
+    from ufm.core.train import evaluate
     assert evaluate(res.model, noise)[0] == pytest.approx(res.history[-1].val_loss, rel=1e-5)  # last weights
     # the same run without DP stops early and restores its best epoch
     plain = train(_mlp(), _blobs(), noise, TrainConfig(lr=1e-2, batch_size=32, max_epochs=6, patience=1))

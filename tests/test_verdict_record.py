@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_config
-from ufm.canary import CanaryChoice
-from ufm.experiment import run_experiment
-from ufm.reference import (DEFAULT_REFERENCES, REFERENCE_SEED_BASE, bank_config, bank_configs, bank_key, bank_status, cancel_unneeded_bank,
+from ufm.core.canary import CanaryChoice
+from ufm.core.experiment import run_experiment
+from ufm.measure.bank import (DEFAULT_REFERENCES, REFERENCE_SEED_BASE, bank_config, bank_configs, bank_key, bank_status, cancel_unneeded_bank,
                            reference_bank_of)
-from ufm.store import BACKGROUND, FOREGROUND, SCHEMA_VERSION, Store
-from ufm.store.database import APPLICATION_ID, MIGRATIONS
-from ufm.verdict import DID_NOT_LEARN, Verdict, after_run, decide, stored_verdict
+from ufm.runs.store import BACKGROUND, FOREGROUND, SCHEMA_VERSION, Store
+from ufm.runs.store.database import APPLICATION_ID, MIGRATIONS
+from ufm.measure.verdict import DID_NOT_LEARN, Verdict, after_run, decide, stored_verdict
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -100,7 +100,7 @@ def fill_bank(store: Store, config, clean, n: int | None = None) -> list[str]:
 
 
 def test_the_verdict_is_stored_and_turns_calibrated_when_the_bank_completes(clean_result, tmp_path):
-    from ufm.jobs import measure
+    from ufm.runs.jobs import measure
 
     data, clean = clean_result
     with Store(tmp_path / "home") as s:
@@ -136,7 +136,7 @@ def test_a_model_that_did_not_learn_says_so_in_its_headline_once():
 
 
 def test_cancelling_a_run_cancels_its_bank_unless_another_run_needs_it(tiny_data, tmp_path):
-    from ufm.jobs import Runner
+    from ufm.runs.jobs import Runner
 
     cfg = tiny_config(tiny_data)
     with Store(tmp_path / "home") as s:
@@ -167,8 +167,8 @@ def _surfaces(store: Store, home: Path, run_id: str, capsys) -> dict[str, str]:
     import pandas as pd
 
     from ufm.cli import main
-    from ufm.report import run_html, run_json, runs_csv
-    from ufm.studies import StudyMember, attach_run, create_study, runs_frame
+    from ufm.reports.run_report import run_html, run_json, runs_csv
+    from ufm.runs.studies import StudyMember, attach_run, create_study, runs_frame
 
     h = ["--home", str(home)]
     capsys.readouterr()
@@ -205,7 +205,7 @@ def _same_everywhere(v: Verdict, s: dict) -> None:
 
 
 def test_the_same_verdict_text_and_p_on_every_surface(clean_result, tmp_path, capsys):
-    from ufm.jobs import measure
+    from ufm.runs.jobs import measure
 
     data, clean = clean_result
     home = tmp_path / "home"
@@ -252,7 +252,7 @@ def test_a_user_run_submitted_after_a_queued_bank_starts_first(tiny_data, tmp_pa
     """One slot, busy; then two background reference models, then the user's run: the user's run
     starts next. A reference model the user asks for in the foreground moves up. Start after
     Cancel queues a new run instead of showing the cancelled one."""
-    from ufm.jobs import Runner, queue_estimate
+    from ufm.runs.jobs import Runner, queue_estimate
 
     cfg = tiny_config(tiny_data)
     with Store(tmp_path / "home") as s, Runner(s, progress_interval=0.0) as runner:
@@ -289,7 +289,7 @@ def test_a_user_run_submitted_after_a_queued_bank_starts_first(tiny_data, tmp_pa
 
 
 def test_queue_estimate_sums_typical_durations_of_the_runs_ahead(clean_result, tmp_path):
-    from ufm.jobs import queue_estimate
+    from ufm.runs.jobs import queue_estimate
 
     data, clean = clean_result
     with Store(tmp_path / "home") as s:
@@ -325,7 +325,7 @@ def test_ufm_runs_cancel_also_cancels_the_bank_queued_for_the_run(tiny_data, tmp
 
 def test_a_reference_model_is_never_scored_against_its_own_bank(clean_result, tmp_path, monkeypatch):
     """Listing runs must stay cheap: a reference model's verdict is its fast test, stored once."""
-    import ufm.reference
+    import ufm.measure.bank
 
     data, clean = clean_result
     with Store(tmp_path / "home") as s:
@@ -334,14 +334,14 @@ def test_a_reference_model_is_never_scored_against_its_own_bank(clean_result, tm
         # one more: now the first reference model (seed BASE) has 39 others, a complete "bank" of its own
         s.add_result(dataclasses.replace(clean, config=bank_config(cfg, REFERENCE_SEED_BASE + DEFAULT_REFERENCES)))
         assert bank_status(s, s.get(ids[0]).config).complete
-        monkeypatch.setattr(ufm.reference, "reference_scores", lambda *a, **k: pytest.fail("scored a bank"))
+        monkeypatch.setattr(ufm.measure.bank, "reference_scores", lambda *a, **k: pytest.fail("scored a bank"))
         for rid in ids[:3]:
             v = stored_verdict(s, s.get(rid))
             assert v.test in ("fast", "none") and s.get(rid).verdict == v.to_dict()
 
 
 def test_an_audit_verdict_never_repeats_its_headline():
-    from ufm.audit import _decide
+    from ufm.audits.model_audit import _decide
 
     dead = _decide(None, None, None, False, "the model did not learn: test accuracy 10.0% is at chance")
     assert dead.sentence == ("Inconclusive: did not learn. The model did not learn: test accuracy 10.0% is at chance. "

@@ -4,7 +4,7 @@ The science is importable without Streamlit: features, canary stamping, data, mo
 training, scores, influence and explanations, and one-call experiments.
 """
 
-__version__ = "0.2.0"
+from ufm.version import __version__
 
 __all__ = [
     "ExperimentConfig",
@@ -24,15 +24,15 @@ __all__ = [
 def __getattr__(name: str):
     # Lazy re-exports: `import ufm` stays cheap (the CLI's --help must not wait for torch).
     if name in ("ExperimentConfig", "Result", "run_experiment"):
-        from . import experiment
+        from ufm.core import experiment
         return getattr(experiment, name)
     if name in ("Feature", "glyph", "text_feature", "image_feature", "grid_feature"):
-        from . import features
+        from ufm.core import features
         return getattr(features, name)
     if name == "CanaryChoice":
-        from .canary import CanaryChoice
+        from ufm.core.canary import CanaryChoice
         return CanaryChoice
     if name == "memorisation_score":
-        from .scores import memorisation_score
+        from ufm.measure.scores import memorisation_score
         return memorisation_score
     raise AttributeError(f"module 'ufm' has no attribute {name!r}")

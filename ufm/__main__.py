@@ -1,3 +1,3 @@
 import sys
-from .cli import main
+from ufm.cli import main
 sys.exit(main())

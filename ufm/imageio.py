@@ -19,7 +19,7 @@ from typing import IO, Union
 
 from PIL import Image, UnidentifiedImageError
 
-from .limits import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+from ufm.limits import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, IO[bytes]]
 

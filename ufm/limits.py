@@ -41,7 +41,7 @@ MAX_IMAGE_BYTES = 32 * 1024 * 1024
 # 512 MB covers any image classifier the audit is meant for (the whole graph is read into memory).
 MAX_ONNX_BYTES = 512 * 1024 * 1024
 
-# Reference models of the calibrated verdict (ufm.reference): 39 by default, 200 trains for days.
+# Reference models of the calibrated verdict (ufm.measure.bank): 39 by default, 200 trains for days.
 MAX_REFERENCES = 200
 
 # Height and width of a foreign model's input (ufm audit): a ResNet takes 224, a chest X-ray

@@ -27,7 +27,7 @@ def _resolve(path: str | Path) -> Path:
 
 def allowed_roots() -> list[Path]:
     """The data folder and the operator's ``$UFM_ALLOWED_DATA`` folders, resolved, without duplicates."""
-    from ufm.data import default_data_dir
+    from ufm.core.data import default_data_dir
 
     roots: list[str | Path] = [default_data_dir()]
     roots += [p.strip() for p in os.environ.get(ALLOWED_ENV, "").split(os.pathsep) if p.strip()]

@@ -13,10 +13,10 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
-from . import audit, designs, influence, measure, privacy, reproduce, runs
-from .common import (StderrProgress, UsageError, add_experiment_args, check_out, config_from_args, finite_float,
+from ufm.cli import audit, designs, influence, measure, privacy, reproduce, runs
+from ufm.cli.common import (StderrProgress, UsageError, add_experiment_args, check_out, config_from_args, finite_float,
                      int_in, open_store)
-from .measure import summary_lines
+from ufm.cli.measure import summary_lines
 
 __all__ = ["COMMANDS", "StderrProgress", "UsageError", "add_experiment_args", "build_parser", "check_out",
            "config_from_args", "finite_float", "int_in", "main", "open_store", "summary_lines"]
@@ -51,7 +51,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [UsageError, ValueError, FileNotFoundError, PermissionError]
     # Their exceptions can only come from code that imported them: importing them here would load
     # torch (seconds) just to print a one-line error of 'ufm runs cancel'.
-    for module, name in (("ufm.data", "DataUnavailable"), ("ufm.train", "TrainingDiverged")):
+    for module, name in (("ufm.core.data", "DataUnavailable"), ("ufm.core.train", "TrainingDiverged")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)

@@ -1,3 +1,3 @@
 import sys
-from . import main
+from ufm.cli import main
 sys.exit(main())

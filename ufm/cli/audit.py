@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..limits import MAX_CANDIDATES, MAX_FEATURE_SIDE, MAX_OOD_SIZE, MAX_REPEATS
-from ..store import StoreError
-from .common import (StderrProgress, UsageError, _nonneg_int, _pos_int, add_home, check_out, finite_float, int_in,
+from ufm.limits import MAX_CANDIDATES, MAX_FEATURE_SIDE, MAX_OOD_SIZE, MAX_REPEATS
+from ufm.runs.store import StoreError
+from ufm.cli.common import (StderrProgress, UsageError, _nonneg_int, _pos_int, add_home, check_out, finite_float, int_in,
                      open_store)
 
 
@@ -57,12 +57,12 @@ def summary_lines(result: Any, audit_id: str | None) -> list[str]:
 
 def cmd_audit(a: argparse.Namespace) -> int:
     if a.list:
-        from ..audit import list_audits
+        from ufm.audits.model_audit import list_audits
         with open_store(a) as store:
             records = list_audits(store)
         if not records:
             print(f"no audits in {store.db_path}", file=sys.stderr)
-        from ..report import fmt
+        from ufm.reports.run_report import fmt
         for r in records:
             row = r.to_row()
             print(f"{row['id']}  {row['created']}  {row['model']}  {row['feature']}  M = {fmt(row['M'])}  "
@@ -73,11 +73,11 @@ def cmd_audit(a: argparse.Namespace) -> int:
         raise UsageError(f"{' and '.join(missing)} required: ufm audit --model model.onnx --feature SPEC --ood DATASET|FOLDER|NPZ")
     check_out(a.out)
     check_out(a.report, "--report")
-    from ..audit import AuditConfig, audit_html, run_audit, save_audit
-    from ..features import parse_feature_spec
-    from ..fileio import atomic_write
-    from ..onnx_model import load_onnx
-    from ..train import TrainingCancelled
+    from ufm.audits.model_audit import AuditConfig, audit_html, run_audit, save_audit
+    from ufm.core.features import parse_feature_spec
+    from ufm.fileio import atomic_write
+    from ufm.audits.onnx_model import load_onnx
+    from ufm.core.train import TrainingCancelled
 
     classes = _read_classes(a.classes) if a.classes else ()
     model = load_onnx(a.model, input_size=tuple(a.input_size) if a.input_size else None, channels=a.channels,

@@ -1,5 +1,5 @@
 """What every ``ufm`` verb shares: the one-line usage error, argument types, the experiment flags
-and their :class:`~ufm.experiment.ExperimentConfig`, progress on stderr, ``--out`` checks and the
+and their :class:`~ufm.core.experiment.ExperimentConfig`, progress on stderr, ``--out`` checks and the
 run store of ``--home``.
 
 Verb modules import from here and from the rest of ``ufm``, never from ``ufm.cli`` or from one
@@ -13,9 +13,9 @@ import math
 import sys
 from typing import Callable
 
-from ..fileio import check_writable
-from ..limits import MAX_CANDIDATES, MAX_FEATURE_SIDE, MAX_OOD_SIZE, MAX_REPEATS
-from ..store import Store, StoreError
+from ufm.fileio import check_writable
+from ufm.limits import MAX_CANDIDATES, MAX_FEATURE_SIDE, MAX_OOD_SIZE, MAX_REPEATS
+from ufm.runs.store import Store, StoreError
 
 
 class UsageError(Exception):
@@ -95,7 +95,7 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("score")
     s.add_argument("--candidates", type=int_in(1, MAX_CANDIDATES, " (each candidate is scored on every inference image)"),
                    default=99, help=f"K candidate features for the exposure test (1..{MAX_CANDIDATES})")
-    # = ufm.canary.CANDIDATE_KINDS, spelt out so --help does not import torch
+    # = ufm.core.canary.CANDIDATE_KINDS, spelt out so --help does not import torch
     s.add_argument("--candidate-kind", default="auto",
                    choices=["auto", "permute", "strings", "strokes", "shift", "bernoulli", "uniform"],
                    help="candidate family of the exposure test; auto = by the feature's kind (text: strings, "
@@ -107,10 +107,10 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(a: argparse.Namespace):
-    """Build an :class:`~ufm.experiment.ExperimentConfig` from parsed flags."""
-    from ..canary import CanaryChoice
-    from ..experiment import ExperimentConfig
-    from ..features import parse_feature_spec
+    """Build an :class:`~ufm.core.experiment.ExperimentConfig` from parsed flags."""
+    from ufm.core.canary import CanaryChoice
+    from ufm.core.experiment import ExperimentConfig
+    from ufm.core.features import parse_feature_spec
 
     if a.no_canary:
         canary = CanaryChoice("none", ())
@@ -133,9 +133,9 @@ def config_from_args(a: argparse.Namespace):
 
 def dp_from_args(a: argparse.Namespace):
     """The DP-SGD settings of ``--dp-epsilon`` / ``--dp-noise`` / ``--dp-clip`` / ``--dp-delta``; with
-    neither epsilon nor noise given, the dashboard's default target epsilon (``ufm.train.DEFAULT_DP``),
+    neither epsilon nor noise given, the dashboard's default target epsilon (``ufm.core.train.DEFAULT_DP``),
     so that "dp-sgd" means the same privacy from the CLI as from any page."""
-    from ..dp import DEFAULT_DP, DPConfig
+    from ufm.core.dp import DEFAULT_DP, DPConfig
 
     if a.dp_epsilon is not None:
         return DPConfig(noise_multiplier=None, target_epsilon=a.dp_epsilon, delta=a.dp_delta, max_grad_norm=a.dp_clip)
@@ -147,7 +147,7 @@ def dp_from_args(a: argparse.Namespace):
 
 def add_dp_flags(m: argparse.ArgumentParser) -> None:
     """The DP-SGD flags of ``measure`` and ``privacy-audit`` (one definition, one default)."""
-    from ..dp import DEFAULT_DP
+    from ufm.core.dp import DEFAULT_DP
 
     m.add_argument("--dp-noise", type=finite_float, default=None,
                    help="DP-SGD noise multiplier (instead of --dp-epsilon)")
@@ -183,7 +183,7 @@ def check_out_dir(out: str | None, flag: str = "--out") -> None:
     """Refuse an output folder that cannot be made or written (it is a file, or its parent is
     read-only) before any work starts."""
     if out is not None:
-        from ..fileio import check_out_dir as check
+        from ufm.fileio import check_out_dir as check
 
         check(out, what=flag)
 

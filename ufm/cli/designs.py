@@ -7,11 +7,11 @@ import argparse
 import sys
 from typing import Any
 
-from .common import add_home, finite_float, open_store
+from ufm.cli.common import add_home, finite_float, open_store
 
 
 def cmd_designs_list(a: argparse.Namespace) -> int:
-    from ..designs import list_designs
+    from ufm.core.designs import list_designs
 
     with open_store(a) as store:
         files = list_designs(store.home)
@@ -23,7 +23,7 @@ def cmd_designs_list(a: argparse.Namespace) -> int:
 
 
 def cmd_designs_forget(a: argparse.Namespace) -> int:
-    from ..designs import forget_designs
+    from ufm.core.designs import forget_designs
 
     with open_store(a) as store:
         n = forget_designs(store.home, a.older_than)

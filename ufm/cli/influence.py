@@ -6,13 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
-from ..fileio import atomic_write as write_atomic
-from .common import StderrProgress, add_experiment_args, check_out, check_out_dir, config_from_args, open_store
+from ufm.fileio import atomic_write as write_atomic
+from ufm.cli.common import StderrProgress, add_experiment_args, check_out, check_out_dir, config_from_args, open_store
 
 
 def cmd_influence(a: argparse.Namespace) -> int:
-    from ..report import to_csv
-    from ..sweep import influence_scores
+    from ufm.reports.run_report import to_csv
+    from ufm.attribution.sweep import influence_scores
 
     check_out(a.out)
     cfg = config_from_args(a)
@@ -30,7 +30,7 @@ def cmd_influence(a: argparse.Namespace) -> int:
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
-    from ..sweep import sweep_canaries
+    from ufm.attribution.sweep import sweep_canaries
 
     check_out_dir(a.out)
     cfg = config_from_args(a)
@@ -45,8 +45,8 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
 
 def cmd_explain(a: argparse.Namespace) -> int:
-    from ..experiment import run_experiment
-    from ..explain import explain_run, write_explanation_pngs
+    from ufm.core.experiment import run_experiment
+    from ufm.attribution.explain import explain_run, write_explanation_pngs
 
     check_out_dir(a.out)
     cfg = config_from_args(a)

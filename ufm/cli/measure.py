@@ -10,19 +10,19 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..fileio import atomic_write as write_atomic
-from ..store import StoreError
-from .common import (StderrProgress, UsageError, add_experiment_args, add_home, check_out, config_from_args, int_in,
+from ufm.fileio import atomic_write as write_atomic
+from ufm.runs.store import StoreError
+from ufm.cli.common import (StderrProgress, UsageError, add_experiment_args, add_home, check_out, config_from_args, int_in,
                      open_store)
 
 if TYPE_CHECKING:
-    from ..experiment import ExperimentConfig, Result
-    from ..train import ProgressFn
-    from ..verdict import Verdict
+    from ufm.core.experiment import ExperimentConfig, Result
+    from ufm.core.train import ProgressFn
+    from ufm.measure.verdict import Verdict
 
 
 def _references(s: str) -> int:
-    from ..limits import MAX_REFERENCES  # not ..reference: building the parser must not import torch
+    from ufm.limits import MAX_REFERENCES  # not ..reference: building the parser must not import torch
     v = int_in(0, MAX_REFERENCES)(s)
     if 0 < v < 19:
         raise argparse.ArgumentTypeError(f"must be 0 or at least 19 (the smallest p-value is 1/(R + 1)), got {v}")
@@ -63,10 +63,10 @@ def measure_in_store(a: argparse.Namespace, config: "ExperimentConfig",
     the run, and with ``--references R`` train the bank of R clean reference models (once per
     setting) for the calibrated verdict. Returns ``(run_id, result, cached, verdict)``; without a
     complete bank the verdict is the provisional fast test's."""
-    from ..jobs import measure
-    from ..reference import DEFAULT_REFERENCES, build_bank, report_bank_progress
-    from ..train import TrainingCancelled
-    from ..verdict import update_verdict
+    from ufm.runs.jobs import measure
+    from ufm.measure.bank import DEFAULT_REFERENCES, build_bank, report_bank_progress
+    from ufm.core.train import TrainingCancelled
+    from ufm.measure.verdict import update_verdict
 
     references = getattr(a, "references", 0) or 0
     with open_store(a) as store:
@@ -104,7 +104,7 @@ def cmd_measure(a: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add ``measure`` to the ``ufm`` subcommands."""
-    from ..limits import MAX_REFERENCES
+    from ufm.limits import MAX_REFERENCES
 
     p = sub.add_parser("measure", help="train with a canary and measure memorisation (M score)",
                        description="Train one model with the feature on the canary image(s) and measure M.")

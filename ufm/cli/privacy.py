@@ -1,5 +1,5 @@
 """CLI verb ``ufm privacy-audit``: a one-run epsilon lower bound from many unique features
-(:mod:`ufm.privacy_audit`)."""
+(:mod:`ufm.audits.privacy_audit`)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..fileio import atomic_write as write_atomic
-from ..limits import MAX_FEATURE_SIDE, MAX_OOD_SIZE
-from .common import StderrProgress, add_dp_flags, dp_from_args, _nonneg_int, _pos_int, check_out, finite_float, int_in
+from ufm.fileio import atomic_write as write_atomic
+from ufm.limits import MAX_FEATURE_SIDE, MAX_OOD_SIZE
+from ufm.cli.common import StderrProgress, add_dp_flags, dp_from_args, _nonneg_int, _pos_int, check_out, finite_float, int_in
 
 
 def audit_config_from_args(a: argparse.Namespace):
-    """Build an :class:`~ufm.privacy_audit.AuditConfig` from parsed flags."""
-    from ..experiment import ExperimentConfig
-    from ..privacy_audit import AuditConfig
+    """Build an :class:`~ufm.audits.privacy_audit.AuditConfig` from parsed flags."""
+    from ufm.core.experiment import ExperimentConfig
+    from ufm.audits.privacy_audit import AuditConfig
 
     dp = dp_from_args(a)
     regs = tuple(r.strip() for r in a.regulariser.split(",") if r.strip())
@@ -33,16 +33,16 @@ def audit_config_from_args(a: argparse.Namespace):
 
 
 def cmd_privacy_audit(a: argparse.Namespace) -> int:
-    from ..privacy_audit import run_audit, save_audit
+    from ufm.audits.privacy_audit import run_audit, save_audit
 
-    from ..experiment import check_data
+    from ufm.core.experiment import check_data
 
     check_out(a.out)
     cfg = audit_config_from_args(a)
     check_data(cfg.experiment)  # --train-size beyond the data, --ood-size beyond the source: before training
     res = run_audit(cfg, progress=StderrProgress(a.quiet))
     if a.home is not None or a.save:
-        from ..store import default_home
+        from ufm.runs.store import default_home
         path = save_audit(Path(a.home).expanduser() if a.home else default_home(), res)
         print(f"saved in {path}", file=sys.stderr)
     payload = res.to_json(indent=1)

@@ -6,11 +6,11 @@ import argparse
 import sys
 from typing import Any
 
-from .common import check_out_dir, open_store
+from ufm.cli.common import check_out_dir, open_store
 
 
 def register(sub: Any) -> None:
-    from ..reproduce import SCALES, TARGETS
+    from ufm.reports.reproduce import SCALES, TARGETS
 
     p = sub.add_parser(
         "reproduce", help="reproduce the paper's Table 1/2/3 or Figure 4 and write them beside the paper's numbers",
@@ -21,7 +21,7 @@ def register(sub: Any) -> None:
     p.add_argument("target", choices=[*TARGETS, "all"])
     p.add_argument("--scale", choices=list(SCALES), default="smoke")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default reproduce-<scale>)")
-    # = ufm.executors.EXECUTORS, spelt out: importing it imports torch, and every verb builds this parser
+    # = ufm.runs.executors.EXECUTORS, spelt out: importing it imports torch, and every verb builds this parser
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: a process per run on this machine; ray: a Ray task per run (pip install 'ufm[ray]')")
     p.add_argument("--ray-address", default=None, metavar="ADDR",
@@ -36,8 +36,8 @@ def register(sub: Any) -> None:
 
 
 def cmd_reproduce(a: argparse.Namespace) -> int:
-    from ..executors import make_executor
-    from ..reproduce import reproduce
+    from ufm.runs.executors import make_executor
+    from ufm.reports.reproduce import reproduce
 
     if a.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {a.seed}")

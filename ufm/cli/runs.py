@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..store import STATUSES, RunRecord, Store, StoreError
-from .common import UsageError, _pos_int, add_home, check_out, finite_float, open_store
+from ufm.runs.store import STATUSES, RunRecord, Store, StoreError
+from ufm.cli.common import UsageError, _pos_int, add_home, check_out, finite_float, open_store
 
 LIST_COLUMNS = ["id", "status", "created", "dataset", "arch", "regularisers", "canary", "seed", "M",
                 "verdict", "verdict_p", "test_accuracy", "note"]
@@ -21,7 +21,7 @@ def _check_out(a: argparse.Namespace) -> None:
 
 
 def _write_out(text: str, out: str | None) -> None:
-    from ..fileio import atomic_write as write_atomic
+    from ufm.fileio import atomic_write as write_atomic
 
     if out in (None, "-"):
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
@@ -42,8 +42,8 @@ def _resolve(store: Store, run_id: str) -> str:
 def cmd_runs_list(a: argparse.Namespace) -> int:
     import pandas as pd
 
-    from ..report import RUN_TABLE_COLUMNS, fmt, run_row, to_csv
-    from ..verdict import stored_verdict
+    from ufm.reports.run_report import RUN_TABLE_COLUMNS, fmt, run_row, to_csv
+    from ufm.measure.verdict import stored_verdict
 
     _check_out(a)
     with open_store(a) as store:
@@ -84,15 +84,15 @@ def cmd_runs_list(a: argparse.Namespace) -> int:
 
 def bank_lines(records: "list[RunRecord]") -> list[str]:
     """One line per bank of reference models: its key, setting and how many are done, queued, failed."""
-    from ..report import bank_summary
+    from ufm.reports.run_report import bank_summary
 
     return [f"bank {b['bank']} ({b['setting']}): {b['done']} done, {b['active']} queued or training, "
             f"{b['failed']} failed or cancelled" for b in bank_summary(records)]
 
 
 def cmd_runs_show(a: argparse.Namespace) -> int:
-    from ..report import config_rows, describe_progress, fmt, iso_time
-    from ..verdict import stored_verdict
+    from ufm.reports.run_report import config_rows, describe_progress, fmt, iso_time
+    from ufm.measure.verdict import stored_verdict
 
     with open_store(a) as store:
         rec = store.get(_resolve(store, a.id))
@@ -131,7 +131,7 @@ def cmd_runs_show(a: argparse.Namespace) -> int:
 
 
 def cmd_runs_export(a: argparse.Namespace) -> int:
-    from ..report import run_html, run_json
+    from ufm.reports.run_report import run_html, run_json
 
     _check_out(a)
     if (a.mean or a.std) and a.format != "onnx":
@@ -156,8 +156,8 @@ def cmd_runs_export(a: argparse.Namespace) -> int:
 def _export_onnx(a: argparse.Namespace) -> int:
     """``ufm runs export ID --format onnx --out model.onnx``: the run's model with its input spec in
     the ONNX metadata (with ``--mean/--std`` the graph takes normalised inputs, as deployed models do)."""
-    from ..fileio import atomic_write
-    from ..onnx_model import export_run
+    from ufm.fileio import atomic_write
+    from ufm.audits.onnx_model import export_run
 
     if a.out in (None, "-"):
         raise UsageError("an ONNX model is a binary file: give --out FILE (e.g. --out model.onnx)")
@@ -176,7 +176,7 @@ def _export_onnx(a: argparse.Namespace) -> int:
 
 
 def cmd_runs_cancel(a: argparse.Namespace) -> int:
-    from ..reference import cancel_unneeded_bank
+    from ufm.measure.bank import cancel_unneeded_bank
 
     with open_store(a) as store:
         run_id = _resolve(store, a.id)
@@ -210,7 +210,7 @@ def cmd_runs_delete(a: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- studies
 
 def cmd_studies_list(a: argparse.Namespace) -> int:
-    from ..studies import list_studies
+    from ufm.runs.studies import list_studies
 
     with open_store(a) as store:
         df = list_studies(store)
@@ -224,7 +224,7 @@ def cmd_studies_list(a: argparse.Namespace) -> int:
 
 
 def cmd_studies_show(a: argparse.Namespace) -> int:
-    from ..studies import summary
+    from ufm.runs.studies import summary
 
     with open_store(a) as store:
         try:
@@ -239,8 +239,8 @@ def cmd_studies_show(a: argparse.Namespace) -> int:
 
 
 def cmd_studies_export(a: argparse.Namespace) -> int:
-    from ..report import study_html, to_csv
-    from ..studies import get_study, runs_frame, study_to_dict, summary
+    from ufm.reports.run_report import study_html, to_csv
+    from ufm.runs.studies import get_study, runs_frame, study_to_dict, summary
 
     _check_out(a)
     with open_store(a) as store:

@@ -1,0 +1,1 @@
+"""The science core: unique features, canary stamping, data, models, training, one experiment."""

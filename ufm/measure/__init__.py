@@ -1,0 +1,1 @@
+"""Measurement: M and its tests, the reference bank, the calibrated verdict, statistics."""

@@ -1,0 +1,381 @@
+"""Reference models: a calibrated, feature-specific null for the memorisation verdict.
+
+The fast exposure test ranks the unique feature among candidate features on the *same* model, so
+it assumes the model reacts to ``z_u`` like to a typical candidate unless it memorised ``z_u``. For
+structured features that is not true (a letter moves a digit classifier differently from its own
+pixels scattered), so the fast test can flag clean models.
+
+The calibrated question is instead: *is the canary model's M for this feature larger than the M of
+the same feature on models trained the same way without the canary?* A model trained without the
+canary does not depend on the feature, so one **bank** of R clean reference models per training
+setting (dataset, architecture, regularisers, train size, budget; different seeds) serves every
+feature. Each reference model's M is computed with exactly the scoring procedure of the canary run
+(same inference images, same random features: :func:`ufm.measure.scores.feature_effect` with the run's
+seed), and the p-value is the canary model's rank among them::
+
+    p = (1 + #{M_ref >= M_obs}) / (R + 1)        (ties count against memorisation)
+
+Without memorisation the canary model and the R reference models are exchangeable, so
+``P(p <= a) <= a`` exactly, for every feature (offline LiRA-style calibration, Carlini et al. 2022,
+applied to a feature). The floor of p is ``1 / (R + 1)``: with the default R = 39 it is 0.025, so the
+strict ``p < 0.05`` verdict says "memorised" only when the canary model beats all 39 references
+(level 2.5%). Why 39 and not fewer: the level holds on average over banks, but a bank is trained
+once and then fixed, and with a fixed bank the false-positive rate of one particular feature
+varies around the level (with R = 24 it averaged 4% but reached 12-14% for two glyphs in the
+calibration study); R = 39 at level 2.5% keeps every kind's measured rate under 5%. Larger R gives
+smaller p-values and a steadier answer at the cost of R trainings, done once per setting and
+shared by every feature, canary and seed.
+
+Reference seeds come from their own range (:data:`REFERENCE_SEED_BASE`), never equal to the canary
+model's seed (its clean twin would not be an independent draw).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+
+
+if TYPE_CHECKING:
+    from ufm.core.experiment import ExperimentConfig
+    from ufm.runs.executors import Executor
+    from ufm.runs.jobs import Runner
+    from ufm.runs.store import Store
+    from ufm.core.train import CancelFlag, ProgressFn
+
+DEFAULT_REFERENCES = 39
+from ufm.limits import MAX_REFERENCES  # noqa: E402 - kept in limits so the CLI parser needs no torch
+REFERENCE_SEED_BASE = 1_000_000
+SCORES_FILE = "reference_scores.json"
+
+
+def check_references(references: int) -> int:
+    """Validate R: at least 19 (so that ``p`` can reach 0.05) and at most :data:`MAX_REFERENCES`."""
+    r = int(references)
+    if not 19 <= r <= MAX_REFERENCES:
+        raise ValueError(f"the number of reference models R must be between 19 and {MAX_REFERENCES}, got {references}: "
+                         f"the smallest p-value is 1/(R + 1), so R < 19 can never reach 0.05")
+    return r
+
+
+def reference_seeds(config: "ExperimentConfig", references: int = DEFAULT_REFERENCES) -> list[int]:
+    """The R training seeds of the bank for ``config``: a fixed range, skipping the canary run's seed."""
+    r = check_references(references)
+    seeds = [REFERENCE_SEED_BASE + i for i in range(r + 1) if REFERENCE_SEED_BASE + i != config.seed]
+    return seeds[:r]
+
+
+def bank_config(config: "ExperimentConfig", seed: int) -> "ExperimentConfig":
+    """The clean reference model of ``config``'s training setting with training seed ``seed``.
+
+    Everything that changes training is kept; the canary is removed; everything that only changes
+    scoring is set to one canonical value, so the same bank serves every feature and scoring choice
+    (each reference model is re-scored for a feature by :func:`reference_scores`).
+    """
+    from ufm.core.canary import CanaryChoice  # here, not at the top: the verdict's readers (ufm runs list) need no torch
+
+    return config.replace(canary=CanaryChoice("none", ()), seed=int(seed), feature=_canonical_feature(), **_CANONICAL)
+
+
+# What bank_config fixes for every reference model, as in the stored config JSON: a run whose config
+# has these values and a seed from the reference range is a reference model.
+_CANONICAL = {"ood_size": 2, "repeats": 1, "candidates": 1, "random_kind": None, "checkpoint_every": 0}
+
+
+def reference_bank_of(config: dict[str, Any]) -> str | None:
+    """The bank key (:func:`bank_key`) of a reference model, from its config as stored (plain JSON
+    data, as ``json.loads(config.to_json())``); None for every other run.
+
+    Works on the dict so the store can mark the reference models of an older store when it
+    migrates it. For a config written by this ufm the key equals :func:`bank_key`.
+    """
+    try:
+        seed = int(config.get("seed", -1))
+        canary = config.get("canary") or {}
+    except (TypeError, ValueError, AttributeError):
+        return None
+    if seed < REFERENCE_SEED_BASE or canary.get("mode") != "none":
+        return None
+    if any(config.get(k, v) != v for k, v in _CANONICAL.items()):
+        return None
+    if config.get("feature") != json.loads(json.dumps(_canonical_feature().to_dict())):
+        return None
+    d = {k: v for k, v in config.items() if k != "data_dir"}
+    d["seed"] = 0
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _canonical_feature():
+    from ufm.core.features import glyph
+
+    return glyph("A", size=2, offset=(0, 0))
+
+
+def bank_configs(config: "ExperimentConfig", references: int = DEFAULT_REFERENCES) -> list["ExperimentConfig"]:
+    return [bank_config(config, s) for s in reference_seeds(config, references)]
+
+
+def bank_key(config: "ExperimentConfig") -> str:
+    """One key per training setting (the bank's identity; seed-independent)."""
+    return bank_config(config, 0).replace(seed=0).key()
+
+
+@dataclass(frozen=True)
+class BankStatus:
+    """Which reference models of a bank are finished (``run_ids``) and which are not (``missing``);
+    ``active``: how many of the missing ones are queued or training now."""
+
+    references: int
+    run_ids: tuple[str, ...]
+    missing: tuple["ExperimentConfig", ...]
+    active: int = 0
+
+    @property
+    def queued(self) -> bool:
+        """Every missing reference model is already queued or training: nothing to submit."""
+        return bool(self.missing) and self.active >= len(self.missing)
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+    @property
+    def done(self) -> int:
+        return len(self.run_ids)
+
+
+def bank_status(store: "Store", config: "ExperimentConfig", references: int = DEFAULT_REFERENCES) -> BankStatus:
+    """Look the bank of ``config`` up in the run store (finished, cached runs only; the ``active``
+    count: missing ones queued or running in any process)."""
+    from ufm.version import __version__
+
+    found, missing = [], []
+    for cfg in bank_configs(config, references):
+        hit = store.find_cached(cfg)
+        if hit is None:
+            missing.append(cfg)
+        else:
+            found.append(hit.id)
+    active = 0
+    if missing:
+        keys = {c.key() for c in missing}
+        rows = store.query("SELECT DISTINCT config_key FROM runs WHERE status IN ('queued', 'running') AND "
+                           "code_version = ? AND bank = ?", (__version__, bank_key(config)))
+        active = sum(r[0] in keys for r in rows)
+    return BankStatus(int(references), tuple(found), tuple(missing), active)
+
+
+def submit_bank(runner: "Runner | Executor", config: "ExperimentConfig",
+                references: int = DEFAULT_REFERENCES) -> list[str]:
+    """Queue the missing reference models of ``config`` on ``runner`` in the background (behind
+    every run a user starts, :data:`ufm.runs.store.BACKGROUND`); returns their run ids. Finished ones
+    are reused by the store's cache, queued ones are not queued twice."""
+    from ufm.runs.store import BACKGROUND
+
+    return [runner.submit(cfg, priority=BACKGROUND) for cfg in bank_configs(config, references)]
+
+
+def cancel_unneeded_bank(store: "Store", config: "ExperimentConfig", *, except_run: str | None = None,
+                         cancel: "Callable[[str], Any] | None" = None) -> list[str]:
+    """Cancel the unfinished reference models of ``config``'s bank unless another run still needs
+    them; returns the ids cancelled.
+
+    A bank is needed by a run of the same training setting (not a reference model itself, not
+    ``except_run``) that is queued or running, or done with a verdict that is not final yet (no
+    stored verdict, or the provisional fast test's): the bank would calibrate it. Called when the
+    user cancels a run: its bank should not keep the machine busy for nobody.
+
+    ``cancel``: how to cancel a run (the runner's ``cancel``, which also stops a running one of
+    this process at once); None = ``store.request_cancel`` (any process's run, by the store's flag).
+    """
+    cancel = cancel if cancel is not None else store.request_cancel
+    key = bank_key(config)
+    for r in store.query("SELECT id, status, config_json, verdict_json FROM runs WHERE bank IS NULL AND "
+                         "status IN ('queued', 'running', 'done') AND id IS NOT ?", (except_run,)):
+        if r["status"] == "done" and r["verdict_json"] is not None and \
+                json.loads(r["verdict_json"]).get("test") != "fast":
+            continue  # final: calibrated, or inconclusive because the model did not learn
+        try:
+            needs = _setting_key(r["config_json"]) == key
+        except Exception:  # noqa: BLE001 - a config this ufm cannot read is not of this bank
+            needs = False
+        if needs:
+            return []
+    ids = [r[0] for r in store.query("SELECT id FROM runs WHERE bank = ? AND status IN ('queued', 'running')",
+                                     (key,))]
+    for run_id in ids:
+        cancel(run_id)
+    return ids
+
+
+def bank_may_be_complete(store: "Store", config_key: str, config_data: dict[str, Any],
+                         references: int = DEFAULT_REFERENCES) -> bool:
+    """False when the bank of a run (its ``config_key`` and stored config) certainly is not
+    complete: fewer than ``references`` finished reference models of its setting, by this ufm, are
+    in the store. One query, where :func:`bank_status` makes R + 1; True means "look closer"."""
+    from ufm.version import __version__
+
+    key = _BANK_KEYS.get(config_key)
+    if key is None:  # the config key fixes the config (data_dir aside), so it fixes the bank key
+        from ufm.core.experiment import ExperimentConfig
+
+        key = _BANK_KEYS[config_key] = bank_key(ExperimentConfig.from_dict(config_data))
+    n = store.query("SELECT COUNT(DISTINCT config_key) FROM runs WHERE bank = ? AND status = 'done' AND "
+                    "code_version = ?", (key, __version__))[0][0]
+    return int(n) >= int(references)
+
+
+_BANK_KEYS: dict[str, str] = {}  # config key -> bank key (a cache; both are hashes of the config)
+
+
+@functools.lru_cache(maxsize=4096)
+def _setting_key(config_json: str) -> str:
+    """:func:`bank_key` of a stored config (cached: the same configs are looked at again and again)."""
+    from ufm.core.experiment import ExperimentConfig
+
+    return bank_key(ExperimentConfig.from_json(config_json))
+
+
+def build_bank(store: "Store", config: "ExperimentConfig", references: int = DEFAULT_REFERENCES, *,
+               progress: "Callable[[int, int], None] | None" = None, cancel: "CancelFlag" = None) -> list[str]:
+    """Train the missing reference models in this process (the CLI); returns all R run ids."""
+    from ufm.runs.jobs import measure
+
+    cfgs = bank_configs(config, references)
+    ids = []
+    for i, cfg in enumerate(cfgs):
+        if progress is not None:
+            progress(i, len(cfgs))
+        ids.append(measure(store, cfg, cancel=cancel)[0])
+    if progress is not None:
+        progress(len(cfgs), len(cfgs))
+    return ids
+
+
+def score_key(config: "ExperimentConfig") -> str:
+    """What fixes a reference model's M for a feature: the feature, the inference images and the
+    scoring randomness (the canary run's seed)."""
+    d = {"feature": config.feature.to_dict(), "dataset": config.dataset, "ood_source": config.ood_source,
+         "ood_size": config.ood_size, "repeats": config.repeats, "random_kind": config.random_kind,
+         "seed": config.seed}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def reference_scores(store: "Store", config: "ExperimentConfig", run_ids: Sequence[str], *,
+                     device: str = "cpu") -> np.ndarray:
+    """M of ``config``'s feature on each reference model (nats), (R,) float64.
+
+    Scored by :func:`ufm.measure.scores.feature_effect` on ``config``'s inference images with ``config.seed``:
+    the same computation as the canary run's M. Cached per reference run and score key.
+    """
+    from ufm.core.experiment import inference_images
+    from ufm.fileio import atomic_write
+    from ufm.measure.scores import feature_effect
+
+    key = score_key(config)
+    x = None
+    out = []
+    for run_id in run_ids:
+        path = store.run_dir(run_id) / SCORES_FILE
+        cache = _read_cache(path)
+        if key not in cache:
+            if x is None:
+                x = inference_images(config).x.to(device)
+            model = store.load_model(run_id, device=device)
+            d_u, d_r = feature_effect(model, x, config.feature, repeats=config.repeats,
+                                      random_kind=config.random_kind, seed=config.seed)
+            cache[key] = float(np.mean(d_u) - np.mean(d_r))
+            atomic_write(path, json.dumps(cache), private=True)
+        out.append(cache[key])
+    return np.asarray(out, dtype=np.float64)
+
+
+def _read_cache(path) -> dict[str, float]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: float(v) for k, v in data.items() if isinstance(v, (int, float))} if isinstance(data, dict) else {}
+
+
+@dataclass(frozen=True)
+class ReferenceTest:
+    """The calibrated verdict's numbers.
+
+    Attributes:
+        observed_M: the canary model's M (nats).
+        reference_M: (R,) the reference models' M for the same feature (nats).
+        rank: 1 + number of reference models with M >= observed (ties within tolerance included).
+        p_value: rank / (R + 1).
+        alpha: level of the verdict (memorised when p < alpha).
+    """
+
+    observed_M: float
+    reference_M: tuple[float, ...]
+    rank: int
+    p_value: float
+    alpha: float
+    run_ids: tuple[str, ...] = ()
+
+    @property
+    def references(self) -> int:
+        return len(self.reference_M)
+
+    @property
+    def memorised(self) -> bool:
+        return self.p_value < self.alpha
+
+    def text(self) -> str:
+        r = self.references
+        beaten = r + 1 - self.rank
+        if self.memorised:
+            return (f"Memorised at the {self.alpha:.0%} level: the model's M for this feature is larger than on all "
+                    f"{r} reference models trained the same way without the canary (calibrated p = {self.p_value:.2g}).")
+        return (f"No evidence of memorisation at the {self.alpha:.0%} level: the model's M for this feature exceeds "
+                f"{beaten} of {r} reference models trained without the canary (calibrated p = {self.p_value:.2g}). "
+                f"This does not prove the feature was not memorised: one canary can only be detected or not.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"observed_M": self.observed_M, "reference_M": list(self.reference_M), "rank": self.rank,
+                "p_value": self.p_value, "alpha": self.alpha, "references": self.references,
+                "memorised": self.memorised, "run_ids": list(self.run_ids)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ReferenceTest":
+        return cls(float(d["observed_M"]), tuple(float(v) for v in d["reference_M"]), int(d["rank"]),
+                   float(d["p_value"]), float(d["alpha"]), tuple(d.get("run_ids", ())))
+
+
+def rank_test(observed: float, reference: np.ndarray, alpha: float = 0.05,
+              run_ids: Sequence[str] = ()) -> ReferenceTest:
+    """Rank ``observed`` among ``reference`` with the exposure test's tie rule."""
+    from ufm.measure.scores import exposure_test
+
+    rank, _, p = exposure_test(float(observed), np.asarray(reference, dtype=np.float64))
+    return ReferenceTest(float(observed), tuple(float(v) for v in reference), rank, p, float(alpha), tuple(run_ids))
+
+
+def reference_test(store: "Store", config: "ExperimentConfig", observed_M: float,
+                   references: int = DEFAULT_REFERENCES, *, device: str = "cpu") -> ReferenceTest | None:
+    """The calibrated test of a finished canary run of ``config`` with M = ``observed_M``, or None
+    while the bank is incomplete (see :func:`bank_status`)."""
+    status = bank_status(store, config, references)
+    if not status.complete:
+        return None
+    refs = reference_scores(store, config, status.run_ids, device=device)
+    return rank_test(observed_M, refs, config.alpha, status.run_ids)
+
+
+def report_bank_progress(progress: "ProgressFn | None") -> Callable[[int, int], None]:
+    """Adapt :func:`build_bank`'s (done, total) callback to a :class:`ufm.core.train.Progress` callback."""
+    from ufm.core.train import Progress
+
+    def report(done: int, total: int) -> None:
+        if progress is not None:
+            progress(Progress("reference", done, total, message=f"reference models {done}/{total}"))
+    return report

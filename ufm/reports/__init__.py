@@ -1,0 +1,1 @@
+"""What is shown and written: plotly figures, HTML run reports, the paper reproduction."""

@@ -1,0 +1,437 @@
+"""Reproduce the paper's tables (Hartley & Tsaftaris 2022) and put its numbers beside ufm's.
+
+A *target* is one of the paper's results:
+
+* ``table1`` — MLP on MNIST and Fashion-MNIST, one canary per model;
+* ``table2`` — CNN-1 on MNIST / Fashion-MNIST, CNN-2 and DenseNet-100 on CIFAR-10;
+* ``table3`` — regularisers (dropout, augmentation, both, batch norm): MLP on MNIST /
+  Fashion-MNIST, CNN-2 on CIFAR-10;
+* ``figure4`` — TracIn self-influence vs M, MLP on MNIST, Pearson r.
+
+Each *setting* (dataset, architecture, regularisers) is set up as in the paper (section 3.4):
+a reference model without canaries ranks the training images by TracIn self-influence
+(:func:`ufm.attribution.sweep.cached_influence`), the letter A (5x5, one pixel from the top-left corner) goes
+on the top-k and bottom-k images, one new model per canary. All settings of a target form one
+study in the run store (:func:`build_study`); :func:`run` trains it on any
+:class:`ufm.runs.executors.Executor` and :func:`side_by_side` sets the paper's published numbers
+(``paper_results.json``, cited) beside ufm's. A *scale* fixes the budget: ``smoke`` (tiny, a few
+minutes on a 2-core CPU), ``quick`` (CPU-sized) and ``paper`` (full datasets, 500 epochs,
+patience 10, 30 canaries: a GPU or a cluster).
+
+A study killed half-way resumes: finished runs are reused from the store's cache.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import pandas as pd
+
+from ufm.fileio import atomic_write
+from ufm.reports.run_report import _esc, _figure_html, _page, _table, to_csv
+from ufm.runs.store import Store
+
+if TYPE_CHECKING:  # torch-importing modules load lazily: every ufm verb builds this module's parser
+    from ufm.runs.executors import Executor
+    from ufm.core.experiment import ExperimentConfig
+
+TARGETS = ("table1", "table2", "table3", "figure4")
+ALPHA = 0.05  # the paper's significance level (bold in its tables)
+
+
+@dataclass(frozen=True)
+class Scale:
+    """A budget. ``top``/``bottom``: canaries per setting from each end of the self-influence
+    ranking (``figure_*`` for figure 4, ``densenet_*`` for DenseNet-100, which the paper ran with
+    four canaries); ``train_size`` None = the whole training set."""
+
+    name: str
+    train_size: int | None
+    epochs: int
+    patience: int
+    ood_size: int
+    candidates: int
+    top: int
+    bottom: int
+    figure_top: int
+    figure_bottom: int
+    densenet_top: int
+    densenet_bottom: int
+    n_checkpoints: int
+    about: str
+
+    def __post_init__(self) -> None:
+        if min(self.top + self.bottom, self.figure_top + self.figure_bottom, self.densenet_top + self.densenet_bottom) < 1:
+            raise ValueError(f"scale {self.name!r} needs at least one canary per setting")
+
+
+SCALES = {
+    "smoke": Scale("smoke", train_size=1000, epochs=8, patience=3, ood_size=200, candidates=19, top=2, bottom=1,
+                   figure_top=2, figure_bottom=2, densenet_top=1, densenet_bottom=1, n_checkpoints=5,
+                   about="tiny models (1,000 training images, at most 8 epochs, 19 candidates, 3 canaries a setting, "
+                         "4 for figure 4): checks the pipeline, not the science"),
+    "quick": Scale("quick", train_size=3000, epochs=40, patience=5, ood_size=500, candidates=99, top=5, bottom=5,
+                   figure_top=8, figure_bottom=7, densenet_top=1, densenet_bottom=1, n_checkpoints=10,
+                   about="CPU-sized (3,000 training images, at most 40 epochs, patience 5, 10 canaries a setting, "
+                         "15 for figure 4)"),
+    "paper": Scale("paper", train_size=None, epochs=500, patience=10, ood_size=1000, candidates=99, top=15, bottom=15,
+                   figure_top=15, figure_bottom=15, densenet_top=2, densenet_bottom=2, n_checkpoints=10,
+                   about="the paper's setup (full training sets, 500 epochs, patience 10, top-15 and bottom-15 "
+                         "canaries; 4 for DenseNet-100): a GPU or a cluster"),
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of a paper table: what trains."""
+
+    target: str
+    dataset: str
+    arch: str
+    regularisers: tuple[str, ...] = ()
+
+    @property
+    def regulariser_label(self) -> str:
+        return "+".join(sorted(self.regularisers)) or "none"
+
+    @property
+    def label(self) -> str:
+        return f"{self.dataset} {self.arch} {self.regulariser_label}"
+
+
+_T3_REGS = [("dropout",), ("augment",), ("augment", "dropout"), ("batchnorm",)]
+
+
+def settings(target: str) -> list[Setting]:
+    """The settings of ``target`` (one of :data:`TARGETS`), in the paper's row order."""
+    if target == "table1":
+        return [Setting("table1", d, "mlp") for d in ("mnist", "fashion-mnist")]
+    if target == "table2":
+        return [Setting("table2", "mnist", "cnn1"), Setting("table2", "fashion-mnist", "cnn1"),
+                Setting("table2", "cifar10", "cnn2"), Setting("table2", "cifar10", "densenet100")]
+    if target == "table3":
+        return [Setting("table3", d, a, r) for d, a in (("mnist", "mlp"), ("fashion-mnist", "mlp"), ("cifar10", "cnn2"))
+                for r in _T3_REGS]
+    if target == "figure4":
+        return [Setting("figure4", "mnist", "mlp")]
+    raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)} or all")
+
+
+def check_scale(scale: str) -> Scale:
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
+    return SCALES[scale]
+
+
+def paper_results() -> list[dict[str, Any]]:
+    """The paper's published numbers (``ufm/paper_results.json``): one dict per value with
+    ``table``, ``dataset``, ``arch``, ``regularisers``, ``metric``, ``value``, ``ref`` (and
+    ``image_id``/``significant`` for the per-canary rows)."""
+    return json.loads(resources.files("ufm.reports").joinpath("paper_results.json").read_text())["results"]
+
+
+def paper_source() -> dict[str, str]:
+    return json.loads(resources.files("ufm.reports").joinpath("paper_results.json").read_text())["source"]
+
+
+def base_config(setting: Setting, scale: Scale, *, data_dir: str | None = None, device: str = "auto",
+                seed: int = 0) -> ExperimentConfig:
+    """The canary model of ``setting`` at ``scale`` (canary still to be chosen): the paper's
+    feature (the letter A, 5x5, one pixel from the top-left corner), Adam with the architecture's
+    default learning rate and batch size, early stopping on the validation loss."""
+    from ufm.core.canary import CanaryChoice
+    from ufm.core.experiment import ExperimentConfig
+    from ufm.core.features import glyph
+
+    return ExperimentConfig(feature=glyph("A"), dataset=setting.dataset, data_dir=data_dir, arch=setting.arch,
+                            regularisers=setting.regularisers, canary=CanaryChoice("none", ()),
+                            epochs=scale.epochs, patience=scale.patience, train_size=scale.train_size,
+                            ood_size=scale.ood_size, candidates=scale.candidates, seed=seed, device=device)
+
+
+def _ends(setting: Setting, scale: Scale) -> tuple[int, int]:
+    if setting.target == "figure4":
+        return scale.figure_top, scale.figure_bottom
+    if setting.arch == "densenet100":
+        return scale.densenet_top, scale.densenet_bottom
+    return scale.top, scale.bottom
+
+
+def study_name(target: str, scale: str, seed: int = 0) -> str:
+    return f"reproduce {target} {scale} seed {seed}"
+
+
+def build_study(store: Store, target: str, scale: str, *, data_dir: str | None = None, device: str = "auto",
+                seed: int = 0, say: Callable[[str], None] | None = None) -> str:
+    """Rank each setting's training images by self-influence (cached under the store's home)
+    and store the study of ``target`` at ``scale``: one member per canary, in group
+    ``"<dataset> <arch> <regularisers> top|bottom"``. An existing study with the same members is
+    kept (its finished runs count); one with other members is replaced. Returns its name."""
+    from ufm.runs.studies import StudyNotFound, create_study, get_study
+    from ufm.attribution.sweep import cached_influence, sweep_members
+
+    sc = check_scale(scale)
+    members = []
+    for s in settings(target):
+        cfg = base_config(s, sc, data_dir=data_dir, device=device, seed=seed)
+        if say is not None:
+            say(f"ranking the training images of {s.label} by self-influence (reference model, cached)")
+        table = cached_influence(store.home, cfg, n_checkpoints=sc.n_checkpoints)
+        top, bottom = _ends(s, sc)
+        for m in sweep_members(cfg, table, top, bottom):
+            members.append(type(m)(f"{s.label} {m.group}", m.config))
+    name = study_name(target, scale, seed)
+    try:
+        same = [e.config.key() for e in get_study(store, name).entries] == [m.config.key() for m in members]
+        if same:
+            return name
+        replace = True
+    except StudyNotFound:
+        replace = False
+    create_study(store, name, "custom", members[0].config, members, replace=replace,
+                 description=f"paper {target} at scale {scale}: {sc.about}")
+    return name
+
+
+def run(executor: "Executor", name: str, *, say: Callable[[str], None] | None = None, poll: float = 0.5,
+        timeout: float | None = None) -> list[str]:
+    """Submit the members of study ``name`` that have no finished run to ``executor`` and wait
+    for all; ``say`` gets a line whenever the count of finished runs changes."""
+    from ufm.runs.store import FINISHED
+    from ufm.runs.studies import submit_study
+
+    ids = submit_study(executor, name)
+    store = executor.store
+    t0, last = time.monotonic(), -1
+    while True:
+        statuses = [store.get(r).status for r in ids]
+        n = sum(s in FINISHED for s in statuses)
+        if n != last and say is not None:
+            say(f"{n}/{len(ids)} runs finished ({statuses.count('done')} done, {statuses.count('failed')} failed, "
+                f"{statuses.count('running')} running) after {time.monotonic() - t0:.0f} s")
+            last = n
+        if n == len(ids):
+            return ids
+        if timeout is not None and time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"study {name!r}: {len(ids) - n} runs unfinished after {timeout} s")
+        time.sleep(poll)
+
+
+# ---------------------------------------------------------------------------------- the tables
+
+def canary_frame(store: Store, name: str, scale: str) -> pd.DataFrame:
+    """One row per canary of study ``name``: setting, end (top/bottom), image index,
+    self-influence and rank, and the run's numbers (:func:`ufm.runs.studies.runs_frame`; ``significant``
+    is the verdict record, ``paper_ttest_p_below_alpha`` whether the paper's one-tailed Welch t-test
+    p is below 0.05: the paper's statistic, shown to compare with the paper; it never decides)."""
+    from ufm.runs.studies import get_study, runs_frame
+    from ufm.attribution.sweep import cached_influence, reference_config
+
+    runs = runs_frame(store, name)
+    entries = get_study(store, name).entries
+    tables: dict[str, pd.DataFrame] = {}
+    infl, rank = [], []
+    for e in entries:
+        key = reference_config(e.config).key()
+        if key not in tables:
+            tables[key] = cached_influence(store.home, e.config,
+                                           n_checkpoints=check_scale(scale).n_checkpoints).set_index("index")
+        row = tables[key].loc[int(e.config.canary.indices[0])]
+        infl.append(float(row["self_influence"]))
+        rank.append(int(row["rank"]))
+    df = runs.assign(setting=[" ".join(g.split()[:-1]) for g in runs["group"]],
+                     end=[g.split()[-1] for g in runs["group"]],
+                     dataset=[e.config.dataset for e in entries], arch=[e.config.arch for e in entries],
+                     regularisers=["+".join(e.config.regularisers) or "none" for e in entries],
+                     image=[int(e.config.canary.indices[0]) for e in entries], self_influence=infl,
+                     influence_rank=rank)
+    df["paper_ttest_p_below_alpha"] = df["p_value"] < ALPHA
+    return df
+
+
+def _paper(rows: list[dict], s: Setting, metric: str) -> list[dict]:
+    return [r for r in rows if r["table"] == s.target and r["dataset"] == s.dataset and r["arch"] == s.arch
+            and r["regularisers"] == s.regulariser_label and r["metric"] == metric]
+
+
+def _fmt_list(values: Sequence[float]) -> str:
+    return ", ".join(f"{v:.2g}" for v in values)
+
+
+def pearson_ci(r: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Fisher-z ``level`` confidence interval of a Pearson r from n pairs (NaN for n <= 3)."""
+    if n <= 3 or not math.isfinite(r):
+        return math.nan, math.nan
+    z, se = math.atanh(max(min(r, 1 - 1e-12), -1 + 1e-12)), 1.0 / math.sqrt(n - 3)
+    from scipy import stats  # here, not at the top: every ufm verb imports this module for its --help
+
+    q = stats.norm.ppf(0.5 + level / 2)
+    return math.tanh(z - q * se), math.tanh(z + q * se)
+
+
+TABLE_COLUMNS = ["target", "dataset", "arch", "regularisers", "canaries", "done", "paper_top5_M", "ufm_top5_M",
+                 "paper_mean_M_positive", "ufm_mean_M_positive", "ufm_n_M_positive", "paper_mean_X_u_positive",
+                 "ufm_mean_X_u_positive", "paper_mean_X_r_positive", "ufm_mean_X_r_positive",
+                 "paper_top5_significant", "ufm_share_memorised_verdict", "ufm_share_paper_ttest_p_below_alpha",
+                 "paper_accuracy", "ufm_test_accuracy", "paper_ref"]
+FIGURE_COLUMNS = ["target", "dataset", "arch", "regularisers", "canaries", "done", "paper_pearson_r", "ufm_pearson_r",
+                  "ufm_pearson_p", "ufm_r_ci_low", "ufm_r_ci_high", "ufm_share_memorised_verdict",
+                  "ufm_share_paper_ttest_p_below_alpha", "ufm_test_accuracy", "paper_ref"]
+
+
+def side_by_side(canaries: pd.DataFrame, target: str) -> pd.DataFrame:
+    """The paper's numbers beside ufm's, one row per setting of ``target``.
+
+    Tables: top-5 M (largest first), M averaged over canaries with M > 0 (the paper's AVERAGE
+    rows) with X_u/X_r over the same canaries, the share of canaries memorised by the verdict
+    record and the share with the paper's t-test p below 0.05 (its statistic), test accuracy (the paper gives validation
+    accuracy for CIFAR-10 only). Figure 4: Pearson r of self-influence and M, its p-value and
+    95% Fisher-z interval. Paper cells with no published value are NaN/empty."""
+    paper = paper_results()
+    out = []
+    for s in settings(target):
+        g = canaries[canaries["setting"] == s.label]
+        done = g[g["status"] == "done"]
+        pos = done[done["M"] > 0]
+        acc = float(done["test_accuracy"].mean()) if len(done) else math.nan
+        share_v = float(done["significant"].astype(bool).mean()) if len(done) else math.nan
+        share_t = float(done["paper_ttest_p_below_alpha"].astype(bool).mean()) if len(done) else math.nan
+        refs = sorted({r["ref"] for r in paper if r["table"] == s.target and r["dataset"] == s.dataset
+                       and r["arch"] == s.arch and r["regularisers"] == s.regulariser_label})
+        row: dict[str, Any] = {"target": target, "dataset": s.dataset, "arch": s.arch,
+                               "regularisers": s.regulariser_label, "canaries": len(g), "done": len(done),
+                               "ufm_share_memorised_verdict": share_v, "ufm_share_paper_ttest_p_below_alpha": share_t,
+                               "ufm_test_accuracy": acc, "paper_ref": "; ".join(refs)}
+        if target == "figure4":
+            r, p = _pearson(done["self_influence"], done["M"])
+            lo, hi = pearson_ci(r, len(done))
+            pr = _paper(paper, s, "pearson_r")
+            row.update(paper_pearson_r=pr[0]["value"] if pr else math.nan, ufm_pearson_r=r, ufm_pearson_p=p,
+                       ufm_r_ci_low=lo, ufm_r_ci_high=hi)
+        else:
+            top5 = _paper(paper, s, "M")
+            one = lambda m: (_paper(paper, s, m) or [{"value": math.nan}])[0]["value"]  # noqa: E731
+            row.update(paper_top5_M=_fmt_list([r["value"] for r in top5]),
+                       ufm_top5_M=_fmt_list(sorted(done["M"], reverse=True)[:5]),
+                       paper_mean_M_positive=one("mean_M_positive"),
+                       ufm_mean_M_positive=float(pos["M"].mean()) if len(pos) else math.nan,
+                       ufm_n_M_positive=len(pos),
+                       paper_mean_X_u_positive=one("mean_X_u_positive"),
+                       ufm_mean_X_u_positive=float(pos["X_u"].mean()) if len(pos) else math.nan,
+                       paper_mean_X_r_positive=one("mean_X_r_positive"),
+                       ufm_mean_X_r_positive=float(pos["X_r"].mean()) if len(pos) else math.nan,
+                       paper_top5_significant=(f"{sum(bool(r.get('significant')) for r in top5)}/{len(top5)}"
+                                               if top5 else ""),
+                       paper_accuracy=one("val_accuracy"))
+        out.append(row)
+    return pd.DataFrame(out, columns=FIGURE_COLUMNS if target == "figure4" else TABLE_COLUMNS)
+
+
+def _pearson(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    from ufm.reports.plots import pearson
+
+    return pearson(x, y)
+
+
+def _cell(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v).replace("|", "\\|")
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """``df`` as a GitHub Markdown table (NaN as '–', floats to 4 significant digits)."""
+    cols = [c for c in df.columns if c != "paper_ref"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(row[c]) for c in cols) + " |" for _, row in df.iterrows()]
+    return "\n".join(lines) + "\n"
+
+
+def to_html(table: pd.DataFrame, canaries: pd.DataFrame, target: str, scale: str, seconds: float | None) -> str:
+    """A self-contained report: the side-by-side table, the runs, and for figure 4 the scatter."""
+    from ufm.reports.plots import influence_scatter_figure
+
+    src = paper_source()
+    sc = SCALES[scale]
+    body = [f"<h1>ufm vs the paper: {_esc(target)} at scale {_esc(scale)}</h1>",
+            f'<p class="note">Paper: {_esc(src["paper"])}. {_esc(src["note"])}</p>',
+            f"<p>Scale <b>{_esc(scale)}</b>: {_esc(sc.about)}."
+            + (f" Wall time of this reproduction: {seconds:.0f} s." if seconds is not None else "") + "</p>",
+            "<h2>Side by side</h2>", _table(list(table.columns), table.itertuples(index=False))]
+    if target == "figure4":
+        done = canaries[canaries["status"] == "done"]
+        if len(done):
+            fig = influence_scatter_figure(done["self_influence"], done["M"], groups=done["end"],
+                                           labels=[f"image {i}" for i in done["image"]])
+            body += ["<h2>Self-influence vs M</h2>", _figure_html(fig, "scatter", 450)]
+    cols = ["setting", "end", "image", "self_influence", "influence_rank", "status", "M", "X_u", "X_r", "p_value",
+            "paper_ttest_p_below_alpha", "exposure_p_value", "verdict", "verdict_test", "test_accuracy", "run_id"]
+    body += ["<h2>Canaries</h2>", _table(cols, canaries[cols].itertuples(index=False))]
+    return _page(f"ufm reproduce {target} {scale}", body)
+
+
+@dataclass
+class Reproduction:
+    """What :func:`reproduce` wrote: the table, the per-canary rows, and the files."""
+
+    target: str
+    scale: str
+    table: pd.DataFrame
+    canaries: pd.DataFrame
+    files: list[Path]
+    seconds: float
+    study: str
+
+
+def write_outputs(store: Store, name: str, target: str, scale: str, out_dir: str | Path,
+                  seconds: float | None = None) -> Reproduction:
+    """Write ``<target>.csv``/``.md``/``.html`` (side by side) and ``<target>-canaries.csv``
+    (one row per canary) under ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    canaries = canary_frame(store, name, scale)
+    table = side_by_side(canaries, target)
+    files = [out / f"{target}.csv", out / f"{target}.md", out / f"{target}.html", out / f"{target}-canaries.csv"]
+    src = paper_source()
+    md = (f"# {target} at scale {scale}: the paper vs ufm\n\nPaper: {src['paper']}; references: "
+          + "; ".join(sorted({r for r in table['paper_ref'] if r})) + f".\n\nScale {scale}: {SCALES[scale].about}."
+          + (f" Wall time {seconds:.0f} s." if seconds is not None else "") + "\n\n" + to_markdown(table))
+    atomic_write(files[0], to_csv(table))
+    atomic_write(files[1], md)
+    atomic_write(files[2], to_html(table, canaries, target, scale, seconds))
+    atomic_write(files[3], to_csv(canaries))
+    return Reproduction(target, scale, table, canaries, files, seconds or math.nan, name)
+
+
+def reproduce(executor: "Executor", target: str, scale: str, out_dir: str | Path, *, data_dir: str | None = None,
+              device: str = "auto", seed: int = 0, say: Callable[[str], None] | None = None) -> list[Reproduction]:
+    """Build, run and tabulate ``target`` (one of :data:`TARGETS`, or ``"all"``) at ``scale`` on
+    ``executor``; writes the files of :func:`write_outputs` per target. Finished runs are
+    reused, so running it again after an interruption trains only what is missing."""
+    targets = list(TARGETS) if target == "all" else [target]
+    for t in targets:
+        settings(t)  # validates the target before anything trains
+    check_scale(scale)
+    out = []
+    for t in targets:
+        t0 = time.monotonic()
+        name = build_study(executor.store, t, scale, data_dir=data_dir, device=device, seed=seed, say=say)
+        if say is not None:
+            say(f"study {name!r}: {len(_entries(executor.store, name))} canary models")
+        run(executor, name, say=say)
+        out.append(write_outputs(executor.store, name, t, scale, out_dir, time.monotonic() - t0))
+    return out
+
+
+def _entries(store: Store, name: str) -> list[Any]:
+    from ufm.runs.studies import get_study
+
+    return list(get_study(store, name).entries)
