@@ -13,9 +13,9 @@ import pytest
 from tests.conftest import tiny_config
 from tests.test_app import app_env  # noqa: F401 - the dashboard fixture
 from ufm.core.features import FeatureError
-from ufm.audits.privacy_audit import (AuditConfig, AuditResult, audit_bound, audit_features, audit_histogram, default_grid,
-                               epsilon_lower_bound, load_audit, make_guesses, p_value, run_audit, save_audit,
-                               score_auc)
+from ufm.audits.bounds import audit_bound, default_grid, epsilon_lower_bound, make_guesses, p_value, score_auc
+from ufm.audits.privacy_audit import (AuditConfig, AuditResult, audit_features, audit_histogram, load_audit, run_audit,
+                                      save_audit)
 from ufm.measure.scores import class_gain, log_prob_gains
 
 from .conftest import needs_shared
