@@ -342,7 +342,7 @@ def test_figure_titles_sit_below_the_plotly_toolbar():
 
 
 def test_audit_defaults_to_the_papers_ood_set_and_says_why():
-    from ufm.audits.model_audit import default_inference_source
+    from ufm.audits.audit_images import default_inference_source
 
     assert default_inference_source(1)[0] == "cifar10" and default_inference_source(3)[0] == "mnist"
     src, why = default_inference_source(1, "mnist")
