@@ -275,7 +275,7 @@ def test_a_run_link_in_a_fresh_browser_takes_the_runs_feature_not_the_a(app_env,
 # ------------------------------------------------------------------ item 7: the smaller fixes
 
 def test_spread_indices_show_every_class_of_a_class_sorted_set():
-    from ufm.core.data import spread_indices
+    from ufm.core.sampling import spread_indices
 
     y = np.array([0] * 150 + [1] * 50)  # sorted by class, like the chest X-rays
     idx = spread_indices(y, 24, seed=0)
