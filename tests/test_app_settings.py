@@ -322,7 +322,7 @@ def test_rank_test_note_names_only_the_family_used():
 
 
 def test_figure_titles_sit_below_the_plotly_toolbar():
-    from ufm.attribution.explain import overlay_grid
+    from ufm.attribution.heatmap_figures import overlay_grid
     from ufm.reports.plots import (MODEBAR_PX, TITLE_PX, histogram_figure, histogram_grid, image_figure, ladder_figure,
                            m_bar_figure, pattern_figure, zoom_figure)
 

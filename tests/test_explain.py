@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ufm.attribution.explain import GradCamResult, box_share, gradcam, overlay_figure, overlay_grid, overlay_png
+from ufm.attribution.gradcam import GradCamResult, box_share, gradcam
+from ufm.attribution.heatmap_figures import overlay_figure, overlay_grid, overlay_png
 from ufm.core.models import build_model, last_conv_layer
 
 
