@@ -62,7 +62,7 @@ def cmd_audit(a: argparse.Namespace) -> int:
             records = list_model_audits(store)
         if not records:
             print(f"no audits in {store.db_path}", file=sys.stderr)
-        from ufm.reports.run_report import fmt
+        from ufm.reports.html_page import fmt
         for r in records:
             row = r.to_row()
             print(f"{row['id']}  {row['created']}  {row['model']}  {row['feature']}  M = {fmt(row['M'])}  "
