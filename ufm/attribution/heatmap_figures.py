@@ -16,7 +16,7 @@ from torch import Tensor
 from ufm.attribution.gradcam import METHOD_LABELS, ArrayLike, Box, fit_box
 from ufm.reports.plots import TOP_MARGIN, title_layout
 
-__all__ = ["overlay_figure", "overlay_grid", "overlay_png"]
+__all__ = ["overlay_grid", "overlay_png"]
 
 
 
@@ -123,29 +123,6 @@ def _panel_boxes(box: Box | Sequence[Box | None] | None, p: int) -> list[Box | N
         raise ValueError(f"box must be (row, col, h, w), None, or one per panel ({p}), got "
                          f"{len(boxes)} entries")
     return boxes  # type: ignore[return-value]
-
-
-def overlay_figure(image: ArrayLike, heatmap: ArrayLike, box: Box | None = None,
-                   title: str = "", *, label: str = METHOD_LABELS["gradcam"],
-                   opacity: float = 0.5) -> go.Figure:
-    """One image with its attribution map on top and the feature's box outlined.
-
-    Args:
-        image: ``(H, W)``, ``(1, H, W)`` or ``(3, H, W)`` in [0, 1] (greyscale or RGB).
-        heatmap: ``(H, W)`` map, e.g. ``GradCamResult.maps[i]``.
-        box: ``(row, col, h, w)`` of the feature, or None.
-        title: figure title.
-        label: colour-bar title ("GradCAM (a.u.)" by default).
-        opacity: heatmap opacity in [0, 1].
-
-    Returns:
-        A plotly figure with an ``Image`` trace, a ``Heatmap`` trace and (with ``box``) one
-        rectangle shape.
-    """
-    fig = overlay_grid([image], [heatmap], [""], box, label=label, opacity=opacity,
-                       title=title or None)
-    fig.update_layout(width=420, height=380 + TOP_MARGIN - 40)
-    return fig
 
 
 def _jet(v: np.ndarray) -> np.ndarray:
