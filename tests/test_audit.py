@@ -4,6 +4,7 @@ measurement, the verdict follows the calibration table, bad input stops with one
 from __future__ import annotations
 
 import io
+import math
 import time
 import json
 import warnings
@@ -16,13 +17,16 @@ from torch import nn
 
 from ufm.measure import calibration
 from ufm.audits.audit_images import audit_inference_images
-from ufm.audits.model_audit import ModelAuditConfig, ModelAuditResult, choose_family, run_model_audit
+from ufm.audits.model_audit import (CALIBRATION_ARCH, ModelAuditConfig, ModelAuditResult, _decide, choose_family,
+                                    run_model_audit)
 from ufm.audits.model_audit_report import model_audit_html
 from ufm.audits.model_audit_store import list_model_audits, load_model_audit, model_audit_task, save_model_audit
 from ufm.cli import main
-from ufm.core.features import glyph, text_feature
+from ufm.core.features import FEATURE_KINDS, glyph, grid_feature, image_feature, text_feature
 from ufm.audits.onnx_model import load_onnx
+from ufm.measure.results import MScore
 from ufm.measure.scores import memorisation_score
+from ufm.measure.stats import wilson_interval
 from ufm.runs.store import SCHEMA_VERSION, Store
 
 from .conftest import blob_images, needs_shared, write_split
@@ -327,6 +331,58 @@ def test_verdict_with_the_shipped_table(tmp_path, audit_data, one_torch_thread):
         assert a["verdict"]["status"] == "memorised" and a["score"]["family"] == fam
     else:
         assert a["verdict"]["status"] == "inconclusive"
+
+
+def _check_table_serves_the_audit() -> None:
+    """What the model audit's verdict (:func:`_decide`) needs from ufm/measure/calibration.json: for every
+    feature kind a candidate family measured as calibrated on CALIBRATION_ARCH models, so that the audit
+    gives a fast verdict labelled with that measurement; and rows whose numbers are what they claim
+    (rate = calls / tests, the 95% Wilson interval of calls of tests)."""
+    calibration._table.cache_clear()
+    rows = json.loads(calibration.TABLE_PATH.read_text())["fast_test"]
+    assert rows, f"{calibration.TABLE_PATH} has no fast_test rows"
+    for r in rows:
+        assert r["rate"] == pytest.approx(r["calls"] / r["tests"]), r
+        assert (r["low"], r["high"]) == pytest.approx(wilson_interval(r["calls"], r["tests"]), abs=1e-12), r
+        assert r["models"] > 0, r
+    score = MScore(np.zeros(3), np.zeros((1, 3)), 0.1, 0.0, 0.1, 0.01, 0.01, 3.0, 3.0, np.zeros(99), "x", 1,
+                   math.log2(100), 0.01, "uniform", family="x")  # exposure p 0.01: memorised by the fast test
+    features = [glyph("A", size=3), text_feature("JOHN", 5), grid_feature([[1, 0, 1], [0, 1, 0], [1, 0, 1]]),
+                image_feature(np.eye(4), 4)]
+    assert sorted(f.kind for f in features) == sorted(FEATURE_KINDS)
+    for feature in features:
+        fam, cal, reason = choose_family(feature)
+        assert reason is None, (feature.kind, reason)
+        assert (cal.kind, cal.family, cal.arch) == (feature.kind, fam, CALIBRATION_ARCH) and not cal.miscalibrated
+        v = _decide(score, cal, reason, True, "")
+        assert (v.status, v.test, v.p_value) == ("memorised", "fast", 0.01) and cal.text() in v.calibration
+    calibration._table.cache_clear()
+
+
+def test_the_shipped_calibration_table_gives_every_feature_kind_a_verdict():
+    _check_table_serves_the_audit()
+
+
+@pytest.mark.parametrize("plant", ["empty", "no mlp rows", "no image rows", "a rate that is not calls / tests"])
+def test_the_table_check_fails_on_a_broken_table(plant, tmp_path, monkeypatch):
+    """The check above can fail: on copies of the shipped table, emptied or with rows taken out or altered."""
+    rows = json.loads(calibration.TABLE_PATH.read_text())["fast_test"]
+    if plant == "empty":
+        rows = []
+    elif plant == "no mlp rows":
+        rows = [r for r in rows if r["arch"] != CALIBRATION_ARCH]
+    elif plant == "no image rows":
+        rows = [r for r in rows if r["kind"] != "image"]
+    else:
+        rows[0] = {**rows[0], "rate": rows[0]["rate"] + 0.01}
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({"fast_test": rows}))
+    monkeypatch.setattr(calibration, "TABLE_PATH", path)
+    try:
+        with pytest.raises(AssertionError):
+            _check_table_serves_the_audit()
+    finally:
+        calibration._table.cache_clear()
 
 
 # ------------------------------------------------------------------------------------ bad input
