@@ -102,11 +102,14 @@ def _finite(v: Any) -> Any:
 def result_summary(result: "Result") -> dict[str, Any]:
     """The small part of a Result kept in the database row (the arrays live in artifacts).
 
-    A privacy-audit run (no ``score``) keeps ``kind: "privacy audit"``, its canary count and its
-    IN count instead of M and the tests; the bound is computed from the stored scores when read.
+    A privacy-audit run (no ``score``) keeps ``kind: "privacy audit"``, its canary counts and the
+    bound at the default settings instead of M and the tests
+    (:func:`ufm.audits.privacy_audit.audit_run_summary`).
     """
     if result.score is None:
-        return _audit_summary(result)
+        from ufm.audits.privacy_audit import audit_run_summary
+
+        return {k: _finite(v) for k, v in audit_run_summary(result).items()}
     s = result.score
     return {k: _finite(v) for k, v in {
         "M": float(s.M), "X_u": float(s.X_u), "X_r": float(s.X_r),
@@ -125,20 +128,6 @@ def result_summary(result: "Result") -> dict[str, Any]:
         "device": result.device, "train_seconds": float(result.train_seconds),
         "score_seconds": float(result.score_seconds), "versions": dict(result.versions),
         "access": result.access.to_dict(), "notes": list(result.notes),
-    }.items()}
-
-
-def _audit_summary(result: "Result") -> dict[str, Any]:
-    audit = result.audit or {}
-    return {k: _finite(v) for k, v in {
-        "kind": "privacy audit", "audit_canaries": len(audit.get("scores", [])),
-        "audit_in": int(sum(bool(b) for b in audit.get("is_in", []))), "learned": bool(result.learned),
-        "learned_note": result.learned_note, "test_accuracy": float(result.test_accuracy),
-        "epochs_trained": int(result.epochs_trained), "best_epoch": int(result.best_epoch), "stopped": result.stopped,
-        "epsilon": None if result.epsilon is None else float(result.epsilon),
-        "n_train": result.n_train, "n_val": result.n_val, "n_ood": result.n_ood,
-        "device": result.device, "train_seconds": float(result.train_seconds),
-        "score_seconds": float(result.score_seconds), "versions": dict(result.versions), "notes": list(result.notes),
     }.items()}
 
 
