@@ -145,10 +145,10 @@ def start(config: PrivacyAuditConfig) -> str:
         ValueError / FeatureError / DataUnavailable: the data cannot give the audit (checked before
             a run is recorded); QueueFull: too many runs pending.
     """
-    from ufm.core.experiment import check_data
+    from ufm.core.experiment_data import check_audit
 
     run_config = config.run_config()
-    check_data(run_config)
+    check_audit(run_config)  # as the Train page, a train size beyond the dataset uses them all (a note says so)
     run_id = state.executor().submit(run_config)
     access.mark_started(run_id)
     st.session_state[AUDIT] = run_id

@@ -151,7 +151,7 @@ def test_audit_page_trains_a_run_shown_on_the_runs_page(app_env):
     at.number_input(key="pa_m").set_value(20)
     at.number_input(key="pa_size").set_value(3)
     at.button(key="FormSubmitter:pa_form-Audit privacy").click().run()
-    assert not at.exception
+    assert not at.exception and not at.error, [e.value for e in at.error]
     run_id = at.session_state[privacy_ui.AUDIT]
     assert state.store().get(run_id).is_privacy_audit
     assert _wait(state.store(), run_id).status == "done"
@@ -205,8 +205,7 @@ def test_compare_page_audit_column(app_env):
     assert len(audits) == 1 and audits[0][1].canaries == 10
     rec = audit_run(state.store(), audits[0][1])
     assert rec is not None and rec.is_privacy_audit  # the audit is a run too
-    for rid in state.runner().active():
-        state.runner().wait(rid, timeout=240)
+    assert _wait(state.store(), rec.id).status == "done", state.store().get(rec.id).error
     table = study_audit_table(state.store(), "audited study")
     assert table["audits_done"].tolist() == [1] and table["eps_lower_bound"].notna().all()
     at.selectbox(key="cmp_study").set_value("audited study")

@@ -62,10 +62,21 @@ def check_data(config: ExperimentConfig) -> None:
         raise ValueError(f"--train-size {config.train_size} is more than the {len(full)} training images of "
                          f"{config.dataset}: give at most {len(full)}, or leave it out to use them all")
     config.feature.check_fits(full.x.shape)
-    if config.audit is not None:  # m that fits the training set, features that fit the images
+    check_audit(config)
+    _cached_ood(config.dataset, full.image_shape, config.ood_size, config.ood_source, config.data_dir)
+
+
+def check_audit(config: ExperimentConfig) -> None:
+    """For a privacy-audit run: refuse more canaries than the training set holds and features that
+    do not fit the images (nothing for other runs). Part of :func:`check_data`.
+
+    Raises:
+        ValueError, FeatureError, DataUnavailable: one line saying what to change.
+    """
+    if config.audit is not None:
+        full = training_split(config)
         check_audit_canaries(config.audit.canaries, len(full), config.val_fraction)
         draw(config.audit, full.image_shape, full.y, config.seed)
-    _cached_ood(config.dataset, full.image_shape, config.ood_size, config.ood_source, config.data_dir)
 
 
 @dataclass
