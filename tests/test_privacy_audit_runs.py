@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -172,15 +174,19 @@ def test_audit_page_trains_a_run_shown_on_the_runs_page(app_env):
 def test_audit_page_run_is_cancelled_by_ufm_runs_cancel(app_env):
     from dashboard import privacy_ui, state
     from tests.test_app import _app
-    from ufm.cli import main
 
-    at = _app().switch_page("app_pages/privacy.py").run()
+    at = _app()
+    at.session_state[state.SETUP] = dict(state.default_setup(), epochs=5000, patience=5000)  # still training
+    at = at.switch_page("app_pages/privacy.py").run()  # when the cancel comes
     at.number_input(key="pa_m").set_value(30)
     at.number_input(key="pa_size").set_value(3)
     at.number_input(key="pa_seed").set_value(7)  # not the audit the other page test trained
     at.button(key="FormSubmitter:pa_form-Audit privacy").click().run()
     run_id = at.session_state[privacy_ui.AUDIT]
-    assert main(["runs", "cancel", run_id]) == 0  # UFM_HOME: the dashboard's store
+    # `ufm runs cancel` in its own process, as a user runs it (UFM_HOME: the dashboard's store)
+    done = subprocess.run([sys.executable, "-m", "ufm", "runs", "cancel", run_id], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0 and run_id in done.stdout, done.stderr
     assert _wait(state.store(), run_id).status == "cancelled"
     at.run()
     assert not at.exception and not at.error
@@ -205,7 +211,7 @@ def test_compare_page_audit_column(app_env):
     assert len(audits) == 1 and audits[0][1].canaries == 10
     rec = audit_run(state.store(), audits[0][1])
     assert rec is not None and rec.is_privacy_audit  # the audit is a run too
-    assert _wait(state.store(), rec.id).status == "done", state.store().get(rec.id).error
+    assert _wait(state.store(), rec.id).status == "done", [(r.id, r.status, r.error, r.progress, r.summary and r.summary.get("kind")) for r in state.store().list_runs()]
     table = study_audit_table(state.store(), "audited study")
     assert table["audits_done"].tolist() == [1] and table["eps_lower_bound"].notna().all()
     at.selectbox(key="cmp_study").set_value("audited study")
