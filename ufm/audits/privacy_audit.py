@@ -343,7 +343,9 @@ def run_privacy_audit(config: PrivacyAuditConfig, progress: Callable[[Any], None
     from ufm.runs import jobs
     from ufm.runs.store import Store
 
-    store = store if store is not None else Store()
+    if store is None:
+        with Store() as own:
+            return run_privacy_audit(config, progress, cancel, store=own, force=force)
     run_id, result, _ = jobs.measure(store, config.run_config(), force=force, progress=progress, cancel=cancel)
     return audit_from_result(config, result, run_id)
 
