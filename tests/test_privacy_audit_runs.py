@@ -183,6 +183,8 @@ def test_audit_page_run_is_cancelled_by_ufm_runs_cancel(app_env):
     at.number_input(key="pa_seed").set_value(7)  # not the audit the other page test trained
     at.button(key="FormSubmitter:pa_form-Audit privacy").click().run()
     run_id = at.session_state[privacy_ui.AUDIT]
+    bars = at.get("progress")  # the live view of the run's record, with its Cancel button
+    assert bars and f"run {state.short(run_id)}" in bars[0].proto.text and at.button(key="pa_cancel") is not None
     # `ufm runs cancel` in its own process, as a user runs it (UFM_HOME: the dashboard's store)
     done = subprocess.run([sys.executable, "-m", "ufm", "runs", "cancel", run_id], capture_output=True, text=True,
                           timeout=120, cwd=Path(__file__).parents[1])
@@ -192,6 +194,23 @@ def test_audit_page_run_is_cancelled_by_ufm_runs_cancel(app_env):
     assert not at.exception and not at.error
     assert any("was cancelled" in i.value for i in at.info)
     assert at.button(key="FormSubmitter:pa_form-Audit privacy") is not None
+
+
+def test_audit_page_cancel_button_cancels_the_run(app_env):
+    from dashboard import privacy_ui, state
+    from tests.test_app import _app
+
+    at = _app()
+    at.session_state[state.SETUP] = dict(state.default_setup(), epochs=5000, patience=5000)
+    at = at.switch_page("app_pages/privacy.py").run()
+    at.number_input(key="pa_m").set_value(30)
+    at.number_input(key="pa_size").set_value(3)
+    at.number_input(key="pa_seed").set_value(8)
+    at.button(key="FormSubmitter:pa_form-Audit privacy").click().run()
+    run_id = at.session_state[privacy_ui.AUDIT]
+    at.button(key="pa_cancel").click().run()
+    assert not at.exception
+    assert _wait(state.store(), run_id).status == "cancelled"
 
 
 def test_compare_page_audit_column(app_env):
