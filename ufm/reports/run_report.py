@@ -87,22 +87,34 @@ def run_row(rec: RunRecord, verdict: "Verdict | None" = None) -> dict[str, Any]:
     c, s = rec.config_data, rec.summary or {}
     feat = c.get("feature", {})
     v = verdict if verdict is not None else (Verdict.from_dict(rec.verdict) if rec.verdict else None)
+    audit = c.get("audit")
+    canary = describe_canary(c["canary"]) if "canary" in c else None
+    if audit is not None:  # a privacy audit: its canaries, and its bound where the verdict goes
+        canary = f"privacy audit: {audit['canaries']} canaries"
     return {
         "id": rec.id, "status": rec.status, "created": iso_time(rec.created), "finished": iso_time(rec.finished),
         "seconds": None if rec.finished is None or rec.started is None else round(rec.finished - rec.started, 3),
         "dataset": c.get("dataset"), "arch": c.get("arch"), "regularisers": "+".join(c.get("regularisers", [])) or "none",
-        "feature": feat.get("name"), "canary": describe_canary(c["canary"]) if "canary" in c else None,
+        "feature": "audit canaries" if audit is not None else feat.get("name"), "canary": canary,
         "seed": c.get("seed"), "max_epochs": c.get("epochs"), "train_size": c.get("train_size"),
         **{k: s.get(k) for k in ("M", "X_u", "X_r", "exposure", "exposure_p_value", "test_accuracy", "epochs_trained",
                                  "epsilon")},
         "ttest_p_paper": s.get("p_value"), "paired_ttest_p_paper": s.get("p_value_paired"),
-        "verdict": v.headline if v else None, "verdict_p": v.p_value if v else None,
+        "verdict": v.headline if v else audit_bound_text(s), "verdict_p": v.p_value if v else None,
         "verdict_test": v.test if v else None, "verdict_text": v.sentence if v else None, "bank": rec.bank,
         # False marks a model at chance accuracy: its run says nothing about memorisation either way
         "learned": s.get("learned") if s else None,
         "progress": describe_progress(rec), "config_key": rec.config_key, "code_version": rec.code_version,
         "error": rec.error,
     }
+
+
+def audit_bound_text(summary: dict[str, Any]) -> str | None:
+    """``"epsilon >= 0.52 (95%, delta 1e-05)"`` for a finished privacy-audit run's summary, else None."""
+    if summary.get("kind") != "privacy audit" or summary.get("audit_epsilon_lb") is None:
+        return None
+    return (f"epsilon >= {summary['audit_epsilon_lb']:.3g} ({summary['audit_confidence']:.0%}, "
+            f"delta {summary['audit_delta']:g})")
 
 
 def runs_table(store: Store, status: str | Sequence[str] | None = None) -> pd.DataFrame:
@@ -176,14 +188,20 @@ def config_rows(d: dict[str, Any]) -> list[tuple[str, Any]]:
     """An ExperimentConfig dict as (setting, value) rows for people (the feature's pixels are
     summarised by name, size and offset; DP settings only when DP-SGD is on)."""
     rows: list[tuple[str, Any]] = []
+    if d.get("audit") is not None:  # a privacy audit draws its own features; the config's glyph is unused
+        a = d["audit"]
+        rows.append(("privacy audit", f"{a['canaries']} {a['features']} canaries, {a['feature_size']} px, "
+                                      f"placement {a['placement']}, OUT {a['out_mode']}, score {a['score']}"))
+        d = {k: v for k, v in d.items() if k not in ("audit", "feature", "canary")}
     feat = d.get("feature", {})
     grid = feat.get("pattern") or [[]]
     if grid[0] and isinstance(grid[0][0], list):  # a colour feature, (3, h, w)
         grid = grid[0]
     row, col = feat.get("offset", ("?", "?"))
-    rows.append(("feature", f"{feat.get('name')} ({len(grid)}x{len(grid[0])} px at row {row}, col {col}, "
-                            f"intensity {feat.get('intensity')})"))
-    rows.append(("canary", describe_canary(d["canary"]) if "canary" in d else "–"))
+    if feat:
+        rows.append(("feature", f"{feat.get('name')} ({len(grid)}x{len(grid[0])} px at row {row}, col {col}, "
+                                f"intensity {feat.get('intensity')})"))
+        rows.append(("canary", describe_canary(d["canary"]) if "canary" in d else "–"))
     regs = d.get("regularisers", [])
     rows.append(("regularisers", "+".join(regs) or "none"))
     skip = {"feature", "canary", "regularisers", "dp"}
@@ -233,7 +251,16 @@ def run_html(store: Store, run_id: str) -> str:
     if rec.error:
         body.append(f'<p class="error">{esc(rec.error)}</p>')
     versions: dict[str, dict[str, str]] = {}
-    if rec.status == "done" and rec.summary:
+    if rec.status == "done" and rec.summary and rec.is_privacy_audit:
+        from ufm.audits.privacy_audit import audit_histogram
+        from ufm.audits.privacy_audit_store import audit_of_run
+
+        res = audit_of_run(store, rec)
+        body += ["<h2>Privacy audit</h2>", "".join(f"<p>{_esc(line)}</p>" for line in res.summary_lines()),
+                 _figure_html(audit_histogram(res), "fig-audit", 420),
+                 "<h2>Training</h2>", _figure_html(loss_curve_figure(store.load_history(run_id)), "fig-loss", 380)]
+        versions[rec.id] = rec.summary.get("versions", {})
+    elif rec.status == "done" and rec.summary:
         s = rec.summary
         d_u, d_r = store.load_scores(run_id)
         history = store.load_history(run_id)
