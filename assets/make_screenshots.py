@@ -12,23 +12,22 @@ canvas with mouse strokes, and both guided demos from Home until their calibrate
 
 from __future__ import annotations
 
+import argparse
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's dashboard/ and ufm/, also when run as a script
+
+from dashboard.testing import chromium, streamlit_server  # noqa: E402 - after the path
+
 OUT = ROOT / "assets" / "screenshots"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 def fill_store(home: Path) -> None:
-    sys.path.insert(0, str(ROOT))
     from dashboard.state import QUICK
     from ufm.core.canary import CanaryChoice
     from ufm.core.experiment import ExperimentConfig
@@ -123,73 +122,65 @@ def draw_plus(page) -> None:
     page.screenshot(path=str(OUT / "feature-canvas.png"))
 
 
-def main() -> None:
-    from playwright.sync_api import sync_playwright
+PAGES_WITHOUT_A_FILLED_STORE = {"privacy": privacy_shot, "demos": demos_shot}
 
-    # An already filled store can be reused: python assets/make_screenshots.py HOME; a single
-    # page that needs no filled store: python assets/make_screenshots.py HOME privacy
-    home = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="ufm-shots-"))
-    only = sys.argv[2:]
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("home", nargs="?", type=Path,
+                    help="run store to use (UFM_HOME); an already filled one is reused (default: a new temp folder)")
+    ap.add_argument("only", nargs="*", metavar="PAGE",
+                    help=f"photograph just these pages, which need no filled store: "
+                         f"{', '.join(PAGES_WITHOUT_A_FILLED_STORE)}")
+    a = ap.parse_args()
+    unknown = [name for name in a.only if name not in PAGES_WITHOUT_A_FILLED_STORE]
+    if unknown:
+        ap.error(f"unknown page(s) {', '.join(unknown)}: choose from {', '.join(PAGES_WITHOUT_A_FILLED_STORE)}")
+    home = a.home or Path(tempfile.mkdtemp(prefix="ufm-shots-"))
+    only = a.only
     t0 = time.time()
     if not only and not (home / "ufm.db").exists():
         fill_store(home)
         print(f"store filled in {time.time() - t0:.0f} s", flush=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, UFM_HOME=str(home), UFM_AUTO_REFERENCES="0")  # no reference banks behind the demos
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless",
-                             "true", "--server.port", str(port)], cwd=ROOT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(180):
-            try:
-                urllib.request.urlopen(url + "/_stcore/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=FLAGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1800})
-            page.goto(url)
-            page.get_by_text("Guided demos").wait_for(timeout=60_000)
-            if only:
-                for name in only:
-                    {"privacy": privacy_shot, "demos": demos_shot}[name](page)
-                browser.close()
-                return
-            page.screenshot(path=str(OUT / "home.png"))
+    env = {"UFM_AUTO_REFERENCES": "0"}  # no reference banks behind the demos
+    # the server's output goes to HOME/streamlit.log; its tail is raised if it does not start
+    with streamlit_server(home, env, timeout=180) as server, chromium() as browser:
+        url = server.url
+        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        page.goto(url)
+        page.get_by_text("Guided demos").wait_for(timeout=60_000)
+        if only:
+            for name in only:
+                PAGES_WITHOUT_A_FILLED_STORE[name](page)
+            return
+        page.screenshot(path=str(OUT / "home.png"))
 
-            def visit(title: str, name: str, wait_text: str) -> None:
-                page.get_by_role("link", name=title).first.click()
-                page.get_by_text(wait_text).first.wait_for(timeout=600_000)
-                page.wait_for_timeout(2500)
-                page.screenshot(path=str(OUT / f"{name}.png"))
+        def visit(title: str, name: str, wait_text: str) -> None:
+            page.get_by_role("link", name=title).first.click()
+            page.get_by_text(wait_text).first.wait_for(timeout=600_000)
+            page.wait_for_timeout(2500)
+            page.screenshot(path=str(OUT / f"{name}.png"))
 
-            page.get_by_role("link", name="Train & measure").first.click()
-            page.get_by_role("button", name="Start").click()  # the quick run: the A on MNIST image 0
-            page.get_by_text("M = X_u - X_r (nats)").wait_for(timeout=300_000)
-            page.wait_for_timeout(2500)
-            page.screenshot(path=str(OUT / "train.png"))
-            visit("Feature", "feature", "In use:")
-            visit("Compare", "compare", "Export the study report (HTML)")
-            visit("Influence", "influence", "Most self-influential")
-            page.get_by_role("button", name="Run the sweep (one model per canary)").click()
-            page.get_by_text("6 of 6 canary models finished").wait_for(timeout=900_000)
-            page.wait_for_timeout(2500)
-            page.mouse.wheel(0, 1400)
-            page.wait_for_timeout(1000)
-            page.screenshot(path=str(OUT / "influence.png"))
-            visit("Explain", "explain", "box share, canary with feature")
-            visit("Runs", "runs", "Export all runs (CSV)")
-            audit_shot(page, home)
-            privacy_shot(page)
-            draw_plus(page)
-            demos_shot(page)
-            browser.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        page.get_by_role("link", name="Train & measure").first.click()
+        page.get_by_role("button", name="Start").click()  # the quick run: the A on MNIST image 0
+        page.get_by_text("M = X_u - X_r (nats)").wait_for(timeout=300_000)
+        page.wait_for_timeout(2500)
+        page.screenshot(path=str(OUT / "train.png"))
+        visit("Feature", "feature", "In use:")
+        visit("Compare", "compare", "Export the study report (HTML)")
+        visit("Influence", "influence", "Most self-influential")
+        page.get_by_role("button", name="Run the sweep (one model per canary)").click()
+        page.get_by_text("6 of 6 canary models finished").wait_for(timeout=900_000)
+        page.wait_for_timeout(2500)
+        page.mouse.wheel(0, 1400)
+        page.wait_for_timeout(1000)
+        page.screenshot(path=str(OUT / "influence.png"))
+        visit("Explain", "explain", "box share, canary with feature")
+        visit("Runs", "runs", "Export all runs (CSV)")
+        audit_shot(page, home)
+        privacy_shot(page)
+        draw_plus(page)
+        demos_shot(page)
     print(f"wrote {sorted(p.name for p in OUT.glob('*.png'))} in {time.time() - t0:.0f} s")
 
 

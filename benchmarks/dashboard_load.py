@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"]
+sys.path.insert(0, str(ROOT))  # this checkout's dashboard/ and ufm/, also when run as a script
+
+from dashboard.testing import chromium, streamlit_server  # noqa: E402 - after the path
+
 QUICK = ["--dataset", "mnist", "--arch", "mlp", "--canary-index", "0", "--train-size", "3000", "--epochs", "30",
          "--patience", "5", "--ood-size", "500", "--seed", "0", "--quiet"]
 
@@ -54,53 +53,28 @@ def cli_run(data_dir: str) -> float:
         return _run_seconds(Path(home))[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def dashboard_run(data_dir: str, sessions: int) -> tuple[float, float, float]:
     """Returns (run seconds, server CPU % of one core while the run trains, server CPU % idle-waiting)."""
-    from playwright.sync_api import sync_playwright
-
     with tempfile.TemporaryDirectory() as home:
-        port = _free_port()
-        env = dict(os.environ, UFM_HOME=home, UFM_DATA_DIR=data_dir, UFM_AUTO_REFERENCES="0")
-        env.pop("UFM_PASSWORD", None)
-        server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-                                   "--server.port", str(port)], cwd=ROOT, env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"http://localhost:{port}"
-        try:
-            for _ in range(180):
-                try:
-                    urllib.request.urlopen(url + "/_stcore/health", timeout=2)
-                    break
-                except OSError:
-                    time.sleep(0.5)
-            with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-                pages = [browser.new_page(viewport={"width": 1400, "height": 1600}) for _ in range(sessions)]
-                for pg in pages:
-                    pg.goto(url + "/train")
-                    pg.get_by_role("button", name="Start").wait_for(timeout=120_000)
-                c0, t0 = _cpu_seconds(server.pid), time.monotonic()
-                time.sleep(20)
-                idle = 100 * (_cpu_seconds(server.pid) - c0) / (time.monotonic() - t0)
-                pages[0].get_by_role("button", name="Start").click()
-                # All sessions watch the run: the other two open it through the query string.
-                pages[0].wait_for_url("**run=*", timeout=60_000)
-                for pg in pages[1:]:
-                    pg.goto(pages[0].url)
-                c0, t0 = _cpu_seconds(server.pid), time.monotonic()
-                pages[0].get_by_text("Result of run").wait_for(timeout=1_800_000)
-                busy = 100 * (_cpu_seconds(server.pid) - c0) / (time.monotonic() - t0)
-                browser.close()
-            return _run_seconds(Path(home))[0], busy, idle
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+        env = {"UFM_DATA_DIR": data_dir, "UFM_AUTO_REFERENCES": "0", "UFM_PASSWORD": None}
+        with streamlit_server(home, env, timeout=90) as server, chromium() as browser:
+            url = server.url
+            pages = [browser.new_page(viewport={"width": 1400, "height": 1600}) for _ in range(sessions)]
+            for pg in pages:
+                pg.goto(url + "/train")
+                pg.get_by_role("button", name="Start").wait_for(timeout=120_000)
+            c0, t0 = _cpu_seconds(server.pid), time.monotonic()
+            time.sleep(20)
+            idle = 100 * (_cpu_seconds(server.pid) - c0) / (time.monotonic() - t0)
+            pages[0].get_by_role("button", name="Start").click()
+            # All sessions watch the run: the other two open it through the query string.
+            pages[0].wait_for_url("**run=*", timeout=60_000)
+            for pg in pages[1:]:
+                pg.goto(pages[0].url)
+            c0, t0 = _cpu_seconds(server.pid), time.monotonic()
+            pages[0].get_by_text("Result of run").wait_for(timeout=1_800_000)
+            busy = 100 * (_cpu_seconds(server.pid) - c0) / (time.monotonic() - t0)
+        return _run_seconds(Path(home))[0], busy, idle
 
 
 def main() -> None:

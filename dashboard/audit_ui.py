@@ -118,7 +118,9 @@ def cancel_audit(home: str, audit_id: str) -> None:
     (_audit_dir(home, "cancel") / audit_id).touch(mode=0o600)
 
 
-def verdict_box(result: ModelAuditResult) -> None:
+def model_audit_verdict(result: ModelAuditResult) -> None:
+    """The model audit's verdict in its coloured box (headline, then its text), with the fast test's
+    calibration below it."""
     v = result.verdict
     body = v.text
     for prefix in ("Inconclusive: ", "Provisional: "):  # the headline says it already
@@ -137,7 +139,7 @@ def audit_view(result: ModelAuditResult, audit_id: str) -> None:
                f"outputs read as {result.output_kind} · feature {result.config.feature.name} at "
                f"{result.config.feature.offset} · {result.n_ood} inference images from {result.config.ood} · "
                f"sha256 {result.model_sha256[:12]}")
-    verdict_box(result)
+    model_audit_verdict(result)
     c = st.columns(4)
     c[0].metric("M = X_u - X_r (nats)", views.fmt(s["M"]))
     c[1].metric("X_u (nats)", views.fmt(s["X_u"]))

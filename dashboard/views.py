@@ -114,7 +114,7 @@ def cancel_run(run_id: str) -> None:
         cancel_unneeded_bank(state.store(), rec.config, except_run=run_id, cancel=runner.cancel)
 
 
-def verdict_box(rec: RunRecord) -> dict:
+def run_verdict_and_bank_progress(rec: RunRecord) -> dict:
     """The run's verdict record (calibrated once the bank of reference models is complete), what
     decided it, and, while it waits for the bank, the bank's progress, refreshed by itself. Returns
     the verdict as a dict."""
@@ -228,7 +228,7 @@ def result_view(rec: RunRecord) -> None:
     counts = state.class_counts_text(cfg.dataset, cfg.data_dir or state.data_dir(), cfg.train_size)
     st.caption(f"Training set: {s['n_train'] + s['n_val']:,} images ({s['n_train']:,} trained on, {s['n_val']:,} "
                f"for validation), {counts} · {s['n_ood']:,} inference images")
-    verdict = verdict_box(rec)
+    verdict = run_verdict_and_bank_progress(rec)
     metrics_row(s, verdict)
     note = disagreement_note(s)
     if note:

@@ -9,22 +9,16 @@ $UFM_SCREENSHOTS (default: the test's tmp folder).
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from dashboard.testing import CHROMIUM, CHROMIUM_FLAGS, chromium, streamlit_server
+
 from .conftest import HAS_MNIST, SHARED
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"]
-ROOT = Path(__file__).resolve().parents[1]
+FLAGS = CHROMIUM_FLAGS  # tests/test_hostile_cli.py imports CHROMIUM, FLAGS and the server fixture from here
 
 pytestmark = [
     pytest.mark.browser,
@@ -33,39 +27,12 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
-    port = _free_port()
-    env = dict(os.environ, UFM_DATA_DIR=str(SHARED), UFM_HOME=str(home), STREAMLIT_BROWSER_GATHER_USAGE_STATS="false",
-               UFM_AUTO_REFERENCES="0")  # no bank of reference models behind the quick run
-    log = open(home / "streamlit.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
-                             "--server.port", str(port), "--server.address", "127.0.0.1"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url + "/_stcore/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError((home / "streamlit.log").read_text())
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("streamlit did not start within 90 s")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    # no bank of reference models behind the quick run
+    with streamlit_server(home, {"UFM_DATA_DIR": str(SHARED), "UFM_AUTO_REFERENCES": "0"}) as running:
+        yield running.url
 
 
 @pytest.fixture(scope="module")
@@ -77,12 +44,8 @@ def shots(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def browser(server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")
