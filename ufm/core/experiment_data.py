@@ -19,7 +19,7 @@ from ufm.core.canary import choose_canaries, stamp_feature
 from ufm.core.data import ImageData, check_same_classes, load_ood, load_split, train_val_split
 
 if TYPE_CHECKING:
-    from ufm.core.experiment import ExperimentConfig
+    from ufm.core.experiment_config import ExperimentConfig
 
 
 @functools.lru_cache(maxsize=8)
