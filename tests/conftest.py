@@ -95,3 +95,14 @@ def tiny_config(tiny_data: dict[str, Path], **kw):
                 canary=CanaryChoice("index", (0,)), device="cpu", lr=1e-3, batch_size=32)
     base.update(kw)
     return ExperimentConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real `streamlit run app.py` on a free local port (dashboard/testing.py), no reference bank
+    behind quick runs; yields its URL. One per test module that asks for it."""
+    from dashboard.testing import streamlit_server
+
+    home = tmp_path_factory.mktemp("home")
+    with streamlit_server(home, {"UFM_DATA_DIR": str(SHARED), "UFM_AUTO_REFERENCES": "0"}) as running:
+        yield running.url

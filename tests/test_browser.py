@@ -14,25 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dashboard.testing import CHROMIUM, CHROMIUM_FLAGS, chromium, streamlit_server
+from dashboard.testing import CHROMIUM, chromium
 
 from .conftest import HAS_MNIST, SHARED
-
-FLAGS = CHROMIUM_FLAGS  # tests/test_hostile_cli.py imports CHROMIUM, FLAGS and the server fixture from here
 
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} not installed (apt-get install chromium)"),
     pytest.mark.skipif(not HAS_MNIST, reason=f"real dataset subsets not found at {SHARED}"),
 ]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    # no bank of reference models behind the quick run
-    with streamlit_server(home, {"UFM_DATA_DIR": str(SHARED), "UFM_AUTO_REFERENCES": "0"}) as running:
-        yield running.url
 
 
 @pytest.fixture(scope="module")

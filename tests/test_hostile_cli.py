@@ -5,10 +5,8 @@ rejected uploads leave nothing behind, Streamlit's metrics silenced, the upload 
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +19,7 @@ from ufm.cli import main
 from ufm.limits import MAX_ONNX_BYTES, MAX_UPLOAD_MB
 from ufm.runs.store import Store
 
-from .test_browser import CHROMIUM, FLAGS, server  # noqa: F401 - server is a fixture (a real streamlit run)
+from dashboard.testing import CHROMIUM, CHROMIUM_FLAGS as FLAGS, free_port as _free_port
 from .test_store import _cli_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,12 +48,6 @@ def test_reproduce_refuses_an_output_that_is_a_file_before_any_work(tmp_path, ca
     assert main(["influence", "--out", str(tmp_path)]) == 2  # a folder where a CSV file goes
     assert "is a folder" in _one_line(capsys)
     assert not home.exists()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_an_unreachable_ray_address_is_one_line_before_any_work(tmp_path, capsys):
