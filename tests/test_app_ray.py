@@ -1,10 +1,7 @@
 """The Compare page submits its study to Ray when UFM_RAY_ADDRESS is set, and shows it as before."""
 
-import pytest
-
 from .ray_start import start_ray
 from .test_app import _app, app_env  # noqa: F401 - the fixture is used by name
-
 
 def test_compare_page_runs_its_study_on_ray(app_env, monkeypatch):  # noqa: F811
     start_ray(2)  # fails in CI, skips elsewhere

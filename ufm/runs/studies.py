@@ -32,8 +32,7 @@ from ufm.measure.verdict import stored_verdict
 if TYPE_CHECKING:
     from ufm.core.canary import CanaryChoice
     from ufm.core.experiment import ExperimentConfig
-    from ufm.runs.executors import Executor
-    from ufm.runs.jobs import Runner
+    from ufm.runs.engine import Executor
     from ufm.core.train import ProgressFn
 
 STUDY_KINDS = ("regularisers", "canaries", "seeds", "custom")
@@ -259,30 +258,35 @@ def needs_run(store: Store, entry: StudyEntry, force: bool = False) -> bool:
     return force or status != "done"
 
 
-def _launch(store: Store, name: str, force: bool, start: Callable[["ExperimentConfig"], str]) -> list[str]:
+def submit_study(executor: "Executor", name: str, *, force: bool = False,
+                 before: "Callable[[int, int, StudyEntry], None] | None" = None,
+                 after: "Callable[[str], None] | None" = None) -> list[str]:
+    """Submit every member of ``name`` that has no finished run to ``executor`` (any
+    :class:`ufm.runs.engine.Executor`: the local pool, Ray, or inline); returns the run ids in
+    member order. Finished identical runs are reused (the run cache) unless ``force``, so a
+    study whose driver was killed resumes with the missing runs only. ``before(k, n, entry)`` is
+    called before member ``k`` of ``n`` is submitted, ``after(run_id)`` once its run is attached."""
     ids = []
-    for e in get_study(store, name).entries:
-        if needs_run(store, e, force):
-            attach_run(store, name, e.position, run_id := start(e.config))
+    entries = get_study(executor.store, name).entries
+    for k, e in enumerate(entries):
+        if needs_run(executor.store, e, force):
+            if before is not None:
+                before(k, len(entries), e)
+            attach_run(executor.store, name, e.position, run_id := executor.submit(e.config, force=force))
             ids.append(run_id)
+            if after is not None:
+                after(run_id)
         else:
             ids.append(e.run_id)  # type: ignore[arg-type]
     return ids
 
 
-def submit_study(runner: "Runner | Executor", name: str, *, force: bool = False) -> list[str]:
-    """Queue every member of ``name`` that has no finished run on ``runner`` (a
-    :class:`ufm.runs.jobs.Runner` or any :class:`ufm.runs.executors.Executor`, e.g. Ray); returns the run
-    ids in member order. Finished identical runs are reused (the run cache) unless ``force``, so a
-    study whose driver was killed resumes with the missing runs only."""
-    return _launch(runner.store, name, force, lambda cfg: runner.submit(cfg, force=force))
-
-
 def run_study(store: Store, name: str, *, force: bool = False, progress: "ProgressFn | None" = None) -> list[str]:
-    """Like :func:`submit_study` but one member after the other in the calling thread."""
-    from ufm.runs.jobs import measure
+    """Like :func:`submit_study` but one member after the other in the calling thread
+    (:class:`ufm.runs.engine.InlineExecutor`)."""
+    from ufm.runs.engine import InlineExecutor
 
-    return _launch(store, name, force, lambda cfg: measure(store, cfg, force=force, progress=progress)[0])
+    return submit_study(InlineExecutor(store, progress=progress), name, force=force)
 
 
 # ---------------------------------------------------------------------------------- results
