@@ -238,21 +238,12 @@ def sweep_study_name(config: ExperimentConfig, top: int, bottom: int) -> str:
 
 def ensure_sweep_study(store: Any, config: ExperimentConfig, table: pd.DataFrame, top: int, bottom: int) -> str:
     """Create the sweep study of ``config`` in ``store`` (or keep the one that exists with the
-    same members); returns its name. Runs are not started here."""
-    from ufm.runs.studies import StudyNotFound, create_study, get_study
+    same members: :func:`ufm.runs.studies.ensure_study`); returns its name. Runs are not started here."""
+    from ufm.runs.studies import ensure_study
 
-    members = sweep_members(config, table, top, bottom)
-    name = sweep_study_name(config, top, bottom)
-    try:
-        study = get_study(store, name)
-        if [e.config.key() for e in study.entries] == [m.config.key() for m in members]:
-            return name
-        replace_it = True  # the ranking changed (e.g. recomputed): the old members are stale
-    except StudyNotFound:
-        replace_it = False
-    create_study(store, name, "canaries", config, members, replace=replace_it,
-                 description=f"top-{top} and bottom-{bottom} self-influence canaries")
-    return name
+    return ensure_study(store, sweep_study_name(config, top, bottom), "canaries", config,
+                        sweep_members(config, table, top, bottom),
+                        description=f"top-{top} and bottom-{bottom} self-influence canaries")
 
 
 SWEEP_COLUMNS = ["index", "label", "group", "self_influence", "influence_rank", "M", "X_u", "X_r", "p_value",
