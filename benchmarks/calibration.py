@@ -100,16 +100,36 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def train_models(store, configs) -> list[str]:
-    from ufm.runs.jobs import measure
+def train_models(store, configs, executor=None) -> list[str]:
+    """The run ids of ``configs``, trained through ``executor`` (default: one after the other in
+    this process, :class:`ufm.runs.engine.InlineExecutor`); identical finished runs are reused."""
+    from ufm.runs.engine import InlineExecutor, wait_for
 
+    if executor is not None:
+        ids = [executor.submit(cfg) for cfg in configs]
+        wait_for(executor, ids, progress=lambda p: log(p.message))
+        return ids
+    inline = InlineExecutor(store)
     ids = []
     for i, cfg in enumerate(configs):
         t0 = time.perf_counter()
-        run_id, res, cached = measure(store, cfg)
-        ids.append(run_id)
+        cached = store.find_cached(cfg) is not None
+        ids.append(inline.submit(cfg))
         log(f"model {i + 1}/{len(configs)} seed {cfg.seed}: {'cached' if cached else f'{time.perf_counter() - t0:.1f} s'}")
     return ids
+
+
+def bank_effects(store, bank_ids, x_ood, feats) -> dict[str, list[float]]:
+    """M (nats) of each feature on each reference model of the bank: feature name -> (R,) list."""
+    from ufm.measure.scores import feature_effect
+
+    bank_m = {f.name: [] for f in feats}
+    for run_id in bank_ids:
+        model = store.load_model(run_id)
+        for f in feats:
+            d_u, d_r = feature_effect(model, x_ood, f, seed=SCORE_SEED)
+            bank_m[f.name].append(float(d_u.mean() - d_r.mean()))
+    return bank_m
 
 
 def clean(a) -> None:
@@ -135,12 +155,7 @@ def clean(a) -> None:
         firsts.setdefault(f.kind, f.name)
     access_names = {f.name for f in feats} if a.access == "all" else set(firsts.values())
 
-    bank_m = {}
-    for j, run_id in enumerate(bank_ids):
-        model = store.load_model(run_id)
-        for f in feats:
-            d_u, d_r = feature_effect(model, x_ood, f, seed=SCORE_SEED)
-            bank_m.setdefault(f.name, []).append(float(d_u.mean() - d_r.mean()))
+    bank_m = bank_effects(store, bank_ids, x_ood, feats)
     rows = []
     for i, run_id in enumerate(test_ids):
         t0 = time.perf_counter()
@@ -213,7 +228,7 @@ def extend(a) -> None:
     test of every row) and add candidate families (``--add-families``) to its fast test."""
     from ufm.core.experiment import inference_images
     from ufm.measure.bank import bank_configs, rank_test
-    from ufm.measure.scores import feature_effect, memorisation_score
+    from ufm.measure.scores import memorisation_score
     from ufm.runs.store import Store
 
     path = RESULTS / f"calibration-clean-{a.arch}.json"
@@ -226,12 +241,7 @@ def extend(a) -> None:
     feats = {f.name: f for f in features()}
     bank_ids = train_models(store, bank_configs(base, a.references))
     x_ood = inference_images(base).x
-    bank_m = {name: [] for name in feats}
-    for run_id in bank_ids:
-        model = store.load_model(run_id)
-        for name, f in feats.items():
-            d_u, d_r = feature_effect(model, x_ood, f, seed=SCORE_SEED)
-            bank_m[name].append(float(d_u.mean() - d_r.mean()))
+    bank_m = bank_effects(store, bank_ids, x_ood, list(feats.values()))
     add = [f for f in (a.add_families or "").split(",") if f]
     models = {}
     for row in d["rows"]:
