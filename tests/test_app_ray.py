@@ -4,7 +4,7 @@ from .ray_start import start_ray
 from .test_app import _app, app_env  # noqa: F401 - the fixture is used by name
 
 def test_compare_page_runs_its_study_on_ray(app_env, monkeypatch):  # noqa: F811
-    start_ray(2)  # fails in CI, skips elsewhere
+    ray = start_ray(2)  # fails in CI, skips elsewhere
     monkeypatch.setenv("UFM_RAY_ADDRESS", "auto")  # Ray is up in this process: the executor joins it
     from dashboard import state
     from ufm.runs.executors import RayExecutor

@@ -28,7 +28,7 @@ from ufm.runs.engine import MAX_PENDING, Executor, QueueFull
 from ufm.runs.execution import (CANCEL_GRACE, CANCEL_POLL, HEARTBEAT_INTERVAL, KILL_AFTER, PROGRESS_INTERVAL,
                                 Heartbeat, describe, execute, measure)
 from ufm.runs.queue_estimate import QueueEstimate, queue_estimate
-from ufm.runs.store import ACTIVE, FOREGROUND, Store, StoreError
+from ufm.runs.store import ACTIVE, Store, StoreError
 from ufm.core.train import TrainingCancelled
 
 if TYPE_CHECKING:
