@@ -56,7 +56,7 @@ def store() -> Store:
 
 @st.cache_resource
 def runner() -> Runner:
-    """One background runner per server: one worker per device, a queue behind it."""
+    """This server's local executor (:class:`ufm.runs.jobs.Runner`): one worker per device, a queue behind it."""
     return Runner(store())
 
 
