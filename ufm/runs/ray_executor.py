@@ -121,6 +121,8 @@ def ray_train(config_json: str, run_id: str, channel: Any, threads: int, env: di
     result = run_experiment(config, progress=progress)
     if result.model is not None:
         result.model = getattr(result.model, "_module", result.model).to("cpu")
+    for ck in result.checkpoints:  # a ranking model's TracIn checkpoints: the driver may have no GPU
+        ck.state_dict = {k: v.detach().to("cpu") for k, v in ck.state_dict.items()}
     shape, classes = _data_shape(config)
     return {"result": result, "input_shape": [int(v) for v in shape], "num_classes": int(classes)}
 
