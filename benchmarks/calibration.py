@@ -7,15 +7,13 @@ features. For every (model, feature) pair this records the decision of
   training setting, :mod:`ufm.measure.bank`), with the product's own bank of reference seeds,
 * the **fast exposure test** with each candidate family that applies to the feature's kind,
 * the paper's **t-tests** (Welch and paired), and
-* the **access settings** (white-, grey-, black-box confidence gain): calibrated rank p-values
-  beside the paper's t-test p-values.
+* the **access settings** (white-, grey-, black-box confidence gain): rank p-values beside the paper's.
 
-The ``power`` part trains canary models (the feature on 1, 3, 10, 30, 100 random training images;
-one canary over 10 different canary images) and reports how often both tests detect it.
+``power`` trains canary models (the feature on 1, 3, 10, 30, 100 random training images; one canary
+over 10 different canary images) and reports how often both tests detect it.
 
-Every training goes through the run store (``--home``), so an interrupted study resumes and the
-reference bank is exactly what the dashboard would train. Usage (each part can run in its own
-process; ``report`` merges them)::
+Every training is a run of the store (``--home``) through an executor, so an interrupted study resumes
+and the bank is exactly what the dashboard would train. Usage (``report`` merges the parts)::
 
     python benchmarks/calibration.py clean --arch mlp --models 50 --train-size 2000 --ood-size 200 --per-class 20
     python benchmarks/calibration.py clean --arch cnn1 --models 20 --train-size 500 --ood-size 50 \
@@ -101,19 +99,15 @@ def log(msg: str) -> None:
 
 
 def train_models(store, configs, executor=None) -> list[str]:
-    """The run ids of ``configs``, trained through ``executor`` (default: one after the other in
-    this process, :class:`ufm.runs.engine.InlineExecutor`); identical finished runs are reused."""
+    """Run ids of ``configs``, runs through ``executor`` (default: inline, one by one); identical ones reused."""
     from ufm.runs.engine import InlineExecutor, wait_for
 
     if executor is not None:
         ids = [executor.submit(cfg) for cfg in configs]
-        wait_for(executor, ids, progress=lambda p: log(p.message))
-        return ids
-    inline = InlineExecutor(store)
-    ids = []
+        return [r.id for r in wait_for(executor, ids, progress=lambda p: log(p.message))]
+    inline, ids = InlineExecutor(store), []
     for i, cfg in enumerate(configs):
-        t0 = time.perf_counter()
-        cached = store.find_cached(cfg) is not None
+        t0, cached = time.perf_counter(), store.find_cached(cfg) is not None
         ids.append(inline.submit(cfg))
         log(f"model {i + 1}/{len(configs)} seed {cfg.seed}: {'cached' if cached else f'{time.perf_counter() - t0:.1f} s'}")
     return ids
