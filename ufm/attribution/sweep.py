@@ -127,7 +127,8 @@ def influence_scores(config: ExperimentConfig, *, n_checkpoints: int = DEFAULT_C
     t0 = time.perf_counter()
     run_cfg = ranking_run_config(config)
     if executor is None:
-        executor = InlineExecutor(store if store is not None else Store.open(), progress=progress, cancel=cancel)
+        executor = InlineExecutor(store if store is not None else Store.open(), progress=progress, cancel=cancel,
+                                  check_sizes=False)  # as before: a train_size beyond the data uses all of it
     store = executor.store
     run_id = executor.submit(run_cfg)
     rec = wait_for(executor, [run_id], cancel=cancel)[0]

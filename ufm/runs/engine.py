@@ -240,32 +240,35 @@ class InlineExecutor(Executor):
     CLI's sequential mode: same numbers as ``ufm measure`` (the caller's torch threads).
 
     A run that fails or is cancelled is recorded so and its exception propagates from ``submit``.
+    ``check_sizes``: a new run's data sizes are checked before it is recorded
+    (:func:`ufm.core.experiment.check_data`, as ``ufm measure``: a ``train_size`` beyond the data is
+    refused); False lets it train on what there is, with a note (the ranking model, as before).
     """
 
     def __init__(self, store: Store, *, progress: ProgressFn | None = None, cancel: CancelFlag = None,
-                 max_pending: int = MAX_PENDING) -> None:
+                 check_sizes: bool = True, max_pending: int = MAX_PENDING) -> None:
         self._init_engine(store, max_pending)
-        self.progress, self.cancel_flag = progress, cancel
+        self.progress, self.cancel_flag, self.check_sizes = progress, cancel, check_sizes
+        self._local = threading.local()  # the run a submit() of this thread just created
 
     def _check(self, config: "ExperimentConfig") -> Any:
-        from ufm.core.experiment import check_data
-
         if is_cancelled(self.cancel_flag):
             raise TrainingCancelled("cancelled before the next run started")
-        check_data(config)  # bad sizes end here, not in a failed run record
         return None
 
     def _start(self, run_id: str, config: "ExperimentConfig", priority: int, where: Any) -> None:
         # Trains outside the lock: submit() holds it only to create the run; see submit below.
-        self._pending = (run_id, config)
+        self._local.pending = run_id
 
     def submit(self, config: "ExperimentConfig", *, force: bool = False, priority: int = FOREGROUND) -> str:
+        from ufm.core.experiment import check_data
         from ufm.runs.execution import Heartbeat, execute
 
-        self._pending = None
+        if self.check_sizes and (force or self.store.find_cached(config) is None):
+            check_data(config)  # bad sizes end here, not in a failed run record (a reused run is not checked)
+        self._local.pending = None
         run_id = super().submit(config, force=force, priority=priority)
-        pending, self._pending = self._pending, None
-        if pending is None:
+        if self._local.pending != run_id:
             return run_id  # an identical run answered
         try:
             with Heartbeat(self.store):
