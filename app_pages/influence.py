@@ -6,7 +6,8 @@ from dashboard import influence_ui as ui
 from dashboard import state, views
 from ufm.reports.plots import influence_scatter_figure, pearson
 from ufm.reports.run_report import to_csv
-from ufm.attribution.sweep import reference_config
+from ufm.attribution.sweep import ranking_config
+from ufm.runs.engine import QueueFull
 
 st.title("Are influential images memorised more?")
 st.write("TracIn self-influence (sum over checkpoints of learning rate x squared loss-gradient norm) of a "
@@ -16,7 +17,7 @@ st.write("TracIn self-influence (sum over checkpoints of learning rate x squared
 config = state.config_from_setup()
 st.caption(f"Setup from the Train & measure page: {config.dataset}, {config.arch}, "
            f"{config.train_size or 'all'} training images, seed {config.seed}.")
-key = reference_config(config).key()
+key = ranking_config(config).key()
 table = ui.load_ranking(config)
 status, info = state.tasks().status(key)
 
@@ -42,13 +43,17 @@ if table is None:
     elif status == "failed":
         st.error(f"Computing self-influence failed: {info}")
     if status != "running" and st.button("Compute self-influence", type="primary", key="inf_start"):
-        ui.start_ranking(config)
+        try:
+            ui.start_ranking(config)  # the ranking model is a run on the dashboard's executor
+        except (ValueError, QueueFull) as e:  # e.g. the pending-run cap
+            st.error(str(e))
+            st.stop()
         st.rerun()
     st.stop()
 
-st.caption(f"{len(table)} images ranked: those the reference model trained on. Validation images are left out "
-           "(the reference never took a gradient step on them); every canary model of a sweep keeps the "
-           "reference model's validation set, so canary models differ only in which image carries the feature. "
+st.caption(f"{len(table)} images ranked: those the ranking model trained on. Validation images are left out "
+           "(the ranking model never took a gradient step on them); every canary model of a sweep keeps the "
+           "ranking model's validation set, so canary models differ only in which image carries the feature. "
            "`ufm sweep-canaries` runs the same sweep from the command line.")
 k = st.slider("images shown from each end", 4, 32, 8, key="inf_k")
 st.subheader("Most self-influential")

@@ -7,15 +7,13 @@ features. For every (model, feature) pair this records the decision of
   training setting, :mod:`ufm.measure.bank`), with the product's own bank of reference seeds,
 * the **fast exposure test** with each candidate family that applies to the feature's kind,
 * the paper's **t-tests** (Welch and paired), and
-* the **access settings** (white-, grey-, black-box confidence gain): calibrated rank p-values
-  beside the paper's t-test p-values.
+* the **access settings** (white-, grey-, black-box confidence gain): rank p-values beside the paper's.
 
-The ``power`` part trains canary models (the feature on 1, 3, 10, 30, 100 random training images;
-one canary over 10 different canary images) and reports how often both tests detect it.
+``power`` trains canary models (the feature on 1, 3, 10, 30, 100 random training images; one canary
+over 10 different canary images) and reports how often both tests detect it.
 
-Every training goes through the run store (``--home``), so an interrupted study resumes and the
-reference bank is exactly what the dashboard would train. Usage (each part can run in its own
-process; ``report`` merges them)::
+Every training is a run of the store (``--home``) through an executor, so an interrupted study resumes
+and the bank is exactly what the dashboard would train. Usage (``report`` merges the parts)::
 
     python benchmarks/calibration.py clean --arch mlp --models 50 --train-size 2000 --ood-size 200 --per-class 20
     python benchmarks/calibration.py clean --arch cnn1 --models 20 --train-size 500 --ood-size 50 \
@@ -100,16 +98,32 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def train_models(store, configs) -> list[str]:
-    from ufm.runs.jobs import measure
+def train_models(store, configs, executor=None) -> list[str]:
+    """Run ids of ``configs``, runs through ``executor`` (default: inline, one by one); identical ones reused."""
+    from ufm.runs.engine import InlineExecutor, wait_for
 
-    ids = []
+    if executor is not None:
+        ids = [executor.submit(cfg) for cfg in configs]
+        return [r.id for r in wait_for(executor, ids, progress=lambda p: log(p.message))]
+    inline, ids = InlineExecutor(store), []
     for i, cfg in enumerate(configs):
-        t0 = time.perf_counter()
-        run_id, res, cached = measure(store, cfg)
-        ids.append(run_id)
+        t0, cached = time.perf_counter(), store.find_cached(cfg) is not None
+        ids.append(inline.submit(cfg))
         log(f"model {i + 1}/{len(configs)} seed {cfg.seed}: {'cached' if cached else f'{time.perf_counter() - t0:.1f} s'}")
     return ids
+
+
+def bank_effects(store, bank_ids, x_ood, feats) -> dict[str, list[float]]:
+    """M (nats) of each feature on each reference model of the bank: feature name -> (R,) list."""
+    from ufm.measure.scores import feature_effect
+
+    bank_m = {f.name: [] for f in feats}
+    for run_id in bank_ids:
+        model = store.load_model(run_id)
+        for f in feats:
+            d_u, d_r = feature_effect(model, x_ood, f, seed=SCORE_SEED)
+            bank_m[f.name].append(float(d_u.mean() - d_r.mean()))
+    return bank_m
 
 
 def clean(a) -> None:
@@ -135,12 +149,7 @@ def clean(a) -> None:
         firsts.setdefault(f.kind, f.name)
     access_names = {f.name for f in feats} if a.access == "all" else set(firsts.values())
 
-    bank_m = {}
-    for j, run_id in enumerate(bank_ids):
-        model = store.load_model(run_id)
-        for f in feats:
-            d_u, d_r = feature_effect(model, x_ood, f, seed=SCORE_SEED)
-            bank_m.setdefault(f.name, []).append(float(d_u.mean() - d_r.mean()))
+    bank_m = bank_effects(store, bank_ids, x_ood, feats)
     rows = []
     for i, run_id in enumerate(test_ids):
         t0 = time.perf_counter()
@@ -213,7 +222,7 @@ def extend(a) -> None:
     test of every row) and add candidate families (``--add-families``) to its fast test."""
     from ufm.core.experiment import inference_images
     from ufm.measure.bank import bank_configs, rank_test
-    from ufm.measure.scores import feature_effect, memorisation_score
+    from ufm.measure.scores import memorisation_score
     from ufm.runs.store import Store
 
     path = RESULTS / f"calibration-clean-{a.arch}.json"
@@ -226,12 +235,7 @@ def extend(a) -> None:
     feats = {f.name: f for f in features()}
     bank_ids = train_models(store, bank_configs(base, a.references))
     x_ood = inference_images(base).x
-    bank_m = {name: [] for name in feats}
-    for run_id in bank_ids:
-        model = store.load_model(run_id)
-        for name, f in feats.items():
-            d_u, d_r = feature_effect(model, x_ood, f, seed=SCORE_SEED)
-            bank_m[name].append(float(d_u.mean() - d_r.mean()))
+    bank_m = bank_effects(store, bank_ids, x_ood, list(feats.values()))
     add = [f for f in (a.add_families or "").split(",") if f]
     models = {}
     for row in d["rows"]:

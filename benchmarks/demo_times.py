@@ -1,7 +1,7 @@
 """Wall time of the guided demos as the dashboard runs them: first result and calibrated answer.
 
 Each demo is queued exactly as the Home page's button does it (its study's runs, then its
-setting's 39 reference models, on the dashboard's background :class:`ufm.runs.jobs.Runner`, in a fresh
+setting's 39 reference models, on the dashboard's background :class:`ufm.runs.jobs.Runner` (the local executor), in a fresh
 store), and timed until its first rung is trained (the first result on the page) and until every
 rung has its calibrated verdict (bank complete and scored). ``--busy`` starts one process that
 keeps a core busy beside it (a Python loop), as another user's job would.
@@ -29,6 +29,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def time_demo(key: str, data_dir: str | None) -> dict:
     from ufm.measure.demos import plan_demo
+    from ufm.runs.engine import wait_for
     from ufm.runs.jobs import Runner
     from ufm.measure.bank import bank_status, reference_test, submit_bank
     from ufm.runs.store import Store
@@ -40,13 +41,12 @@ def time_demo(key: str, data_dir: str | None) -> dict:
         t0 = time.perf_counter()
         load0 = os.getloadavg()[0]
         ids = [runner.submit(cfg) for cfg in plan.configs()]
-        submit_bank(runner, plan.base)
-        runner.wait(ids[0])
+        bank = submit_bank(runner, plan.base)
+        wait_for(runner, ids[:1])
         first = time.perf_counter() - t0
-        for rid in ids:
-            runner.wait(rid)
-        while not bank_status(store, plan.base).complete:
-            time.sleep(0.5)
+        wait_for(runner, ids + bank)
+        if not bank_status(store, plan.base).complete:
+            raise RuntimeError(f"demo {key}: the bank did not complete ({bank_status(store, plan.base).done} done)")
         verdicts = []
         for rid, cfg in zip(ids, plan.configs()):
             rec = store.get(rid)

@@ -106,11 +106,13 @@ def _init(home: str) -> None:
 def _train(config_json: str) -> dict:
     """Train (or reuse) one config in a worker; its M and cost."""
     from ufm.core.experiment import ExperimentConfig
-    from ufm.runs.jobs import measure
+    from ufm.runs.engine import InlineExecutor
 
     cfg = ExperimentConfig.from_json(config_json)
     t0 = time.perf_counter()
-    run_id, res, cached = measure(_STORE, cfg)
+    cached = _STORE.find_cached(cfg) is not None
+    run_id = InlineExecutor(_STORE).submit(cfg)  # a run of the store, in this worker's thread
+    res = _STORE.load_result(run_id)
     return {"key": cfg.key(), "run_id": run_id, "M": res.M, "test_accuracy": res.test_accuracy, "learned": res.learned,
             "epochs_trained": res.epochs_trained, "seconds": res.train_seconds + res.score_seconds,
             "wall": time.perf_counter() - t0, "cached": cached, "canary_indices": list(res.canary_indices),

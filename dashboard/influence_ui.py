@@ -1,7 +1,7 @@
 """The Influence page's pieces: computing the ranking in the background, the gallery, the sweep.
 
 The ranking and the sweep are those of ``ufm sweep-canaries`` (:mod:`ufm.attribution.sweep`): the table is
-cached under the store's home by the reference config key, the sweep is a study in the store.
+cached under the store's home by the ranking config key, the sweep is a study in the store.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import streamlit as st
 from ufm.core.experiment import ExperimentConfig
 from ufm.fileio import private_dir
 from ufm.runs.studies import submit_study
-from ufm.attribution.sweep import cached_influence, ensure_sweep_study, influence_path, load_influence_table, reference_config, sweep_rows
+from ufm.attribution.sweep import (cached_influence, ensure_sweep_study, influence_path, load_influence_table,
+                                   ranking_config, ranking_run_config, sweep_rows)
 
 from . import state
 
@@ -27,26 +28,40 @@ def cancel_path(key: str) -> Path:
     return Path(state.store().home) / "influence" / f"{key}.cancel"
 
 
-def compute_ranking(report, config: ExperimentConfig, home: str, stop_file: str | None = None) -> None:
+def compute_ranking(report, config: ExperimentConfig, home: str, stop_file: str | None = None,
+                    run_id: str | None = None) -> None:
     """The background task (its own process, see ``state.Tasks``): the cached self-influence table.
-    It stops (TrainingCancelled) at the next epoch once ``stop_file`` exists."""
+    ``run_id``: the ranking model's run, submitted to the dashboard's executor (listed on the Runs
+    page, counted by the pending cap); the task waits for it, then scores. It stops
+    (TrainingCancelled, the run cancelled too) once ``stop_file`` exists."""
+    from ufm.core.train import TrainingCancelled
+    from ufm.runs.engine import wait_for
+    from ufm.runs.store import Store
+
     cancel = (lambda: Path(stop_file).exists()) if stop_file else None
+    if run_id is not None:
+        report(f"training the ranking model (run {run_id}, on the Runs page)")
+        with Store(home, recover=False) as store:
+            rec = wait_for(store, [run_id], cancel=cancel, poll=0.5)[0]
+        if rec.status != "done":
+            raise TrainingCancelled(f"the ranking model's run {run_id} {rec.status}: {rec.error or 'cancelled'}")
     cached_influence(home, config, cancel=cancel,
-                     progress=lambda p: report(state.progress_text(p, "training the reference model",
+                     progress=lambda p: report(state.progress_text(p, "training the ranking model",
                                                                    "scoring every training image")))
 
 
 def start_ranking(config: ExperimentConfig) -> None:
-    """Train the no-canary reference model and score every image it trains on, off the server process."""
-    key = reference_config(config).key()
+    """Train the no-canary ranking model and score every image it trains on, off the server process."""
+    key = ranking_config(config).key()
     stop = cancel_path(key)
     stop.unlink(missing_ok=True)
-    state.tasks().submit(key, compute_ranking, config, str(state.store().home), str(stop))
+    run_id = state.executor().submit(ranking_run_config(config))
+    state.tasks().submit(key, compute_ranking, config, str(state.store().home), str(stop), run_id)
 
 
 def cancel_ranking(config: ExperimentConfig) -> None:
     """Ask the running ranking task of ``config`` to stop."""
-    stop = cancel_path(reference_config(config).key())
+    stop = cancel_path(ranking_config(config).key())
     private_dir(stop.parent)
     stop.touch(mode=0o600)
 
@@ -61,8 +76,8 @@ def correlation_warning(n: int) -> str | None:
 
 
 def load_ranking(config: ExperimentConfig) -> pd.DataFrame | None:
-    """The cached ranking of ``config``'s reference model, or None (none yet, or a stale one)."""
-    return load_influence_table(influence_path(state.store().home, reference_config(config).key()), config)
+    """The cached ranking of ``config``'s ranking model, or None (none yet, or a stale one)."""
+    return load_influence_table(influence_path(state.store().home, ranking_config(config).key()), config)
 
 
 def gallery(config: ExperimentConfig, table: pd.DataFrame, which: str, k: int) -> None:

@@ -55,7 +55,7 @@ def store() -> Store:
 
 @st.cache_resource
 def runner() -> Runner:
-    """One background runner per server: one worker per device, a queue behind it."""
+    """This server's local executor (:class:`ufm.runs.jobs.Runner`): one worker per device, a queue behind it."""
     return Runner(store())
 
 
@@ -364,9 +364,9 @@ def ood_preview(dataset: str, shape: tuple[int, int, int], root: str, n: int = 2
     return load_ood(dataset, shape, n, data_dir=root).x.numpy()
 
 
-def influence_path(reference_key: str) -> Path:
-    """Where the Influence page keeps the self-influence table of a reference model."""
-    return Path(store().home) / "influence" / f"{reference_key}.csv"
+def influence_path(ranking_key: str) -> Path:
+    """Where the Influence page keeps the self-influence table of a ranking model."""
+    return Path(store().home) / "influence" / f"{ranking_key}.csv"
 
 
 def progress_text(p, training: str, scoring: str) -> str:
@@ -390,7 +390,8 @@ def parse_progress(text: str | None) -> tuple[float, str]:
 
 
 class Tasks:
-    """Background work that is not an experiment run (self-influence of a training set).
+    """Background work that is not itself a run (self-influence of a training set; the model it
+    ranks with is a run of the store, trained by the executor).
 
     Each task runs in its own process (:func:`ufm.runs.worker.run_task`, the machinery of the run
     processes), one at a time, so it never competes with the web server for the interpreter. A

@@ -1,16 +1,10 @@
 """The Compare page submits its study to Ray when UFM_RAY_ADDRESS is set, and shows it as before."""
 
-import pytest
-
+from .ray_start import start_ray
 from .test_app import _app, app_env  # noqa: F401 - the fixture is used by name
 
-
 def test_compare_page_runs_its_study_on_ray(app_env, monkeypatch):  # noqa: F811
-    ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'ufm[ray]')")
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"ray could not start here: {e}")
+    ray = start_ray(2)  # fails in CI, skips elsewhere
     monkeypatch.setenv("UFM_RAY_ADDRESS", "auto")  # Ray is up in this process: the executor joins it
     from dashboard import state
     from ufm.runs.executors import RayExecutor

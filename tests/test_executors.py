@@ -10,6 +10,7 @@ from ufm.runs.store import Store
 from ufm.runs.studies import create_study, regulariser_members, runs_frame, submit_study
 
 from .conftest import tiny_config
+from .ray_start import start_ray
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -18,11 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def ray_session():
     """A local Ray instance with 2 CPUs for the module (the test starts it, as CI would)."""
-    ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'ufm[ray]')")
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    except Exception as e:  # noqa: BLE001 - any start failure means: cannot test Ray here
-        pytest.skip(f"ray could not start here: {e}")
+    ray = start_ray(2)  # fails in CI, skips elsewhere
     yield ray
     ray.shutdown()
 
@@ -96,7 +93,7 @@ def test_executor_from_env(tmp_path, monkeypatch, ray_session):
         monkeypatch.delenv("UFM_RAY_ADDRESS", raising=False)
         with Runner(store) as runner:
             ex = executor_from_env(store, runner)
-            assert isinstance(ex, LocalExecutor) and ex.runner is runner
+            assert isinstance(ex, LocalExecutor) and ex is runner
             ex.shutdown()
         monkeypatch.setenv("UFM_RAY_ADDRESS", "auto")  # Ray is up in this process: it is used as it is
         ex = executor_from_env(store)

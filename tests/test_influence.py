@@ -47,7 +47,7 @@ def _checkpoints(make, k: int, *, dtype=torch.float32) -> list[dict[str, torch.T
 
 
 def _loop_self_influence(model, checkpoints, lrs, x, y, params_of=None) -> torch.Tensor:
-    """Reference: one autograd call per example and checkpoint."""
+    """Brute force: one autograd call per example and checkpoint."""
     model.eval()
     out = torch.zeros(x.shape[0], dtype=torch.float64)
     for state, lr in zip(checkpoints, lrs):

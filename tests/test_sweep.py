@@ -10,7 +10,7 @@ from ufm.core.experiment import prepare_data
 from ufm.runs.store import Store
 from ufm.runs.studies import get_study
 from ufm.attribution.sweep import (cached_influence, ensure_sweep_study, influence_path, influence_scores,
-                       reference_config, reference_train_indices, sweep_canaries)
+                       ranking_config, ranking_train_indices, sweep_canaries)
 
 from .conftest import tiny_config
 
@@ -19,15 +19,25 @@ def _cfg(tiny_data, **kw):
     return tiny_config(tiny_data, **{"epochs": 6, "patience": 3, "lr": 3e-3, "candidates": 9, **kw})
 
 
-def test_influence_scores_rank_only_the_reference_training_part(tiny_data):
+def test_influence_scores_rank_only_the_ranking_training_part(tiny_data):
     cfg = _cfg(tiny_data, canary=CanaryChoice("index", (5,)))
     infl = influence_scores(cfg, n_checkpoints=4)
-    ref = prepare_data(reference_config(cfg))
+    ref = prepare_data(ranking_config(cfg))
     assert len(infl.scores) == 270 and np.all(infl.scores >= 0) and len(infl.checkpoint_steps) <= 4
     np.testing.assert_array_equal(infl.indices, ref.train_indices)   # no validation image is ranked
     assert set(infl.indices).isdisjoint(set(range(300)) - set(ref.train_indices))
-    assert infl.checkpoint_steps[0] == 0 and infl.reference_key == reference_config(cfg).key()
+    assert infl.checkpoint_steps[0] == 0 and infl.ranking_key == ranking_config(cfg).key()
     assert sorted(infl.ranks.tolist()) == list(range(270)) and infl.ranks[np.argmax(infl.scores)] == 0
+    # the ranking model is a run of the store (listed, cancellable, reused), with its TracIn checkpoints
+    with Store.open() as store:
+        rec = store.get(infl.run_id)
+        assert rec.status == "done" and rec.config_data["checkpoint_every"] > 0
+        assert rec.config_data["canary"]["mode"] == "none" and len(store.load_checkpoints(infl.run_id)) >= 4
+        n_runs = len(store.list_runs())
+    again = influence_scores(cfg, n_checkpoints=4)  # an identical ranking model: reused, not retrained
+    assert again.run_id == infl.run_id and np.array_equal(again.scores, infl.scores)
+    with Store.open() as store:
+        assert len(store.list_runs()) == n_runs
     top, bottom = infl.top_bottom(3, 2)
     table = infl.table()
     assert list(table.columns) == ["index", "label", "self_influence", "rank"]
@@ -40,9 +50,9 @@ def test_influence_scores_rank_only_the_reference_training_part(tiny_data):
 
 def test_canary_models_of_a_sweep_differ_only_in_the_stamped_image(tiny_data):
     cfg = _cfg(tiny_data)
-    train_part = reference_train_indices(cfg)
+    train_part = ranking_train_indices(cfg)
     a, b = int(train_part[3]), int(train_part[200])
-    ref = prepare_data(reference_config(cfg))
+    ref = prepare_data(ranking_config(cfg))
     da = prepare_data(cfg.replace(canary=CanaryChoice("index", (a,))))
     db = prepare_data(cfg.replace(canary=CanaryChoice("index", (b,))))
     # identical validation sets (the reference model's), tensors included
@@ -65,10 +75,10 @@ def test_sweep_is_a_store_study_that_resumes(tiny_data, tmp_path):
     assert list(res.table["group"]) == ["top", "top", "bottom"]
     si = res.table["self_influence"]
     assert si.iloc[0] >= si.iloc[1] >= si.iloc[2]
-    # canaries come only from the reference model's training part
-    assert set(res.table["index"]) <= set(reference_train_indices(cfg))
-    # the influence table is cached under the store's home by the reference key, and copied to --out
-    cache = influence_path(store.home, reference_config(cfg).key(), 3)
+    # canaries come only from the ranking model's training part
+    assert set(res.table["index"]) <= set(ranking_train_indices(cfg))
+    # the influence table is cached under the store's home by the ranking key, and copied to --out
+    cache = influence_path(store.home, ranking_config(cfg).key(), 3)
     assert cache.exists()
     pd.testing.assert_frame_equal(pd.read_csv(out / "influence.csv"), pd.read_csv(cache))
     csv = pd.read_csv(out / "sweep.csv")
@@ -96,11 +106,11 @@ def test_sweep_is_a_store_study_that_resumes(tiny_data, tmp_path):
 
 
 def test_stale_influence_table_is_recomputed(tiny_data, tmp_path):
-    """A cached table ranking images the reference never trained on (ufm < 0.3) is not used."""
+    """A cached table ranking images the ranking model never trained on (ufm < 0.3) is not used."""
     from ufm.attribution.sweep import load_influence_table
 
     cfg = _cfg(tiny_data, epochs=2)
-    path = influence_path(tmp_path, reference_config(cfg).key())
+    path = influence_path(tmp_path, ranking_config(cfg).key())
     path.parent.mkdir(parents=True)
     pd.DataFrame({"index": range(300), "label": 0, "self_influence": 1.0, "rank": range(300)}).to_csv(path, index=False)
     assert load_influence_table(path, cfg) is None
@@ -137,14 +147,14 @@ def test_killed_sweep_resumes(tiny_data, tmp_path):
     # the store, not the CSV, says what finished, and the re-run must reuse all of it.
     with Store(tmp_path / "home", recover=False) as s:
         runs_at_kill = s.query("SELECT COUNT(*) FROM runs WHERE status = 'done'")[0][0]
-    assert done_before <= runs_at_kill <= 4
+    assert done_before + 1 <= runs_at_kill <= 5  # + the ranking model, a run of the store too
     rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     table = pd.read_csv(out / "sweep.csv")
     assert len(table) == 4 and table["index"].is_unique
     with Store(tmp_path / "home", recover=False) as s:
         runs_after = s.query("SELECT COUNT(*) FROM runs WHERE status = 'done'")[0][0]
-    assert runs_after == 4  # one finished run per canary: nothing trained twice
+    assert runs_after == 5  # the ranking model and one finished run per canary: nothing trained twice
     trained_again = rerun.stderr.count("[sweep]")
-    assert trained_again == 4 - runs_at_kill or finished_before_kill
+    assert trained_again == 5 - runs_at_kill or finished_before_kill
     assert "[influence]" not in rerun.stderr  # the cached table is reused

@@ -17,11 +17,11 @@ def cmd_influence(a: argparse.Namespace) -> int:
     check_out(a.out)
     cfg = config_from_args(a)
     infl = influence_scores(cfg, n_checkpoints=a.checkpoints, last_layer_only=a.last_layer,
-                            progress=StderrProgress(a.quiet))
+                            progress=StderrProgress(a.quiet), store=open_store(a))  # the ranking model is a run
     table = infl.table()
     write_atomic(Path(a.out), to_csv(table), private=True)
     top, bottom = infl.top_bottom(min(a.show, len(table) // 2), min(a.show, len(table) // 2))
-    print(f"self-influence of the {len(table)} images the reference model trained on from {len(infl.checkpoint_steps)} checkpoints "
+    print(f"self-influence of the {len(table)} images the ranking model trained on from {len(infl.checkpoint_steps)} checkpoints "
           f"(steps {infl.checkpoint_steps}) in {infl.seconds:.1f} s; wrote {a.out}")
     label = table.set_index("index")["label"]
     print("most self-influential (index:label): " + " ".join(f"{i}:{label[i]}" for i in top))
@@ -66,7 +66,7 @@ def cmd_explain(a: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("influence", help="rank training images by TracIn self-influence",
-                       description="Train a reference model without canaries and score every training image.")
+                       description="Train a ranking model without canaries and score every training image.")
     add_experiment_args(p)
     p.add_argument("--checkpoints", type=int, default=10, help="TracIn checkpoints (paper: 10)")
     p.add_argument("--last-layer", action="store_true", help="gradients of the last layer only")

@@ -7,6 +7,8 @@ inside the model, so cross-entropy and KL see the same numbers.
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
 import torch
 from torch import nn
 from torchvision.models import DenseNet
@@ -188,3 +190,18 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) ->
     finally:
         model.train(was_training)
     return torch.cat(outs) if outs else torch.empty(0)
+
+
+def build_model_for(config: Any, image_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """The model an :class:`ufm.core.experiment.ExperimentConfig` trains: its ``arch``, with dropout
+    (``config.dropout``) and batch norm where its ``regularisers`` list them; the one place the
+    regulariser flags become model arguments.
+
+    Args:
+        image_shape: ``(C, H, W)`` of the images.
+        num_classes: number of output logits.
+    """
+    c, h, w = (int(v) for v in image_shape)
+    regs = set(config.regularisers)
+    return build_model(config.arch, c, (h, w), int(num_classes),
+                       dropout=config.dropout if "dropout" in regs else 0.0, batchnorm="batchnorm" in regs)

@@ -43,8 +43,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from ufm.core.experiment import ExperimentConfig
-    from ufm.runs.executors import Executor
-    from ufm.runs.jobs import Runner
+    from ufm.runs.engine import Executor
     from ufm.runs.store import Store
     from ufm.core.train import CancelFlag, ProgressFn
 
@@ -170,9 +169,9 @@ def bank_status(store: "Store", config: "ExperimentConfig", references: int = DE
     return BankStatus(int(references), tuple(found), tuple(missing), active)
 
 
-def submit_bank(runner: "Runner | Executor", config: "ExperimentConfig",
+def submit_bank(runner: "Executor", config: "ExperimentConfig",
                 references: int = DEFAULT_REFERENCES) -> list[str]:
-    """Queue the missing reference models of ``config`` on ``runner`` in the background (behind
+    """Queue the missing reference models of ``config`` on ``runner`` (any executor) in the background (behind
     every run a user starts, :data:`ufm.runs.store.BACKGROUND`); returns their run ids. Finished ones
     are reused by the store's cache, queued ones are not queued twice."""
     from ufm.runs.store import BACKGROUND
@@ -242,16 +241,32 @@ def _setting_key(config_json: str) -> str:
 
 
 def build_bank(store: "Store", config: "ExperimentConfig", references: int = DEFAULT_REFERENCES, *,
-               progress: "Callable[[int, int], None] | None" = None, cancel: "CancelFlag" = None) -> list[str]:
-    """Train the missing reference models in this process (the CLI); returns all R run ids."""
-    from ufm.runs.jobs import measure
+               progress: "Callable[[int, int], None] | None" = None, cancel: "CancelFlag" = None,
+               executor: "Executor | None" = None) -> list[str]:
+    """Train the missing reference models and wait for them; returns all R run ids in seed order.
+
+    Without ``executor`` they train one after the other in this thread
+    (:class:`ufm.runs.engine.InlineExecutor`, the CLI); with one (on ``store``) they are queued
+    there in the background (:func:`submit_bank`) and waited for (:func:`ufm.runs.engine.wait_for`).
+    ``progress(done, total)``; ``cancel`` stops the bank (its unfinished models are cancelled).
+    """
+    from ufm.runs.engine import InlineExecutor, wait_for
 
     cfgs = bank_configs(config, references)
+    if executor is not None:
+        if executor.store.home != store.home:
+            raise ValueError(f"the executor records runs in {executor.store.home}, the bank goes to {store.home}; "
+                             "give both the same store")
+        ids = submit_bank(executor, config, references)
+        wait_for(executor, ids, cancel=cancel,
+                 progress=None if progress is None else (lambda p: progress(p.epoch, p.max_epochs)))
+        return ids
+    inline = InlineExecutor(store, cancel=cancel)
     ids = []
     for i, cfg in enumerate(cfgs):
         if progress is not None:
             progress(i, len(cfgs))
-        ids.append(measure(store, cfg, cancel=cancel)[0])
+        ids.append(inline.submit(cfg))
     if progress is not None:
         progress(len(cfgs), len(cfgs))
     return ids

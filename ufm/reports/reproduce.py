@@ -9,11 +9,11 @@ A *target* is one of the paper's results:
 * ``figure4`` — TracIn self-influence vs M, MLP on MNIST, Pearson r.
 
 Each *setting* (dataset, architecture, regularisers) is set up as in the paper (section 3.4):
-a reference model without canaries ranks the training images by TracIn self-influence
+a ranking model without canaries ranks the training images by TracIn self-influence
 (:func:`ufm.attribution.sweep.cached_influence`), the letter A (5x5, one pixel from the top-left corner) goes
 on the top-k and bottom-k images, one new model per canary. All settings of a target form one
-study in the run store (:func:`build_study`); :func:`run` trains it on any
-:class:`ufm.runs.executors.Executor` and :func:`side_by_side` sets the paper's published numbers
+study in the run store (:func:`create_reproduction_study`); :func:`run` trains it on any
+:class:`ufm.runs.engine.Executor` and :func:`side_by_side` sets the paper's published numbers
 (``paper_results.json``, cited) beside ufm's. A *scale* fixes the budget: ``smoke`` (tiny, a few
 minutes on a 2-core CPU), ``quick`` (CPU-sized) and ``paper`` (full datasets, 500 epochs,
 patience 10, 30 canaries: a GPU or a cluster).
@@ -23,121 +23,23 @@ A study killed half-way resumes: finished runs are reused from the store's cache
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import pandas as pd
 
 from ufm.fileio import atomic_write
+from ufm.reports.paper_setup import (ALPHA, SCALES, TARGETS, Scale, Setting, check_scale,  # noqa: F401 - re-exported
+                                     paper_results, paper_source, settings)
 from ufm.reports.run_report import _esc, _figure_html, _page, _table, to_csv
 from ufm.runs.store import Store
 
 if TYPE_CHECKING:  # torch-importing modules load lazily: every ufm verb builds this module's parser
-    from ufm.runs.executors import Executor
+    from ufm.runs.engine import Executor
     from ufm.core.experiment import ExperimentConfig
-
-TARGETS = ("table1", "table2", "table3", "figure4")
-ALPHA = 0.05  # the paper's significance level (bold in its tables)
-
-
-@dataclass(frozen=True)
-class Scale:
-    """A budget. ``top``/``bottom``: canaries per setting from each end of the self-influence
-    ranking (``figure_*`` for figure 4, ``densenet_*`` for DenseNet-100, which the paper ran with
-    four canaries); ``train_size`` None = the whole training set."""
-
-    name: str
-    train_size: int | None
-    epochs: int
-    patience: int
-    ood_size: int
-    candidates: int
-    top: int
-    bottom: int
-    figure_top: int
-    figure_bottom: int
-    densenet_top: int
-    densenet_bottom: int
-    n_checkpoints: int
-    about: str
-
-    def __post_init__(self) -> None:
-        if min(self.top + self.bottom, self.figure_top + self.figure_bottom, self.densenet_top + self.densenet_bottom) < 1:
-            raise ValueError(f"scale {self.name!r} needs at least one canary per setting")
-
-
-SCALES = {
-    "smoke": Scale("smoke", train_size=1000, epochs=8, patience=3, ood_size=200, candidates=19, top=2, bottom=1,
-                   figure_top=2, figure_bottom=2, densenet_top=1, densenet_bottom=1, n_checkpoints=5,
-                   about="tiny models (1,000 training images, at most 8 epochs, 19 candidates, 3 canaries a setting, "
-                         "4 for figure 4): checks the pipeline, not the science"),
-    "quick": Scale("quick", train_size=3000, epochs=40, patience=5, ood_size=500, candidates=99, top=5, bottom=5,
-                   figure_top=8, figure_bottom=7, densenet_top=1, densenet_bottom=1, n_checkpoints=10,
-                   about="CPU-sized (3,000 training images, at most 40 epochs, patience 5, 10 canaries a setting, "
-                         "15 for figure 4)"),
-    "paper": Scale("paper", train_size=None, epochs=500, patience=10, ood_size=1000, candidates=99, top=15, bottom=15,
-                   figure_top=15, figure_bottom=15, densenet_top=2, densenet_bottom=2, n_checkpoints=10,
-                   about="the paper's setup (full training sets, 500 epochs, patience 10, top-15 and bottom-15 "
-                         "canaries; 4 for DenseNet-100): a GPU or a cluster"),
-}
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One row of a paper table: what trains."""
-
-    target: str
-    dataset: str
-    arch: str
-    regularisers: tuple[str, ...] = ()
-
-    @property
-    def regulariser_label(self) -> str:
-        return "+".join(sorted(self.regularisers)) or "none"
-
-    @property
-    def label(self) -> str:
-        return f"{self.dataset} {self.arch} {self.regulariser_label}"
-
-
-_T3_REGS = [("dropout",), ("augment",), ("augment", "dropout"), ("batchnorm",)]
-
-
-def settings(target: str) -> list[Setting]:
-    """The settings of ``target`` (one of :data:`TARGETS`), in the paper's row order."""
-    if target == "table1":
-        return [Setting("table1", d, "mlp") for d in ("mnist", "fashion-mnist")]
-    if target == "table2":
-        return [Setting("table2", "mnist", "cnn1"), Setting("table2", "fashion-mnist", "cnn1"),
-                Setting("table2", "cifar10", "cnn2"), Setting("table2", "cifar10", "densenet100")]
-    if target == "table3":
-        return [Setting("table3", d, a, r) for d, a in (("mnist", "mlp"), ("fashion-mnist", "mlp"), ("cifar10", "cnn2"))
-                for r in _T3_REGS]
-    if target == "figure4":
-        return [Setting("figure4", "mnist", "mlp")]
-    raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)} or all")
-
-
-def check_scale(scale: str) -> Scale:
-    if scale not in SCALES:
-        raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
-    return SCALES[scale]
-
-
-def paper_results() -> list[dict[str, Any]]:
-    """The paper's published numbers (``ufm/paper_results.json``): one dict per value with
-    ``table``, ``dataset``, ``arch``, ``regularisers``, ``metric``, ``value``, ``ref`` (and
-    ``image_id``/``significant`` for the per-canary rows)."""
-    return json.loads(resources.files("ufm.reports").joinpath("paper_results.json").read_text())["results"]
-
-
-def paper_source() -> dict[str, str]:
-    return json.loads(resources.files("ufm.reports").joinpath("paper_results.json").read_text())["source"]
 
 
 def base_config(setting: Setting, scale: Scale, *, data_dir: str | None = None, device: str = "auto",
@@ -167,60 +69,55 @@ def study_name(target: str, scale: str, seed: int = 0) -> str:
     return f"reproduce {target} {scale} seed {seed}"
 
 
-def build_study(store: Store, target: str, scale: str, *, data_dir: str | None = None, device: str = "auto",
-                seed: int = 0, say: Callable[[str], None] | None = None) -> str:
-    """Rank each setting's training images by self-influence (cached under the store's home)
-    and store the study of ``target`` at ``scale``: one member per canary, in group
-    ``"<dataset> <arch> <regularisers> top|bottom"``. An existing study with the same members is
-    kept (its finished runs count); one with other members is replaced. Returns its name."""
-    from ufm.runs.studies import StudyNotFound, create_study, get_study
+def create_reproduction_study(executor: "Executor", target: str, scale: str, *, data_dir: str | None = None,
+                              device: str = "auto", seed: int = 0, say: Callable[[str], None] | None = None) -> str:
+    """Rank each setting's training images by self-influence (the ranking model a run on
+    ``executor``; the table cached under the store's home) and store the study of ``target`` at
+    ``scale``: one member per canary, in group ``"<dataset> <arch> <regularisers> top|bottom"``.
+    An existing study with the same members is kept (its finished runs count); one with other
+    members is replaced (:func:`ufm.runs.studies.ensure_study`). Returns its name."""
     from ufm.attribution.sweep import cached_influence, sweep_members
+    from ufm.runs.studies import ensure_study
 
     sc = check_scale(scale)
     members = []
     for s in settings(target):
         cfg = base_config(s, sc, data_dir=data_dir, device=device, seed=seed)
         if say is not None:
-            say(f"ranking the training images of {s.label} by self-influence (reference model, cached)")
-        table = cached_influence(store.home, cfg, n_checkpoints=sc.n_checkpoints)
+            say(f"ranking the training images of {s.label} by self-influence (ranking model, cached)")
+        table = cached_influence(executor.store.home, cfg, n_checkpoints=sc.n_checkpoints, executor=executor)
         top, bottom = _ends(s, sc)
         for m in sweep_members(cfg, table, top, bottom):
             members.append(type(m)(f"{s.label} {m.group}", m.config))
-    name = study_name(target, scale, seed)
-    try:
-        same = [e.config.key() for e in get_study(store, name).entries] == [m.config.key() for m in members]
-        if same:
-            return name
-        replace = True
-    except StudyNotFound:
-        replace = False
-    create_study(store, name, "custom", members[0].config, members, replace=replace,
-                 description=f"paper {target} at scale {scale}: {sc.about}")
-    return name
+    return ensure_study(executor.store, study_name(target, scale, seed), "custom", members[0].config, members,
+                        description=f"paper {target} at scale {scale}: {sc.about}")
 
 
 def run(executor: "Executor", name: str, *, say: Callable[[str], None] | None = None, poll: float = 0.5,
         timeout: float | None = None) -> list[str]:
     """Submit the members of study ``name`` that have no finished run to ``executor`` and wait
-    for all; ``say`` gets a line whenever the count of finished runs changes."""
-    from ufm.runs.store import FINISHED
+    for all (:func:`ufm.runs.engine.wait_for`); ``say`` gets a line whenever the count of
+    finished runs changes."""
+    from ufm.runs.engine import wait_for
     from ufm.runs.studies import submit_study
 
     ids = submit_study(executor, name)
     store = executor.store
-    t0, last = time.monotonic(), -1
-    while True:
-        statuses = [store.get(r).status for r in ids]
-        n = sum(s in FINISHED for s in statuses)
-        if n != last and say is not None:
+    t0 = time.monotonic()
+
+    def tell(*_: Any) -> None:
+        if say is not None:
+            statuses = [store.get(r).status for r in ids]
+            n = sum(s in ("done", "failed", "cancelled") for s in statuses)
             say(f"{n}/{len(ids)} runs finished ({statuses.count('done')} done, {statuses.count('failed')} failed, "
                 f"{statuses.count('running')} running) after {time.monotonic() - t0:.0f} s")
-            last = n
-        if n == len(ids):
-            return ids
-        if timeout is not None and time.monotonic() - t0 > timeout:
-            raise TimeoutError(f"study {name!r}: {len(ids) - n} runs unfinished after {timeout} s")
-        time.sleep(poll)
+
+    tell()
+    try:
+        wait_for(executor, ids, progress=tell, poll=poll, timeout=timeout)
+    except TimeoutError as e:
+        raise TimeoutError(f"study {name!r}: {e}") from None
+    return ids
 
 
 # ---------------------------------------------------------------------------------- the tables
@@ -231,14 +128,14 @@ def canary_frame(store: Store, name: str, scale: str) -> pd.DataFrame:
     is the verdict record, ``paper_ttest_p_below_alpha`` whether the paper's one-tailed Welch t-test
     p is below 0.05: the paper's statistic, shown to compare with the paper; it never decides)."""
     from ufm.runs.studies import get_study, runs_frame
-    from ufm.attribution.sweep import cached_influence, reference_config
+    from ufm.attribution.sweep import cached_influence, ranking_config
 
     runs = runs_frame(store, name)
     entries = get_study(store, name).entries
     tables: dict[str, pd.DataFrame] = {}
     infl, rank = [], []
     for e in entries:
-        key = reference_config(e.config).key()
+        key = ranking_config(e.config).key()
         if key not in tables:
             tables[key] = cached_influence(store.home, e.config,
                                            n_checkpoints=check_scale(scale).n_checkpoints).set_index("index")
@@ -423,7 +320,7 @@ def reproduce(executor: "Executor", target: str, scale: str, out_dir: str | Path
     out = []
     for t in targets:
         t0 = time.monotonic()
-        name = build_study(executor.store, t, scale, data_dir=data_dir, device=device, seed=seed, say=say)
+        name = create_reproduction_study(executor, t, scale, data_dir=data_dir, device=device, seed=seed, say=say)
         if say is not None:
             say(f"study {name!r}: {len(_entries(executor.store, name))} canary models")
         run(executor, name, say=say)

@@ -28,28 +28,19 @@ from scipy import stats
 from ufm.measure.bank import DEFAULT_REFERENCES
 from ufm.runs.store import ACTIVE, RunNotFound, Store, StoreError
 from ufm.measure.verdict import stored_verdict
+from ufm.runs.study_members import (STUDY_KINDS, StudyMember, canary_members, expand, regulariser_label,  # noqa: F401
+                                    regulariser_members, seed_members)
 
 if TYPE_CHECKING:
-    from ufm.core.canary import CanaryChoice
     from ufm.core.experiment import ExperimentConfig
-    from ufm.runs.executors import Executor
-    from ufm.runs.jobs import Runner
+    from ufm.runs.engine import Executor
     from ufm.core.train import ProgressFn
 
-STUDY_KINDS = ("regularisers", "canaries", "seeds", "custom")
 LEVEL = 0.95  # confidence level of the intervals over seeds
 
 
 class StudyNotFound(StoreError):
     """No study of that name in the store."""
-
-
-@dataclass(frozen=True)
-class StudyMember:
-    """One config of a study and the group it belongs to (e.g. ``"dropout"``)."""
-
-    group: str
-    config: "ExperimentConfig"
 
 
 @dataclass(frozen=True)
@@ -76,90 +67,6 @@ class Study:
     @property
     def groups(self) -> list[str]:
         return list(dict.fromkeys(e.group for e in self.entries))
-
-
-# ---------------------------------------------------------------------------------- expanding
-
-def _check_seeds(seeds: Sequence[int]) -> list[int]:
-    seeds = [int(s) for s in seeds]
-    if not seeds:
-        raise ValueError("a study needs at least one seed, e.g. seeds=[0, 1, 2]")
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct, got {seeds}")
-    return seeds
-
-
-def regulariser_label(regularisers: Sequence[str]) -> str:
-    """``()`` -> ``"none"``, ``("augment", "dropout")`` -> ``"augment+dropout"``."""
-    return "+".join(regularisers) if regularisers else "none"
-
-
-def regulariser_members(base: "ExperimentConfig", regularisers: Sequence[str | Sequence[str]],
-                        seeds: Sequence[int]) -> list[StudyMember]:
-    """One group per regulariser setting, each over ``seeds``; all else as in ``base``.
-
-    Args:
-        regularisers: settings; each a name (``"dropout"``), a ``+``/``,``-joined combination
-            (``"dropout+augment"``), a sequence of names, or ``"none"``.
-    """
-    from ufm.core.train import DEFAULT_DP
-
-    seeds = _check_seeds(seeds)
-    members, seen = [], set()
-    for r in regularisers:
-        names = [x.strip() for x in r.replace(",", "+").split("+")] if isinstance(r, str) else list(r)
-        names = [x for x in names if x and x != "none"]
-        # validates and sorts the names; a dp-sgd member gets the base's DP settings, else the shared
-        # default (never DPConfig()'s noise multiplier 1.0, which spent epsilon ~31 in a quick run)
-        cfg0 = base.replace(regularisers=tuple(names)).with_dp(
-            base.dp if "dp-sgd" in base.regularisers else DEFAULT_DP)
-        label = regulariser_label(cfg0.regularisers)
-        if label in seen:
-            raise ValueError(f"regulariser setting {label!r} is listed twice")
-        seen.add(label)
-        members += [StudyMember(label, cfg0.replace(seed=s)) for s in seeds]
-    if not members:
-        raise ValueError("list at least one regulariser setting (e.g. ['none', 'dropout', 'dp-sgd'])")
-    return members
-
-
-def canary_members(base: "ExperimentConfig", canaries: Sequence["CanaryChoice"],
-                   seeds: Sequence[int]) -> list[StudyMember]:
-    """One group per canary choice (placement, frequency, or none = the clean control)."""
-    seeds = _check_seeds(seeds)
-    members, seen = [], set()
-    for c in canaries:
-        label = c.describe()
-        if label in seen:
-            raise ValueError(f"canary choice {label!r} is listed twice")
-        seen.add(label)
-        members += [StudyMember(label, base.replace(canary=c, seed=s)) for s in seeds]
-    if not members:
-        raise ValueError("list at least one canary choice")
-    return members
-
-
-def seed_members(base: "ExperimentConfig", seeds: Sequence[int], *, group: str = "all seeds") -> list[StudyMember]:
-    """``base`` repeated over ``seeds``: one group."""
-    return [StudyMember(group, base.replace(seed=s)) for s in _check_seeds(seeds)]
-
-
-def expand(kind: str, base: "ExperimentConfig", *, seeds: Sequence[int],
-           regularisers: Sequence[str | Sequence[str]] | None = None,
-           canaries: Sequence["CanaryChoice"] | None = None) -> list[StudyMember]:
-    """The members of a study of ``kind`` built from ``base`` (see the ``*_members`` helpers)."""
-    if kind == "regularisers":
-        if regularisers is None:
-            raise ValueError("a regulariser study needs regularisers=[...], e.g. ['none', 'dropout', 'dp-sgd']")
-        return regulariser_members(base, regularisers, seeds)
-    if kind == "canaries":
-        if canaries is None:
-            raise ValueError("a canary study needs canaries=[CanaryChoice(...), ...]")
-        return canary_members(base, canaries, seeds)
-    if kind == "seeds":
-        return seed_members(base, seeds)
-    raise ValueError(f"unknown study kind {kind!r}; expand() builds {', '.join(STUDY_KINDS[:3])} "
-                     "(for 'custom', pass your own members to create_study)")
 
 
 # ---------------------------------------------------------------------------------- storing
@@ -200,6 +107,21 @@ def create_study(store: Store, name: str, kind: str, base: "ExperimentConfig", m
         c.executemany("INSERT INTO study_runs (study, position, grp, config_json, config_key) VALUES (?, ?, ?, ?, ?)",
                       [(name, i, m.group, m.config.to_json(), m.config.key()) for i, m in enumerate(members)])
     return get_study(store, name)
+
+
+def ensure_study(store: Store, name: str, kind: str, base: "ExperimentConfig", members: Sequence[StudyMember], *,
+                 description: str = "") -> str:
+    """Create study ``name``, or keep the one that exists with the same members (same configs in
+    the same order: its finished runs count); one with other members (e.g. a recomputed ranking)
+    is replaced. Returns the name. Runs are not started here."""
+    try:
+        if [e.config.key() for e in get_study(store, name).entries] == [m.config.key() for m in members]:
+            return name
+        replace = True
+    except StudyNotFound:
+        replace = False
+    create_study(store, name, kind, base, members, description=description, replace=replace)
+    return name
 
 
 def get_study(store: Store, name: str) -> Study:
@@ -259,30 +181,35 @@ def needs_run(store: Store, entry: StudyEntry, force: bool = False) -> bool:
     return force or status != "done"
 
 
-def _launch(store: Store, name: str, force: bool, start: Callable[["ExperimentConfig"], str]) -> list[str]:
+def submit_study(executor: "Executor", name: str, *, force: bool = False,
+                 before: "Callable[[int, int, StudyEntry], None] | None" = None,
+                 after: "Callable[[str], None] | None" = None) -> list[str]:
+    """Submit every member of ``name`` that has no finished run to ``executor`` (any
+    :class:`ufm.runs.engine.Executor`: the local pool, Ray, or inline); returns the run ids in
+    member order. Finished identical runs are reused (the run cache) unless ``force``, so a
+    study whose driver was killed resumes with the missing runs only. ``before(k, n, entry)`` is
+    called before member ``k`` of ``n`` is submitted, ``after(run_id)`` once its run is attached."""
     ids = []
-    for e in get_study(store, name).entries:
-        if needs_run(store, e, force):
-            attach_run(store, name, e.position, run_id := start(e.config))
+    entries = get_study(executor.store, name).entries
+    for k, e in enumerate(entries):
+        if needs_run(executor.store, e, force):
+            if before is not None:
+                before(k, len(entries), e)
+            attach_run(executor.store, name, e.position, run_id := executor.submit(e.config, force=force))
             ids.append(run_id)
+            if after is not None:
+                after(run_id)
         else:
             ids.append(e.run_id)  # type: ignore[arg-type]
     return ids
 
 
-def submit_study(runner: "Runner | Executor", name: str, *, force: bool = False) -> list[str]:
-    """Queue every member of ``name`` that has no finished run on ``runner`` (a
-    :class:`ufm.runs.jobs.Runner` or any :class:`ufm.runs.executors.Executor`, e.g. Ray); returns the run
-    ids in member order. Finished identical runs are reused (the run cache) unless ``force``, so a
-    study whose driver was killed resumes with the missing runs only."""
-    return _launch(runner.store, name, force, lambda cfg: runner.submit(cfg, force=force))
-
-
 def run_study(store: Store, name: str, *, force: bool = False, progress: "ProgressFn | None" = None) -> list[str]:
-    """Like :func:`submit_study` but one member after the other in the calling thread."""
-    from ufm.runs.jobs import measure
+    """Like :func:`submit_study` but one member after the other in the calling thread
+    (:class:`ufm.runs.engine.InlineExecutor`)."""
+    from ufm.runs.engine import InlineExecutor
 
-    return _launch(store, name, force, lambda cfg: measure(store, cfg, force=force, progress=progress)[0])
+    return submit_study(InlineExecutor(store, progress=progress), name, force=force)
 
 
 # ---------------------------------------------------------------------------------- results

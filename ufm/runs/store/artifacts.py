@@ -103,7 +103,7 @@ class Artifacts:
     def load_model(self, run_id: str, *, device: str = "cpu") -> "nn.Module":
         """Rebuild the trained model of a done run (architecture from its config, shape from the
         saved data shape) and load its best weights. Returns it in eval mode on ``device``."""
-        from ufm.core.models import build_model
+        from ufm.core.models import build_model_for
 
         rec = self.get(run_id)
         if rec.status != "done":
@@ -116,9 +116,7 @@ class Artifacts:
             raise StoreError(f"{p} is not a state dict (a mapping of names to tensors); delete the run and rerun it")
         cfg = rec.config
         c, h, w = rec.model_meta["input_shape"]
-        model = build_model(cfg.arch, c, (h, w), rec.model_meta["num_classes"],
-                            dropout=cfg.dropout if "dropout" in cfg.regularisers else 0.0,
-                            batchnorm="batchnorm" in cfg.regularisers)
+        model = build_model_for(cfg, (c, h, w), rec.model_meta["num_classes"])
         try:
             model.load_state_dict(state)
         except RuntimeError as e:

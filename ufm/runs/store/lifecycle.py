@@ -16,70 +16,24 @@ import os
 import secrets
 import shutil
 import sqlite3
-import sys
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ufm.version import __version__
 from ufm.runs.store.database import FOREGROUND, RunNotFound, StoreError
+from ufm.runs.store.owners import _owner_alive, _proc_start
+from ufm.runs.store.records import ACTIVE, FINISHED, STATUSES, RunRecord  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:  # the experiment module is imported lazily: `ufm runs list` stays fast
     from ufm.core.experiment import ExperimentConfig, Result
     from ufm.core.train import Progress
 
-STATUSES = ("queued", "running", "done", "failed", "cancelled")
-ACTIVE = ("queued", "running")
-FINISHED = ("done", "failed", "cancelled")
 STALE_AFTER = 300.0  # seconds without a heartbeat after which an owner counts as gone
 
 
 def _new_id() -> str:
     return secrets.token_hex(6)  # 12 hex digits; a clash is retried by create_run
-
-
-def _pid_alive(pid: int) -> bool:
-    """Is process ``pid`` on this machine still running? (A zombie counts as stopped.)
-
-    On Windows ``os.kill(pid, 0)`` would terminate the process, so there the answer is always
-    True and :meth:`Store.recover` relies on heartbeats alone.
-    """
-    if pid <= 0:
-        return False
-    if sys.platform == "win32":
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    try:  # Linux: field 3 is the state; Z = exited but not yet reaped by its parent
-        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _proc_start(pid: int) -> int | None:
-    """When process ``pid`` started (clock ticks since boot, field 22 of ``/proc/PID/stat``), or
-    None where that is unknown (not Linux, no such process). Two processes that share a pid one
-    after the other have different start times."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _owner_alive(pid: int, start: int | None) -> bool:
-    """Is the process that owned a run (``pid``, started at ``start``) still running here?"""
-    if not _pid_alive(pid):
-        return False
-    if start is None:
-        return True  # recorded without a start time (older ufm, not Linux): the pid is all we know
-    now = _proc_start(pid)
-    return now is None or now == start
 
 
 def _dumps(obj: Any) -> str:
@@ -129,82 +83,6 @@ def result_summary(result: "Result") -> dict[str, Any]:
         "score_seconds": float(result.score_seconds), "versions": dict(result.versions),
         "access": result.access.to_dict(), "notes": list(result.notes),
     }.items()}
-
-
-@dataclass(frozen=True, eq=False)
-class RunRecord:
-    """One row of the ``runs`` table.
-
-    Attributes:
-        created, started, finished, heartbeat: unix seconds (None = not yet).
-        config_data: the ExperimentConfig as a dict (``config`` parses it).
-        summary: :func:`result_summary` of a ``done`` run, else None.
-        progress: the latest :class:`ufm.core.train.Progress` as a dict (plus ``time``), or None.
-        model_meta: ``{"input_shape": [C, H, W], "num_classes": K}`` when weights were saved.
-    """
-
-    id: str
-    status: str
-    created: float
-    started: float | None
-    finished: float | None
-    config_data: dict[str, Any]
-    config_key: str
-    code_version: str
-    error: str | None
-    summary: dict[str, Any] | None
-    progress: dict[str, Any] | None
-    model_meta: dict[str, Any] | None
-    owner_pid: int | None
-    owner_host: str | None
-    heartbeat: float | None
-    cancel_requested: bool
-    owner_start: int | None = None
-    priority: int = FOREGROUND
-    verdict: dict[str, Any] | None = None
-    bank: str | None = None
-
-    @property
-    def is_reference(self) -> bool:
-        """A reference model of a bank (trained without the canary for the calibrated verdict)."""
-        return self.bank is not None
-
-    @property
-    def config(self) -> "ExperimentConfig":
-        from ufm.core.experiment import ExperimentConfig
-        return ExperimentConfig.from_dict(self.config_data)
-
-    @property
-    def M(self) -> float | None:
-        return None if self.summary is None else self.summary.get("M")
-
-    @property
-    def is_privacy_audit(self) -> bool:
-        """A privacy-audit run: its config carries audit canaries, and it has no M and no verdict."""
-        return self.config_data.get("audit") is not None
-
-    @property
-    def finished_ok(self) -> bool:
-        return self.status == "done"
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["config"] = d.pop("config_data")
-        return d
-
-    @classmethod
-    def _from_row(cls, r: sqlite3.Row) -> "RunRecord":
-        def js(v: str | None) -> Any:
-            return None if v is None else json.loads(v)
-        return cls(id=r["id"], status=r["status"], created=r["created"], started=r["started"],
-                   finished=r["finished"], config_data=json.loads(r["config_json"]), config_key=r["config_key"],
-                   code_version=r["code_version"], error=r["error"], summary=js(r["summary_json"]),
-                   progress=js(r["progress_json"]), model_meta=js(r["model_json"]), owner_pid=r["owner_pid"],
-                   owner_host=r["owner_host"], heartbeat=r["heartbeat"], cancel_requested=bool(r["cancel_requested"]),
-                   owner_start=r["owner_start"] if "owner_start" in r.keys() else None,
-                   priority=r["priority"] if "priority" in r.keys() else FOREGROUND,
-                   verdict=js(r["verdict_json"]) if "verdict_json" in r.keys() else None,
-                   bank=r["bank"] if "bank" in r.keys() else None)
 
 
 class RunLifecycle:
