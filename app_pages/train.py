@@ -7,7 +7,8 @@ from dashboard.train_ui import canary_chooser, canary_preview, map_hint, setup_f
 from ufm.core.data import DataUnavailable
 from ufm.core.features import FeatureError
 from ufm.runs.jobs import QueueFull
-from ufm.measure.bank import DEFAULT_REFERENCES, submit_bank
+from ufm.measure.bank import DEFAULT_REFERENCES
+from ufm.runs.banks import submit_bank
 
 st.title("Train with a canary and measure memorisation")
 feature = state.current_feature()

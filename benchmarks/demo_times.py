@@ -31,7 +31,8 @@ def time_demo(key: str, data_dir: str | None) -> dict:
     from ufm.measure.demos import plan_demo
     from ufm.runs.engine import wait_for
     from ufm.runs.jobs import Runner
-    from ufm.measure.bank import bank_status, reference_test, submit_bank
+    from ufm.measure.bank import bank_status, reference_test
+    from ufm.runs.banks import submit_bank
     from ufm.runs.store import Store
 
     with tempfile.TemporaryDirectory() as home:

@@ -15,7 +15,8 @@ import streamlit as st
 
 from ufm.measure.demos import DemoPlan, calibrated_rows, clinician_sentence, plan_demo, teaching_sentence
 from ufm.reports.plots import ladder_figure
-from ufm.measure.bank import DEFAULT_REFERENCES, bank_status, submit_bank
+from ufm.measure.bank import DEFAULT_REFERENCES, bank_status
+from ufm.runs.banks import submit_bank
 from ufm.runs.studies import StudyMember, create_study, runs_frame, submit_study
 from ufm.core.train import resolve_device
 

@@ -13,7 +13,8 @@ import torch
 from ufm.core.canary import stamp_feature
 from ufm.reports.plots import histogram_figure, image_figure, loss_curve_figure
 from ufm.runs.jobs import queue_estimate
-from ufm.measure.bank import bank_status, cancel_unneeded_bank, submit_bank
+from ufm.measure.bank import bank_status, cancel_unneeded_bank
+from ufm.runs.banks import submit_bank
 from ufm.runs.store import RunNotFound, RunRecord
 from ufm.measure.verdict import stored_verdict
 

@@ -7,7 +7,8 @@ import torch
 
 from ufm.measure.demos import ATYPICAL, TYPICAL, plan_demo
 from ufm.runs.jobs import measure
-from ufm.measure.bank import build_bank, reference_test
+from ufm.measure.bank import reference_test
+from ufm.runs.banks import build_bank
 from ufm.runs.store import Store
 
 from .conftest import needs_shared

@@ -53,7 +53,8 @@ def _count(store: Store) -> int:
 @pytest.mark.parametrize("kind", ["local", "ray"])
 def test_every_trainer_goes_through_the_executor(kind, tmp_path, tiny_data, monkeypatch, request):
     from ufm.attribution.sweep import ranking_run_config, sweep_canaries
-    from ufm.measure.bank import bank_configs, build_bank
+    from ufm.measure.bank import bank_configs
+    from ufm.runs.banks import build_bank
     from ufm.reports import reproduce as rp
 
     if kind == "ray":

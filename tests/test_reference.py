@@ -11,9 +11,10 @@ from tests.conftest import tiny_config
 from ufm.core.canary import CanaryChoice
 from ufm.core.features import glyph
 from ufm.measure.bank import (DEFAULT_REFERENCES, REFERENCE_SEED_BASE, SCORES_FILE, ReferenceTest, bank_config,
-                           bank_configs, bank_key, bank_status, build_bank, check_references, rank_test,
+                           bank_configs, bank_key, bank_status, check_references, rank_test,
                            reference_scores, reference_seeds, reference_test)
 from ufm.measure.verdict import decide
+from ufm.runs.banks import build_bank
 
 
 def test_reference_seeds_skip_the_canary_runs_seed(tiny_data):

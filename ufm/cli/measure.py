@@ -64,7 +64,8 @@ def measure_in_store(a: argparse.Namespace, config: "ExperimentConfig",
     setting) for the calibrated verdict. Returns ``(run_id, result, cached, verdict)``; without a
     complete bank the verdict is the provisional fast test's."""
     from ufm.runs.jobs import measure
-    from ufm.measure.bank import DEFAULT_REFERENCES, build_bank, report_bank_progress
+    from ufm.measure.bank import DEFAULT_REFERENCES
+    from ufm.runs.banks import build_bank, report_bank_progress
     from ufm.core.train import TrainingCancelled
     from ufm.measure.verdict import update_verdict
 

@@ -40,89 +40,16 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+# The identity of a bank and of its reference models (no store, no torch): imported from here by many modules.
+from ufm.measure.bank_keys import (DEFAULT_REFERENCES, MAX_REFERENCES, REFERENCE_SEED_BASE,  # noqa: F401
+                                   bank_config, bank_configs, bank_key, check_references, reference_bank_of,
+                                   reference_seeds)
+
+SCORES_FILE = "reference_scores.json"
 
 if TYPE_CHECKING:
     from ufm.core.experiment import ExperimentConfig
-    from ufm.runs.engine import Executor
     from ufm.runs.store import Store
-    from ufm.core.train import CancelFlag, ProgressFn
-
-DEFAULT_REFERENCES = 39
-from ufm.limits import MAX_REFERENCES  # noqa: E402 - kept in limits so the CLI parser needs no torch
-REFERENCE_SEED_BASE = 1_000_000
-SCORES_FILE = "reference_scores.json"
-
-
-def check_references(references: int) -> int:
-    """Validate R: at least 19 (so that ``p`` can reach 0.05) and at most :data:`MAX_REFERENCES`."""
-    r = int(references)
-    if not 19 <= r <= MAX_REFERENCES:
-        raise ValueError(f"the number of reference models R must be between 19 and {MAX_REFERENCES}, got {references}: "
-                         f"the smallest p-value is 1/(R + 1), so R < 19 can never reach 0.05")
-    return r
-
-
-def reference_seeds(config: "ExperimentConfig", references: int = DEFAULT_REFERENCES) -> list[int]:
-    """The R training seeds of the bank for ``config``: a fixed range, skipping the canary run's seed."""
-    r = check_references(references)
-    seeds = [REFERENCE_SEED_BASE + i for i in range(r + 1) if REFERENCE_SEED_BASE + i != config.seed]
-    return seeds[:r]
-
-
-def bank_config(config: "ExperimentConfig", seed: int) -> "ExperimentConfig":
-    """The clean reference model of ``config``'s training setting with training seed ``seed``.
-
-    Everything that changes training is kept; the canary is removed; everything that only changes
-    scoring is set to one canonical value, so the same bank serves every feature and scoring choice
-    (each reference model is re-scored for a feature by :func:`reference_scores`).
-    """
-    from ufm.core.canary import CanaryChoice  # here, not at the top: the verdict's readers (ufm runs list) need no torch
-
-    return config.replace(canary=CanaryChoice("none", ()), seed=int(seed), feature=_canonical_feature(), **_CANONICAL)
-
-
-# What bank_config fixes for every reference model, as in the stored config JSON: a run whose config
-# has these values and a seed from the reference range is a reference model.
-_CANONICAL = {"ood_size": 2, "repeats": 1, "candidates": 1, "random_kind": None, "checkpoint_every": 0}
-
-
-def reference_bank_of(config: dict[str, Any]) -> str | None:
-    """The bank key (:func:`bank_key`) of a reference model, from its config as stored (plain JSON
-    data, as ``json.loads(config.to_json())``); None for every other run.
-
-    Works on the dict so the store can mark the reference models of an older store when it
-    migrates it. For a config written by this ufm the key equals :func:`bank_key`.
-    """
-    try:
-        seed = int(config.get("seed", -1))
-        canary = config.get("canary") or {}
-    except (TypeError, ValueError, AttributeError):
-        return None
-    if seed < REFERENCE_SEED_BASE or canary.get("mode") != "none":
-        return None
-    if any(config.get(k, v) != v for k, v in _CANONICAL.items()):
-        return None
-    if config.get("feature") != json.loads(json.dumps(_canonical_feature().to_dict())):
-        return None
-    d = {k: v for k, v in config.items() if k != "data_dir"}
-    d["seed"] = 0
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _canonical_feature():
-    from ufm.core.features import glyph
-
-    return glyph("A", size=2, offset=(0, 0))
-
-
-def bank_configs(config: "ExperimentConfig", references: int = DEFAULT_REFERENCES) -> list["ExperimentConfig"]:
-    return [bank_config(config, s) for s in reference_seeds(config, references)]
-
-
-def bank_key(config: "ExperimentConfig") -> str:
-    """One key per training setting (the bank's identity; seed-independent)."""
-    return bank_config(config, 0).replace(seed=0).key()
-
 
 @dataclass(frozen=True)
 class BankStatus:
@@ -167,16 +94,6 @@ def bank_status(store: "Store", config: "ExperimentConfig", references: int = DE
                            "code_version = ? AND bank = ?", (__version__, bank_key(config)))
         active = sum(r[0] in keys for r in rows)
     return BankStatus(int(references), tuple(found), tuple(missing), active)
-
-
-def submit_bank(runner: "Executor", config: "ExperimentConfig",
-                references: int = DEFAULT_REFERENCES) -> list[str]:
-    """Queue the missing reference models of ``config`` on ``runner`` (any executor) in the background (behind
-    every run a user starts, :data:`ufm.runs.store.BACKGROUND`); returns their run ids. Finished ones
-    are reused by the store's cache, queued ones are not queued twice."""
-    from ufm.runs.store import BACKGROUND
-
-    return [runner.submit(cfg, priority=BACKGROUND) for cfg in bank_configs(config, references)]
 
 
 def cancel_unneeded_bank(store: "Store", config: "ExperimentConfig", *, except_run: str | None = None,
@@ -238,38 +155,6 @@ def _setting_key(config_json: str) -> str:
     from ufm.core.experiment import ExperimentConfig
 
     return bank_key(ExperimentConfig.from_json(config_json))
-
-
-def build_bank(store: "Store", config: "ExperimentConfig", references: int = DEFAULT_REFERENCES, *,
-               progress: "Callable[[int, int], None] | None" = None, cancel: "CancelFlag" = None,
-               executor: "Executor | None" = None) -> list[str]:
-    """Train the missing reference models and wait for them; returns all R run ids in seed order.
-
-    Without ``executor`` they train one after the other in this thread
-    (:class:`ufm.runs.engine.InlineExecutor`, the CLI); with one (on ``store``) they are queued
-    there in the background (:func:`submit_bank`) and waited for (:func:`ufm.runs.engine.wait_for`).
-    ``progress(done, total)``; ``cancel`` stops the bank (its unfinished models are cancelled).
-    """
-    from ufm.runs.engine import InlineExecutor, wait_for
-
-    cfgs = bank_configs(config, references)
-    if executor is not None:
-        if executor.store.home != store.home:
-            raise ValueError(f"the executor records runs in {executor.store.home}, the bank goes to {store.home}; "
-                             "give both the same store")
-        ids = submit_bank(executor, config, references)
-        wait_for(executor, ids, cancel=cancel,
-                 progress=None if progress is None else (lambda p: progress(p.epoch, p.max_epochs)))
-        return ids
-    inline = InlineExecutor(store, cancel=cancel)
-    ids = []
-    for i, cfg in enumerate(cfgs):
-        if progress is not None:
-            progress(i, len(cfgs))
-        ids.append(inline.submit(cfg))
-    if progress is not None:
-        progress(len(cfgs), len(cfgs))
-    return ids
 
 
 def score_key(config: "ExperimentConfig") -> str:
@@ -384,13 +269,3 @@ def reference_test(store: "Store", config: "ExperimentConfig", observed_M: float
         return None
     refs = reference_scores(store, config, status.run_ids, device=device)
     return rank_test(observed_M, refs, config.alpha, status.run_ids)
-
-
-def report_bank_progress(progress: "ProgressFn | None") -> Callable[[int, int], None]:
-    """Adapt :func:`build_bank`'s (done, total) callback to a :class:`ufm.core.train.Progress` callback."""
-    from ufm.core.train import Progress
-
-    def report(done: int, total: int) -> None:
-        if progress is not None:
-            progress(Progress("reference", done, total, message=f"reference models {done}/{total}"))
-    return report

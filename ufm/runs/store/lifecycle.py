@@ -154,7 +154,7 @@ class RunLifecycle:
         ``priority``: the queue order, lower first (:data:`FOREGROUND` for a user's own runs,
         :data:`BACKGROUND` for reference models queued behind them).
         """
-        from ufm.measure.bank import reference_bank_of
+        from ufm.measure.bank_keys import reference_bank_of
 
         if status not in ACTIVE:
             raise ValueError(f"a new run starts as 'queued' or 'running', not {status!r}")

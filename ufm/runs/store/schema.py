@@ -98,11 +98,11 @@ _V4 = (
 def _v4(conn: sqlite3.Connection) -> None:
     _statements(_V4)(conn)
     # Reference models recorded by an older ufm: recognised by their config (see
-    # ufm.measure.bank.reference_bank_of, plain JSON, no torch), marked with their bank and, if still
+    # ufm.measure.bank_keys.reference_bank_of, plain JSON, no torch), marked with their bank and, if still
     # queued, moved to the background.
     import json
 
-    from ufm.measure.bank import reference_bank_of  # noqa: PLC0415 - imports torch: only when migrating
+    from ufm.measure.bank_keys import reference_bank_of
 
     rows = conn.execute("SELECT id, config_json FROM runs").fetchall()
     for run_id, config_json in rows:
