@@ -150,3 +150,93 @@ def test_bad_input_messages():
         fdp.mu_lower_bound(10, 5, 5, k=1)
     with pytest.raises(ValueError, match="unknown f-DP curve"):
         fdp.fdp_epsilon_lower_bound(10, 5, 5, curve="laplace")
+
+
+# ------------------------------------------------------------------ guesses and their selection
+
+from ufm.audits import bounds as bounds_mod  # noqa: E402
+from ufm.audits import selection  # noqa: E402
+
+
+def test_reconstruction_bound_by_hand():
+    # 6 slots, 3 choices: argmax guesses and margins worked out by hand
+    s = np.array([[3.0, 0.0, 0.0],    # guess 0, margin 3
+                  [0.0, 1.0, 0.5],    # guess 1, margin 0.5
+                  [0.0, 0.0, 2.0],    # guess 2, margin 2
+                  [1.0, 0.9, 0.0],    # guess 0, margin 0.1
+                  [0.0, 4.0, 0.0],    # guess 1, margin 4
+                  [0.2, 0.0, 1.2]])   # guess 2, margin 1
+    truth = np.array([0, 2, 2, 0, 0, 2])
+    guess, order = selection.reconstruction_guesses(s)
+    assert guess.tolist() == [0, 1, 2, 0, 1, 2]
+    assert order.tolist() == [4, 0, 2, 5, 1, 3]
+    # r most confident: slots 4 (wrong), 0, 2, 5 (right), 1 (wrong), 3 (right)
+    for r, v in [(1, 0), (2, 1), (3, 2), (4, 3), (5, 3), (6, 4)]:
+        b = selection.reconstruction_bound(s, truth, guesses=r, analysis="fdp-approx")
+        assert (b.guesses, b.correct, b.grid_size, b.choices) == (r, v, 1, 3)
+        assert b.epsilon == fdp.approx_dp_lower_bound(6, r, v, k=3)
+
+
+def test_reconstruction_bonferroni_is_the_best_over_the_grid_at_beta_over_g():
+    rng = np.random.default_rng(1)
+    m, k = 60, 5
+    truth = rng.integers(0, k, m)
+    s = rng.standard_normal((m, k))
+    s[np.arange(m), truth] += 2.0  # a strong signal
+    b = selection.reconstruction_bound(s, truth)
+    grid = selection.guess_count_grid(m)
+    assert grid == [1, 2, 5, 10, 20, 50, 60]
+    guess, order = selection.reconstruction_guesses(s)
+    right = np.cumsum(guess[order] == truth[order])
+    want = max(fdp.fdp_epsilon_lower_bound(m, r, int(right[r - 1]), k=k, beta=0.05 / len(grid)) for r in grid)
+    assert b.epsilon == pytest.approx(want) and b.epsilon > 0
+    assert b.grid_size == len(grid) and "Bonferroni over 7 guess counts" == b.correction
+
+
+def test_steinke_refuses_k_ary_and_analyses_agree_at_membership():
+    with pytest.raises(ValueError, match="membership guesses"):
+        bounds_mod.count_bound(100, 10, 10, k=10, analysis="steinke")
+    assert bounds_mod.count_bound(100, 100, 100, analysis="steinke") == pytest.approx(3.49, abs=0.01)
+    old = bounds_mod.AuditBound.from_dict({"epsilon": 1.0, "confidence": 0.95, "delta": 1e-5, "m": 10, "k_plus": 1,
+                                          "k_minus": 0, "guesses": 1, "correct": 1, "grid_size": 1, "p_value": 0.01})
+    assert (old.analysis, old.choices) == ("steinke", 2)
+
+
+def _null_positive_share(reps: int, analysis: str, kind: str) -> float:
+    """Share of positive bounds over ``reps`` audits whose scores ignore the draw."""
+    rng = np.random.default_rng(7)
+    pos = 0
+    for _ in range(reps):
+        if kind == "membership":
+            b = bounds_mod.audit_bound(rng.standard_normal(60), rng.random(60) < 0.5, analysis=analysis)
+        elif kind == "split":
+            b = selection.split_bound(rng.standard_normal(60), rng.random(60) < 0.5, analysis=analysis)
+        else:
+            b = selection.reconstruction_bound(rng.standard_normal((60, 10)), rng.integers(0, 10, 60),
+                                               analysis=analysis)
+        pos += b.epsilon > 0
+    return pos / reps
+
+
+NULL_CASES = [("steinke", "membership"), ("fdp-gaussian", "membership"), ("fdp-approx", "membership"),
+              ("fdp-gaussian", "split"), ("fdp-gaussian", "reconstruction"), ("fdp-approx", "reconstruction")]
+
+
+@pytest.mark.parametrize("analysis,kind", NULL_CASES)
+def test_draw_independent_scores_give_positive_bounds_at_most_5_percent(analysis, kind):
+    # The stated level: at 95% confidence a positive bound from scores that ignore the draw
+    # happens at most 5% of the time. Asserted as stated, over 200 audits.
+    assert _null_positive_share(200, analysis, kind) <= 0.05
+
+
+@pytest.mark.parametrize("analysis,kind", NULL_CASES)
+def test_the_null_check_catches_a_planted_over_count(analysis, kind, monkeypatch):
+    # A planted bug: one correct guess in four more than there were. The same check must fail.
+    real = bounds_mod.count_bound
+
+    def over_counted(m, r, v, **kw):
+        return real(m, r, min(r, v + r // 4), **kw)
+
+    monkeypatch.setattr(bounds_mod, "count_bound", over_counted)
+    monkeypatch.setattr(selection, "count_bound", over_counted)
+    assert _null_positive_share(200, analysis, kind) > 0.05
