@@ -3,11 +3,13 @@
 import streamlit as st
 
 from dashboard import audit_ui, state
-from ufm.audits.model_audit import AuditConfig, default_inference_source, load_audit, stamped_examples
+from ufm.audits.audit_images import default_inference_source
+from ufm.audits.model_audit import ModelAuditConfig, stamped_examples
+from ufm.audits.model_audit_store import load_model_audit
 from ufm.core.data import DataUnavailable
 from ufm.core.features import FeatureError
 from ufm.limits import MAX_INPUT_SIDE, MAX_ONNX_BYTES, MAX_OOD_SIZE, MAX_UPLOAD_MB, max_images
-from ufm.audits.onnx_model import OnnxModelError
+from ufm.audits.onnx_input import OnnxModelError
 from ufm.paths import PathNotAllowed, check_user_path
 from ufm.runs.store import StoreError
 
@@ -129,8 +131,8 @@ st.image([im.transpose(1, 2, 0) if im.shape[0] == 3 else im[0]
 
 if st.button("Run audit", type="primary", key="audit_run"):
     try:
-        config = AuditConfig(feature, source, ood_size=int(n), candidates=int(k), seed=int(seed),
-                             data_dir=state.data_dir())
+        config = ModelAuditConfig(feature, source, ood_size=int(n), candidates=int(k), seed=int(seed),
+                                  data_dir=state.data_dir())
     except ValueError as e:
         st.error(str(e))
         st.stop()
@@ -145,6 +147,6 @@ if audit_id:
         st.error(f"The audit stopped: {info}. Nothing was stored.")
     else:
         try:
-            audit_ui.audit_view(load_audit(store, audit_id), audit_id)
+            audit_ui.audit_view(load_model_audit(store, audit_id), audit_id)
         except StoreError:  # not recorded (another server's task, or deleted): forget it
             st.session_state.pop(audit_ui.AUDIT, None)

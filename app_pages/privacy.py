@@ -5,6 +5,8 @@ import streamlit as st
 from dashboard import privacy_ui as ui
 from dashboard import state
 from ufm.core.data import DataUnavailable
+from ufm.core.features import FeatureError
+from ufm.runs.jobs import QueueFull
 
 st.title("How private is it, in numbers?")
 st.write("Put m **distinct** unique features on m training images, each included with probability 1/2, "
@@ -17,34 +19,44 @@ try:
     cfg = ui.audit_form()
     if cfg is not None:
         ui.start(cfg)
-except (ValueError, DataUnavailable) as e:
+except (ValueError, FeatureError, DataUnavailable, QueueFull) as e:
     st.error(str(e))
 
+
+@st.fragment(run_every=2.0)
+def live(run_id: str) -> None:
+    """The audit's run while it is queued or running; redraws the page when it ends."""
+    mine = ui.session_audit()
+    if mine is None or mine[0].id != run_id or mine[0].status not in ("queued", "running"):
+        st.rerun()
+    frac, words = ui.progress_words(mine[0])
+    st.progress(frac, text=f"Auditing (run {state.short(run_id)}): {words}")
+    if st.button("Cancel", key="pa_cancel", help="Stops at the end of the current epoch, or the next feature "
+                                                  "while scoring."):
+        ui.cancel(run_id)
+        st.toast("Cancelling ...")
+
+
+mine = ui.session_audit()
+shown = None  # the session's own finished audit, with the bound settings it asked for
+if mine is not None:
+    rec, asked = mine
+    if rec.status in ("queued", "running"):
+        live(rec.id)
+    elif rec.status == "cancelled":
+        st.info(f"The audit (run {state.short(rec.id)}) was cancelled. Press **Audit privacy** to start it again.")
+    elif rec.status == "failed":
+        st.error(f"The audit (run {state.short(rec.id)}) failed: {rec.error}")
+    else:
+        shown = ui.session_result(rec, asked)
 audits = ui.saved()
-key = st.session_state.get(ui.AUDIT)
-if key is not None and key not in {a.config.key() for a in audits}:
-    s, info = ui.status(key)
-    if s in ("running", "none"):
-        @st.fragment(run_every=2.0)
-        def wait() -> None:
-            now, msg = ui.status(key)
-            if now == "running":
-                frac, words = state.parse_progress(msg)
-                st.progress(frac, text=f"Auditing: {words}")
-                if st.button("Cancel", key="pa_cancel", help="Stops at the end of the current epoch."):
-                    ui.cancel(key)
-                    st.toast("Cancelling at the end of this epoch ...")
-            else:
-                st.rerun()
-        wait()
-    elif s == "failed" and "cancelled" in str(info):
-        st.info("The audit was cancelled. Press **Audit privacy** to start it again.")
-    elif s == "failed":
-        st.error(f"The audit failed: {info}")
+if shown is not None:  # the session's settings (e.g. its confidence) rather than the list's defaults
+    audits = [shown] + [a for a in audits if a.run_id != shown.run_id]
 if not audits:
     st.info("No audit yet: choose the settings above and press **Audit privacy**.")
     st.stop()
-keys = [a.config.key() for a in audits]
-pick = st.selectbox("audit", range(len(audits)), index=keys.index(key) if key in keys else 0,
-                    format_func=lambda i: ui.label(audits[i]), key="pa_pick")
-ui.result_panel(audits[pick])
+by_id = {ui.audit_id(a): a for a in audits}
+if st.session_state.get("pa_pick") not in by_id:  # deleted meanwhile on the Runs page
+    st.session_state.pop("pa_pick", None)
+pick = st.selectbox("audit", list(by_id), format_func=lambda i: ui.label(by_id[i]), key="pa_pick")
+ui.result_panel(by_id[pick])

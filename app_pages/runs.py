@@ -3,7 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from dashboard import access, audit_ui, state, views
+from dashboard import access, audit_ui, privacy_ui, state, views
 from ufm.reports.run_report import BANK_COLUMNS, bank_summary, run_html, run_json, runs_csv, runs_table
 from ufm.runs.store import RunNotFound, StoreError
 
@@ -52,7 +52,11 @@ try:
 except RunNotFound:  # deleted by another session since the table was read
     st.rerun()
 a, b, c, d = st.columns(4)
-if a.button("Show on Train & measure", key="runs_open"):
+if rec.is_privacy_audit:  # a privacy audit's model: its page shows the bound, not a memorisation verdict
+    if a.button("Show on Audit privacy", key="runs_open_audit"):
+        privacy_ui.open_on_page(rec)
+        st.switch_page("app_pages/privacy.py")
+elif a.button("Show on Train & measure", key="runs_open"):
     st.session_state[state.RUN] = run_id
     st.switch_page("app_pages/train.py")
 b.download_button("Export JSON", run_json(store, run_id) if rec.status == "done" else "",
@@ -70,4 +74,7 @@ if access.confirm_button("Delete", "runs_delete", target=run_id, where=d, disabl
         del st.session_state[state.RUN]
     st.toast(f"Deleted run {state.short(run_id)}")
     st.rerun()
-views.run_panel(run_id)
+if rec.is_privacy_audit:
+    privacy_ui.run_panel(rec)
+else:
+    views.run_panel(run_id)

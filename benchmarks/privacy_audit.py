@@ -26,7 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ufm.core.experiment import ExperimentConfig  # noqa: E402
-from ufm.audits.privacy_audit import SCORES, AuditConfig, run_audit  # noqa: E402
+from ufm.audits.privacy_audit import SCORES, PrivacyAuditConfig, run_privacy_audit  # noqa: E402
+from ufm.runs.store import Store  # noqa: E402
 from ufm.core.train import DPConfig  # noqa: E402
 
 SETTINGS = {
@@ -56,7 +57,14 @@ def main() -> None:
     ap.add_argument("--out", default="privacy_audit.json")
     ap.add_argument("--scores", nargs="+", default=list(SCORES), choices=list(SCORES),
                     help="audit scores to measure (each trains its own audit models: the score is fixed in advance)")
+    ap.add_argument("--home", default=None,
+                    help="ufm home whose run store trains the audit models (default: a new temporary one, so every "
+                         "audit trains and its time is measured)")
     a = ap.parse_args()
+    import tempfile
+
+    tmp = tempfile.TemporaryDirectory(prefix="ufm-privacy-bench-") if a.home is None else None
+    store = Store(a.home if a.home is not None else tmp.name)
     rows, results = [], []
     for name in a.settings:
         kw = dict(SETTINGS[name])
@@ -69,10 +77,10 @@ def main() -> None:
                 exp = ExperimentConfig(dataset="mnist", data_dir=a.data_dir, arch="mlp", train_size=a.train_size,
                                        epochs=epochs, patience=a.patience, ood_size=a.ood_size, seed=seed, device="cpu",
                                        **kw)
-                cfg = AuditConfig(exp, canaries=a.canaries, feature_size=a.feature_size, placement=a.placement,
-                                  score=score)
+                cfg = PrivacyAuditConfig(exp, canaries=a.canaries, feature_size=a.feature_size, placement=a.placement,
+                                         score=score)
                 t0 = time.perf_counter()
-                res = run_audit(cfg)
+                res = run_privacy_audit(cfg, store=store)
                 secs.append(time.perf_counter() - t0)
                 results.append({"setting": name, **res.to_dict()})
                 bounds.append(res.epsilon)

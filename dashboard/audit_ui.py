@@ -10,11 +10,15 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from ufm.audits.model_audit import (AuditConfig, AuditResult, audit_html, audit_task, delete_audit, inference_images, list_audits,
-                       load_audit, new_audit_id)
+from ufm.audits.audit_images import audit_inference_images, check_npz_images
+from ufm.audits.model_audit import ModelAuditConfig, ModelAuditResult
+from ufm.audits.model_audit_report import model_audit_html
+from ufm.audits.model_audit_store import (delete_model_audit, list_model_audits, load_model_audit, model_audit_task,
+                                          new_model_audit_id)
 from ufm.fileio import atomic_write, private_dir
 from ufm.limits import MAX_ONNX_BYTES
-from ufm.audits.onnx_model import CheckedModel, GraphInput, check_onnx, graph_input, parse_onnx
+from ufm.audits.onnx_input import GraphInput, graph_input, parse_onnx
+from ufm.audits.onnx_model import CheckedModel, check_onnx
 from ufm.reports.plots import histogram_figure
 
 from . import access, state, views
@@ -38,7 +42,7 @@ def accept_upload(name: str, data: bytes, home: str | Path) -> tuple[Path, Graph
     Raises:
         OnnxModelError: the file is too large, not ONNX, or has an unsupported input or output.
     """
-    from ufm.audits.onnx_model import OnnxModelError
+    from ufm.audits.onnx_input import OnnxModelError
 
     if len(data) > MAX_ONNX_BYTES:
         raise OnnxModelError(f"{name} is larger than {MAX_ONNX_BYTES / 2**20:.0f} MB (the limit for a model to audit)")
@@ -58,7 +62,7 @@ def graph_of(path: str, name: str) -> GraphInput:
 
 def accept_path(path: Path, home: str | Path) -> tuple[Path, GraphInput]:
     """:func:`accept_upload` for a model file already on the server (an allowed path)."""
-    from ufm.audits.onnx_model import read_model_bytes
+    from ufm.audits.onnx_input import read_model_bytes
 
     data, name = read_model_bytes(path)
     return accept_upload(name, data, home)
@@ -79,8 +83,6 @@ def accept_images(name: str, data: bytes, home: str | Path, shape: tuple[int, in
     """Check an uploaded ``.npz`` of inference images in memory (read with ``allow_pickle=False``:
     uint8 ``x``, convertible to the model's ``shape``) and only then keep it (0600). A rejected
     upload leaves nothing on disk, and its message names the upload, never a server path."""
-    from ufm.audits.model_audit import check_npz_images
-
     check_npz_images(name, data, shape)
     path = _audit_dir(home, "images") / f"{hashlib.sha256(data).hexdigest()}.npz"
     if not path.is_file():
@@ -98,16 +100,16 @@ def open_model(path: str, name: str, spec: tuple) -> CheckedModel:
 
 @st.cache_data(max_entries=8, show_spinner="Loading inference images ...")
 def preview_images(source: str, shape: tuple[int, int, int], n: int, root: str) -> np.ndarray:
-    return inference_images(source, shape, n, data_dir=root).numpy()
+    return audit_inference_images(source, shape, n, data_dir=root).numpy()
 
 
-def start_audit(model_path: str, config: AuditConfig, spec: dict, home: str, name: str) -> str:
+def start_audit(model_path: str, config: ModelAuditConfig, spec: dict, home: str, name: str) -> str:
     """Queue the audit as a background task; returns its (future) audit id. ``name``: the file
     name the user knows (the kept copy is named by its hash)."""
-    audit_id = new_audit_id()
+    audit_id = new_model_audit_id()
     spec = {**spec, "name": name}
     cancel = _audit_dir(home, "cancel") / audit_id
-    state.tasks().submit(f"audit-{audit_id}", audit_task, model_path, config.to_dict(), spec, home, audit_id,
+    state.tasks().submit(f"audit-{audit_id}", model_audit_task, model_path, config.to_dict(), spec, home, audit_id,
                          str(cancel))
     return audit_id
 
@@ -116,7 +118,7 @@ def cancel_audit(home: str, audit_id: str) -> None:
     (_audit_dir(home, "cancel") / audit_id).touch(mode=0o600)
 
 
-def verdict_box(result: AuditResult) -> None:
+def verdict_box(result: ModelAuditResult) -> None:
     v = result.verdict
     body = v.text
     for prefix in ("Inconclusive: ", "Provisional: "):  # the headline says it already
@@ -126,7 +128,7 @@ def verdict_box(result: AuditResult) -> None:
         st.caption(v.calibration)
 
 
-def audit_view(result: AuditResult, audit_id: str) -> None:
+def audit_view(result: ModelAuditResult, audit_id: str) -> None:
     """Verdict, numbers, histogram, access gains and the HTML report of one audit."""
     s = result.summary()
     st.subheader(f"Audit {state.short(audit_id)} of {result.model_name}")
@@ -151,12 +153,13 @@ def audit_view(result: AuditResult, audit_id: str) -> None:
     st.plotly_chart(histogram_figure(result.score.d_u, result.score.d_r, log_x=True), key=f"audit_hist_{audit_id}")
     with st.expander("Access settings (white-, grey-, black-box confidence gain)"):
         st.dataframe(views.access_table(result.access.to_dict()), hide_index=True)
-    st.download_button("Download HTML report", audit_html(result, audit_id), f"ufm-audit-{state.short(audit_id)}.html",
+    st.download_button("Download HTML report", model_audit_html(result, audit_id),
+                       f"ufm-audit-{state.short(audit_id)}.html",
                        "text/html", key=f"audit_html_{audit_id}")
 
 
 def audits_table(store) -> pd.DataFrame:
-    return pd.DataFrame([r.to_row() for r in list_audits(store)])
+    return pd.DataFrame([r.to_row() for r in list_model_audits(store)])
 
 
 def audits_section(store) -> None:
@@ -169,9 +172,9 @@ def audits_section(store) -> None:
         st.dataframe(table, hide_index=True, width="stretch")
         pick = st.selectbox("open audit", list(table["id"]), key="runs_audit_pick",
                             format_func=lambda i: f"{state.short(i)} · {table.set_index('id').loc[i, 'model']}")
-        audit_view(load_audit(store, pick), pick)
+        audit_view(load_model_audit(store, pick), pick)
         if access.confirm_button("Delete audit", "runs_audit_delete", target=pick,
                                  prompt=f"Delete audit {state.short(pick)}? This cannot be undone."):
-            delete_audit(store, pick)
+            delete_model_audit(store, pick)
             st.toast(f"Deleted audit {state.short(pick)}")
             st.rerun()

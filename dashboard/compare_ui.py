@@ -10,6 +10,7 @@ import streamlit as st
 from ufm.core.data import DataUnavailable
 from ufm.core.models import ARCHITECTURES
 from ufm.reports.plots import histogram_grid
+from ufm.runs.jobs import QueueFull
 from ufm.runs.studies import StudyMember, create_study, list_studies, regulariser_label, submit_study
 from ufm.core.train import DEFAULT_DP, DPConfig
 
@@ -76,7 +77,7 @@ def _submit() -> None:
         name = build_study(ss["cmp_name"], ss["cmp_regs"], ss["cmp_archs"], ss["cmp_seeds"],
                            replace=ss.get("cmp_replace", False), audit=ss.get("cmp_audit", False),
                            audit_m=ss.get("cmp_audit_m", DEFAULT_CANARIES), dp=dp_from_state("cmp"))
-    except (ValueError, DataUnavailable) as e:
+    except (ValueError, DataUnavailable, QueueFull) as e:  # QueueFull: too many runs (or audits) pending
         ss[ERROR] = str(e)
         return
     ss.pop(ERROR, None)
@@ -148,9 +149,9 @@ def interval_warning(agg: pd.DataFrame) -> str | None:
 
 def with_audits(name: str, agg: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """``agg`` with the study's epsilon-lower-bound columns (when it was audited) and their names."""
-    from ufm.audits.privacy_audit import study_audit_table
+    from ufm.audits.privacy_audit_store import study_audit_table
 
-    table = study_audit_table(state.store().home, name)
+    table = study_audit_table(state.store(), name)
     if table is None:
         return agg, []
     return agg.merge(table, on="group", how="left"), ["eps_lower_bound", "eps_lb_min", "eps_lb_max", "claimed_epsilon",
@@ -192,19 +193,17 @@ def not_learned_note(agg: pd.DataFrame) -> str | None:
 
 
 def audit_problems(name: str) -> list[str]:
-    """Why audits of study ``name`` failed (each audit's error once), so an epsilon column that stays
-    empty says why instead of nothing."""
-    from ufm.audits.privacy_audit import load_audit, study_audits
-
-    from .privacy_ui import home, status
+    """Why audits of study ``name`` failed or were cancelled (each reason once), so an epsilon column
+    that stays empty says why instead of nothing."""
+    from ufm.audits.privacy_audit_store import audit_run, load_privacy_audit, study_audits
 
     out = []
-    for group, cfg in study_audits(home(), name):
-        if load_audit(home(), cfg) is not None:
+    for group, cfg in study_audits(state.store().home, name):
+        if load_privacy_audit(state.store(), cfg) is not None:
             continue
-        s, info = status(cfg.key())
-        if s == "failed":
-            msg = f"The privacy audit of {group} failed: {info}"
+        rec = audit_run(state.store(), cfg)
+        if rec is not None and rec.status in ("failed", "cancelled"):
+            msg = f"The privacy audit of {group} (run {state.short(rec.id)}) {rec.status}: {rec.error}"
             if msg not in out:
                 out.append(msg)
     return out

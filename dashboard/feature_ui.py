@@ -194,11 +194,6 @@ def draw_editor() -> np.ndarray:
     return _grid_values(m)
 
 
-def draw_grid() -> np.ndarray:
-    """The Draw kind's editor (kept for callers of the old name)."""
-    return draw_editor()
-
-
 # ------------------------------------------------------------------ the widgets as a view of the feature
 
 def init_widgets(feature: Feature, *, only_missing: bool = False) -> None:

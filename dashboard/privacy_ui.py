@@ -1,56 +1,37 @@
-"""The Audit privacy page's pieces: the form, the background audit and the result panel.
+"""The Audit privacy page's pieces: the form, the audit's run and the result panel.
 
-An audit trains one model, so it runs as a background task in its own process
-(``state.tasks()``); the result is saved under the store's home (:func:`ufm.audits.privacy_audit.save_audit`)
-by the task itself, so it survives reloads, page switches and restarts.
+An audit trains one model: it is a run in the store, submitted through the dashboard's executor
+(``state.executor()``), so it is listed on the Runs page, cancellable there, from ``ufm runs cancel``
+and from this page, counted by the pending-run cap and reused when identical. The page follows the
+run's record (progress, then the bound computed from the stored scores); it survives reloads, page
+switches and restarts.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import streamlit as st
 
-from ufm.fileio import private_dir
+from ufm.audits.privacy_audit import (SCORES, PrivacyAuditConfig, PrivacyAuditResult, audit_canary_limit,
+                                      audit_from_result, audit_histogram, check_audit_canaries)
+from ufm.audits.privacy_audit_store import attach_study_audits, list_privacy_audits
 from ufm.core.models import ARCHITECTURES
-from ufm.audits.privacy_audit import (SCORES, AuditConfig, AuditResult, audit_canary_limit, audit_dir, audit_histogram,
-                               cached_audit, check_audit_canaries, list_audits, load_audit)
 from ufm.core.train import REGULARISERS, DPConfig
+from ufm.runs.store import RunNotFound, RunRecord
 
-from . import state
+from . import access, state
 from .dp_ui import dp_from_state, dp_widget
 
 DEFAULT_CANARIES = 200  # the audit's m where the training set allows it (Audit privacy and Compare)
 
-AUDIT = "privacy_audit_key"  # session-state key: the audit this session looks at
-
-
-def compute_audit(report, config: AuditConfig, home: str, stop_file: str | None = None) -> None:
-    """The background task (its own process, see ``state.Tasks``): run and save the audit. It
-    stops (TrainingCancelled) at the next epoch, or the next feature while scoring, once
-    ``stop_file`` exists."""
-    cancel = (lambda: Path(stop_file).exists()) if stop_file else None
-    cached_audit(home, config, cancel=cancel,
-                 progress=lambda p: report(state.progress_text(p, "training the audit model", "scoring")))
-
-
-def cancel_path(home: str, key: str) -> Path:
-    """The file whose existence tells the audit task of ``key`` to stop (it runs in another process)."""
-    return audit_dir(home) / f"{key}.cancel"
-
-
-def cancel(key: str) -> None:
-    """Ask the running audit ``key`` to stop."""
-    stop = cancel_path(home(), key)
-    private_dir(stop.parent)
-    stop.touch(mode=0o600)
+AUDIT = "privacy_audit_run"         # session-state key: the run of the audit this session looks at
+AUDIT_CONFIG = "privacy_audit_cfg"  # ... and its PrivacyAuditConfig (the bound settings asked for)
 
 
 def home() -> str:
     return str(state.store().home)
 
 
-def audit_form() -> AuditConfig | None:
+def audit_form() -> PrivacyAuditConfig | None:
     """The audit's settings (dataset and budget from the Train page); returns the config on submit."""
     setup = state.current_setup()
     with st.form("pa_form", enter_to_submit=False):  # an audit trains a model: only the button starts one
@@ -91,7 +72,7 @@ def audit_form() -> AuditConfig | None:
             return None
     check_canaries(int(m), setup)
     exp = state.config_from_setup(setup, arch=arch, regularisers=tuple(regs), seed=int(seed), dp=dp_from_state("pa"))
-    return AuditConfig(exp, canaries=int(m), features=kind, feature_size=int(size), placement=placement,
+    return PrivacyAuditConfig(exp, canaries=int(m), features=kind, feature_size=int(size), placement=placement,
                        out_mode=out_mode, confidence=float(confidence), score=score)
 
 
@@ -156,45 +137,89 @@ def canaries_input(where, key: str, limit: int, *, label: str, help: str, defaul
                                   help=f"{help} At most {limit} for this training set."))
 
 
-def start(config: AuditConfig) -> str:
-    """Queue the audit (unless it is saved already); returns its key."""
-    key = config.key()
-    if load_audit(home(), config) is None:
-        stop = cancel_path(home(), key)
-        stop.unlink(missing_ok=True)
-        state.tasks().submit(f"audit:{key}", compute_audit, config, home(), str(stop))
-    st.session_state[AUDIT] = key
-    return key
+def start(config: PrivacyAuditConfig) -> str:
+    """Submit the audit's run through the dashboard's executor (an identical finished or queued run
+    is reused: nothing is trained again); returns its run id.
+
+    Raises:
+        ValueError / FeatureError / DataUnavailable: the data cannot give the audit (checked before
+            a run is recorded); QueueFull: too many runs pending.
+    """
+    from ufm.core.experiment_data import check_audit
+
+    run_config = config.run_config()
+    check_audit(run_config)  # as the Train page, a train size beyond the dataset uses them all (a note says so)
+    run_id = state.executor().submit(run_config)
+    access.mark_started(run_id)
+    st.session_state[AUDIT] = run_id
+    st.session_state[AUDIT_CONFIG] = config
+    st.session_state.pop("pa_pick", None)  # the list shows the new audit first
+    return run_id
 
 
-def start_study_audits(study: str, members: list, canaries: int) -> None:
-    """One audit per (group, experiment config) of a Compare study, queued in the background and
-    recorded with the study so its table gains the epsilon-lower-bound column."""
-    from ufm.audits.privacy_audit import attach_study_audits
+def cancel(run_id: str) -> None:
+    """Cancel the audit's run (what the page's Cancel button does; ``ufm runs cancel`` does the same)."""
+    state.executor().cancel(run_id)
 
-    audits = [(group, AuditConfig(cfg, canaries=canaries)) for group, cfg in members]
+
+def start_study_audits(study: str, members: list, canaries: int) -> list[str]:
+    """One audit per (group, experiment config) of a Compare study, submitted as runs and recorded
+    with the study so its table gains the epsilon-lower-bound column; returns the run ids."""
+    audits = [(group, PrivacyAuditConfig(cfg, canaries=canaries)) for group, cfg in members]
     attach_study_audits(home(), study, audits)
-    for _, cfg in audits:
-        if load_audit(home(), cfg) is None:
-            state.tasks().submit(f"audit:{cfg.key()}", compute_audit, cfg, home())
+    ids = [state.executor().submit(cfg.run_config()) for _, cfg in audits]
+    access.mark_started(*ids)
+    return ids
 
 
-def status(key: str) -> tuple[str, str | None]:
-    return state.tasks().status(f"audit:{key}")
+def session_audit() -> tuple[RunRecord, PrivacyAuditConfig] | None:
+    """The run this session submitted and its config, or None (none yet, or the run was deleted)."""
+    run_id, cfg = st.session_state.get(AUDIT), st.session_state.get(AUDIT_CONFIG)
+    if run_id is None or cfg is None:
+        return None
+    try:
+        return state.store().get(run_id), cfg
+    except RunNotFound:
+        return None
 
 
-def saved() -> list[AuditResult]:
-    return list_audits(home())
+def session_result(rec: RunRecord, cfg: PrivacyAuditConfig) -> PrivacyAuditResult:
+    """The finished audit of the session's run, with the bound settings the session asked for."""
+    return audit_from_result(cfg, state.store().load_result(rec.id), rec.id)
 
 
-def label(res: AuditResult) -> str:
+def progress_words(rec: RunRecord) -> tuple[float, str]:
+    """(fraction done in [0, 1], words) of a queued or running audit run, from its record."""
+    p = rec.progress or {}
+    if rec.status == "queued":
+        return 0.0, "queued behind other runs"
+    if p.get("phase") == "train":
+        ep, mx = p.get("epoch", 0), max(p.get("max_epochs", 1), 1)
+        return min(ep / mx, 1.0), f"training the audit model: epoch {ep} (at most {mx})"
+    if p.get("phase") == "score":
+        return 1.0, p.get("message") or "scoring"
+    return 0.0, p.get("message") or "starting"
+
+
+def saved() -> list[PrivacyAuditResult]:
+    """Every finished audit (runs in the store, then files saved by an earlier ufm)."""
+    return list_privacy_audits(state.store())
+
+
+def audit_id(res: PrivacyAuditResult) -> str:
+    """The run id of an audit, or ``file:<config key>`` for one saved as a file by an earlier ufm."""
+    return res.run_id or f"file:{res.config.key()}"
+
+
+def label(res: PrivacyAuditResult) -> str:
     e = res.config.experiment
     regs = "+".join(e.regularisers) or "none"
+    where = f"run {state.short(res.run_id)}" if res.run_id else "saved file"
     return (f"{e.dataset} {e.arch} {regs} m={res.config.canaries} score {res.config.score} seed {e.seed}: "
-            f"eps >= {res.epsilon:.2f}")
+            f"eps >= {res.epsilon:.2f} ({where})")
 
 
-def result_panel(res: AuditResult) -> None:
+def result_panel(res: PrivacyAuditResult) -> None:
     b = res.bound
     c = st.columns(4)
     c[0].metric(f"epsilon lower bound ({b.confidence:.0%})", f"{b.epsilon:.2f}",
@@ -205,8 +230,38 @@ def result_panel(res: AuditResult) -> None:
     c[2].metric("DP-SGD claims epsilon", "—" if res.claimed_epsilon is None else f"{res.claimed_epsilon:.2f}",
                 help="the accountant's epsilon (Opacus RDP, add/remove one image)")
     c[3].metric("test accuracy", f"{res.test_accuracy:.1%}")
-    st.plotly_chart(audit_histogram(res), key=f"pa_hist_{res.config.key()}")
+    key = audit_id(res).replace(":", "_")
+    st.plotly_chart(audit_histogram(res), key=f"pa_hist_{key}")
     for line in res.summary_lines()[2:]:
         st.caption(line)
     st.download_button("Download the audit (JSON)", res.to_json(indent=1), "ufm-privacy-audit.json",
-                       "application/json", key=f"pa_dl_{res.config.key()}")
+                       "application/json", key=f"pa_dl_{key}")
+
+
+def run_panel(rec: RunRecord) -> None:
+    """An audit run on the Runs page: progress and Cancel while active, the bound (default delta and
+    confidence) once done, the reason otherwise."""
+    from ufm.audits.privacy_audit_store import audit_of_run
+
+    if rec.status in ("queued", "running"):
+        frac, words = progress_words(rec)
+        st.progress(frac, text=f"Privacy audit: {words}")
+        if access.confirm_button("Cancel run", f"pa_cancel_{rec.id}", target=rec.id,
+                                 needed=not access.started_here(rec.id),
+                                 prompt=f"Run {state.short(rec.id)} was not started in this session: someone else "
+                                        "may be waiting for it. Cancel it anyway?"):
+            cancel(rec.id)
+            st.rerun()
+    elif rec.status == "done":
+        result_panel(audit_of_run(state.store(), rec))
+    elif rec.status == "cancelled":
+        st.warning(f"Privacy audit run {state.short(rec.id)} was cancelled; start it again on the Audit privacy page.")
+    else:
+        st.error(f"Privacy audit run {state.short(rec.id)} failed: {rec.error}")
+
+
+def open_on_page(rec: RunRecord) -> None:
+    """Make ``rec`` the Audit privacy page's audit of this session (bound at the default settings)."""
+    st.session_state[AUDIT] = rec.id
+    st.session_state[AUDIT_CONFIG] = PrivacyAuditConfig.from_run_config(rec.config)
+    st.session_state.pop("pa_pick", None)

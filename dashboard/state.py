@@ -37,7 +37,6 @@ from ufm.core.train import DEFAULT_DP, DPConfig
 FEATURE = "feature"            # the Feature being designed
 SETUP = "setup"                # dict of the Train page's choices (dataset, arch, ...)
 RUN = "run_id"                 # the run the Train page shows
-EXPLAIN_RUN = "explain_run_id"
 STUDY = "study_name"
 DESIGN = "design"              # query parameter: the saved feature + setup (see the module docstring)
 _DESIGN_ID = "_design_id"

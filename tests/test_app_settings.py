@@ -275,7 +275,7 @@ def test_a_run_link_in_a_fresh_browser_takes_the_runs_feature_not_the_a(app_env,
 # ------------------------------------------------------------------ item 7: the smaller fixes
 
 def test_spread_indices_show_every_class_of_a_class_sorted_set():
-    from ufm.core.data import spread_indices
+    from ufm.core.sampling import spread_indices
 
     y = np.array([0] * 150 + [1] * 50)  # sorted by class, like the chest X-rays
     idx = spread_indices(y, 24, seed=0)
@@ -322,7 +322,7 @@ def test_rank_test_note_names_only_the_family_used():
 
 
 def test_figure_titles_sit_below_the_plotly_toolbar():
-    from ufm.attribution.explain import overlay_grid
+    from ufm.attribution.heatmap_figures import overlay_grid
     from ufm.reports.plots import (MODEBAR_PX, TITLE_PX, histogram_figure, histogram_grid, image_figure, ladder_figure,
                            m_bar_figure, pattern_figure, zoom_figure)
 
@@ -342,7 +342,7 @@ def test_figure_titles_sit_below_the_plotly_toolbar():
 
 
 def test_audit_defaults_to_the_papers_ood_set_and_says_why():
-    from ufm.audits.model_audit import default_inference_source
+    from ufm.audits.audit_images import default_inference_source
 
     assert default_inference_source(1)[0] == "cifar10" and default_inference_source(3)[0] == "mnist"
     src, why = default_inference_source(1, "mnist")

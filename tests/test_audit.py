@@ -4,6 +4,7 @@ measurement, the verdict follows the calibration table, bad input stops with one
 from __future__ import annotations
 
 import io
+import math
 import time
 import json
 import warnings
@@ -15,12 +16,17 @@ import torch
 from torch import nn
 
 from ufm.measure import calibration
-from ufm.audits.model_audit import (AuditConfig, AuditResult, audit_html, audit_task, choose_family, inference_images,
-                       list_audits, load_audit, run_audit, save_audit)
+from ufm.audits.audit_images import audit_inference_images
+from ufm.audits.model_audit import (CALIBRATION_ARCH, ModelAuditConfig, ModelAuditResult, _decide, choose_family,
+                                    run_model_audit)
+from ufm.audits.model_audit_report import model_audit_html
+from ufm.audits.model_audit_store import list_model_audits, load_model_audit, model_audit_task, save_model_audit
 from ufm.cli import main
-from ufm.core.features import glyph, text_feature
+from ufm.core.features import FEATURE_KINDS, glyph, grid_feature, image_feature, text_feature
 from ufm.audits.onnx_model import load_onnx
+from ufm.measure.results import MScore
 from ufm.measure.scores import memorisation_score
+from ufm.measure.stats import wilson_interval
 from ufm.runs.store import SCHEMA_VERSION, Store
 
 from .conftest import blob_images, needs_shared, write_split
@@ -123,7 +129,7 @@ def _round_trip(tmp_path, data, arch, cal_table, export_extra=(), audit_extra=()
     assert audits["clean"]["verdict"]["status"] == "not_shown"
     assert "closest published figure" in audits["pos"]["verdict"]["calibration"]
     with Store(home) as s:
-        stored = list_audits(s)
+        stored = list_model_audits(s)
     assert len(stored) == 2 and {r.status for r in stored} == {"memorised", "not_shown"}
     return audits
 
@@ -238,10 +244,10 @@ def test_model_exported_outside_ufm_with_its_own_normalisation_and_softmax(tmp_p
         torch.onnx.export(deployed, (torch.zeros(1, 1, 12, 12),), buf, dynamo=False, input_names=["input"],
                           output_names=["probs"], dynamic_axes={"input": {0: "n"}, "probs": {0: "n"}})
     model = load_onnx(buf.getvalue(), name="hospital.onnx")
-    config = AuditConfig(feature, str(audit_data["ood"]), ood_size=60, candidates=29)
-    result = run_audit(model, config)
+    config = ModelAuditConfig(feature, str(audit_data["ood"]), ood_size=60, candidates=29)
+    result = run_model_audit(model, config)
     assert result.output_kind == "probabilities" and model.spec.mean == ()
-    native = memorisation_score(logits_net.eval(), inference_images(str(audit_data["ood"]), (1, 12, 12), 60),
+    native = memorisation_score(logits_net.eval(), audit_inference_images(str(audit_data["ood"]), (1, 12, 12), 60),
                                 feature, candidates=29, family=result.score.family)
     # the model's own float32 probabilities against float64 softmax of its logits: rounding only
     for k in ("M", "X_u", "X_r"):
@@ -327,6 +333,58 @@ def test_verdict_with_the_shipped_table(tmp_path, audit_data, one_torch_thread):
         assert a["verdict"]["status"] == "inconclusive"
 
 
+def _check_table_serves_the_audit() -> None:
+    """What the model audit's verdict (:func:`_decide`) needs from ufm/measure/calibration.json: for every
+    feature kind a candidate family measured as calibrated on CALIBRATION_ARCH models, so that the audit
+    gives a fast verdict labelled with that measurement; and rows whose numbers are what they claim
+    (rate = calls / tests, the 95% Wilson interval of calls of tests)."""
+    calibration._table.cache_clear()
+    rows = json.loads(calibration.TABLE_PATH.read_text())["fast_test"]
+    assert rows, f"{calibration.TABLE_PATH} has no fast_test rows"
+    for r in rows:
+        assert r["rate"] == pytest.approx(r["calls"] / r["tests"]), r
+        assert (r["low"], r["high"]) == pytest.approx(wilson_interval(r["calls"], r["tests"]), abs=1e-12), r
+        assert r["models"] > 0, r
+    score = MScore(np.zeros(3), np.zeros((1, 3)), 0.1, 0.0, 0.1, 0.01, 0.01, 3.0, 3.0, np.zeros(99), "x", 1,
+                   math.log2(100), 0.01, "uniform", family="x")  # exposure p 0.01: memorised by the fast test
+    features = [glyph("A", size=3), text_feature("JOHN", 5), grid_feature([[1, 0, 1], [0, 1, 0], [1, 0, 1]]),
+                image_feature(np.eye(4), 4)]
+    assert sorted(f.kind for f in features) == sorted(FEATURE_KINDS)
+    for feature in features:
+        fam, cal, reason = choose_family(feature)
+        assert reason is None, (feature.kind, reason)
+        assert (cal.kind, cal.family, cal.arch) == (feature.kind, fam, CALIBRATION_ARCH) and not cal.miscalibrated
+        v = _decide(score, cal, reason, True, "")
+        assert (v.status, v.test, v.p_value) == ("memorised", "fast", 0.01) and cal.text() in v.calibration
+    calibration._table.cache_clear()
+
+
+def test_the_shipped_calibration_table_gives_every_feature_kind_a_verdict():
+    _check_table_serves_the_audit()
+
+
+@pytest.mark.parametrize("plant", ["empty", "no mlp rows", "no image rows", "a rate that is not calls / tests"])
+def test_the_table_check_fails_on_a_broken_table(plant, tmp_path, monkeypatch):
+    """The check above can fail: on copies of the shipped table, emptied or with rows taken out or altered."""
+    rows = json.loads(calibration.TABLE_PATH.read_text())["fast_test"]
+    if plant == "empty":
+        rows = []
+    elif plant == "no mlp rows":
+        rows = [r for r in rows if r["arch"] != CALIBRATION_ARCH]
+    elif plant == "no image rows":
+        rows = [r for r in rows if r["kind"] != "image"]
+    else:
+        rows[0] = {**rows[0], "rate": rows[0]["rate"] + 0.01}
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps({"fast_test": rows}))
+    monkeypatch.setattr(calibration, "TABLE_PATH", path)
+    try:
+        with pytest.raises(AssertionError):
+            _check_table_serves_the_audit()
+    finally:
+        calibration._table.cache_clear()
+
+
 # ------------------------------------------------------------------------------------ bad input
 
 def _fails(capsys, args, match) -> None:
@@ -372,7 +430,7 @@ def test_bad_input_one_message_each_and_nothing_stored(tmp_path, audit_data, cap
     _fails(capsys, base + ["--model", str(path), "--classes", str(names), *FEATURE_ARGS], "2 class names given")
     _fails(capsys, ["audit", "--home", str(home), *FEATURE_ARGS], "--model and --ood required")
     with Store(home) as s:
-        assert list_audits(s) == []
+        assert list_model_audits(s) == []
 
 
 def test_runs_export_onnx_needs_a_file_and_a_finished_run(tmp_path, capsys):
@@ -392,37 +450,38 @@ def test_store_records_audits_and_migrates(tmp_path, audit_data, cal_table, one_
     cal_table(_row())
     path = _tiny_onnx(tmp_path, audit_data)
     model = load_onnx(path)
-    result = run_audit(model, AuditConfig(glyph("A", size=3, offset=(0, 0)), str(audit_data["ood"]), ood_size=30,
-                                          candidates=9))
+    result = run_model_audit(model, ModelAuditConfig(glyph("A", size=3, offset=(0, 0)), str(audit_data["ood"]),
+                                                     ood_size=30, candidates=9))
     home = tmp_path / "store"
     with Store(home) as s:
         assert s.schema_version == SCHEMA_VERSION >= 3
-        aid = save_audit(s, result)
-        back = load_audit(s, aid)
-        (rec,) = list_audits(s)
-    assert isinstance(back, AuditResult) and back.score.M == result.score.M
+        aid = save_model_audit(s, result)
+        back = load_model_audit(s, aid)
+        (rec,) = list_model_audits(s)
+    assert isinstance(back, ModelAuditResult) and back.score.M == result.score.M
     assert back.verdict == result.verdict and back.config == result.config
     assert rec.id == aid and rec.model_sha256 == model.sha256 and rec.summary["M"] == result.score.M
     assert rec.input_spec == {"channels": 1, "height": 12, "width": 12, "layout": "NCHW", "mean": [], "std": []}
-    html = audit_html(result, aid)
+    html = model_audit_html(result, aid)
     assert result.verdict.headline in html and "sha256" in html and aid in html
 
 
 def test_audit_task_records_under_the_given_id_and_honours_cancel(tmp_path, audit_data, cal_table, one_torch_thread):
     cal_table(_row())
     path = _tiny_onnx(tmp_path, audit_data)
-    cfg = AuditConfig(glyph("A", size=3, offset=(0, 0)), str(audit_data["ood"]), ood_size=20, candidates=5).to_dict()
+    cfg = ModelAuditConfig(glyph("A", size=3, offset=(0, 0)), str(audit_data["ood"]), ood_size=20,
+                           candidates=5).to_dict()
     home = str(tmp_path / "taskhome")
     msgs: list[str] = []
-    audit_task(msgs.append, str(path), cfg, {}, home, "0123456789ab")
+    model_audit_task(msgs.append, str(path), cfg, {}, home, "0123456789ab")
     assert msgs[-1].startswith("done") and any("scoring 20 images" in m for m in msgs)
     flag = tmp_path / "cancel"
     flag.touch()
     from ufm.core.train import TrainingCancelled
     with pytest.raises(TrainingCancelled):
-        audit_task(msgs.append, str(path), cfg, {}, home, "0123456789ac", str(flag))
+        model_audit_task(msgs.append, str(path), cfg, {}, home, "0123456789ac", str(flag))
     with Store(home) as s:
-        assert [r.id for r in list_audits(s)] == ["0123456789ab"]
+        assert [r.id for r in list_model_audits(s)] == ["0123456789ab"]
 
 
 # ------------------------------------------------------------------------------------ dashboard
@@ -466,7 +525,7 @@ def test_audit_page_upload_run_verdict(app_env, one_torch_thread):
     at.run()
     assert not at.exception
     labels = {m.label: m.value for m in at.metric}
-    stored = load_audit(state.store(), audit_id)
+    stored = load_model_audit(state.store(), audit_id)
     assert labels["M = X_u - X_r (nats)"] == f"{stored.score.M:.4g}"
     boxes = [*at.error, *at.success, *at.warning, *at.info]  # "not shown" is an info box, never a green one
     assert any(stored.verdict.headline in b.value for b in boxes)
@@ -475,11 +534,11 @@ def test_audit_page_upload_run_verdict(app_env, one_torch_thread):
     assert not at.exception and at.selectbox(key="runs_audit_pick").value == audit_id
     at.button(key="runs_audit_delete").click().run()
     at.button(key="runs_audit_delete_yes").click().run()
-    assert not at.exception and list_audits(state.store()) == []
+    assert not at.exception and list_model_audits(state.store()) == []
 
 
 def test_accept_upload_refuses_before_storing(tmp_path):
-    from ufm.audits.onnx_model import OnnxModelError
+    from ufm.audits.onnx_input import OnnxModelError
 
     from dashboard import audit_ui
 

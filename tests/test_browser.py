@@ -159,7 +159,8 @@ def test_gallery_canary_is_the_one_trained_and_m_appears(page, shots):
     page.get_by_text("Feature for the next run: drawn").wait_for(timeout=30_000)
     page.get_by_text("Pick from a gallery of training images").click()
     # the gallery is spread over every class (seeded): its 11th image is this training image
-    from ufm.core.data import load_split, spread_indices
+    from ufm.core.data import load_split
+    from ufm.core.sampling import spread_indices
     want = int(spread_indices(load_split("mnist", "train", data_dir=SHARED, limit=3000, stratified=True).y, 24)[10])
     use = page.get_by_role("button", name="use", exact=True)
     use.nth(10).wait_for(timeout=30_000)

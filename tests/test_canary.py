@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from ufm.core.canary import (CanaryChoice, candidate_patches, choose_canaries, permuted_patches, random_patches,
-                        stamp, stamp_feature)
+from ufm.core.canary import CanaryChoice, choose_canaries, permuted_patches, random_patches, stamp, stamp_feature
 from ufm.core.features import glyph
 
 
@@ -72,13 +71,6 @@ def test_permuted_patches_keep_ink():
     # each permuted pixel keeps its colour: the multiset of (r, g, b) triples is unchanged
     orig = sorted(map(tuple, colour.reshape(3, -1).T.tolist()))
     assert all(sorted(map(tuple, q.reshape(3, -1).T.tolist())) == orig for q in pc)
-
-
-def test_candidate_patches_kinds():
-    f = glyph("A")
-    assert candidate_patches(f, 7, kind="bernoulli").shape == (7, 5, 5)
-    with pytest.raises(ValueError, match="permute"):
-        candidate_patches(f, 3, kind="x")
 
 
 def test_choose_canaries_modes():

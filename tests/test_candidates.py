@@ -1,5 +1,3 @@
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -7,7 +5,7 @@ import torch
 from ufm.measure.candidates import (DEFAULT_FAMILY, FAMILIES, VALID_FAMILIES, CandidateSet, CandidatesUnavailable,
                             candidate_set, default_family, derived_generator, distinct_candidates, is_solid,
                             resolve_family)
-from ufm.core.canary import CANDIDATE_KINDS, candidate_patches, stamp
+from ufm.core.canary import CANDIDATE_KINDS, stamp
 from ufm.core.features import Feature, FeatureError, glyph, grid_feature, image_feature, text_feature
 
 
@@ -162,13 +160,6 @@ def test_candidate_set_checks_its_input():
         candidate_set(glyph("A", offset=(5, 5)), 3, "permute", (1, 8, 8), _gen())
     with pytest.raises(ValueError, match="K must be"):
         candidate_set(glyph("A"), 0, "permute", (1, 8, 8), _gen())
-
-
-def test_candidate_patches_alias_still_works():
-    f = glyph("A")
-    p = candidate_patches(f, 7, kind="bernoulli", generator=torch.Generator().manual_seed(0))
-    assert p.shape == (7, 5, 5) and len(set(_keys(p))) == 7
-    assert math.isclose(float(candidate_patches(f, 3).sum()), 3 * float(f.array().sum()))
 
 
 def test_cli_candidate_kind_choices_are_the_families():

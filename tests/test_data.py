@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from ufm.core import data as D
-from ufm.core.data import DataUnavailable, convert_images, load_ood, load_split, to_float_images, train_val_split
+from ufm.core.data import DataUnavailable, convert_images, load_ood, load_split, to_float_images
+from ufm.core.sampling import train_val_split
 
 from .conftest import needs_shared
 
@@ -248,8 +249,8 @@ def test_bad_image_in_class_folder_is_one_message(tmp_path, bad, first):
     assert str(target) in str(e.value) and f"remove {target}" in str(e.value)
 
 
-def test_stratified_subset_keeps_every_class_in_proportion_and_is_seeded():
-    from ufm.core.data import ImageData, stratified_indices, training_subset
+def test_stratified_subset_keeps_every_class_in_proportion_and_is_seeded(tmp_path):
+    from ufm.core.sampling import stratified_indices
 
     y = np.repeat([0, 1, 2], [600, 300, 100])  # stored sorted by class, as the chest X-rays are
     idx = stratified_indices(y, 100, seed=0)
@@ -264,6 +265,9 @@ def test_stratified_subset_keeps_every_class_in_proportion_and_is_seeded():
         stratified_indices(y, 2)
     with pytest.raises(ValueError, match="single class"):
         stratified_indices(np.zeros(50, dtype=int), 20)
-    data = ImageData(torch.arange(1000, dtype=torch.float32).view(-1, 1, 1, 1), torch.as_tensor(y), ("a", "b", "c"), "t")
-    sub = training_subset(data, 100)
-    assert torch.equal(sub.x.view(-1).long(), torch.as_tensor(idx)) and training_subset(data, None) is data
+    # load_split(stratified=True) keeps exactly these images: each image's two pixels spell its index
+    i = np.arange(1000)
+    np.savez(tmp_path / "train.npz", x=np.stack([i // 256, i % 256], 1).reshape(-1, 1, 2).astype(np.uint8), y=y)
+    sub = load_split(str(tmp_path), "train", limit=100, stratified=True)
+    pix = (sub.x.view(-1, 2) * 255).round().long()
+    assert torch.equal(pix[:, 0] * 256 + pix[:, 1], torch.as_tensor(idx))

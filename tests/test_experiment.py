@@ -112,3 +112,31 @@ def test_a_model_that_did_not_learn_gets_an_inconclusive_verdict(tiny_data, one_
     assert v.status == "inconclusive" and "did not learn" in v.text
     learned = run_experiment(tiny_config(tiny_data, epochs=4, patience=4))
     assert learned.learned and result_summary(learned)["learned"] is True
+
+
+def test_keys_and_json_of_runs_without_audit_unchanged():
+    """The audit field is left out when None: keys and saved configs are those of the code before
+    it existed (pins computed at commit 65f0a2f, tests/fixtures/privacy_audit_0_pre_engine)."""
+    import json
+    from pathlib import Path
+
+    from ufm.core.canary import CanaryChoice
+    from ufm.core.features import glyph
+
+    pins = json.loads((Path(__file__).parent / "fixtures" / "privacy_audit_0_pre_engine" / "pins.json").read_text())
+    fixed = ExperimentConfig(feature=glyph("X", size=5, offset=(2, 3)), dataset="mnist", arch="cnn1",
+                             regularisers=("dropout", "weight-decay"), epochs=7, train_size=500, seed=3,
+                             canary=CanaryChoice("index", (1, 4)))
+    assert fixed.key() == pins["key_fixed"] and ExperimentConfig().key() == pins["key_default"]
+    assert fixed.to_json(sort_keys=True) == pins["json_fixed"]
+    assert ExperimentConfig.from_json(fixed.to_json()) == fixed
+
+
+def test_audit_config_round_trips_and_refuses_a_canary():
+    from ufm.core.audit_canaries import AuditCanaries
+    from ufm.core.canary import CanaryChoice
+
+    cfg = ExperimentConfig(canary=CanaryChoice("none", ()), audit=AuditCanaries(canaries=30, score="M"))
+    assert ExperimentConfig.from_json(cfg.to_json()) == cfg and cfg.key() != cfg.replace(audit=None).key()
+    with pytest.raises(ValueError, match="canary mode 'none'"):
+        ExperimentConfig(audit=AuditCanaries(canaries=30))

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ufm.attribution.explain import GradCamResult, box_share, gradcam, overlay_figure, overlay_grid, overlay_png
+from ufm.attribution.gradcam import box_share, gradcam
+from ufm.attribution.heatmap_figures import overlay_grid, overlay_png
 from ufm.core.models import build_model, last_conv_layer
 
 
@@ -185,9 +186,9 @@ def test_box_share_known_answers():
 
 @pytest.mark.parametrize("image", [np.random.rand(10, 12), torch.rand(1, 10, 12),
                                    torch.rand(3, 10, 12)])
-def test_overlay_figure(image):
+def test_overlay_of_one_image(image):
     heat = torch.rand(10, 12)
-    fig = overlay_figure(image, heat, box=(1, 2, 5, 4), title="canary")
+    fig = overlay_grid([image], [heat], [""], (1, 2, 5, 4), title="canary")
     assert isinstance(fig, go.Figure)
     assert [type(t).__name__ for t in fig.data] == ["Image", "Heatmap"]
     assert fig.data[0].z.shape == (10, 12, 3)
@@ -199,16 +200,16 @@ def test_overlay_figure(image):
     assert fig.layout.title.text == "canary"
     assert fig.layout.xaxis.showticklabels is False and fig.layout.xaxis.title.text
     assert fig.layout.yaxis.autorange == "reversed"
-    assert overlay_figure(image, heat).layout.shapes == ()
+    assert overlay_grid([image], [heat], [""]).layout.shapes == ()
 
 
-def test_overlay_figure_errors():
+def test_overlay_errors():
     with pytest.raises(ValueError, match="heatmap must have the image's shape"):
-        overlay_figure(np.zeros((4, 4)), np.zeros((4, 5)))
+        overlay_grid([np.zeros((4, 4))], [np.zeros((4, 5))], [""])
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
-        overlay_figure(np.full((4, 4), 2.0), np.zeros((4, 4)))
+        overlay_grid([np.full((4, 4), 2.0)], [np.zeros((4, 4))], [""])
     with pytest.raises(ValueError, match="does not fit"):
-        overlay_figure(np.zeros((4, 4)), np.zeros((4, 4)), box=(2, 2, 3, 3))
+        overlay_grid([np.zeros((4, 4))], [np.zeros((4, 4))], [""], (2, 2, 3, 3))
 
 
 def test_overlay_grid_shares_one_scale():

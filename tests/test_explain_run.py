@@ -8,7 +8,8 @@ import torch
 from ufm.core.canary import CanaryChoice
 from ufm.cli import main
 from ufm.core.experiment import ExperimentConfig, run_experiment
-from ufm.attribution.explain import explain_run, gradcam, write_explanation_pngs
+from ufm.attribution.explain import explain_run, write_explanation_pngs
+from ufm.attribution.gradcam import gradcam
 from ufm.core.features import glyph
 
 

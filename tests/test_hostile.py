@@ -17,10 +17,11 @@ import torch
 from onnx import TensorProto
 from onnx import helper as oh
 
-from ufm.audits.model_audit import AuditConfig, run_audit
+from ufm.audits.model_audit import ModelAuditConfig, run_model_audit
 from ufm.core.features import glyph
 from ufm.limits import MAX_AUDIT_IMAGE_BYTES, MAX_BATCH_BYTES, MAX_INPUT_SIDE
-from ufm.audits.onnx_model import OnnxModelError, check_onnx, load_onnx, parse_onnx
+from ufm.audits.onnx_input import OnnxModelError, parse_onnx
+from ufm.audits.onnx_model import check_onnx, load_onnx
 
 REPO = Path(__file__).resolve().parents[1]
 OPSET = [oh.make_opsetid("", 17)]
@@ -153,10 +154,10 @@ def test_a_fixed_batch_larger_than_the_batch_memory_is_refused():
 
 def test_inference_images_that_would_not_fit_are_refused_before_loading(tmp_path):
     model = load_onnx(_pool_model((3, 1024, 1024)))
-    config = AuditConfig(glyph("A"), ood=str(tmp_path / "does-not-exist.npz"), ood_size=1000, candidates=3)
+    config = ModelAuditConfig(glyph("A"), ood=str(tmp_path / "does-not-exist.npz"), ood_size=1000, candidates=3)
     most = MAX_AUDIT_IMAGE_BYTES // (4 * 3 * 1024 * 1024)
     with pytest.raises(ValueError, match=f"give --ood-size {most} or fewer"):
-        run_audit(model, config)  # refused before the (missing) images are even looked for
+        run_model_audit(model, config)  # refused before the (missing) images are even looked for
 
 
 def test_large_images_reach_onnxruntime_in_chunks_of_the_batch_memory(monkeypatch):
@@ -191,9 +192,9 @@ def test_a_model_that_ignores_its_input_is_inconclusive_with_the_reason(labelled
     x = rng.integers(0, 255, (40, 8, 8)).astype(np.uint8)
     np.savez(tmp_path / "ood.npz", x=x)
     np.savez(tmp_path / "lab.npz", x=x, y=rng.integers(0, 3, 40))
-    config = AuditConfig(glyph("A"), ood=str(tmp_path / "ood.npz"), ood_size=40, candidates=19,
-                         labelled=str(tmp_path / "lab.npz") if labelled else None)
-    result = run_audit(load_onnx(_constant_model()), config)
+    config = ModelAuditConfig(glyph("A"), ood=str(tmp_path / "ood.npz"), ood_size=40, candidates=19,
+                              labelled=str(tmp_path / "lab.npz") if labelled else None)
+    result = run_model_audit(load_onnx(_constant_model()), config)
     assert result.score.M == 0 and result.score.X_u == 0 and np.isnan(result.score.p_value)
     assert result.verdict.status == "inconclusive", result.verdict.text
     assert "does not depend on its input" in result.verdict.text
@@ -212,5 +213,5 @@ def test_a_model_blind_to_the_features_place_is_inconclusive(tmp_path):
                                    oh.make_tensor("w", TensorProto.FLOAT, [1, 2], [1.0, -1.0]), _AX1])
     model = load_onnx(oh.make_model(g, opset_imports=OPSET).SerializeToString())
     x = torch.rand(30, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    result = run_audit(model, AuditConfig(glyph("A"), ood="given", ood_size=30, candidates=19), x_ood=x)
+    result = run_model_audit(model, ModelAuditConfig(glyph("A"), ood="given", ood_size=30, candidates=19), x_ood=x)
     assert result.verdict.status == "inconclusive" and "X_u = X_r = 0" in result.verdict.text

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from ufm.attribution.grad_norms import outer_sq_norm
 from ufm.attribution.tracin import (
-    _outer_sq_norm,
     rank_by_self_influence,
     self_influence,
     top_bottom,
@@ -216,9 +216,9 @@ def test_outer_sq_norm_forms_agree(method):
     a = torch.randn(4, 7, 5, dtype=torch.float64)
     b = torch.randn(4, 7, 3, dtype=torch.float64)
     want = torch.stack([(b[i].T @ a[i]).square().sum() for i in range(4)])
-    torch.testing.assert_close(_outer_sq_norm(a, b, method), want)
+    torch.testing.assert_close(outer_sq_norm(a, b, method), want)
     with pytest.raises(ValueError, match="method"):
-        _outer_sq_norm(a, b, "svd")
+        outer_sq_norm(a, b, "svd")
 
 
 class _Tokens(nn.Module):

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from ufm.core.models import build_model, predict_logits
-from ufm.audits.onnx_model import (SPEC_KEY, InputSpec, OnnxModelError, export_onnx, graph_input, load_onnx,
-                            parse_onnx)
+from ufm.audits.onnx_input import SPEC_KEY, InputSpec, OnnxModelError, graph_input, parse_onnx
+from ufm.audits.onnx_model import export_onnx, load_onnx
 
 
 def _export(model: nn.Module, shape, *, dynamic=None, names=("x",)) -> bytes:

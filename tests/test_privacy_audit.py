@@ -1,5 +1,7 @@
 """The one-run privacy audit: the bound against an independent brute-force computation, known
-answers, the Bonferroni correction, the audit job (validity under DP-SGD, bad input) and the CLI."""
+answers, the Bonferroni correction, the audit job (a run in the store: listed, cancellable, reused;
+numbers pinned to the code before audits were runs; validity under DP-SGD, bad input), audits saved
+as files by an earlier ufm, the CLI and the pages."""
 
 from __future__ import annotations
 
@@ -11,11 +13,11 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_config
-from tests.test_app import app_env  # noqa: F401 - the dashboard fixture
 from ufm.core.features import FeatureError
 from ufm.audits.bounds import audit_bound, default_grid, epsilon_lower_bound, make_guesses, p_value, score_auc
-from ufm.audits.privacy_audit import (AuditConfig, AuditResult, audit_features, audit_histogram, load_audit, run_audit,
-                                      save_audit)
+from ufm.audits.privacy_audit import (PrivacyAuditConfig, PrivacyAuditResult, audit_features, audit_histogram,
+                                      run_privacy_audit)
+from ufm.audits.privacy_audit_store import list_privacy_audits, load_privacy_audit
 from ufm.measure.scores import class_gain, log_prob_gains
 
 from .conftest import needs_shared
@@ -174,30 +176,38 @@ def test_features_that_do_not_fit():
 def test_config_bad_input(tiny_data):
     exp = tiny_config(tiny_data)
     with pytest.raises(ValueError, match="at least 2 canaries"):
-        AuditConfig(exp, canaries=1)
+        PrivacyAuditConfig(exp, canaries=1)
     with pytest.raises(ValueError, match="both k_plus and k_minus"):
-        AuditConfig(exp, canaries=10, k_plus=3)
+        PrivacyAuditConfig(exp, canaries=10, k_plus=3)
     with pytest.raises(ValueError, match="out_mode"):
-        AuditConfig(exp, canaries=10, out_mode="gone")
+        PrivacyAuditConfig(exp, canaries=10, out_mode="gone")
 
 
-def test_more_canaries_than_training_images(tiny_data, one_torch_thread):
+def test_more_canaries_than_training_images(tiny_data, one_torch_thread, tmp_path):
+    from ufm.runs.store import Store
+
+    store = Store(tmp_path / "home")
     with pytest.raises(ValueError, match="larger than the training set"):
-        run_audit(AuditConfig(tiny_config(tiny_data), canaries=290, feature_size=3, offset=(0, 0)))
+        run_privacy_audit(PrivacyAuditConfig(tiny_config(tiny_data), canaries=290, feature_size=3, offset=(0, 0)),
+                          store=store)
+    assert store.list_runs() == []  # refused before a run was recorded
 
 
 def test_audit_runs_is_deterministic_and_round_trips(tiny_data, one_torch_thread, tmp_path):
-    cfg = AuditConfig(tiny_config(tiny_data, epochs=3), canaries=40, feature_size=3, offset=(0, 0))
-    a, b = run_audit(cfg), run_audit(cfg)
+    from ufm.runs.store import Store
+
+    store = Store(tmp_path / "home")
+    cfg = PrivacyAuditConfig(tiny_config(tiny_data, epochs=3), canaries=40, feature_size=3, offset=(0, 0))
+    a, b = run_privacy_audit(cfg, store=store), run_privacy_audit(cfg, store=store, force=True)
+    assert a.run_id != b.run_id  # force: trained twice
     assert a.scores == b.scores and a.is_in == b.is_in and a.indices == b.indices
     assert len(set(a.indices)) == 40 and 5 < sum(a.is_in) < 35
     assert a.n_train == 270 and a.claimed_epsilon is None
-    save_audit(tmp_path, a)
-    back = load_audit(tmp_path, cfg)
-    assert back is not None and back.to_dict() == AuditResult.from_json(a.to_json()).to_dict() == a.to_dict()
+    back = load_privacy_audit(store, cfg)
+    assert back is not None and back.to_dict() == PrivacyAuditResult.from_json(b.to_json()).to_dict() == b.to_dict()
     fig = audit_histogram(a)
     assert len(fig.data) == 2 and sum(fig.data[0].y) + sum(fig.data[1].y) == 40
-    removed = run_audit(cfg.replace(out_mode="removed"))
+    removed = run_privacy_audit(cfg.replace(out_mode="removed"), store=store)
     assert removed.n_train == 270 - (40 - sum(removed.is_in))
 
 
@@ -211,7 +221,7 @@ def test_dp_sgd_audit_never_exceeds_the_claim(tiny_data, one_torch_thread, targe
     for seed, mode in ((0, "removed"), (1, "removed"), (2, "clean")):
         exp = tiny_config(tiny_data, regularisers=("dp-sgd",), epochs=3, seed=seed,
                           dp=DPConfig(noise_multiplier=None, target_epsilon=target))
-        res = run_audit(AuditConfig(exp, canaries=100, feature_size=3, offset=(0, 0), out_mode=mode))
+        res = run_privacy_audit(PrivacyAuditConfig(exp, canaries=100, feature_size=3, offset=(0, 0), out_mode=mode))
         assert res.claimed_epsilon == pytest.approx(target, rel=0.05)
         assert 0 <= res.epsilon <= res.claimed_epsilon
 
@@ -273,14 +283,15 @@ def test_score_auc_matches_pair_counting():
 
 
 def test_score_is_part_of_the_config():
-    exp = AuditConfig().experiment
-    assert AuditConfig(exp).score == "label-gain"
-    assert AuditConfig(exp, score="M").key() != AuditConfig(exp).key()
+    exp = PrivacyAuditConfig().experiment
+    assert PrivacyAuditConfig(exp).score == "label-gain"
+    assert PrivacyAuditConfig(exp, score="M").key() != PrivacyAuditConfig(exp).key()
+    assert PrivacyAuditConfig(exp, score="M").run_config().key() != PrivacyAuditConfig(exp).run_config().key()
     with pytest.raises(ValueError, match="unknown audit score"):
-        AuditConfig(exp, score="loss")
-    old = AuditConfig(exp, score="M").to_dict()
+        PrivacyAuditConfig(exp, score="loss")
+    old = PrivacyAuditConfig(exp, score="M").to_dict()
     del old["score"]  # saved before the score was a choice: those audits were scored by M
-    assert AuditConfig.from_dict(old).score == "M"
+    assert PrivacyAuditConfig.from_dict(old).score == "M"
 
 
 @needs_shared
@@ -293,10 +304,10 @@ def test_power_plain_mlp_on_mnist_gives_a_bound(shared_data, one_torch_thread):
 
     exp = ExperimentConfig(dataset="mnist", data_dir=str(shared_data), arch="mlp", train_size=500, epochs=80,
                            patience=10, ood_size=500, seed=0, device="cpu")
-    gain = run_audit(AuditConfig(exp, canaries=100))
+    gain = run_privacy_audit(PrivacyAuditConfig(exp, canaries=100))
     assert gain.epsilon > 0.5 and gain.auc > 0.75
     assert gain.test_accuracy > 0.8
-    by_m = run_audit(AuditConfig(exp, canaries=100, score="M"))
+    by_m = run_privacy_audit(PrivacyAuditConfig(exp, canaries=100, score="M"))
     assert by_m.auc < gain.auc
 
 
@@ -333,97 +344,3 @@ def test_cli_bad_input_exits_2(tiny_data, one_torch_thread, capsys, extra, msg):
     assert main(_cli_args(tiny_data, *extra)) == 2
     err = capsys.readouterr().err
     assert err.startswith("ufm: error:") and msg in err and "Traceback" not in err
-
-
-# ----------------------------------------------------------------------------- dashboard
-
-def test_audit_page_runs_in_background_and_survives_reload(app_env):
-    import time
-
-    from dashboard import privacy_ui, state
-    from tests.test_app import _app
-
-    at = _app().switch_page("app_pages/privacy.py").run()
-    assert not at.exception
-    assert any("No audit yet" in i.value for i in at.info)
-    at.number_input(key="pa_m").set_value(20)
-    at.number_input(key="pa_size").set_value(3)
-    at.button(key="FormSubmitter:pa_form-Audit privacy").click().run()
-    assert not at.exception
-    key = at.session_state[privacy_ui.AUDIT]
-    deadline = time.time() + 240
-    while time.time() < deadline and state.tasks().status(f"audit:{key}")[0] in ("running", "none"):
-        time.sleep(1)
-    assert state.tasks().status(f"audit:{key}")[0] == "done", state.tasks().status(f"audit:{key}")
-    at.run()
-    assert not at.exception
-    assert any(m.label == "epsilon lower bound (95%)" for m in at.metric)
-    fresh = _app().switch_page("app_pages/privacy.py").run()  # a reload: a new session
-    assert not fresh.exception and any(m.label == "guesses correct" for m in fresh.metric)
-
-
-def test_audit_page_cancel_stops_the_task_and_keeps_the_form(app_env):
-    import time
-
-    from dashboard import privacy_ui, state
-    from tests.test_app import _app
-
-    at = _app().switch_page("app_pages/privacy.py").run()
-    at.number_input(key="pa_m").set_value(30)
-    at.number_input(key="pa_size").set_value(3)
-    at.number_input(key="pa_seed").set_value(7)  # not the audit the other page test saved
-    at.button(key="FormSubmitter:pa_form-Audit privacy").click().run()
-    key = at.session_state[privacy_ui.AUDIT]
-    privacy_ui.cancel(key)  # what the page's Cancel button does; the task is still loading its data
-    deadline = time.time() + 120
-    while time.time() < deadline and state.tasks().status(f"audit:{key}")[0] in ("running", "none"):
-        time.sleep(0.5)
-    status, info = state.tasks().status(f"audit:{key}")
-    assert status == "failed" and "cancelled" in info
-    at.run()
-    assert not at.exception and not at.error
-    assert any("was cancelled" in i.value for i in at.info)
-    assert at.button(key="FormSubmitter:pa_form-Audit privacy") is not None
-    from ufm.audits.privacy_audit import audit_dir
-
-    assert not (audit_dir(privacy_ui.home()) / f"{key}.json").exists()  # nothing half-done was saved
-
-
-def test_compare_page_audit_column(app_env):
-    import time
-
-    from dashboard import state
-    from tests.test_app import _app
-
-    at = _app().switch_page("app_pages/compare.py").run()
-    at.multiselect(key="cmp_regs").set_value(["none"])
-    at.number_input(key="cmp_seeds").set_value(1)
-    at.text_input(key="cmp_name").set_value("audited study")
-    at.checkbox(key="cmp_audit").check()
-    at.number_input(key="cmp_audit_m").set_value(10)
-    at.button(key="FormSubmitter:cmp_form-Run the comparison").click().run()
-    assert not at.exception
-    for rid in state.runner().active():
-        state.runner().wait(rid, timeout=240)
-    from ufm.audits.privacy_audit import study_audit_table, study_audits
-    audits = study_audits(state.store().home, "audited study")
-    assert len(audits) == 1 and audits[0][1].canaries == 10
-    deadline = time.time() + 240
-    key = f"audit:{audits[0][1].key()}"
-    while time.time() < deadline and state.tasks().status(key)[0] in ("running", "none"):
-        time.sleep(1)
-    table = study_audit_table(state.store().home, "audited study")
-    assert table["audits_done"].tolist() == [1] and table["eps_lower_bound"].notna().all()
-    at.selectbox(key="cmp_study").set_value("audited study")
-    at.run()
-    assert not at.exception
-    assert any("eps_lower_bound" in df.value.columns for df in at.dataframe)
-
-
-def test_compare_without_audit_keeps_its_columns(app_env):
-    from dashboard.compare_ui import with_audits
-    import pandas as pd
-
-    agg = pd.DataFrame({"group": ["none"], "mean_M": [0.1]})
-    out, cols = with_audits("never audited", agg)
-    assert cols == [] and out.equals(agg)

@@ -57,12 +57,12 @@ def summary_lines(result: Any, audit_id: str | None) -> list[str]:
 
 def cmd_audit(a: argparse.Namespace) -> int:
     if a.list:
-        from ufm.audits.model_audit import list_audits
+        from ufm.audits.model_audit_store import list_model_audits
         with open_store(a) as store:
-            records = list_audits(store)
+            records = list_model_audits(store)
         if not records:
             print(f"no audits in {store.db_path}", file=sys.stderr)
-        from ufm.reports.run_report import fmt
+        from ufm.reports.html_page import fmt
         for r in records:
             row = r.to_row()
             print(f"{row['id']}  {row['created']}  {row['model']}  {row['feature']}  M = {fmt(row['M'])}  "
@@ -73,7 +73,9 @@ def cmd_audit(a: argparse.Namespace) -> int:
         raise UsageError(f"{' and '.join(missing)} required: ufm audit --model model.onnx --feature SPEC --ood DATASET|FOLDER|NPZ")
     check_out(a.out)
     check_out(a.report, "--report")
-    from ufm.audits.model_audit import AuditConfig, audit_html, run_audit, save_audit
+    from ufm.audits.model_audit import ModelAuditConfig, run_model_audit
+    from ufm.audits.model_audit_report import model_audit_html
+    from ufm.audits.model_audit_store import save_model_audit
     from ufm.core.features import parse_feature_spec
     from ufm.fileio import atomic_write
     from ufm.audits.onnx_model import load_onnx
@@ -83,18 +85,18 @@ def cmd_audit(a: argparse.Namespace) -> int:
     model = load_onnx(a.model, input_size=tuple(a.input_size) if a.input_size else None, channels=a.channels,
                       layout=a.layout, mean=a.mean, std=a.std)
     feature = parse_feature_spec(a.feature, a.feature_size, offset=tuple(a.offset), intensity=a.intensity)
-    config = AuditConfig(feature=feature, ood=a.ood, ood_size=a.ood_size, labelled=a.labelled,
-                         canary_label=a.canary_class, repeats=a.repeats, candidates=a.candidates,
-                         family=a.candidate_kind, seed=a.seed, data_dir=a.data_dir, classes=classes)
+    config = ModelAuditConfig(feature=feature, ood=a.ood, ood_size=a.ood_size, labelled=a.labelled,
+                              canary_label=a.canary_class, repeats=a.repeats, candidates=a.candidates,
+                              family=a.candidate_kind, seed=a.seed, data_dir=a.data_dir, classes=classes)
     try:
-        result = run_audit(model, config, progress=StderrProgress(a.quiet))
+        result = run_model_audit(model, config, progress=StderrProgress(a.quiet))
     except TrainingCancelled as exc:
         raise UsageError(f"{exc}; nothing was saved") from exc
     audit_id = None
     if not a.no_store:
         with open_store(a) as store:
             try:
-                audit_id = save_audit(store, result)
+                audit_id = save_model_audit(store, result)
             except StoreError as exc:
                 raise UsageError(str(exc)) from exc
     if a.out == "-":
@@ -102,7 +104,7 @@ def cmd_audit(a: argparse.Namespace) -> int:
     elif a.out:
         atomic_write(Path(a.out), json.dumps({"id": audit_id, **result.to_dict()}, indent=1), private=True)
     if a.report:
-        atomic_write(Path(a.report), audit_html(result, audit_id), private=True)
+        atomic_write(Path(a.report), model_audit_html(result, audit_id), private=True)
     stream = sys.stderr if a.out == "-" else sys.stdout
     for line in summary_lines(result, audit_id):
         print(line, file=stream)

@@ -54,8 +54,8 @@ _nonneg_int = int_in(0)
 _pos_int = int_in(1)
 
 
-def add_experiment_args(p: argparse.ArgumentParser) -> None:
-    """Flags that describe one experiment (shared by measure, sweep-canaries, influence, explain)."""
+def add_data_group(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The "data" flags of one experiment (dataset, data dir, training and inference set sizes)."""
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default="mnist",
                    help="mnist, fashion-mnist, cifar10, chest-xray, or a path (folder with train.npz/test.npz, "
@@ -65,6 +65,11 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--ood-size", type=int_in(2, MAX_OOD_SIZE), default=1000,
                    help=f"number of out-of-distribution inference images (2..{MAX_OOD_SIZE})")
     d.add_argument("--ood-source", default=None, help="inference set (default: the paper's choice)")
+    return d
+
+
+def add_training_group(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The "model and training" flags (architecture, regularisers, budget, DP-SGD)."""
     m = p.add_argument_group("model and training")
     m.add_argument("--arch", default="mlp", choices=["mlp", "cnn1", "cnn2", "densenet100"])
     m.add_argument("--regulariser", "--regularizer", default="none",
@@ -76,6 +81,31 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--dropout", type=finite_float, default=0.5, help="drop probability with --regulariser dropout")
     m.add_argument("--weight-decay", type=finite_float, default=5e-4, help="Adam weight decay with weight-decay")
     add_dp_flags(m)
+    return m
+
+
+def add_repeats_seed_device(g: argparse._ArgumentGroup) -> None:
+    """``--repeats``, ``--seed`` and ``--device``, in group ``g``."""
+    g.add_argument("--repeats", type=int_in(1, MAX_REPEATS), default=1,
+                   help=f"R random features per inference image (1..{MAX_REPEATS})")
+    g.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (>= 0)")
+    g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
+
+
+def training_kwargs(a: argparse.Namespace) -> dict:
+    """The ExperimentConfig settings of :func:`add_data_group`, :func:`add_training_group` and
+    :func:`add_repeats_seed_device` (DP-SGD apart: :func:`dp_from_args`)."""
+    return dict(dataset=a.dataset, data_dir=a.data_dir, arch=a.arch,
+                regularisers=tuple(r.strip() for r in a.regulariser.split(",") if r.strip()),
+                dropout=a.dropout, weight_decay=a.weight_decay, epochs=a.epochs, patience=a.patience, lr=a.lr,
+                batch_size=a.batch_size, train_size=a.train_size, ood_source=a.ood_source, ood_size=a.ood_size,
+                repeats=a.repeats, seed=a.seed, device=a.device)
+
+
+def add_experiment_args(p: argparse.ArgumentParser) -> None:
+    """Flags that describe one experiment (shared by measure, sweep-canaries, influence, explain)."""
+    add_data_group(p)
+    add_training_group(p)
     f = p.add_argument_group("feature")
     f.add_argument("--feature", default="A", help="a glyph (A, X, plus, ...), text:JOHN DOE, or an image path")
     f.add_argument("--feature-size", type=int_in(1, MAX_FEATURE_SIDE), default=None,
@@ -100,10 +130,7 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
                    choices=["auto", "permute", "strings", "strokes", "shift", "bernoulli", "uniform"],
                    help="candidate family of the exposure test; auto = by the feature's kind (text: strings, "
                         "glyph or drawing: strokes, image: permute)")
-    s.add_argument("--repeats", type=int_in(1, MAX_REPEATS), default=1,
-                   help=f"R random features per inference image (1..{MAX_REPEATS})")
-    s.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (>= 0)")
-    s.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, mps")
+    add_repeats_seed_device(s)
 
 
 def config_from_args(a: argparse.Namespace):
@@ -122,13 +149,8 @@ def config_from_args(a: argparse.Namespace):
         canary = CanaryChoice("index", tuple(a.canary_index or (0,)))
     feature = parse_feature_spec(a.feature, a.feature_size, offset=tuple(a.offset), intensity=a.intensity)
     dp = dp_from_args(a)
-    return ExperimentConfig(
-        feature=feature, dataset=a.dataset, data_dir=a.data_dir, arch=a.arch,
-        regularisers=tuple(r.strip() for r in a.regulariser.split(",") if r.strip()),
-        dropout=a.dropout, weight_decay=a.weight_decay, canary=canary, epochs=a.epochs,
-        patience=a.patience, lr=a.lr, batch_size=a.batch_size, train_size=a.train_size,
-        ood_source=a.ood_source, ood_size=a.ood_size, repeats=a.repeats, candidates=a.candidates,
-        candidate_kind=a.candidate_kind, seed=a.seed, device=a.device).with_dp(dp)
+    return ExperimentConfig(feature=feature, canary=canary, candidates=a.candidates, candidate_kind=a.candidate_kind,
+                            **training_kwargs(a)).with_dp(dp)
 
 
 def dp_from_args(a: argparse.Namespace):

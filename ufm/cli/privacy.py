@@ -1,5 +1,6 @@
 """CLI verb ``ufm privacy-audit``: a one-run epsilon lower bound from many unique features
-(:mod:`ufm.audits.privacy_audit`)."""
+(:mod:`ufm.audits.privacy_audit`). The audit's model is trained as a run in the store of ``--home``:
+``ufm runs list`` shows it, ``ufm runs cancel`` stops it, an identical audit reuses it."""
 
 from __future__ import annotations
 
@@ -8,43 +9,35 @@ import sys
 from pathlib import Path
 
 from ufm.fileio import atomic_write as write_atomic
-from ufm.limits import MAX_FEATURE_SIDE, MAX_OOD_SIZE
-from ufm.cli.common import StderrProgress, add_dp_flags, dp_from_args, _nonneg_int, _pos_int, check_out, finite_float, int_in
+from ufm.limits import MAX_FEATURE_SIDE
+from ufm.cli.common import (StderrProgress, add_data_group, add_repeats_seed_device, add_training_group, dp_from_args,
+                            _nonneg_int, check_out, finite_float, int_in, open_store, training_kwargs)
 
 
 def audit_config_from_args(a: argparse.Namespace):
-    """Build an :class:`~ufm.audits.privacy_audit.AuditConfig` from parsed flags."""
+    """Build a :class:`~ufm.audits.privacy_audit.PrivacyAuditConfig` from parsed flags."""
     from ufm.core.experiment import ExperimentConfig
-    from ufm.audits.privacy_audit import AuditConfig
+    from ufm.audits.privacy_audit import PrivacyAuditConfig
 
-    dp = dp_from_args(a)
-    regs = tuple(r.strip() for r in a.regulariser.split(",") if r.strip())
-    exp = ExperimentConfig(dataset=a.dataset, data_dir=a.data_dir, arch=a.arch, regularisers=regs,
-                           dropout=a.dropout, weight_decay=a.weight_decay,
-                           epochs=a.epochs, patience=a.patience,
-                           lr=a.lr, batch_size=a.batch_size, train_size=a.train_size, ood_source=a.ood_source,
-                           ood_size=a.ood_size, repeats=a.repeats, seed=a.seed, device=a.device).with_dp(dp)
+    exp = ExperimentConfig(**training_kwargs(a)).with_dp(dp_from_args(a))
     if (a.k_plus is None) != (a.k_minus is None):
         raise ValueError("give both --k-plus and --k-minus (fixed guess counts) or neither (Bonferroni over the grid)")
-    return AuditConfig(exp, canaries=a.canaries, features=a.features, feature_size=a.feature_size,
-                       text_length=a.text_length, offset=tuple(a.offset), placement=a.placement,
-                       out_mode=a.out_mode, score=a.score, delta=a.delta, confidence=a.confidence, k_plus=a.k_plus,
-                       k_minus=a.k_minus)
+    return PrivacyAuditConfig(exp, canaries=a.canaries, features=a.features, feature_size=a.feature_size,
+                              text_length=a.text_length, offset=tuple(a.offset), placement=a.placement,
+                              out_mode=a.out_mode, score=a.score, delta=a.delta, confidence=a.confidence,
+                              k_plus=a.k_plus, k_minus=a.k_minus)
 
 
 def cmd_privacy_audit(a: argparse.Namespace) -> int:
-    from ufm.audits.privacy_audit import run_audit, save_audit
-
+    from ufm.audits.privacy_audit import run_privacy_audit
     from ufm.core.experiment import check_data
 
     check_out(a.out)
     cfg = audit_config_from_args(a)
-    check_data(cfg.experiment)  # --train-size beyond the data, --ood-size beyond the source: before training
-    res = run_audit(cfg, progress=StderrProgress(a.quiet))
-    if a.home is not None or a.save:
-        from ufm.runs.store import default_home
-        path = save_audit(Path(a.home).expanduser() if a.home else default_home(), res)
-        print(f"saved in {path}", file=sys.stderr)
+    check_data(cfg.run_config())  # sizes beyond the data, m beyond the training set: before a run is recorded
+    store = open_store(a)
+    res = run_privacy_audit(cfg, progress=StderrProgress(a.quiet), store=store)
+    print(f"run {res.run_id} in {store.home} ('ufm runs show {res.run_id}')", file=sys.stderr)
     payload = res.to_json(indent=1)
     stream = sys.stderr if a.out == "-" else sys.stdout
     if a.out == "-":
@@ -64,25 +57,11 @@ def register(sub) -> None:
         description="Draw m distinct unique features on m distinct training images, include each with "
                     "probability 1/2, train ONE model, score every feature (--score), guess IN for the highest "
                     "scores and OUT for the lowest, and turn the correct guesses into a lower bound on the "
-                    "differential-privacy epsilon (Steinke, Nasr & Jagielski 2023).")
-    d = p.add_argument_group("data")
-    d.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist, cifar10, chest-xray, or a path")
-    d.add_argument("--data-dir", default=None, help="where datasets live (default $UFM_DATA_DIR or ~/.cache/ufm/data)")
-    d.add_argument("--train-size", type=_pos_int, default=None,
-                   help="use N training images (a seeded subset keeping every class in proportion)")
-    d.add_argument("--ood-size", type=int_in(2, MAX_OOD_SIZE), default=1000, help="inference images")
-    d.add_argument("--ood-source", default=None, help="inference set (default: the paper's choice)")
-    m = p.add_argument_group("model and training")
-    m.add_argument("--arch", default="mlp", choices=["mlp", "cnn1", "cnn2", "densenet100"])
-    m.add_argument("--regulariser", "--regularizer", default="none",
-                   help="comma-separated: none,dropout,augment,batchnorm,weight-decay,dp-sgd")
-    m.add_argument("--epochs", type=_pos_int, default=500)
-    m.add_argument("--patience", type=_pos_int, default=10)
-    m.add_argument("--lr", type=finite_float, default=None)
-    m.add_argument("--batch-size", type=_pos_int, default=None)
-    m.add_argument("--dropout", type=finite_float, default=0.5)
-    m.add_argument("--weight-decay", type=finite_float, default=5e-4)
-    add_dp_flags(m)
+                    "differential-privacy epsilon (Steinke, Nasr & Jagielski 2023). The model is a run in the "
+                    "store of --home: 'ufm runs list' shows it, 'ufm runs cancel' stops it, and an identical "
+                    "audit reuses it.")
+    add_data_group(p)
+    add_training_group(p)
     a = p.add_argument_group("audit")
     a.add_argument("--canaries", type=int, required=True, metavar="M",
                    help="m >= 2 distinct features on m distinct training images (100 or more for a useful bound)")
@@ -103,11 +82,12 @@ def register(sub) -> None:
     a.add_argument("--confidence", type=finite_float, default=0.95, help="confidence of the bound (default 0.95)")
     a.add_argument("--k-plus", type=_nonneg_int, default=None, help="fixed IN guesses (with --k-minus; else Bonferroni grid)")
     a.add_argument("--k-minus", type=_nonneg_int, default=None, help="fixed OUT guesses")
-    a.add_argument("--repeats", type=int_in(1, 100), default=1, help="random features per inference image")
-    a.add_argument("--seed", type=_nonneg_int, default=0)
-    a.add_argument("--device", default="auto")
+    add_repeats_seed_device(a)
     p.add_argument("--out", default=None, help="write the audit JSON here ('-' for stdout)")
-    p.add_argument("--save", action="store_true", help="also keep it under the ufm home (the dashboard lists it)")
-    p.add_argument("--home", default=None, metavar="DIR", help="ufm home for --save (default $UFM_HOME)")
+    p.add_argument("--save", action="store_true",
+                   help="accepted for scripts written for earlier versions: every audit is now kept as a run "
+                        "under the ufm home (the dashboard lists it)")
+    p.add_argument("--home", default=None, metavar="DIR",
+                   help="ufm home whose run store trains and keeps the audit's model (default $UFM_HOME)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_privacy_audit)

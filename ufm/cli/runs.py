@@ -108,7 +108,19 @@ def cmd_runs_show(a: argparse.Namespace) -> int:
         lines.append(f"progress: {describe_progress(rec)} (owner pid {rec.owner_pid} on {rec.owner_host})")
     if rec.error:
         lines.append(f"{'note' if rec.status == 'done' else 'error'}: {rec.error}")
-    if rec.summary:
+    if rec.summary and rec.is_privacy_audit:
+        from ufm.reports.run_report import audit_bound_text
+
+        s = rec.summary
+        lines += [f"privacy audit: {s['audit_canaries']} canaries ({s['audit_in']} IN); {audit_bound_text(s)}, "
+                  f"{s['audit_correct']} of {s['audit_guesses']} guesses correct (other delta or confidence: "
+                  "'ufm privacy-audit' with the same settings reuses this run)",
+                  f"test accuracy {fmt(s['test_accuracy'])}  epochs {s['epochs_trained']}  "
+                  f"DP epsilon {fmt(s.get('epsilon'))}",
+                  f"images used: {fmt(s.get('n_train'))} training + {fmt(s.get('n_val'))} validation, "
+                  f"{fmt(s.get('n_ood'))} inference"]
+        lines += [f"note: {n}" for n in s.get("notes", [])]
+    elif rec.summary:
         s = rec.summary
         if verdict is not None:
             lines += [f"verdict: {verdict.sentence}", f"{verdict.p_label} = {verdict.p_text}"]

@@ -95,21 +95,6 @@ def permuted_patches(patch: torch.Tensor | np.ndarray, n: int, *, generator: tor
     return out.reshape(n, *p.shape)
 
 
-def candidate_patches(feature: Feature, k: int, *, kind: str = "permute",
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """``k`` candidate patches, ``(k, *feature pattern shape)``: :func:`ufm.measure.candidates.candidate_set`'s
-    patches (kept for callers of 0.2; ``shift`` candidates need their offsets, use the set)."""
-    from ufm.measure.candidates import candidate_set  # candidates imports this module
-
-    if kind not in CANDIDATE_KINDS:
-        raise ValueError(f"unknown candidate kind {kind!r}; choose one of {', '.join(CANDIDATE_KINDS)}")
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    h, w = feature.size
-    r, c = feature.offset  # an image just large enough for the feature's patch at its offset
-    shape = (1 if feature.channels is None else 3, r + h + 1, c + w + 1)
-    return candidate_set(feature, k, kind, shape, gen).patches
-
-
 @dataclass(frozen=True)
 class CanaryChoice:
     """Which training images carry the feature.

@@ -7,7 +7,6 @@ the run store and the dashboard all go through here.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -20,8 +19,11 @@ import numpy as np
 import torch
 
 from ufm.version import __version__
-from ufm.core.canary import CANDIDATE_KINDS, RANDOM_KINDS, CanaryChoice, choose_canaries, stamp_feature
-from ufm.core.data import ImageData, check_same_classes, load_ood, load_split, train_val_split
+from ufm.core.audit_canaries import AuditCanaries, score_audit
+from ufm.core.canary import CANDIDATE_KINDS, RANDOM_KINDS, CanaryChoice
+# The data of a run lives in experiment_data; these names are imported from here by many modules.
+from ufm.core.experiment_data import (PreparedData, _cached_ood, _cached_split, check_data,  # noqa: F401
+                                      inference_images, prepare_data, training_split)
 from ufm.core.features import Feature, glyph
 from ufm.limits import MAX_CANDIDATES, MAX_OOD_SIZE, MAX_REPEATS
 from ufm.core.models import ARCHITECTURES, DEFAULT_BATCH, DEFAULT_LR, build_model
@@ -58,6 +60,10 @@ class ExperimentConfig:
         checkpoint_every: keep weights every N steps for TracIn (0 none, -1 per epoch).
         seed: model init, data order, augmentation, canary draw, random features.
         device: ``auto``, ``cpu``, ``cuda``, ``mps``.
+        audit: None for a memorisation run; the canaries of a privacy-audit run
+            (:class:`ufm.core.audit_canaries.AuditCanaries`: then ``canary`` must be ``none``, and the
+            run scores every audit feature instead of measuring ``feature``). Left out of
+            :meth:`to_dict` and :meth:`key` when None, so every other run keeps its key.
     """
 
     feature: Feature = field(default_factory=lambda: glyph("A"))
@@ -85,6 +91,7 @@ class ExperimentConfig:
     checkpoint_every: int = 0
     seed: int = 0
     device: str = "auto"
+    audit: AuditCanaries | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -119,6 +126,8 @@ class ExperimentConfig:
             raise ValueError(f"unknown random feature kind {self.random_kind!r}; choose one of {', '.join(RANDOM_KINDS)}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.audit is not None and self.canary.mode != "none":
+            raise ValueError("a privacy-audit run draws its own canaries: give canary mode 'none'")
 
     # ------------------------------------------------------------------ derived settings
     @property
@@ -145,6 +154,10 @@ class ExperimentConfig:
         d["canary"] = self.canary.to_dict()
         d["dp"] = asdict(self.dp)
         d["regularisers"] = list(self.regularisers)
+        if self.audit is None:
+            del d["audit"]
+        else:
+            d["audit"] = self.audit.to_dict()
         return d
 
     def to_json(self, **kw: Any) -> str:
@@ -165,6 +178,8 @@ class ExperimentConfig:
             d["dp"] = DPConfig(**d["dp"])
         if "regularisers" in d:
             d["regularisers"] = tuple(d["regularisers"])
+        if d.get("audit") is not None:
+            d["audit"] = AuditCanaries.from_dict(d["audit"])
         return cls(**d)
 
     @classmethod
@@ -191,11 +206,16 @@ class ExperimentConfig:
 
 @dataclass
 class Result:
-    """Everything measured by one experiment. ``model`` and ``checkpoints`` are not serialised."""
+    """Everything measured by one experiment. ``model`` and ``checkpoints`` are not serialised.
+
+    A privacy-audit run (``config.audit`` set) has no ``score`` and ``access`` (None): its
+    measurement is ``audit``, one entry per canary: ``scores`` (float), ``is_in`` (bool),
+    ``indices`` (training-set image), ``labels`` (its class) and ``feature_names`` (lists of m).
+    """
 
     config: ExperimentConfig
-    score: MScore
-    access: AccessScores
+    score: MScore | None
+    access: AccessScores | None
     canary_indices: list[int]
     canary_labels: list[int]
     test_accuracy: float
@@ -220,44 +240,50 @@ class Result:
     learned_note: str = ""
     model: torch.nn.Module | None = field(default=None, repr=False, compare=False)
     checkpoints: list[Checkpoint] = field(default_factory=list, repr=False, compare=False)
+    audit: dict[str, list] | None = None
 
     @property
-    def M(self) -> float:
-        return self.score.M
+    def M(self) -> float | None:
+        return None if self.score is None else self.score.M
 
     def to_dict(self) -> dict[str, Any]:
-        s = self.score.to_dict()
-        return {
-            "config": self.config.to_dict(),
-            "M": s["M"], "X_u": s["X_u"], "X_r": s["X_r"],
-            "p_value": s["p_value"], "p_value_paired": s["p_value_paired"],
-            "exposure": s["exposure"], "exposure_p_value": s["exposure_p_value"],
-            "significant": s["significant"], "verdict": self.score.verdict(),
-            "d_u": s["d_u"], "d_r": s["d_r"],
+        d: dict[str, Any] = {"config": self.config.to_dict()}
+        s = None if self.score is None else self.score.to_dict()
+        if s is not None:  # the same keys, in the same order, as before audit runs existed
+            d.update({"M": s["M"], "X_u": s["X_u"], "X_r": s["X_r"],
+                      "p_value": s["p_value"], "p_value_paired": s["p_value_paired"],
+                      "exposure": s["exposure"], "exposure_p_value": s["exposure_p_value"],
+                      "significant": s["significant"], "verdict": self.score.verdict(),
+                      "d_u": s["d_u"], "d_r": s["d_r"]})
+        d.update({
             "canary_indices": self.canary_indices, "canary_labels": self.canary_labels,
             "test_accuracy": self.test_accuracy, "epochs_trained": self.epochs_trained,
             "best_epoch": self.best_epoch, "stopped": self.stopped, "epsilon": self.epsilon,
-            "score": s, "access": self.access.to_dict(),
+            "score": s, "access": None if self.access is None else self.access.to_dict(),
             "history": [asdict(h) for h in self.history],
             "device": self.device, "train_seconds": self.train_seconds, "score_seconds": self.score_seconds,
             "n_train": self.n_train, "n_val": self.n_val, "n_ood": self.n_ood, "versions": self.versions,
             "notes": list(self.notes), "learned": self.learned, "learned_note": self.learned_note,
-        }
+        })
+        if self.audit is not None:
+            d["audit"] = self.audit
+        return d
 
     def to_json(self, **kw: Any) -> str:
         return json.dumps(self.to_dict(), **kw)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Result":
-        return cls(config=ExperimentConfig.from_dict(d["config"]), score=MScore.from_dict(d["score"]),
-                   access=AccessScores.from_dict(d["access"]), canary_indices=list(d["canary_indices"]),
+        return cls(config=ExperimentConfig.from_dict(d["config"]),
+                   score=None if d["score"] is None else MScore.from_dict(d["score"]),
+                   access=None if d["access"] is None else AccessScores.from_dict(d["access"]), canary_indices=list(d["canary_indices"]),
                    canary_labels=list(d["canary_labels"]), test_accuracy=d["test_accuracy"],
                    epochs_trained=d["epochs_trained"], best_epoch=d["best_epoch"], stopped=d["stopped"],
                    history=[EpochLog(**h) for h in d["history"]], epsilon=d["epsilon"], device=d["device"],
                    train_seconds=d["train_seconds"], score_seconds=d["score_seconds"], n_train=d["n_train"],
                    n_val=d["n_val"], n_ood=d["n_ood"], versions=d["versions"],
                    notes=list(d.get("notes", [])), learned=bool(d.get("learned", True)),
-                   learned_note=str(d.get("learned_note", "")))
+                   learned_note=str(d.get("learned_note", "")), audit=d.get("audit"))
 
     @classmethod
     def from_json(cls, s: str) -> "Result":
@@ -269,90 +295,10 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-@functools.lru_cache(maxsize=8)
-def _cached_split(dataset: str, split: str, data_dir: str | None, limit: int | None,
-                  stratified: bool = False) -> ImageData:
-    return load_split(dataset, split, data_dir=data_dir, limit=limit, stratified=stratified)
-
-
-@functools.lru_cache(maxsize=4)
-def _cached_ood(dataset: str, shape: tuple[int, int, int], n: int, source: str | None,
-                data_dir: str | None) -> ImageData:
-    return load_ood(dataset, shape, n, source=source, data_dir=data_dir)
-
-
-def training_split(config: ExperimentConfig) -> ImageData:
-    """The clean training images of ``config`` (``train_size`` of them, every class kept in proportion:
-    :func:`ufm.core.data.stratified_indices`), on the CPU; cached, do not modify."""
-    return _cached_split(config.dataset, "train", config.data_dir, config.train_size, True)
-
-
-def inference_images(config: ExperimentConfig, n: int | None = None) -> ImageData:
-    """The first ``n`` (default ``ood_size``) out-of-distribution images of ``config``, in the
-    model's input shape, on the CPU; cached, do not modify."""
-    n = config.ood_size if n is None else n
-    shape = training_split(config).image_shape
-    return _cached_ood(config.dataset, shape, max(n, config.ood_size), config.ood_source, config.data_dir).subset(slice(0, n))
-
-
-def check_data(config: ExperimentConfig) -> None:
-    """Refuse, before a run is recorded or trained, what the data cannot give: more training
-    images than the dataset has (a run would silently use fewer), more inference images than the
-    OOD source has, a feature that does not fit the images. What it loads is cached for the run
-    that follows in this process.
-
-    Raises:
-        ValueError, DataUnavailable: one line saying what to change.
-    """
-    full = training_split(config)
-    if config.train_size is not None and len(full) < config.train_size:
-        raise ValueError(f"--train-size {config.train_size} is more than the {len(full)} training images of "
-                         f"{config.dataset}: give at most {len(full)}, or leave it out to use them all")
-    config.feature.check_fits(full.x.shape)
-    _cached_ood(config.dataset, full.image_shape, config.ood_size, config.ood_source, config.data_dir)
-
-
-@dataclass
-class PreparedData:
-    """The tensors of one experiment, on its device: training set with canaries stamped, etc."""
-
-    train: ImageData
-    val: ImageData
-    test: ImageData
-    ood: ImageData
-    canary_indices: np.ndarray  # indices into the (first train_size) training set
-    train_indices: np.ndarray   # which of those images are trained on (the rest is validation)
-    canary_labels: list[int]
-    notes: list[str] = field(default_factory=list)  # see Result.notes
-
-
-def prepare_data(config: ExperimentConfig, device: torch.device | str = "cpu") -> PreparedData:
-    """Load the data of ``config``, stamp the canaries and split off the validation set."""
-    full = training_split(config)
-    test = _cached_split(config.dataset, "test", config.data_dir, None)
-    config.feature.check_fits(full.x.shape)
-    if test.image_shape != full.image_shape:
-        raise ValueError(f"train images are {full.image_shape} but test images are {test.image_shape}")
-    check_same_classes(full, test)
-    notes = []
-    if config.train_size is not None and len(full) < config.train_size:
-        notes.append(f"train_size {config.train_size} asked for more images than {config.dataset} has: "
-                     f"used all {len(full)} (training + validation)")
-    ood = _cached_ood(config.dataset, full.image_shape, config.ood_size, config.ood_source, config.data_dir)
-    canaries = choose_canaries(config.canary, full.y, seed=config.seed)
-    x = full.x.clone()
-    if canaries.size:
-        x[canaries] = stamp_feature(full.x[canaries], config.feature)
-    train_idx, val_idx = train_val_split(len(full), config.val_fraction, exclude=canaries, seed=config.seed)
-    stamped = ImageData(x, full.y, full.classes, full.name)
-    return PreparedData(stamped.subset(train_idx).to(device), stamped.subset(val_idx).to(device),
-                        test.to(device), ood.to(device), canaries, train_idx,
-                        full.y[torch.as_tensor(canaries, dtype=torch.long)].tolist(), notes)
-
-
 def run_experiment(config: ExperimentConfig, progress: ProgressFn | None = None,
                    cancel: CancelFlag = None) -> Result:
-    """Train one model with the canary of ``config`` and measure memorisation of its feature.
+    """Train one model with the canary of ``config`` and measure memorisation of its feature; for a
+    privacy-audit run (``config.audit``), train it with the IN audit canaries and score every one.
 
     Args:
         progress: called with :class:`ufm.core.train.Progress` after each epoch and at phase changes.
@@ -385,27 +331,37 @@ def run_experiment(config: ExperimentConfig, progress: ProgressFn | None = None,
         _, test_acc = evaluate(model, data.test)
         learned, learned_note = model_learned(test_acc, data.test.y, data.train.num_classes)
 
-        report(Progress("score", trained.epochs_trained, config.epochs, message="measuring memorisation"))
         t0 = time.perf_counter()
-        score = memorisation_score(model, data.ood.x, config.feature, repeats=config.repeats,
-                                   random_kind=config.random_kind, candidates=config.candidates,
-                                   family=config.candidate_kind, seed=config.seed, alpha=config.alpha,
-                                   cancel=cancel)
-        canary_labels = data.canary_labels
-        canary_label = _majority(canary_labels) if canary_labels else config.canary.label
-        access = access_scores(model, config.feature, x_test=data.test.x, y_test=data.test.y, x_ood=data.ood.x,
-                               canary_label=canary_label, candidates=config.candidates,
-                               family=config.candidate_kind, seed=config.seed, cancel=cancel)
+        score = access = audit = None
+        if data.audit is not None:
+            audit_scores = score_audit(model, data.ood.x, config.audit, data.audit, repeats=config.repeats,
+                                       seed=config.seed, progress=report, cancel=cancel,
+                                       epoch=trained.epochs_trained, max_epochs=config.epochs)
+            audit = {"scores": audit_scores, "is_in": [bool(b) for b in data.audit.is_in],
+                     "indices": [int(i) for i in data.audit.indices], "labels": [int(v) for v in data.audit.labels],
+                     "feature_names": [f.name for f in data.audit.features]}
+        else:
+            report(Progress("score", trained.epochs_trained, config.epochs, message="measuring memorisation"))
+            score = memorisation_score(model, data.ood.x, config.feature, repeats=config.repeats,
+                                       random_kind=config.random_kind, candidates=config.candidates,
+                                       family=config.candidate_kind, seed=config.seed, alpha=config.alpha,
+                                       cancel=cancel)
+            canary_label = _majority(data.canary_labels) if data.canary_labels else config.canary.label
+            access = access_scores(model, config.feature, x_test=data.test.x, y_test=data.test.y, x_ood=data.ood.x,
+                                   canary_label=canary_label, candidates=config.candidates,
+                                   family=config.candidate_kind, seed=config.seed, cancel=cancel)
         score_seconds = time.perf_counter() - t0
     finally:
         torch.use_deterministic_algorithms(prev_det)
-    report(Progress("done", trained.epochs_trained, config.epochs, message=f"M = {score.M:.4g}"))
+    done = f"M = {score.M:.4g}" if score is not None else f"scored {len(audit['scores'])} audit canaries"
+    report(Progress("done", trained.epochs_trained, config.epochs, message=done))
     return Result(config=config, score=score, access=access, canary_indices=[int(i) for i in data.canary_indices],
-                  canary_labels=canary_labels, test_accuracy=test_acc, epochs_trained=trained.epochs_trained,
+                  canary_labels=data.canary_labels, test_accuracy=test_acc, epochs_trained=trained.epochs_trained,
                   best_epoch=trained.best_epoch, stopped=trained.stopped, history=trained.history,
                   epsilon=trained.epsilon, device=str(device), train_seconds=trained.seconds,
                   score_seconds=score_seconds, n_train=len(data.train), n_val=len(data.val), n_ood=len(data.ood),
-                  versions=versions(), notes=list(data.notes), learned=learned, learned_note=learned_note, model=model, checkpoints=trained.checkpoints)
+                  versions=versions(), notes=list(data.notes), learned=learned, learned_note=learned_note,
+                  model=model, checkpoints=trained.checkpoints, audit=audit)
 
 
 def _majority(labels: list[int]) -> int:

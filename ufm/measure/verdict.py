@@ -149,8 +149,8 @@ def run_verdict(store: "Store", record: "RunRecord", references: int = DEFAULT_R
                 device: str = "cpu") -> Verdict | None:
     """The verdict of a finished run: the reference test when the bank of ``references`` clean models
     for its setting is complete in ``store``, else the provisional fast test. None unless ``done``."""
-    if record.status != "done" or not record.summary:
-        return None
+    if record.status != "done" or not record.summary or record.is_privacy_audit:
+        return None  # a privacy audit is judged by its epsilon bound, not by a memorisation verdict
     cfg = record.config
     ref = None
     if record.summary.get("learned") is not False and references:
@@ -178,7 +178,7 @@ def stored_verdict(store: "Store", record: "RunRecord", *, refresh: bool = True,
     not looked at). A final verdict (calibrated, or a model that did not learn) is read as stored.
     ``refresh=False`` only reads (a run without a stored verdict gets the fast test's, not stored).
     """
-    if record.status != "done" or not record.summary:
+    if record.status != "done" or not record.summary or record.is_privacy_audit:
         return None
     if record.is_reference:
         references = 0  # a reference model is not judged against its own bank: its fast test is all it has

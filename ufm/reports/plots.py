@@ -11,7 +11,8 @@ from typing import Sequence
 
 import numpy as np
 import plotly.graph_objects as go
-from scipy import stats
+
+from ufm.measure.stats import pearson
 
 COLOURS = {"z_u": "#d62728", "z_r": "#1f77b4", "train": "#2ca02c", "val": "#ff7f0e", "fit": "#7f7f7f",
            "box": "#ffd700"}
@@ -175,15 +176,6 @@ def m_bar_figure(groups: Sequence[str], mean_m: Sequence[float], ci_low: Sequenc
     fig.add_hline(y=0, line_color="black", line_width=1)
     fig.update_layout(showlegend=True)
     return _layout(fig, title, "setting", "M = X_u - X_r (nats), 95% interval")
-
-
-def pearson(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
-    """Pearson r and its two-sided p-value (scipy); NaN for fewer than 3 points or no variance."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan"), float("nan")
-    r = stats.pearsonr(x, y)
-    return float(r.statistic), float(r.pvalue)
 
 
 def influence_scatter_figure(self_influence: Sequence[float], m: Sequence[float], *,

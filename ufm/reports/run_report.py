@@ -2,25 +2,26 @@
 
 The HTML embeds plotly.js once, inline (no CDN, no network: the file opens on a machine with no
 internet, and in ten years), followed by the figures of :mod:`ufm.reports.plots`, the config tables and
-the versions of ufm and torch that made each number.
+the versions of ufm and torch that made each number. The HTML pieces are in :mod:`ufm.reports.html_page`.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import pandas as pd
 
-from ufm.version import __version__
+from ufm.reports.html_page import esc, figure_html, fmt, kv_table, page, pct, table
 from ufm.runs.store import RunRecord, Store
 
-if TYPE_CHECKING:
-    import plotly.graph_objects as go
+# Old private names of the HTML pieces, kept until the lead rewires ufm/reports/reproduce.py to
+# import esc, figure_html, page, table from ufm.reports.html_page; then these go.
+_esc, _figure_html, _page, _table = esc, figure_html, page, table
 
+if TYPE_CHECKING:
     from ufm.runs.studies import Study
     from ufm.measure.verdict import Verdict
 
@@ -86,22 +87,34 @@ def run_row(rec: RunRecord, verdict: "Verdict | None" = None) -> dict[str, Any]:
     c, s = rec.config_data, rec.summary or {}
     feat = c.get("feature", {})
     v = verdict if verdict is not None else (Verdict.from_dict(rec.verdict) if rec.verdict else None)
+    audit = c.get("audit")
+    canary = describe_canary(c["canary"]) if "canary" in c else None
+    if audit is not None:  # a privacy audit: its canaries, and its bound where the verdict goes
+        canary = f"privacy audit: {audit['canaries']} canaries"
     return {
         "id": rec.id, "status": rec.status, "created": iso_time(rec.created), "finished": iso_time(rec.finished),
         "seconds": None if rec.finished is None or rec.started is None else round(rec.finished - rec.started, 3),
         "dataset": c.get("dataset"), "arch": c.get("arch"), "regularisers": "+".join(c.get("regularisers", [])) or "none",
-        "feature": feat.get("name"), "canary": describe_canary(c["canary"]) if "canary" in c else None,
+        "feature": "audit canaries" if audit is not None else feat.get("name"), "canary": canary,
         "seed": c.get("seed"), "max_epochs": c.get("epochs"), "train_size": c.get("train_size"),
         **{k: s.get(k) for k in ("M", "X_u", "X_r", "exposure", "exposure_p_value", "test_accuracy", "epochs_trained",
                                  "epsilon")},
         "ttest_p_paper": s.get("p_value"), "paired_ttest_p_paper": s.get("p_value_paired"),
-        "verdict": v.headline if v else None, "verdict_p": v.p_value if v else None,
+        "verdict": v.headline if v else audit_bound_text(s), "verdict_p": v.p_value if v else None,
         "verdict_test": v.test if v else None, "verdict_text": v.sentence if v else None, "bank": rec.bank,
         # False marks a model at chance accuracy: its run says nothing about memorisation either way
         "learned": s.get("learned") if s else None,
         "progress": describe_progress(rec), "config_key": rec.config_key, "code_version": rec.code_version,
         "error": rec.error,
     }
+
+
+def audit_bound_text(summary: dict[str, Any]) -> str | None:
+    """``"epsilon >= 0.52 (95%, delta 1e-05)"`` for a finished privacy-audit run's summary, else None."""
+    if summary.get("kind") != "privacy audit" or summary.get("audit_epsilon_lb") is None:
+        return None
+    return (f"epsilon >= {summary['audit_epsilon_lb']:.3g} ({summary['audit_confidence']:.0%}, "
+            f"delta {summary['audit_delta']:g})")
 
 
 def runs_table(store: Store, status: str | Sequence[str] | None = None) -> pd.DataFrame:
@@ -171,67 +184,24 @@ def to_csv(df: pd.DataFrame) -> str:
 
 # ---------------------------------------------------------------------------------- HTML pieces
 
-_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px;
-       color: #222; padding: 0 1em; }
-h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 2em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
-th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
-th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.verdict { padding: 0.6em 1em; background: #f7f7f7; border-left: 4px solid #d62728; }
-.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(480px, 1fr)); gap: 0.5em; }
-.note { color: #666; font-size: 0.9em; } .error { color: #a00; }
-"""
-
-
-def _esc(v: Any) -> str:
-    return html.escape(str(v), quote=True)
-
-
-def fmt(v: Any) -> str:
-    """A cell value for people: 4 significant digits, yes/no, '–' for missing."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def pct(v: float | None) -> str:
-    """An accuracy in [0, 1] as ``"97.3%"`` ('–' when missing)."""
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
-
-
-def _td(v: Any) -> str:
-    num = isinstance(v, (int, float)) and not isinstance(v, bool)
-    cls = ' class="num"' if num else ""
-    return f"<td{cls}>{_esc(fmt(v))}</td>"
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    head = "<tr>" + "".join(f"<th>{_esc(h)}</th>" for h in header) + "</tr>"
-    return "\n".join(["<table>", head, *("<tr>" + "".join(_td(v) for v in row) + "</tr>" for row in rows),
-                      "</table>"])
-
-
-def _kv_table(pairs: Iterable[tuple[str, Any]]) -> str:
-    return "\n".join(["<table>", *(f"<tr><th>{_esc(k)}</th>{_td(v)}</tr>" for k, v in pairs), "</table>"])
-
-
 def config_rows(d: dict[str, Any]) -> list[tuple[str, Any]]:
     """An ExperimentConfig dict as (setting, value) rows for people (the feature's pixels are
     summarised by name, size and offset; DP settings only when DP-SGD is on)."""
     rows: list[tuple[str, Any]] = []
+    if d.get("audit") is not None:  # a privacy audit draws its own features; the config's glyph is unused
+        a = d["audit"]
+        rows.append(("privacy audit", f"{a['canaries']} {a['features']} canaries, {a['feature_size']} px, "
+                                      f"placement {a['placement']}, OUT {a['out_mode']}, score {a['score']}"))
+        d = {k: v for k, v in d.items() if k not in ("audit", "feature", "canary")}
     feat = d.get("feature", {})
     grid = feat.get("pattern") or [[]]
     if grid[0] and isinstance(grid[0][0], list):  # a colour feature, (3, h, w)
         grid = grid[0]
     row, col = feat.get("offset", ("?", "?"))
-    rows.append(("feature", f"{feat.get('name')} ({len(grid)}x{len(grid[0])} px at row {row}, col {col}, "
-                            f"intensity {feat.get('intensity')})"))
-    rows.append(("canary", describe_canary(d["canary"]) if "canary" in d else "–"))
+    if feat:
+        rows.append(("feature", f"{feat.get('name')} ({len(grid)}x{len(grid[0])} px at row {row}, col {col}, "
+                                f"intensity {feat.get('intensity')})"))
+        rows.append(("canary", describe_canary(d["canary"]) if "canary" in d else "–"))
     regs = d.get("regularisers", [])
     rows.append(("regularisers", "+".join(regs) or "none"))
     skip = {"feature", "canary", "regularisers", "dp"}
@@ -244,32 +214,12 @@ def config_rows(d: dict[str, Any]) -> list[tuple[str, Any]]:
     return rows
 
 
-def _figure_html(fig: "go.Figure", div_id: str, height: int | None = None) -> str:
-    if height is not None:
-        fig.update_layout(height=height)
-    # plotly.js is in the page head once; each figure carries only its data and layout.
-    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id,
-                       config={"displaylogo": False, "responsive": True})
-
-
-def _page(title: str, body: Sequence[str]) -> str:
-    from plotly.offline import get_plotlyjs
-
-    made = time.strftime("%Y-%m-%d %H:%M:%S")
-    return "\n".join([
-        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-        f"<title>{_esc(title)}</title>", f"<style>{_CSS}</style>",
-        f'<script type="text/javascript">{get_plotlyjs()}</script>', "</head>", "<body>", *body,
-        f'<p class="note">Report made {made} by ufm {_esc(__version__)} (plotly.js embedded; opens offline).</p>',
-        "</body>", "</html>"])
-
-
 def _versions_table(versions: dict[str, dict[str, str]]) -> str:
     """Rows: run id; columns: the packages (ufm, torch, numpy, python)."""
     keys = ["ufm", "torch", "numpy", "python"]
     extra = sorted({k for v in versions.values() for k in v} - set(keys))
     cols = keys + extra
-    return _table(["run", *cols], ([rid, *(v.get(k) for k in cols)] for rid, v in versions.items()))
+    return table(["run", *cols], ([rid, *(v.get(k) for k in cols)] for rid, v in versions.items()))
 
 
 def _summary_pairs(s: dict[str, Any], v: "Verdict | None") -> list[tuple[str, Any]]:
@@ -295,28 +245,37 @@ def run_html(store: Store, run_id: str) -> str:
 
     v = stored_verdict(store, store.get(run_id))
     rec = store.get(run_id)
-    body = [f"<h1>ufm run {_esc(rec.id)}</h1>",
-            _kv_table([("status", rec.status), ("created", iso_time(rec.created)), ("finished", iso_time(rec.finished)),
-                       ("ufm version", rec.code_version), ("config key", rec.config_key)])]
+    body = [f"<h1>ufm run {esc(rec.id)}</h1>",
+            kv_table([("status", rec.status), ("created", iso_time(rec.created)), ("finished", iso_time(rec.finished)),
+                      ("ufm version", rec.code_version), ("config key", rec.config_key)])]
     if rec.error:
-        body.append(f'<p class="error">{_esc(rec.error)}</p>')
+        body.append(f'<p class="error">{esc(rec.error)}</p>')
     versions: dict[str, dict[str, str]] = {}
-    if rec.status == "done" and rec.summary:
+    if rec.status == "done" and rec.summary and rec.is_privacy_audit:
+        from ufm.audits.privacy_audit import audit_histogram
+        from ufm.audits.privacy_audit_store import audit_of_run
+
+        res = audit_of_run(store, rec)
+        body += ["<h2>Privacy audit</h2>", "".join(f"<p>{_esc(line)}</p>" for line in res.summary_lines()),
+                 _figure_html(audit_histogram(res), "fig-audit", 420),
+                 "<h2>Training</h2>", _figure_html(loss_curve_figure(store.load_history(run_id)), "fig-loss", 380)]
+        versions[rec.id] = rec.summary.get("versions", {})
+    elif rec.status == "done" and rec.summary:
         s = rec.summary
         d_u, d_r = store.load_scores(run_id)
         history = store.load_history(run_id)
         sentence = v.sentence if v is not None else s.get("verdict", "")
-        body += [f'<p class="verdict">{_esc(sentence)}</p>', "<h2>Memorisation</h2>",
-                 _kv_table(_summary_pairs(s, v)),
-                 _figure_html(histogram_figure(d_u, d_r), "fig-hist", 420),
-                 "<h2>Training</h2>", _figure_html(loss_curve_figure(history), "fig-loss", 380)]
+        body += [f'<p class="verdict">{esc(sentence)}</p>', "<h2>Memorisation</h2>",
+                 kv_table(_summary_pairs(s, v)),
+                 figure_html(histogram_figure(d_u, d_r), "fig-hist", 420),
+                 "<h2>Training</h2>", figure_html(loss_curve_figure(history), "fig-loss", 380)]
         versions[rec.id] = s.get("versions", {})
     else:
-        body.append(f'<p class="note">No results: the run is {_esc(rec.status)}.</p>')
-    body += ["<h2>Configuration</h2>", _kv_table(config_rows(rec.config_data))]
+        body.append(f'<p class="note">No results: the run is {esc(rec.status)}.</p>')
+    body += ["<h2>Configuration</h2>", kv_table(config_rows(rec.config_data))]
     if versions:
         body += ["<h2>Versions</h2>", _versions_table(versions)]
-    return _page(f"ufm run {rec.id}", body)
+    return page(f"ufm run {rec.id}", body)
 
 
 def _differences(base: dict[str, Any], d: dict[str, Any]) -> str:
@@ -349,17 +308,17 @@ def study_html(store: Store, name: str) -> str:
     runs = runs_frame(store, name)
     agg = aggregate(runs)
     base = study.base_config.to_dict()
-    body = [f"<h1>ufm study: {_esc(study.name)}</h1>",
-            _kv_table([("kind", study.kind), ("created", iso_time(study.created)), ("members", len(study.entries)),
-                       ("groups", len(study.groups)), ("description", study.description or "–")])]
+    body = [f"<h1>ufm study: {esc(study.name)}</h1>",
+            kv_table([("kind", study.kind), ("created", iso_time(study.created)), ("members", len(study.entries)),
+                      ("groups", len(study.groups)), ("description", study.description or "–")])]
 
     body += ["<h2>Memorisation by group</h2>",
              '<p class="note">Mean M over the finished runs of each group (seeds) with a 95% Student-t interval; '
              'a group with one finished run has no interval. "Memorised (verdict)" counts the runs whose verdict '
              "record says memorised (calibrated where the run's reference models exist, else the provisional "
              "fast test); the paper's t-test never decides.</p>",
-             _table(["group", "finished / members", "mean M (nats)", "95% interval", "memorised (verdict)",
-                     "mean test accuracy", "epsilon spent (DP-SGD)"],
+             table(["group", "finished / members", "mean M (nats)", "95% interval", "memorised (verdict)",
+                    "mean test accuracy", "epsilon spent (DP-SGD)"],
                     ([r.group, f"{r.done} / {r.members}", r.mean_M,
                       f"[{fmt(r.ci_low)}, {fmt(r.ci_high)}]" if not math.isnan(r.ci_low) else r.interval,
                       _share_cell(r), pct(r.mean_test_accuracy),
@@ -367,9 +326,9 @@ def study_html(store: Store, name: str) -> str:
                      for r in agg.itertuples()))]
     if (agg["done"] > 0).any():
         shown = agg[agg["done"] > 0]
-        body.append(_figure_html(m_bar_figure(list(shown["group"]), list(shown["mean_M"]),
-                                              [None if math.isnan(v) else v for v in shown["ci_low"]],
-                                              [None if math.isnan(v) else v for v in shown["ci_high"]]),
+        body.append(figure_html(m_bar_figure(list(shown["group"]), list(shown["mean_M"]),
+                                             [None if math.isnan(v) else v for v in shown["ci_low"]],
+                                             [None if math.isnan(v) else v for v in shown["ci_high"]]),
                                  "fig-m-bar", 420))
 
     done = runs[runs["status"] == "done"]
@@ -382,22 +341,22 @@ def study_html(store: Store, name: str) -> str:
             # small multiples: the legend below the plot, where a narrow figure has room for it
             fig.update_layout(legend=dict(orientation="h", x=0, xanchor="left", y=-0.3, yanchor="top"),
                               margin=dict(t=50, b=110))
-            body.append(_figure_html(fig, f"fig-hist-{r.position}", 400))
+            body.append(figure_html(fig, f"fig-hist-{r.position}", 400))
             versions[r.run_id] = (store.get(r.run_id).summary or {}).get("versions", {})
         body.append("</div>")
 
     body += ["<h2>Runs</h2>",
-             _table(["#", "group", "seed", "run", "status", "M (nats)", "verdict", "verdict p", "test accuracy",
-                     "error"],
+             table(["#", "group", "seed", "run", "status", "M (nats)", "verdict", "verdict p", "test accuracy",
+                    "error"],
                     ([r.position, r.group, r.seed, r.run_id or "–", r.status, r.M, r.verdict_headline,
                       r.verdict_p_text, pct(r.test_accuracy), r.error]
                      for r in runs.itertuples()))]
-    body += ["<h2>Configuration</h2>", "<p>Base configuration:</p>", _kv_table(config_rows(base)),
+    body += ["<h2>Configuration</h2>", "<p>Base configuration:</p>", kv_table(config_rows(base)),
              "<p>Groups (what differs from the base, besides the seed):</p>",
-             _table(["group", "differs by", "seeds"],
-                    ([g, _differences(base, next(e.config.to_dict() for e in study.entries if e.group == g)),
-                      ", ".join(str(e.config.seed) for e in study.entries if e.group == g)]
-                     for g in study.groups))]
+             table(["group", "differs by", "seeds"],
+                   ([g, _differences(base, next(e.config.to_dict() for e in study.entries if e.group == g)),
+                     ", ".join(str(e.config.seed) for e in study.entries if e.group == g)]
+                    for g in study.groups))]
     if versions:
         body += ["<h2>Versions</h2>", _versions_table(versions)]
-    return _page(f"ufm study {study.name}", body)
+    return page(f"ufm study {study.name}", body)

@@ -47,8 +47,11 @@ class Artifacts:
                     "state_dict": {k: v.detach().to("cpu") for k, v in c.state_dict.items()}}
                    for c in result.checkpoints]
             _atomic_write(d / "checkpoints.pt", lambda f: torch.save(cps, f))
-        _atomic_write(d / "d_u.npy", lambda f: np.save(f, np.asarray(result.score.d_u, np.float64), allow_pickle=False))
-        _atomic_write(d / "d_r.npy", lambda f: np.save(f, np.asarray(result.score.d_r, np.float64), allow_pickle=False))
+        if result.score is not None:  # a privacy-audit run has no d_u, d_r: its scores are in result.json
+            _atomic_write(d / "d_u.npy", lambda f: np.save(f, np.asarray(result.score.d_u, np.float64),
+                                                           allow_pickle=False))
+            _atomic_write(d / "d_r.npy", lambda f: np.save(f, np.asarray(result.score.d_r, np.float64),
+                                                           allow_pickle=False))
         _atomic_write(d / "history.json", lambda f: f.write(json.dumps([asdict(h) for h in result.history]).encode()))
         _atomic_write(d / "result.json", lambda f: f.write(result.to_json().encode()))
 

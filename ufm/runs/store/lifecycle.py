@@ -100,7 +100,16 @@ def _finite(v: Any) -> Any:
 
 
 def result_summary(result: "Result") -> dict[str, Any]:
-    """The small part of a Result kept in the database row (the arrays live in artifacts)."""
+    """The small part of a Result kept in the database row (the arrays live in artifacts).
+
+    A privacy-audit run (no ``score``) keeps ``kind: "privacy audit"``, its canary counts and the
+    bound at the default settings instead of M and the tests
+    (:func:`ufm.audits.privacy_audit.audit_run_summary`).
+    """
+    if result.score is None:
+        from ufm.audits.privacy_audit import audit_run_summary
+
+        return {k: _finite(v) for k, v in audit_run_summary(result).items()}
     s = result.score
     return {k: _finite(v) for k, v in {
         "M": float(s.M), "X_u": float(s.X_u), "X_r": float(s.X_r),
@@ -168,6 +177,11 @@ class RunRecord:
     @property
     def M(self) -> float | None:
         return None if self.summary is None else self.summary.get("M")
+
+    @property
+    def is_privacy_audit(self) -> bool:
+        """A privacy-audit run: its config carries audit canaries, and it has no M and no verdict."""
+        return self.config_data.get("audit") is not None
 
     @property
     def finished_ok(self) -> bool:
