@@ -167,8 +167,8 @@ class AuditBound:
         m: canaries; k_plus, k_minus: the chosen guess counts; guesses = k_plus + k_minus = r;
         correct: v.
         grid_size: G pairs tried (1 when k+/k- were fixed); each was tested at ``beta / G``.
-        p_value: the chosen pair's Steinke p-value at ``epsilon`` (< beta / G); NaN for the f-DP
-            analyses, which reject without a p-value (each test is made at ``beta / G``).
+        p_value: the chosen pair's Steinke p-value at ``epsilon`` (< beta / G); None for the f-DP
+            analyses (None), which reject without a p-value (each test is made at ``beta / G``).
         analysis: which bound (:data:`ANALYSES`); choices: k, the choices per slot (2: membership).
     """
 
@@ -181,7 +181,7 @@ class AuditBound:
     guesses: int
     correct: int
     grid_size: int
-    p_value: float
+    p_value: float | None
     analysis: str = "steinke"
     choices: int = 2
 
@@ -246,7 +246,7 @@ def audit_bound(scores: Sequence[float] | np.ndarray, is_in: Sequence[bool] | np
         # against eps = 0, so the guesses reported are the most telling ones
         rank = (eps, -p_value(m, r, v, 0.0, delta))
         if best_rank is None or rank > best_rank:
-            pv = p_value(m, r, v, eps, delta) if analysis == "steinke" else float("nan")
+            pv = p_value(m, r, v, eps, delta) if analysis == "steinke" else None
             best, best_rank = AuditBound(eps, confidence, delta, m, kp, km, r, v, len(pairs), pv, analysis), rank
     assert best is not None
     return best

@@ -31,7 +31,7 @@ def reconstruction_scores(exp: Any, m: int, k: int, *, feature_size: int = 7, pr
     """
     import torch
 
-    from ufm.audits.privacy_audit import _rng, audit_features, check_audit_canaries
+    from ufm.core.audit_canaries import _rng, audit_features, check_audit_canaries
     from ufm.core.canary import stamp_feature
     from ufm.core.data import ImageData, check_same_classes, train_val_split
     from ufm.core.experiment import _cached_split, inference_images, training_split

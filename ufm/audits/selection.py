@@ -77,7 +77,7 @@ def reconstruction_bound(scores: np.ndarray, truth: Sequence[int] | np.ndarray, 
         v = int(right[r - 1])
         eps = count_bound(m, r, v, k=k, analysis=analysis, delta=delta, beta=beta)
         if best is None or (eps, v / r) > (best.epsilon, best.correct / best.guesses):
-            best = AuditBound(eps, confidence, delta, m, r, 0, r, v, len(counts), float("nan"), analysis, k)
+            best = AuditBound(eps, confidence, delta, m, r, 0, r, v, len(counts), None, analysis, k)
     assert best is not None
     return best
 
