@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ufm.audits.bounds import audit_bound, score_auc  # noqa: E402
-from ufm.audits.privacy_audit import AuditConfig, run_audit  # noqa: E402
+from ufm.audits.privacy_audit import PrivacyAuditConfig as AuditConfig, run_privacy_audit as run_audit  # noqa: E402
 from ufm.audits.reconstruction import reconstruction_scores  # noqa: E402
 from ufm.audits.selection import reconstruction_bound  # noqa: E402
 from ufm.core.experiment import ExperimentConfig  # noqa: E402

@@ -414,3 +414,47 @@ def test_dp_sgd_reconstruction_audit_never_exceeds_the_substitution_claim(shared
         assert b.choices == k and 0 <= b.epsilon <= claim, b.analysis
         assert count_bound(m, 20, 20, k=k, analysis=b.analysis, delta=delta,
                            beta=0.05 / len(guess_count_grid(m))) > 2 * claim
+
+
+# ----------------------------------------------------------------------------- reconstruction
+
+def test_reconstruction_audit_round_trips_and_keeps_membership_keys(tiny_data, one_torch_thread, tmp_path):
+    from ufm.runs.store import Store
+
+    store = Store(tmp_path / "home")
+    base = PrivacyAuditConfig(tiny_config(tiny_data, epochs=3), canaries=20, feature_size=3, offset=(0, 0))
+    assert "guess" not in base.to_dict() and "guess" not in base.canary_spec().to_dict()  # keys as before
+    cfg = base.replace(guess="reconstruction", choices=4)
+    res = run_privacy_audit(cfg, store=store)
+    assert len(res.scores) == 80 and len(res.choice) == 20 and res.bound.analysis == "fdp-approx"
+    assert set(res.bounds) == {"fdp-approx", "fdp-gaussian"} and all(b.choices == 4 for b in res.bounds.values())
+    back = PrivacyAuditResult.from_json(res.to_json())
+    assert back.to_dict() == res.to_dict() and back.guess_accuracy == res.guess_accuracy
+    assert load_privacy_audit(store, cfg).to_dict() == res.to_dict()
+    fig = audit_histogram(res)
+    assert sum(fig.data[0].y) == 60 and sum(fig.data[1].y) == 20  # the other candidates vs the drawn ones
+    with pytest.raises(ValueError, match="needs --guess reconstruction|2 choices"):
+        PrivacyAuditConfig(tiny_config(tiny_data), canaries=20, choices=4)
+    with pytest.raises(ValueError, match="random features, the label-gain score"):
+        PrivacyAuditConfig(tiny_config(tiny_data), canaries=20, guess="reconstruction", choices=4, score="M")
+
+
+def test_audit_page_reconstruction_shows_the_analyses(app_env):
+    from dashboard import privacy_ui, state
+    from tests.test_app import _app
+    from tests.test_privacy_audit_runs import _wait
+
+    at = _app().switch_page("app_pages/privacy.py").run()
+    at.number_input(key="pa_m").set_value(20)
+    at.number_input(key="pa_size").set_value(3)
+    at.selectbox(key="pa_guess").set_value("reconstruction")
+    at.number_input(key="pa_choices").set_value(4)
+    at.button(key="FormSubmitter:pa_form-Audit privacy").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    run_id = at.session_state[privacy_ui.AUDIT]
+    assert _wait(state.store(), run_id).status == "done"
+    at.run()
+    assert not at.exception
+    assert any("Analysis used: **f-DP, (eps, delta) curve" in c.value for c in at.caption)
+    table = at.dataframe[0].value
+    assert len(table) == 2 and table["analysis"].str.contains("Gaussian curve").any()

@@ -198,6 +198,8 @@ class AuditBound:
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if (self.analysis, self.choices) == ("steinke", 2):  # the dict Steinke's bound had before the others
+            del d["analysis"], d["choices"]
         d["correction"] = self.correction
         return d
 

@@ -66,3 +66,11 @@ def guess_accuracy(audit: dict[str, Any], choices: int) -> float:
     """Reconstruction: the share of slots whose argmax candidate is the drawn one (chance 1/k)."""
     scores = np.asarray(audit["scores"], dtype=np.float64).reshape(len(audit["choice"]), choices)
     return float(np.mean(np.argmax(scores, axis=1) == np.asarray(audit["choice"])))
+
+
+def bounds_rows(bounds: dict[str, AuditBound], primary: str) -> list[dict[str, Any]]:
+    """One row per analysis for a table: the analysis (marked when it is the primary one), its eps
+    lower bound (rounded to 0.01), the guesses right and made, and the correction."""
+    return [{"analysis": b.analysis_label + (" (the audit's bound)" if a == primary else ""),
+             "epsilon >=": round(b.epsilon, 2), "right / guesses": f"{b.correct} / {b.guesses}",
+             "correction": b.correction} for a, b in bounds.items()]
