@@ -21,6 +21,7 @@ from ufm.audits.privacy_audit_store import list_privacy_audits, load_privacy_aud
 from ufm.measure.scores import class_gain, log_prob_gains
 
 from .conftest import needs_shared
+from .test_app import app_env  # noqa: F401 - the dashboard fixture
 
 
 # ----------------------------------------------------------------------------- brute force
