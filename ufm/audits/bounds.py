@@ -25,8 +25,16 @@ they are left open, every pair of a fixed grid (:func:`default_grid`, chosen bef
 seen) is tested at level ``beta / G`` (**Bonferroni** over the G pairs) and the largest bound is
 reported: the chance that any of the G tests wrongly rejects is at most ``G * beta / G = beta``,
 so the reported bound holds at confidence ``1 - beta`` although the best pair was picked after
-looking at the scores and the outcome. (The alternative, choosing on a held-out half of the
-canaries, is not used: it halves m, which costs more than the log(G) of Bonferroni here.)
+looking at the scores and the outcome. The alternative, choosing on a selection half of the
+canaries and auditing the other half (:func:`ufm.audits.selection.split_bound`), was measured on
+real scores (benchmarks/results/privacy-audit-research.md): for Steinke's and the (eps, delta)
+f-DP analysis Bonferroni gives the larger bound everywhere; for the Gaussian f-DP analysis the
+split's mean is sometimes larger (that bound grows as m shrinks at fixed counts) but its spread
+over seeds is two to three times wider. Bonferroni stays the default.
+
+Side by side (:func:`count_bound`, ``analysis``): Steinke's (membership only), and the f-DP
+analysis of Mahloujifar, Melis & Chaudhuri (2025) with the (eps, delta) curve or the Gaussian
+curve (:mod:`ufm.audits.fdp`), both valid for k-ary reconstruction guesses too.
 """
 
 from __future__ import annotations
