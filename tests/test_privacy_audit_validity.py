@@ -139,3 +139,21 @@ def test_audit_page_reconstruction_shows_the_analyses(app_env):
     assert any("Analysis used: **f-DP, (eps, delta) curve" in c.value for c in at.caption)
     table = at.dataframe[0].value
     assert len(table) == 2 and table["analysis"].str.contains("Gaussian curve").any()
+
+
+def test_cli_reconstruction(tiny_data, one_torch_thread, tmp_path, capsys):
+    import json
+
+    from ufm.cli import main
+
+    from .test_privacy_audit import _cli_args
+
+    out = tmp_path / "rec.json"
+    assert main(_cli_args(tiny_data, "--canaries", "10", "--feature-size", "3", "--guess", "reconstruction",
+                          "--choices", "3", "--out", str(out))) == 0
+    d = json.loads(out.read_text())
+    assert d["config"]["guess"] == "reconstruction" and len(d["scores"]) == 30 and len(d["choice"]) == 10
+    assert set(d["bounds"]) == {"fdp-approx", "fdp-gaussian"} and d["bound"]["analysis"] == "fdp-approx"
+    assert "which of 3 candidates" in capsys.readouterr().out
+    assert main(_cli_args(tiny_data, "--canaries", "10", "--choices", "3")) == 2
+    assert "needs --guess reconstruction" in capsys.readouterr().err
