@@ -13,8 +13,10 @@ st.write("Put m **distinct** unique features on m training images, each included
          "train **one** model, and guess from the model's outputs alone which features it saw. Many "
          "correct guesses prove that the training is *not* epsilon-DP for small epsilon: the page reports "
          "the largest epsilon so refuted, a **lower bound** on the privacy loss (Steinke, Nasr & Jagielski "
-         "2023, *Privacy Auditing with One (1) Training Run*). A DP-SGD model's bound must stay below "
-         "the epsilon its accountant claims.")
+         "2023, *Privacy Auditing with One (1) Training Run*), shown beside the tighter f-DP analysis of "
+         "the same guesses (Mahloujifar, Melis & Chaudhuri 2025, *Auditing f-Differential Privacy in One "
+         "Run*). With **reconstruction** guesses each slot carries one of K candidate features and the "
+         "guess is which one. A DP-SGD model's bound must stay below the epsilon its accountant claims.")
 try:
     cfg = ui.audit_form()
     if cfg is not None:

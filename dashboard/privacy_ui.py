@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from ufm.audits.privacy_audit_bounds import bounds_rows
 from ufm.audits.privacy_audit import (SCORES, PrivacyAuditConfig, PrivacyAuditResult, audit_canary_limit,
                                       audit_from_result, audit_histogram, check_audit_canaries)
 from ufm.audits.privacy_audit_store import attach_study_audits, list_privacy_audits
@@ -63,17 +64,27 @@ def audit_form() -> PrivacyAuditConfig | None:
                                   "their classes); measured: IN vs OUT separation AUC 0.83 vs 0.64 for M. "
                                   "M: the paper's label-free score X_u - X_r")
         confidence = e4.select_slider("confidence", [0.9, 0.95, 0.99], 0.95, key="pa_conf")
+        g1, g2 = st.columns(2)
+        guess = g1.selectbox("guesses", ["membership", "reconstruction"], key="pa_guess",
+                             help="membership: IN or OUT per canary (Steinke's and the f-DP analyses); "
+                                  "reconstruction: which of K candidate features each slot carries (a correct "
+                                  "guess is worth more; the f-DP analyses, the ones proved for K-ary guesses)")
+        choices = g2.number_input("candidates per slot K (reconstruction)", 2, 100, 10, key="pa_choices")
         with st.expander("DP-SGD settings (used when dp-sgd is among the regularisers)"):
             dp_widget("pa", initial=setup_dp(setup), in_form=True, train_size=setup.get("train_size"))
         st.caption(f"Dataset {setup['dataset']}, {setup['train_size'] or 'all'} training images, at most "
                    f"{setup['epochs']} epochs (from Train & measure). delta = 1e-5; the guess counts are chosen "
-                   "with a Bonferroni correction over a fixed grid.")
+                   "with a Bonferroni correction over a fixed grid. Reconstruction uses random features, the "
+                   "label-gain score and clean OUT images.")
         if not st.form_submit_button("Audit privacy", type="primary", disabled=limit < 2):
             return None
     check_canaries(int(m), setup)
     exp = state.config_from_setup(setup, arch=arch, regularisers=tuple(regs), seed=int(seed), dp=dp_from_state("pa"))
+    if guess == "reconstruction":
+        kind, score, out_mode = "random", "label-gain", "clean"
     return PrivacyAuditConfig(exp, canaries=int(m), features=kind, feature_size=int(size), placement=placement,
-                       out_mode=out_mode, confidence=float(confidence), score=score)
+                              out_mode=out_mode, confidence=float(confidence), score=score, guess=guess,
+                              choices=int(choices) if guess == "reconstruction" else 2)
 
 
 def setup_dp(setup: dict) -> DPConfig | None:
@@ -215,7 +226,9 @@ def label(res: PrivacyAuditResult) -> str:
     e = res.config.experiment
     regs = "+".join(e.regularisers) or "none"
     where = f"run {state.short(res.run_id)}" if res.run_id else "saved file"
-    return (f"{e.dataset} {e.arch} {regs} m={res.config.canaries} score {res.config.score} seed {e.seed}: "
+    what = (f"reconstruction K={res.config.choices}" if res.config.guess == "reconstruction"
+            else f"score {res.config.score}")
+    return (f"{e.dataset} {e.arch} {regs} m={res.config.canaries} {what} seed {e.seed}: "
             f"eps >= {res.epsilon:.2f} ({where})")
 
 
@@ -223,16 +236,19 @@ def result_panel(res: PrivacyAuditResult) -> None:
     b = res.bound
     c = st.columns(4)
     c[0].metric(f"epsilon lower bound ({b.confidence:.0%})", f"{b.epsilon:.2f}",
-                help=f"delta = {b.delta:g}; {b.correction}")
-    c[1].metric("guesses correct", f"{b.correct} / {b.guesses}",
-                help=f"k+ = {b.k_plus} IN guesses (highest scores), k- = {b.k_minus} OUT guesses (lowest), "
-                     f"abstained on {b.m - b.guesses} of {b.m}")
+                help=f"{b.analysis_label}; delta = {b.delta:g}; {b.correction}")
+    guessed = (f"which of {b.choices} candidates, for the {b.guesses} slots scored most clearly"
+               if b.choices > 2 else f"k+ = {b.k_plus} IN guesses (highest scores), k- = {b.k_minus} OUT guesses (lowest)")
+    c[1].metric("guesses correct", f"{b.correct} / {b.guesses}", help=f"{guessed}, abstained on {b.m - b.guesses} of {b.m}")
     c[2].metric("DP-SGD claims epsilon", "—" if res.claimed_epsilon is None else f"{res.claimed_epsilon:.2f}",
                 help="the accountant's epsilon (Opacus RDP, add/remove one image)")
     c[3].metric("test accuracy", f"{res.test_accuracy:.1%}")
     key = audit_id(res).replace(":", "_")
+    st.caption(f"Analysis used: **{b.analysis_label}**; {b.correction}.")
+    if res.bounds:
+        st.dataframe(bounds_rows(res.bounds, b.analysis), hide_index=True, key=f"pa_bounds_{key}")
     st.plotly_chart(audit_histogram(res), key=f"pa_hist_{key}")
-    for line in res.summary_lines()[2:]:
+    for line in res.summary_lines()[1 + max(0, len(res.bounds) - 1) + 1:]:
         st.caption(line)
     st.download_button("Download the audit (JSON)", res.to_json(indent=1), "ufm-privacy-audit.json",
                        "application/json", key=f"pa_dl_{key}")

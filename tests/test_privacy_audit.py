@@ -129,11 +129,12 @@ def test_fixed_counts_need_no_correction_and_grid_is_bonferroni():
 
 
 def test_random_scores_give_no_bound_at_the_nominal_rate():
-    """Scores independent of the draw (eps = 0 truly): the corrected bound is > 0 in at most
-    ~5% of audits (checked over 200 draws)."""
+    """Scores independent of the draw (eps = 0 truly): the corrected bound is > 0 in at most 5% of
+    audits, as the README states (200 draws of 200 canaries). Every analysis and guess kind, and
+    the planted over-count this check catches: tests/test_fdp.py."""
     rng = np.random.default_rng(1)
     positive = sum(audit_bound(rng.normal(size=200), rng.random(200) < 0.5).epsilon > 0 for _ in range(200))
-    assert positive <= 20
+    assert positive / 200 <= 0.05
 
 
 def test_bound_rejects_bad_input():
@@ -209,21 +210,6 @@ def test_audit_runs_is_deterministic_and_round_trips(tiny_data, one_torch_thread
     assert len(fig.data) == 2 and sum(fig.data[0].y) + sum(fig.data[1].y) == 40
     removed = run_privacy_audit(cfg.replace(out_mode="removed"), store=store)
     assert removed.n_train == 270 - (40 - sum(removed.is_in))
-
-
-@pytest.mark.parametrize("target", [1.0, 4.0])
-def test_dp_sgd_audit_never_exceeds_the_claim(tiny_data, one_torch_thread, target):
-    """Validity: repeated audits of DP-SGD models (3 per claim: two seeds leaving OUT images out,
-    the adjacency the accountant's epsilon is for, and one replacing them) never give a lower
-    bound above the accountant's epsilon."""
-    from ufm.core.train import DPConfig
-
-    for seed, mode in ((0, "removed"), (1, "removed"), (2, "clean")):
-        exp = tiny_config(tiny_data, regularisers=("dp-sgd",), epochs=3, seed=seed,
-                          dp=DPConfig(noise_multiplier=None, target_epsilon=target))
-        res = run_privacy_audit(PrivacyAuditConfig(exp, canaries=100, feature_size=3, offset=(0, 0), out_mode=mode))
-        assert res.claimed_epsilon == pytest.approx(target, rel=0.05)
-        assert 0 <= res.epsilon <= res.claimed_epsilon
 
 
 # ----------------------------------------------------------------------------- the scores

@@ -25,8 +25,16 @@ they are left open, every pair of a fixed grid (:func:`default_grid`, chosen bef
 seen) is tested at level ``beta / G`` (**Bonferroni** over the G pairs) and the largest bound is
 reported: the chance that any of the G tests wrongly rejects is at most ``G * beta / G = beta``,
 so the reported bound holds at confidence ``1 - beta`` although the best pair was picked after
-looking at the scores and the outcome. (The alternative, choosing on a held-out half of the
-canaries, is not used: it halves m, which costs more than the log(G) of Bonferroni here.)
+looking at the scores and the outcome. The alternative, choosing on a selection half of the
+canaries and auditing the other half (:func:`ufm.audits.selection.split_bound`), was measured on
+real scores (benchmarks/results/privacy-audit-research.md): for Steinke's and the (eps, delta)
+f-DP analysis Bonferroni gives the larger bound everywhere; for the Gaussian f-DP analysis the
+split's mean is sometimes larger (that bound grows as m shrinks at fixed counts) but its spread
+over seeds is two to three times wider. Bonferroni stays the default.
+
+Side by side (:func:`count_bound`, ``analysis``): Steinke's (membership only), and the f-DP
+analysis of Mahloujifar, Melis & Chaudhuri (2025) with the (eps, delta) curve or the Gaussian
+curve (:mod:`ufm.audits.fdp`), both valid for k-ary reconstruction guesses too.
 """
 
 from __future__ import annotations
@@ -40,6 +48,12 @@ from scipy import stats
 
 DEFAULT_DELTA = 1e-5
 DEFAULT_CONFIDENCE = 0.95
+ANALYSES = ("steinke", "fdp-gaussian", "fdp-approx")
+ANALYSIS_LABELS = {
+    "steinke": "Steinke, Nasr & Jagielski 2023 ((eps, delta)-DP)",
+    "fdp-gaussian": "f-DP, Gaussian curve (Mahloujifar, Melis & Chaudhuri 2025)",
+    "fdp-approx": "f-DP, (eps, delta) curve (Mahloujifar, Melis & Chaudhuri 2025)",
+}
 
 
 # ----------------------------------------------------------------------------------- the bound
@@ -100,6 +114,25 @@ def epsilon_lower_bound(m: int, r: int, v: int, *, delta: float = DEFAULT_DELTA,
     return lo
 
 
+def count_bound(m: int, r: int, v: int, *, k: int = 2, analysis: str = "steinke", delta: float = DEFAULT_DELTA,
+                beta: float = 1 - DEFAULT_CONFIDENCE) -> float:
+    """The eps lower bound from ``v`` correct of ``r`` guesses on ``m`` slots of ``k`` choices by
+    one of :data:`ANALYSES`. Steinke's is proved for membership only (``k = 2``); the f-DP ones
+    (:mod:`ufm.audits.fdp`) for every ``k``."""
+    from ufm.audits.fdp import fdp_epsilon_lower_bound
+
+    if analysis == "steinke":
+        if k != 2:
+            raise ValueError(f"Steinke et al.'s bound is for membership guesses (k = 2), not k = {k}: "
+                             "use analysis fdp-approx or fdp-gaussian")
+        return epsilon_lower_bound(m, r, v, delta=delta, beta=beta)
+    if analysis == "fdp-gaussian":
+        return fdp_epsilon_lower_bound(m, r, v, k=k, delta=delta, beta=beta, curve="gaussian")
+    if analysis == "fdp-approx":
+        return fdp_epsilon_lower_bound(m, r, v, k=k, delta=delta, beta=beta, curve="approx-dp")
+    raise ValueError(f"unknown analysis {analysis!r}; choose one of {', '.join(ANALYSES)}")
+
+
 def default_grid(m: int) -> list[tuple[int, int]]:
     """The (k+, k-) pairs tried when neither is fixed: for k in 1, 2, 5, 10, 20, 50, 100, ...
     (up to m), k IN-guesses alone and k IN- plus k OUT-guesses (2k <= m). Fixed before any score
@@ -142,7 +175,9 @@ class AuditBound:
         m: canaries; k_plus, k_minus: the chosen guess counts; guesses = k_plus + k_minus = r;
         correct: v.
         grid_size: G pairs tried (1 when k+/k- were fixed); each was tested at ``beta / G``.
-        p_value: the chosen pair's p-value at ``epsilon`` (< beta / G).
+        p_value: the chosen pair's Steinke p-value at ``epsilon`` (< beta / G); None for the f-DP
+            analyses (None), which reject without a p-value (each test is made at ``beta / G``).
+        analysis: which bound (:data:`ANALYSES`); choices: k, the choices per slot (2: membership).
     """
 
     epsilon: float
@@ -154,28 +189,38 @@ class AuditBound:
     guesses: int
     correct: int
     grid_size: int
-    p_value: float
+    p_value: float | None
+    analysis: str = "steinke"
+    choices: int = 2
 
     @property
     def correction(self) -> str:
+        what = "(k+, k-) pairs" if self.choices == 2 else "guess counts"
         if self.grid_size == 1:
-            return "none (k+ and k- fixed in advance)"
-        return f"Bonferroni over {self.grid_size} (k+, k-) pairs"
+            return f"none ({'k+ and k-' if self.choices == 2 else 'the guess count'} fixed in advance)"
+        return f"Bonferroni over {self.grid_size} {what}"
+
+    @property
+    def analysis_label(self) -> str:
+        return ANALYSIS_LABELS[self.analysis]
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if (self.analysis, self.choices) == ("steinke", 2):  # the dict Steinke's bound had before the others
+            del d["analysis"], d["choices"]
         d["correction"] = self.correction
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AuditBound":
-        return cls(**{f.name: d[f.name] for f in fields(cls)})
+        # results saved before the f-DP analysis carry neither field: they were Steinke's, k = 2
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 def audit_bound(scores: Sequence[float] | np.ndarray, is_in: Sequence[bool] | np.ndarray, *,
                 delta: float = DEFAULT_DELTA, confidence: float = DEFAULT_CONFIDENCE,
                 k_plus: int | None = None, k_minus: int | None = None,
-                grid: Sequence[tuple[int, int]] | None = None) -> AuditBound:
+                grid: Sequence[tuple[int, int]] | None = None, analysis: str = "steinke") -> AuditBound:
     """The epsilon lower bound from per-canary scores (higher = more likely IN) and the true draw.
 
     Args:
@@ -183,6 +228,7 @@ def audit_bound(scores: Sequence[float] | np.ndarray, is_in: Sequence[bool] | np
         is_in: (m,) the IN/OUT draw; used only to count correct guesses.
         k_plus, k_minus: fix the guess counts (no correction); give both or neither.
         grid: the (k+, k-) pairs to try when not fixed (default :func:`default_grid`); Bonferroni.
+        analysis: one of :data:`ANALYSES` (:func:`count_bound`).
     """
     s = np.asarray(scores, dtype=np.float64).ravel()
     truth = np.asarray(is_in, dtype=bool).ravel()
@@ -205,13 +251,13 @@ def audit_bound(scores: Sequence[float] | np.ndarray, is_in: Sequence[bool] | np
         g = make_guesses(s, kp, km)
         r = int(np.count_nonzero(g))
         v = int(np.sum((g == 1) & truth) + np.sum((g == -1) & ~truth))
-        eps = epsilon_lower_bound(m, r, v, delta=delta, beta=beta)
+        eps = count_bound(m, r, v, analysis=analysis, delta=delta, beta=beta)
         # the largest bound; among equal bounds (all 0, typically) the pair with the most evidence
         # against eps = 0, so the guesses reported are the most telling ones
         rank = (eps, -p_value(m, r, v, 0.0, delta))
         if best_rank is None or rank > best_rank:
-            best, best_rank = AuditBound(eps, confidence, delta, m, kp, km, r, v, len(pairs),
-                                         p_value(m, r, v, eps, delta)), rank
+            pv = p_value(m, r, v, eps, delta) if analysis == "steinke" else None
+            best, best_rank = AuditBound(eps, confidence, delta, m, kp, km, r, v, len(pairs), pv, analysis), rank
     assert best is not None
     return best
 

@@ -20,12 +20,17 @@ def audit_config_from_args(a: argparse.Namespace):
     from ufm.audits.privacy_audit import PrivacyAuditConfig
 
     exp = ExperimentConfig(**training_kwargs(a)).with_dp(dp_from_args(a))
+    if a.guess == "reconstruction" and a.k_plus is not None and a.k_minus is None:
+        a.k_minus = 0  # reconstruction makes only "which candidate" guesses: --k-plus is the guess count
+    if a.guess == "membership" and a.choices not in (None, 2):
+        raise ValueError(f"--choices {a.choices} needs --guess reconstruction (a membership guess has 2 choices)")
     if (a.k_plus is None) != (a.k_minus is None):
         raise ValueError("give both --k-plus and --k-minus (fixed guess counts) or neither (Bonferroni over the grid)")
     return PrivacyAuditConfig(exp, canaries=a.canaries, features=a.features, feature_size=a.feature_size,
                               text_length=a.text_length, offset=tuple(a.offset), placement=a.placement,
                               out_mode=a.out_mode, score=a.score, delta=a.delta, confidence=a.confidence,
-                              k_plus=a.k_plus, k_minus=a.k_minus)
+                              k_plus=a.k_plus, k_minus=a.k_minus, guess=a.guess,
+                              choices=a.choices if a.choices is not None else (10 if a.guess == "reconstruction" else 2))
 
 
 def cmd_privacy_audit(a: argparse.Namespace) -> int:
@@ -57,7 +62,10 @@ def register(sub) -> None:
         description="Draw m distinct unique features on m distinct training images, include each with "
                     "probability 1/2, train ONE model, score every feature (--score), guess IN for the highest "
                     "scores and OUT for the lowest, and turn the correct guesses into a lower bound on the "
-                    "differential-privacy epsilon (Steinke, Nasr & Jagielski 2023). The model is a run in the "
+                    "differential-privacy epsilon (Steinke, Nasr & Jagielski 2023), beside the f-DP analysis of "
+                    "the same guesses (Mahloujifar, Melis & Chaudhuri 2025). --guess reconstruction instead gives "
+                    "each of the m slots one of --choices K candidate features and guesses which (f-DP analyses "
+                    "only: the one proved for k-ary guesses in one run). The model is a run in the "
                     "store of --home: 'ufm runs list' shows it, 'ufm runs cancel' stops it, and an identical "
                     "audit reuses it.")
     add_data_group(p)
@@ -78,9 +86,15 @@ def register(sub) -> None:
     a.add_argument("--score", choices=["label-gain", "M"], default="label-gain",
                    help="label-gain (default): the feature's pull towards its canary's class on the inference "
                         "images; M: the paper's label-free X_u - X_r (weaker: README, privacy audit)")
+    a.add_argument("--guess", choices=["membership", "reconstruction"], default="membership",
+                   help="membership (default): guess IN or OUT per canary; reconstruction: guess which of --choices "
+                        "candidate features each slot carries (a correct guess is worth more)")
+    a.add_argument("--choices", type=int_in(2, 100), default=None, metavar="K",
+                   help="candidate features per slot with --guess reconstruction (default 10)")
     a.add_argument("--delta", type=finite_float, default=1e-5, help="delta of the bound (default 1e-5)")
     a.add_argument("--confidence", type=finite_float, default=0.95, help="confidence of the bound (default 0.95)")
-    a.add_argument("--k-plus", type=_nonneg_int, default=None, help="fixed IN guesses (with --k-minus; else Bonferroni grid)")
+    a.add_argument("--k-plus", type=_nonneg_int, default=None, help="fixed IN guesses (with --k-minus; else Bonferroni grid); "
+                                                                            "reconstruction: the guess count")
     a.add_argument("--k-minus", type=_nonneg_int, default=None, help="fixed OUT guesses")
     add_repeats_seed_device(a)
     p.add_argument("--out", default=None, help="write the audit JSON here ('-' for stdout)")

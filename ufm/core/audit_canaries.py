@@ -29,6 +29,11 @@ SCORE_UNITS = {"label-gain": "gain of the canary's class over the others' mean, 
 MAX_AUDIT_CANARIES = 10_000
 
 
+GUESSES = ("membership", "reconstruction")
+MAX_CHOICES = 100
+MAX_AUDIT_FEATURES = 20_000
+
+
 def _rng(seed: int, purpose: str) -> np.random.Generator:
     digest = hashlib.sha256(f"ufm-audit:{int(seed)}:{purpose}".encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
@@ -171,6 +176,10 @@ class AuditCanaries:
         out_mode: ``"clean"`` (an OUT image is trained on without its feature) or ``"removed"``
             (left out of training).
         score: ``"label-gain"`` or ``"M"`` (:mod:`ufm.audits.privacy_audit`: what each measures).
+        guess: ``"membership"`` (each canary IN or OUT) or ``"reconstruction"`` (each of the m
+            slots always carries ONE of its ``choices`` candidate features, drawn uniformly;
+            random features, label-gain score and out_mode clean only).
+        choices: k, candidates per slot (2 for membership).
     """
 
     canaries: int = 100
@@ -181,6 +190,8 @@ class AuditCanaries:
     placement: str = "random"
     out_mode: str = "clean"
     score: str = "label-gain"
+    guess: str = "membership"
+    choices: int = 2
 
     def __post_init__(self) -> None:
         if isinstance(self.canaries, bool) or not isinstance(self.canaries, (int, np.integer)):
@@ -204,11 +215,31 @@ class AuditCanaries:
         object.__setattr__(self, "offset", (int(self.offset[0]), int(self.offset[1])))
         object.__setattr__(self, "feature_size", int(self.feature_size))
         object.__setattr__(self, "text_length", int(self.text_length))
+        if self.guess not in GUESSES:
+            raise ValueError(f"unknown guess {self.guess!r} (--guess); choose one of {', '.join(GUESSES)}")
+        if isinstance(self.choices, bool) or not isinstance(self.choices, (int, np.integer)):
+            raise ValueError(f"choices must be a whole number, got {self.choices!r}")
+        object.__setattr__(self, "choices", int(self.choices))
+        if self.guess == "membership" and self.choices != 2:
+            raise ValueError(f"a membership audit has 2 choices (IN or OUT), got --choices {self.choices}: "
+                             "use --guess reconstruction for more")
+        if self.guess == "reconstruction":
+            if not 2 <= self.choices <= MAX_CHOICES:
+                raise ValueError(f"--choices must be between 2 and {MAX_CHOICES}, got {self.choices}")
+            if self.canaries * self.choices > MAX_AUDIT_FEATURES:
+                raise ValueError(f"{self.canaries} slots x {self.choices} choices = {self.canaries * self.choices} "
+                                 f"features, more than {MAX_AUDIT_FEATURES}: use fewer --canaries or --choices")
+            if (self.features, self.score, self.out_mode) != ("random", "label-gain", "clean"):
+                raise ValueError("a reconstruction audit uses random features, the label-gain score and out_mode "
+                                 "clean (every slot carries one of its candidates)")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"canaries": self.canaries, "features": self.features, "feature_size": self.feature_size,
-                "text_length": self.text_length, "offset": list(self.offset), "placement": self.placement,
-                "out_mode": self.out_mode, "score": self.score}
+        d = {"canaries": self.canaries, "features": self.features, "feature_size": self.feature_size,
+             "text_length": self.text_length, "offset": list(self.offset), "placement": self.placement,
+             "out_mode": self.out_mode, "score": self.score}
+        if self.guess != "membership":  # membership runs keep the keys they had before reconstruction
+            d.update(guess=self.guess, choices=self.choices)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AuditCanaries":
@@ -232,6 +263,15 @@ class AuditDraw:
     indices: np.ndarray
     is_in: np.ndarray
     labels: np.ndarray
+    choice: np.ndarray | None = None  # reconstruction: (m,) the drawn candidate of each slot
+
+    def stamped(self, j: int):
+        """The feature canary ``j``'s image carries when stamped (IN, or reconstruction's drawn
+        candidate: ``features`` then holds the m * k candidates slot by slot)."""
+        if self.choice is None:
+            return self.features[j]
+        k = len(self.features) // len(self.indices)
+        return self.features[j * k + int(self.choice[j])]
 
 
 def draw(spec: AuditCanaries, image_shape: Sequence[int], y: Any, seed: int) -> AuditDraw:
@@ -239,11 +279,15 @@ def draw(spec: AuditCanaries, image_shape: Sequence[int], y: Any, seed: int) -> 
     import torch
 
     n = len(y)
-    feats = audit_features(spec.features, spec.canaries, spec.feature_size, image_shape, offset=spec.offset,
+    k = spec.choices if spec.guess == "reconstruction" else 1
+    feats = audit_features(spec.features, spec.canaries * k, spec.feature_size, image_shape, offset=spec.offset,
                            text_length=spec.text_length, seed=seed, placement=spec.placement)
     idx = np.sort(_rng(seed, "images").choice(n, size=spec.canaries, replace=False)).astype(np.int64)
-    is_in = _rng(seed, "draw").random(spec.canaries) < 0.5
     labels = y[torch.as_tensor(idx)].numpy()
+    if spec.guess == "reconstruction":
+        choice = _rng(seed, "reconstruction-draw").integers(0, k, size=spec.canaries)
+        return AuditDraw(feats, idx, np.ones(spec.canaries, dtype=bool), labels, choice)
+    is_in = _rng(seed, "draw").random(spec.canaries) < 0.5
     return AuditDraw(feats, idx, is_in, labels)
 
 
@@ -262,8 +306,10 @@ def score_audit(model: Any, ood_x: Any, spec: AuditCanaries, canaries: AuditDraw
     report = progress or (lambda p: None)
     m = spec.canaries
     if spec.score == "label-gain":
-        report(Progress("score", epoch, max_epochs, message=f"audit model: scoring {m} features"))
-        return class_gain(log_prob_gains(model, ood_x, canaries.features, cancel=cancel), canaries.labels).tolist()
+        # reconstruction: every candidate of slot j scored for slot j's class; (m * k,) slot by slot
+        labels = np.repeat(canaries.labels, len(canaries.features) // m)
+        report(Progress("score", epoch, max_epochs, message=f"audit model: scoring {len(labels)} features"))
+        return class_gain(log_prob_gains(model, ood_x, canaries.features, cancel=cancel), labels).tolist()
     out = []
     for j, f in enumerate(canaries.features):
         if is_cancelled(cancel):

@@ -169,6 +169,8 @@ def run_experiment(config: ExperimentConfig, progress: ProgressFn | None = None,
             audit = {"scores": audit_scores, "is_in": [bool(b) for b in data.audit.is_in],
                      "indices": [int(i) for i in data.audit.indices], "labels": [int(v) for v in data.audit.labels],
                      "feature_names": [f.name for f in data.audit.features]}
+            if data.audit.choice is not None:
+                audit["choice"] = [int(c) for c in data.audit.choice]
         else:
             report(Progress("score", trained.epochs_trained, config.epochs, message="measuring memorisation"))
             score = memorisation_score(model, data.ood.x, config.feature, repeats=config.repeats,

@@ -140,7 +140,7 @@ def prepare_audit_data(config: ExperimentConfig, device: torch.device | str = "c
     idx = canaries.indices
     x = full.x.clone()
     for j in np.flatnonzero(canaries.is_in):
-        x[idx[j]:idx[j] + 1] = stamp_feature(full.x[idx[j]:idx[j] + 1], canaries.features[j])
+        x[idx[j]:idx[j] + 1] = stamp_feature(full.x[idx[j]:idx[j] + 1], canaries.stamped(j))
     train_idx, val_idx = train_val_split(n, config.val_fraction, exclude=idx, seed=config.seed)
     if spec.out_mode == "removed":
         train_idx = np.setdiff1d(train_idx, idx[~canaries.is_in])
