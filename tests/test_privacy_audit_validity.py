@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from ufm.audits.bounds import count_bound, default_grid
-from ufm.audits.privacy_audit import PrivacyAuditConfig, PrivacyAuditResult, audit_histogram, run_privacy_audit
+from ufm.audits.privacy_audit import PrivacyAuditConfig, PrivacyAuditResult, run_privacy_audit
+from ufm.audits.privacy_audit_figure import audit_histogram
 from ufm.audits.privacy_audit_store import load_privacy_audit
 
 from .conftest import needs_shared, tiny_config

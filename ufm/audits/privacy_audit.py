@@ -53,7 +53,6 @@ import numpy as np
 
 from ufm.audits.bounds import DEFAULT_CONFIDENCE, DEFAULT_DELTA, AuditBound, score_auc
 from ufm.audits.privacy_audit_bounds import PRIMARY, audit_bounds, guess_accuracy
-from ufm.audits.privacy_audit_figure import audit_histogram  # noqa: F401  (its home before the split)
 from ufm.core.audit_canaries import (FEATURE_KINDS, MAX_AUDIT_CANARIES, OUT_MODES, PLACEMENTS,  # noqa: F401
                                      SCORE_UNITS, SCORES, AuditCanaries, audit_canary_limit, audit_features,
                                      check_audit_canaries)
@@ -350,30 +349,6 @@ def audit_from_result(config: PrivacyAuditConfig, result: "Result", run_id: str 
                               n_train=int(result.n_train), train_seconds=float(result.train_seconds),
                               score_seconds=float(result.score_seconds), notes=notes, run_id=run_id, bounds=bounds,
                               choice=None if "choice" not in a else [int(c) for c in a["choice"]])
-
-
-def audit_run_summary(result: "Result") -> dict[str, Any]:
-    """A privacy-audit run's summary in the run store (:func:`ufm.runs.store.lifecycle.result_summary`):
-    the canary counts and the epsilon lower bound at the default delta and confidence (Bonferroni
-    grid), the one every list shows; other settings are computed from the stored scores
-    (:func:`audit_from_result`)."""
-    audit = result.audit or {}
-    spec = result.config.audit
-    guess = spec.guess if spec is not None else "membership"
-    b = audit_bounds(audit, guess=guess, choices=spec.choices if spec is not None else 2,
-                     analyses=[PRIMARY[guess]])[PRIMARY[guess]]
-    return {
-        "kind": "privacy audit", "audit_canaries": len(audit["scores"]),
-        "audit_in": int(sum(bool(x) for x in audit["is_in"])), "audit_epsilon_lb": float(b.epsilon),
-        "audit_delta": float(b.delta), "audit_confidence": float(b.confidence), "audit_correct": int(b.correct),
-        "audit_guesses": int(b.guesses), "learned": bool(result.learned),
-        "learned_note": result.learned_note, "test_accuracy": float(result.test_accuracy),
-        "epochs_trained": int(result.epochs_trained), "best_epoch": int(result.best_epoch), "stopped": result.stopped,
-        "epsilon": None if result.epsilon is None else float(result.epsilon),
-        "n_train": result.n_train, "n_val": result.n_val, "n_ood": result.n_ood,
-        "device": result.device, "train_seconds": float(result.train_seconds),
-        "score_seconds": float(result.score_seconds), "versions": dict(result.versions), "notes": list(result.notes),
-    }
 
 
 def run_privacy_audit(config: PrivacyAuditConfig, progress: Callable[[Any], None] | None = None, cancel: Any = None,

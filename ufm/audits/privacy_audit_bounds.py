@@ -13,12 +13,15 @@ empirical privacy: the right reading for DP-SGD, whose curve is nearly Gaussian)
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from ufm.audits.bounds import ANALYSES, DEFAULT_CONFIDENCE, DEFAULT_DELTA, AuditBound, audit_bound
 from ufm.audits.selection import reconstruction_bound
+
+if TYPE_CHECKING:
+    from ufm.core.experiment import Result
 
 MEMBERSHIP_ANALYSES = ANALYSES
 RECONSTRUCTION_ANALYSES = ("fdp-gaussian", "fdp-approx")
@@ -74,3 +77,28 @@ def bounds_rows(bounds: dict[str, AuditBound], primary: str) -> list[dict[str, A
     return [{"analysis": b.analysis_label + (" (the audit's bound)" if a == primary else ""),
              "epsilon >=": round(b.epsilon, 2), "right / guesses": f"{b.correct} / {b.guesses}",
              "correction": b.correction} for a, b in bounds.items()]
+
+
+def audit_run_summary(result: "Result") -> dict[str, Any]:
+    """A privacy-audit run's summary in the run store (:func:`ufm.runs.store.lifecycle.result_summary`; here, beside the
+    bounds, so the store needs nothing that runs audits):
+    the canary counts and the epsilon lower bound at the default delta and confidence (Bonferroni
+    grid), the one every list shows; other settings are computed from the stored scores
+    (:func:`ufm.audits.privacy_audit.audit_from_result`)."""
+    audit = result.audit or {}
+    spec = result.config.audit
+    guess = spec.guess if spec is not None else "membership"
+    b = audit_bounds(audit, guess=guess, choices=spec.choices if spec is not None else 2,
+                     analyses=[PRIMARY[guess]])[PRIMARY[guess]]
+    return {
+        "kind": "privacy audit", "audit_canaries": len(audit["scores"]),
+        "audit_in": int(sum(bool(x) for x in audit["is_in"])), "audit_epsilon_lb": float(b.epsilon),
+        "audit_delta": float(b.delta), "audit_confidence": float(b.confidence), "audit_correct": int(b.correct),
+        "audit_guesses": int(b.guesses), "learned": bool(result.learned),
+        "learned_note": result.learned_note, "test_accuracy": float(result.test_accuracy),
+        "epochs_trained": int(result.epochs_trained), "best_epoch": int(result.best_epoch), "stopped": result.stopped,
+        "epsilon": None if result.epsilon is None else float(result.epsilon),
+        "n_train": result.n_train, "n_val": result.n_val, "n_ood": result.n_ood,
+        "device": result.device, "train_seconds": float(result.train_seconds),
+        "score_seconds": float(result.score_seconds), "versions": dict(result.versions), "notes": list(result.notes),
+    }

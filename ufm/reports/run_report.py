@@ -252,7 +252,7 @@ def run_html(store: Store, run_id: str) -> str:
         body.append(f'<p class="error">{esc(rec.error)}</p>')
     versions: dict[str, dict[str, str]] = {}
     if rec.status == "done" and rec.summary and rec.is_privacy_audit:
-        from ufm.audits.privacy_audit import audit_histogram
+        from ufm.audits.privacy_audit_figure import audit_histogram
         from ufm.audits.privacy_audit_store import audit_of_run
 
         res = audit_of_run(store, rec)

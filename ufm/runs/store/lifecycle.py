@@ -58,10 +58,10 @@ def result_summary(result: "Result") -> dict[str, Any]:
 
     A privacy-audit run (no ``score``) keeps ``kind: "privacy audit"``, its canary counts and the
     bound at the default settings instead of M and the tests
-    (:func:`ufm.audits.privacy_audit.audit_run_summary`).
+    (:func:`ufm.audits.privacy_audit_bounds.audit_run_summary`).
     """
     if result.score is None:
-        from ufm.audits.privacy_audit import audit_run_summary
+        from ufm.audits.privacy_audit_bounds import audit_run_summary
 
         return {k: _finite(v) for k, v in audit_run_summary(result).items()}
     s = result.score
