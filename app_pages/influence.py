@@ -4,7 +4,8 @@ import streamlit as st
 
 from dashboard import influence_ui as ui
 from dashboard import state, views
-from ufm.reports.plots import influence_scatter_figure, pearson
+from ufm.measure.stats import pearson
+from ufm.reports.plots import influence_scatter_figure
 from ufm.reports.run_report import to_csv
 from ufm.attribution.sweep import ranking_config
 from ufm.runs.engine import QueueFull

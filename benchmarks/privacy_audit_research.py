@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ufm.audits.bounds import audit_bound, score_auc  # noqa: E402
+from ufm.audits.bounds import audit_bound  # noqa: E402
+from ufm.measure.stats import score_auc  # noqa: E402
 from ufm.audits.privacy_audit import PrivacyAuditConfig as AuditConfig, run_privacy_audit as run_audit  # noqa: E402
 from ufm.audits.reconstruction import reconstruction_scores  # noqa: E402
 from ufm.audits.selection import reconstruction_bound  # noqa: E402

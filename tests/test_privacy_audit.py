@@ -14,7 +14,8 @@ import pytest
 
 from tests.conftest import tiny_config
 from ufm.core.features import FeatureError
-from ufm.audits.bounds import audit_bound, default_grid, epsilon_lower_bound, make_guesses, p_value, score_auc
+from ufm.audits.bounds import audit_bound, default_grid, epsilon_lower_bound, make_guesses, p_value
+from ufm.measure.stats import score_auc
 from ufm.audits.privacy_audit import PrivacyAuditConfig, PrivacyAuditResult, audit_features, run_privacy_audit
 from ufm.audits.privacy_audit_figure import audit_histogram
 from ufm.audits.privacy_audit_store import list_privacy_audits, load_privacy_audit

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ufm.measure import stats
 from ufm.reports import reproduce as rp
 from ufm.cli import main
 from ufm.runs.store import Store
@@ -62,9 +63,9 @@ def test_settings_and_scales():
 
 def test_pearson_ci_known_answer():
     # Fisher z: atanh(0.5) = 0.5493, se = 1/sqrt(25) = 0.2, 0.5493 -/+ 1.96 * 0.2 -> tanh -> 0.1568, 0.7350
-    lo, hi = rp.pearson_ci(0.5, 28)
+    lo, hi = stats.pearson_ci(0.5, 28)
     assert lo == pytest.approx(0.1568, abs=1e-3) and hi == pytest.approx(0.7350, abs=1e-3)
-    assert all(math.isnan(v) for v in rp.pearson_ci(0.5, 3))
+    assert all(math.isnan(v) for v in stats.pearson_ci(0.5, 3))
 
 
 def test_side_by_side_known_answer():

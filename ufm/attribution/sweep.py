@@ -37,7 +37,7 @@ from ufm.core.data import train_val_split
 from ufm.core.experiment import ExperimentConfig, prepare_data, training_split
 from ufm.fileio import atomic_write as write_atomic
 from ufm.attribution.tracin import rank_by_self_influence, self_influence, top_bottom, tracin_checkpoints
-from ufm.reports.plots import pearson
+from ufm.measure.stats import pearson
 from ufm.reports.run_report import to_csv
 from ufm.core.train import CancelFlag, Progress, ProgressFn, TrainingCancelled, is_cancelled, resolve_device
 

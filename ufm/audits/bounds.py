@@ -260,18 +260,3 @@ def audit_bound(scores: Sequence[float] | np.ndarray, is_in: Sequence[bool] | np
             best, best_rank = AuditBound(eps, confidence, delta, m, kp, km, r, v, len(pairs), pv, analysis), rank
     assert best is not None
     return best
-
-
-def score_auc(scores: Sequence[float] | np.ndarray, is_in: Sequence[bool] | np.ndarray) -> float:
-    """Area under the ROC curve of the scores for IN vs OUT canaries (ties count half): the chance
-    that a random IN canary outscores a random OUT one; 0.5 is no separation. NaN when either
-    group is empty. (The Mann-Whitney U statistic divided by n_in * n_out.)"""
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    truth = np.asarray(is_in, dtype=bool).ravel()
-    n_in, n_out = int(truth.sum()), int((~truth).sum())
-    if s.size != truth.size:
-        raise ValueError(f"scores ({s.size}) and is_in ({truth.size}) must have one entry per canary")
-    if n_in == 0 or n_out == 0:
-        return float("nan")
-    ranks = stats.rankdata(s)
-    return float((ranks[truth].sum() - n_in * (n_in + 1) / 2) / (n_in * n_out))

@@ -51,7 +51,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from ufm.audits.bounds import DEFAULT_CONFIDENCE, DEFAULT_DELTA, AuditBound, score_auc
+from ufm.audits.bounds import DEFAULT_CONFIDENCE, DEFAULT_DELTA, AuditBound
+from ufm.measure.stats import score_auc
 from ufm.audits.privacy_audit_bounds import PRIMARY, audit_bounds, guess_accuracy
 from ufm.core.audit_canaries import (FEATURE_KINDS, MAX_AUDIT_CANARIES, OUT_MODES, PLACEMENTS,  # noqa: F401
                                      SCORE_UNITS, SCORES, AuditCanaries, audit_canary_limit, audit_features,

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import pandas as pd
 
+from ufm.measure.stats import pearson, pearson_ci
+
 from ufm.fileio import atomic_write
 from ufm.reports.paper_setup import (ALPHA, SCALES, TARGETS, Scale, Setting, check_scale,  # noqa: F401 - re-exported
                                      paper_results, paper_source, settings)
@@ -161,17 +163,6 @@ def _fmt_list(values: Sequence[float]) -> str:
     return ", ".join(f"{v:.2g}" for v in values)
 
 
-def pearson_ci(r: float, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Fisher-z ``level`` confidence interval of a Pearson r from n pairs (NaN for n <= 3)."""
-    if n <= 3 or not math.isfinite(r):
-        return math.nan, math.nan
-    z, se = math.atanh(max(min(r, 1 - 1e-12), -1 + 1e-12)), 1.0 / math.sqrt(n - 3)
-    from scipy import stats  # here, not at the top: every ufm verb imports this module for its --help
-
-    q = stats.norm.ppf(0.5 + level / 2)
-    return math.tanh(z - q * se), math.tanh(z + q * se)
-
-
 TABLE_COLUMNS = ["target", "dataset", "arch", "regularisers", "canaries", "done", "paper_top5_M", "ufm_top5_M",
                  "paper_mean_M_positive", "ufm_mean_M_positive", "ufm_n_M_positive", "paper_mean_X_u_positive",
                  "ufm_mean_X_u_positive", "paper_mean_X_r_positive", "ufm_mean_X_r_positive",
@@ -206,7 +197,7 @@ def side_by_side(canaries: pd.DataFrame, target: str) -> pd.DataFrame:
                                "ufm_share_memorised_verdict": share_v, "ufm_share_paper_ttest_p_below_alpha": share_t,
                                "ufm_test_accuracy": acc, "paper_ref": "; ".join(refs)}
         if target == "figure4":
-            r, p = _pearson(done["self_influence"], done["M"])
+            r, p = pearson(done["self_influence"], done["M"])
             lo, hi = pearson_ci(r, len(done))
             pr = _paper(paper, s, "pearson_r")
             row.update(paper_pearson_r=pr[0]["value"] if pr else math.nan, ufm_pearson_r=r, ufm_pearson_p=p,
@@ -228,12 +219,6 @@ def side_by_side(canaries: pd.DataFrame, target: str) -> pd.DataFrame:
                        paper_accuracy=one("val_accuracy"))
         out.append(row)
     return pd.DataFrame(out, columns=FIGURE_COLUMNS if target == "figure4" else TABLE_COLUMNS)
-
-
-def _pearson(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
-    from ufm.reports.plots import pearson
-
-    return pearson(x, y)
 
 
 def _cell(v: Any) -> str:

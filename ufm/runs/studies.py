@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+
+from ufm.measure.stats import t_interval
 
 from ufm.measure.bank import DEFAULT_REFERENCES
 from ufm.runs.store import ACTIVE, RunNotFound, Store, StoreError
@@ -256,26 +257,6 @@ def runs_frame(store: Store, name: str, references: int = DEFAULT_REFERENCES) ->
                 "test_accuracy", "epsilon"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     return df
-
-
-def t_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, float | None, float | None]:
-    """Mean and Student-t ``level`` interval of the mean: ``mean ± t_{(1+level)/2, n-1} · s/√n``.
-
-    Returns ``(mean, low, high)``; ``low = high = None`` for n = 1 (one value gives no spread);
-    ``mean`` is NaN for n = 0. Equal values give the zero-width interval ``(mean, mean)``.
-    """
-    x = np.asarray(values, dtype=np.float64)
-    x = x[np.isfinite(x)]
-    if x.size == 0:
-        return float("nan"), None, None
-    mean = float(x.mean())
-    if x.size == 1:
-        return mean, None, None
-    sem = float(stats.sem(x))
-    if sem == 0.0:
-        return mean, mean, mean
-    lo, hi = stats.t.interval(level, df=x.size - 1, loc=mean, scale=sem)
-    return mean, float(lo), float(hi)
 
 
 SUMMARY_COLUMNS = ["group", "members", "done", "failed", "pending", "mean_M", "sd_M", "ci_low", "ci_high",
