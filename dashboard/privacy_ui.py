@@ -13,7 +13,8 @@ import streamlit as st
 
 from ufm.audits.privacy_audit_bounds import bounds_rows
 from ufm.audits.privacy_audit import (SCORES, PrivacyAuditConfig, PrivacyAuditResult, audit_canary_limit,
-                                      audit_from_result, audit_histogram, check_audit_canaries)
+                                      audit_from_result, check_audit_canaries)
+from ufm.audits.privacy_audit_figure import audit_histogram
 from ufm.audits.privacy_audit_store import attach_study_audits, list_privacy_audits
 from ufm.core.models import ARCHITECTURES
 from ufm.core.train import REGULARISERS, DPConfig

@@ -347,3 +347,25 @@ def test_length_check_fails_on_a_planted_401_line_module(tmp_path):
     assert long_modules(root) == {}
     root = _plant(tmp_path / "long", {**CLEAN, "pkg/sub/c.py": "x = 1\n" * 401})
     assert long_modules(root) == {"pkg.sub.c": 401}
+
+
+def test_every_name_imported_from_ufm_or_dashboard_exists():
+    """A moved or renamed function must not leave an import behind in a page, script or test that
+    only fails when that page opens (a page that imports a missing name shows its error only
+    when a user opens it)."""
+    code = (
+        "import ast, importlib, pathlib, sys\n"
+        "bad = []\n"
+        "for p in sorted(pathlib.Path('.').rglob('*.py')):\n"
+        "    if {'.venv', '.git', 'fixtures'} & set(p.parts): continue\n"
+        "    for n in ast.walk(ast.parse(p.read_text())):\n"
+        "        if isinstance(n, ast.ImportFrom) and n.level == 0 and n.module and "
+        "n.module.split('.')[0] in ('ufm', 'dashboard'):\n"
+        "            m = importlib.import_module(n.module)\n"
+        "            for a in n.names:\n"
+        "                if a.name != '*' and not hasattr(m, a.name):\n"
+        "                    try: importlib.import_module(n.module + '.' + a.name)\n"
+        "                    except ImportError: bad.append(f'{p}:{n.lineno} {n.module}.{a.name}')\n"
+        "print('\\n'.join(bad)); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
