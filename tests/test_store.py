@@ -526,3 +526,24 @@ def test_leftover_tmp_files_are_removed_on_open_unless_being_written(tiny_data, 
     with Store(tmp_path) as s:
         assert not old.exists() and not dead.exists()  # too old / its run has ended
         assert fresh.exists() and keep.exists()         # may still be written; not a temp file
+
+
+def test_opening_a_store_never_opens_its_database_file_outside_sqlite(tmp_path, monkeypatch):
+    """A plain open() and close() of ufm.db drops every POSIX lock the process's other SQLite
+    connections hold on it (a live runner in the dashboard's process then shared the file
+    unguarded: its runs were marked failed after `ufm runs cancel` ran in the same process)."""
+    import builtins
+
+    Store(tmp_path).close()
+    real_open = builtins.open
+    opened = []
+
+    def watching_open(file, *args, **kwargs):
+        if Path(str(file)).name.startswith("ufm.db"):
+            opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", watching_open)
+    with Store(tmp_path) as s:
+        assert s.schema_version == SCHEMA_VERSION
+    assert opened == []

@@ -39,13 +39,13 @@ import socket
 from typing import Any
 
 from ufm.runs.store.artifacts import Artifacts
-from ufm.runs.store.database import (APPLICATION_ID, BACKGROUND, DB_NAME, FOREGROUND, MIGRATIONS, SCHEMA_VERSION, SQLITE_MAGIC,
+from ufm.runs.store.database import (APPLICATION_ID, BACKGROUND, DB_NAME, FOREGROUND, MIGRATIONS, SCHEMA_VERSION,
                        TMP_MAX_AGE, Database, RunNotFound, StoreError, default_home)
 from ufm.runs.store.lifecycle import ACTIVE, FINISHED, STALE_AFTER, STATUSES, RunLifecycle, RunRecord, result_summary
 from ufm.runs.store.lifecycle import _data_shape  # noqa: F401 - for ufm.runs.executors
 
 __all__ = ["ACTIVE", "APPLICATION_ID", "BACKGROUND", "DB_NAME", "FINISHED", "FOREGROUND", "MIGRATIONS", "SCHEMA_VERSION",
-           "SQLITE_MAGIC", "STALE_AFTER", "STATUSES", "TMP_MAX_AGE", "Artifacts", "Database", "RunLifecycle", "RunNotFound",
+           "STALE_AFTER", "STATUSES", "TMP_MAX_AGE", "Artifacts", "Database", "RunLifecycle", "RunNotFound",
            "RunRecord", "Store", "StoreError", "default_home", "result_summary"]
 
 

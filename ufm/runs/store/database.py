@@ -21,7 +21,6 @@ log = logging.getLogger("ufm.runs.store")  # the name of the one module the stor
 
 DB_NAME = "ufm.db"
 APPLICATION_ID = int.from_bytes(b"ufm1", "big")  # PRAGMA application_id: marks the file as ours
-SQLITE_MAGIC = b"SQLite format 3\x00"
 
 from ufm.runs.store.schema import BACKGROUND, FOREGROUND, MIGRATIONS, SCHEMA_VERSION  # noqa: E402,F401 - re-exported
 
@@ -131,21 +130,24 @@ class Database:
             raise self._untouched("is a folder, not a database file")
         if not p.exists() or p.stat().st_size == 0:
             return  # new, or created empty by a process that died at once: safe to initialise
-        try:
-            with open(p, "rb") as f:
-                head = f.read(len(SQLITE_MAGIC))
-        except OSError as e:
-            raise StoreError(f"cannot read {p}: {e.strerror or e}; check its permissions") from e
-        if head != SQLITE_MAGIC:
-            raise self._untouched("is not an SQLite database (it may be corrupt, or a file of another program)")
-        # A read-only connection: never checkpoints, never writes, so a foreign file stays as it was.
+        # Only SQLite opens the file: a plain open() and close() of it would drop every POSIX lock this
+        # process's other connections hold on it (fcntl locks belong to the process and the inode),
+        # and a live runner in this process would then share the file unguarded. A read-only
+        # connection never checkpoints or writes, so a foreign file stays as it was.
         ro = None
         try:
             ro = sqlite3.connect(f"{p.resolve().as_uri()}?mode=ro", uri=True, timeout=self.busy_timeout)
             app_id = ro.execute("PRAGMA application_id").fetchone()[0]
             version = ro.execute("PRAGMA user_version").fetchone()[0]
             tables = sorted(r[0] for r in ro.execute("SELECT name FROM sqlite_master WHERE type = 'table'"))
+        except sqlite3.OperationalError as e:
+            if "unable to open" in str(e):
+                raise StoreError(f"cannot read {p}: {e}; check its permissions") from e
+            raise self._untouched(f"cannot be read as a database ({e}); it may be corrupt") from e
         except sqlite3.DatabaseError as e:
+            if "not a database" in str(e):
+                raise self._untouched("is not an SQLite database (it may be corrupt, or a file of another "
+                                      "program)") from e
             raise self._untouched(f"cannot be read as a database ({e}); it may be corrupt") from e
         finally:
             if ro is not None:
