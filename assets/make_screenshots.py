@@ -35,7 +35,7 @@ def fill_store(home: Path) -> None:
     from ufm.runs.jobs import Runner
     from ufm.runs.store import Store
     from ufm.runs.studies import create_study, regulariser_members, submit_study
-    from ufm.attribution.sweep import influence_scores, reference_config
+    from ufm.attribution.sweep import influence_scores, ranking_config
 
     store = Store(home)
     base = ExperimentConfig(dataset="mnist", data_dir=os.environ.get("UFM_DATA_DIR"), arch="mlp",
@@ -47,7 +47,7 @@ def fill_store(home: Path) -> None:
         for rid in submit_study(runner, "regularisers on MNIST"):
             runner.wait(rid)
     infl = influence_scores(base)
-    atomic_write(home / "influence" / f"{reference_config(base).key()}.csv", infl.table().to_csv(index=False))
+    atomic_write(home / "influence" / f"{ranking_config(base).key()}.csv", infl.table().to_csv(index=False))
 
 
 def demos_shot(page) -> None:

@@ -28,7 +28,6 @@ import torch  # noqa: E402
 from ufm.audits.bounds import audit_bound  # noqa: E402
 from ufm.measure.stats import score_auc  # noqa: E402
 from ufm.audits.privacy_audit import PrivacyAuditConfig as AuditConfig, run_privacy_audit as run_audit  # noqa: E402
-from ufm.audits.reconstruction import reconstruction_scores  # noqa: E402
 from ufm.audits.selection import reconstruction_bound  # noqa: E402
 from ufm.core.experiment import ExperimentConfig  # noqa: E402
 
@@ -97,19 +96,22 @@ def main() -> None:
                                epochs=a.epochs, patience=a.patience, ood_size=500, seed=seed, device="cpu")
         t0 = time.perf_counter()
         if a.guess == "reconstruction":
-            rec = reconstruction_scores(exp, a.canaries, a.choices, feature_size=a.feature_size)
+            cfg = AuditConfig(exp, canaries=a.canaries, feature_size=a.feature_size, guess="reconstruction",
+                              choices=a.choices)
+            res = run_audit(cfg)  # a run in the store, like every audit
             secs = time.perf_counter() - t0
-            sc, truth = rec["scores"], rec["truth"]
+            sc = np.asarray(res.scores, dtype=np.float64).reshape(a.canaries, a.choices)  # slot-major
+            truth = np.asarray(res.choice)
             acc = float(np.mean(np.argmax(sc, 1) == truth))
             row = {"guess": "reconstruction", "choices": a.choices, "train_size": a.train_size,
                    "canaries": a.canaries, "epochs": a.epochs, "score": "label-gain", "seed": seed, "seconds": secs,
-                   "test_accuracy": rec["test_accuracy"], "epochs_trained": rec["epochs_trained"],
+                   "test_accuracy": res.test_accuracy, "epochs_trained": res.epochs_trained,
                    "guess_accuracy": acc, "scores": sc.tolist(), "truth": truth.tolist()}
             with open(a.out, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
             b = reconstruction_bound(sc, truth, analysis="fdp-gaussian")
             print(f"n={a.train_size} m={a.canaries} k={a.choices} seed={seed} argmax acc={acc:.3f} "
-                  f"fdp-gaussian={b.epsilon:.2f} ({b.correct}/{b.guesses}) acc={rec['test_accuracy']:.3f} {secs:.0f}s",
+                  f"fdp-gaussian={b.epsilon:.2f} ({b.correct}/{b.guesses}) acc={res.test_accuracy:.3f} {secs:.0f}s",
                   flush=True)
             continue
         cfg = AuditConfig(exp, canaries=a.canaries, feature_size=a.feature_size, score=a.score)

@@ -155,9 +155,9 @@ def canary_chooser(setup: dict) -> CanaryChoice:
 
 
 def _by_influence(setup: dict) -> CanaryChoice:
-    from ufm.attribution.sweep import reference_config
+    from ufm.attribution.sweep import ranking_config
 
-    ref = reference_config(state.config_from_setup(setup)).key()
+    ref = ranking_config(state.config_from_setup(setup)).key()
     path = state.influence_path(ref)
     if not Path(path).exists():
         st.info("No self-influence ranking for this dataset, architecture and budget yet: compute it on the "

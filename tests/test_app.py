@@ -201,8 +201,8 @@ def test_compare_and_influence_pages_run_small_studies(app_env):
     at.switch_page("app_pages/influence.py").run()
     at.button(key="inf_start").click().run()
     deadline = time.time() + 240
-    from ufm.attribution.sweep import reference_config
-    key = reference_config(state.config_from_setup(at.session_state["setup"])).key() if "setup" in at.session_state else None
+    from ufm.attribution.sweep import ranking_config
+    key = ranking_config(state.config_from_setup(at.session_state["setup"])).key() if "setup" in at.session_state else None
     while time.time() < deadline and state.tasks().status(key)[0] in ("running", "none"):
         time.sleep(1)
     at.run()

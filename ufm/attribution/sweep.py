@@ -158,10 +158,6 @@ def influence_scores(config: ExperimentConfig, *, n_checkpoints: int = DEFAULT_C
                            indices=np.asarray(data.train_indices, dtype=np.int64), run_id=run_id)
 
 
-# The names before the ranking model had its own word; used by modules outside this change.
-reference_config = ranking_config
-reference_train_indices = ranking_train_indices
-
 
 # ---------------------------------------------------------------------------------- the cached table
 
