@@ -130,7 +130,8 @@ def clean(a) -> None:
     """Clean models: every test's decision on every feature."""
     from ufm.core.experiment import inference_images
     from ufm.measure.bank import bank_config, bank_configs, rank_test
-    from ufm.measure.scores import access_scores, feature_effect, memorisation_score
+    from ufm.measure.access import access_scores
+    from ufm.measure.scores import feature_effect, memorisation_score
     from ufm.runs.store import Store
 
     store = Store(a.home)

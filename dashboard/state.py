@@ -127,7 +127,7 @@ def gallery_indices(dataset: str, root: str, train_size: int | None, n: int, see
     Raises:
         DataUnavailable / ValueError: the dataset cannot be read (the message says what to do).
     """
-    from ufm.core.data import spread_indices
+    from ufm.core.sampling import spread_indices
 
     d = load_split(dataset, "train", data_dir=root, limit=train_size, stratified=train_size is not None)
     return tuple(int(i) for i in spread_indices(d.y.numpy(), n, seed=seed))

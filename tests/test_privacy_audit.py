@@ -19,7 +19,7 @@ from ufm.measure.stats import score_auc
 from ufm.audits.privacy_audit import PrivacyAuditConfig, PrivacyAuditResult, audit_features, run_privacy_audit
 from ufm.audits.privacy_audit_figure import audit_histogram
 from ufm.audits.privacy_audit_store import list_privacy_audits, load_privacy_audit
-from ufm.measure.scores import class_gain, log_prob_gains
+from ufm.measure.access import class_gain, log_prob_gains
 
 from .conftest import needs_shared
 

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 from ufm.core.canary import CanaryChoice
-from ufm.core.data import train_val_split
+from ufm.core.sampling import train_val_split
 from ufm.core.experiment import ExperimentConfig, prepare_data, training_split
 from ufm.fileio import atomic_write as write_atomic
 from ufm.attribution.tracin import rank_by_self_influence, self_influence, top_bottom, tracin_checkpoints

@@ -301,7 +301,8 @@ def score_audit(model: Any, ood_x: Any, spec: AuditCanaries, canaries: AuditDraw
         TrainingCancelled: ``cancel`` was set while scoring.
     """
     from ufm.core.train import Progress, TrainingCancelled, is_cancelled
-    from ufm.measure.scores import class_gain, feature_effect, log_prob_gains
+    from ufm.measure.access import class_gain, log_prob_gains
+    from ufm.measure.scores import feature_effect
 
     report = progress or (lambda p: None)
     m = spec.canaries

@@ -30,9 +30,6 @@ import torch.nn.functional as F
 from ufm.core.sampling import stratified_indices
 from ufm.imageio import ImageError, open_image
 
-# Moved by issue 19 to ufm.core.sampling and re-exported here until the lead rewires their importers
-# (ufm/core/experiment.py, ufm/attribution/sweep.py, ufm/audits/privacy_audit.py, dashboard/state.py); then this goes.
-from ufm.core.sampling import spread_indices, train_val_split  # noqa: F401
 
 BENCHMARKS = ("mnist", "fashion-mnist", "cifar10", "chest-xray", "pneumoniamnist")
 _DOWNLOADABLE = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}

@@ -25,7 +25,8 @@ from ufm.core.experiment_config import ExperimentConfig  # noqa: F401
 from ufm.core.experiment_data import (_cached_ood, _cached_split, check_data,  # noqa: F401
                                       inference_images, prepare_data, training_split)
 from ufm.core.models import build_model
-from ufm.measure.scores import AccessScores, MScore, access_scores, memorisation_score, model_learned
+from ufm.measure.access import AccessScores, access_scores
+from ufm.measure.scores import MScore, memorisation_score, model_learned
 from ufm.core.train import (CancelFlag, Checkpoint, EpochLog, Progress, ProgressFn, TrainingCancelled, evaluate,
                             is_cancelled, resolve_device, train)
 

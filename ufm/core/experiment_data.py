@@ -16,7 +16,8 @@ import torch
 
 from ufm.core.audit_canaries import AuditDraw, check_audit_canaries, draw
 from ufm.core.canary import choose_canaries, stamp_feature
-from ufm.core.data import ImageData, check_same_classes, load_ood, load_split, train_val_split
+from ufm.core.data import ImageData, check_same_classes, load_ood, load_split
+from ufm.core.sampling import train_val_split
 
 if TYPE_CHECKING:
     from ufm.core.experiment_config import ExperimentConfig

@@ -49,10 +49,6 @@ from ufm.measure.results import MScore
 from ufm.measure.stamped_kl import StampedForward, candidate_stamps, feature_stamp, random_stamps
 from ufm.measure.stats import binomial_p_greater, exposure_test, ttests
 
-# Moved by issue 19 and re-exported here until the lead rewires their importers (ufm/core/experiment.py,
-# ufm/audits/privacy_audit.py, ufm/measure/bank.py, benchmarks/calibration.py); then this block goes.
-from ufm.measure.access import AccessScores, access_scores, class_gain, log_prob_gains  # noqa: F401
-
 
 def _effects(fwd: StampedForward, feature: Feature, repeats: int, random_kind: str,
              seed: int) -> tuple[np.ndarray, np.ndarray]:

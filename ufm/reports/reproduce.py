@@ -36,7 +36,8 @@ from ufm.measure.stats import pearson, pearson_ci
 from ufm.fileio import atomic_write
 from ufm.reports.paper_setup import (ALPHA, SCALES, TARGETS, Scale, Setting, check_scale,  # noqa: F401 - re-exported
                                      paper_results, paper_source, settings)
-from ufm.reports.run_report import _esc, _figure_html, _page, _table, to_csv
+from ufm.reports import html_page
+from ufm.reports.run_report import to_csv
 from ufm.runs.store import Store
 
 if TYPE_CHECKING:  # torch-importing modules load lazily: every ufm verb builds this module's parser
@@ -243,21 +244,21 @@ def to_html(table: pd.DataFrame, canaries: pd.DataFrame, target: str, scale: str
 
     src = paper_source()
     sc = SCALES[scale]
-    body = [f"<h1>ufm vs the paper: {_esc(target)} at scale {_esc(scale)}</h1>",
-            f'<p class="note">Paper: {_esc(src["paper"])}. {_esc(src["note"])}</p>',
-            f"<p>Scale <b>{_esc(scale)}</b>: {_esc(sc.about)}."
+    body = [f"<h1>ufm vs the paper: {html_page.esc(target)} at scale {html_page.esc(scale)}</h1>",
+            f'<p class="note">Paper: {html_page.esc(src["paper"])}. {html_page.esc(src["note"])}</p>',
+            f"<p>Scale <b>{html_page.esc(scale)}</b>: {html_page.esc(sc.about)}."
             + (f" Wall time of this reproduction: {seconds:.0f} s." if seconds is not None else "") + "</p>",
-            "<h2>Side by side</h2>", _table(list(table.columns), table.itertuples(index=False))]
+            "<h2>Side by side</h2>", html_page.table(list(table.columns), table.itertuples(index=False))]
     if target == "figure4":
         done = canaries[canaries["status"] == "done"]
         if len(done):
             fig = influence_scatter_figure(done["self_influence"], done["M"], groups=done["end"],
                                            labels=[f"image {i}" for i in done["image"]])
-            body += ["<h2>Self-influence vs M</h2>", _figure_html(fig, "scatter", 450)]
+            body += ["<h2>Self-influence vs M</h2>", html_page.figure_html(fig, "scatter", 450)]
     cols = ["setting", "end", "image", "self_influence", "influence_rank", "status", "M", "X_u", "X_r", "p_value",
             "paper_ttest_p_below_alpha", "exposure_p_value", "verdict", "verdict_test", "test_accuracy", "run_id"]
-    body += ["<h2>Canaries</h2>", _table(cols, canaries[cols].itertuples(index=False))]
-    return _page(f"ufm reproduce {target} {scale}", body)
+    body += ["<h2>Canaries</h2>", html_page.table(cols, canaries[cols].itertuples(index=False))]
+    return html_page.page(f"ufm reproduce {target} {scale}", body)
 
 
 @dataclass

@@ -17,9 +17,6 @@ import pandas as pd
 from ufm.reports.html_page import esc, figure_html, fmt, kv_table, page, pct, table
 from ufm.runs.store import RunRecord, Store
 
-# Old private names of the HTML pieces, kept until the lead rewires ufm/reports/reproduce.py to
-# import esc, figure_html, page, table from ufm.reports.html_page; then these go.
-_esc, _figure_html, _page, _table = esc, figure_html, page, table
 
 if TYPE_CHECKING:
     from ufm.runs.studies import Study
@@ -256,9 +253,9 @@ def run_html(store: Store, run_id: str) -> str:
         from ufm.audits.privacy_audit_store import audit_of_run
 
         res = audit_of_run(store, rec)
-        body += ["<h2>Privacy audit</h2>", "".join(f"<p>{_esc(line)}</p>" for line in res.summary_lines()),
-                 _figure_html(audit_histogram(res), "fig-audit", 420),
-                 "<h2>Training</h2>", _figure_html(loss_curve_figure(store.load_history(run_id)), "fig-loss", 380)]
+        body += ["<h2>Privacy audit</h2>", "".join(f"<p>{esc(line)}</p>" for line in res.summary_lines()),
+                 figure_html(audit_histogram(res), "fig-audit", 420),
+                 "<h2>Training</h2>", figure_html(loss_curve_figure(store.load_history(run_id)), "fig-loss", 380)]
         versions[rec.id] = rec.summary.get("versions", {})
     elif rec.status == "done" and rec.summary:
         s = rec.summary
