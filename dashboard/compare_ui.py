@@ -31,7 +31,7 @@ def _exists(name: str) -> bool:
     return not studies.empty and name.strip() in set(studies["name"])
 
 
-def build_study(name: str, regs: list[str], archs: list[str], n_seeds: int, *, replace: bool = False,
+def start_regulariser_study(name: str, regs: list[str], archs: list[str], n_seeds: int, *, replace: bool = False,
                 audit: bool = False, audit_m: int = DEFAULT_CANARIES, dp: DPConfig | None = None) -> str:
     """Store and queue a regulariser (x architecture) study of the current setup; returns its name.
 
@@ -74,7 +74,7 @@ def _submit() -> None:
     """The form's callback: runs before the page, so it may reset the name box and select the study."""
     ss = st.session_state
     try:
-        name = build_study(ss["cmp_name"], ss["cmp_regs"], ss["cmp_archs"], ss["cmp_seeds"],
+        name = start_regulariser_study(ss["cmp_name"], ss["cmp_regs"], ss["cmp_archs"], ss["cmp_seeds"],
                            replace=ss.get("cmp_replace", False), audit=ss.get("cmp_audit", False),
                            audit_m=ss.get("cmp_audit_m", DEFAULT_CANARIES), dp=dp_from_state("cmp"))
     except (ValueError, DataUnavailable, QueueFull) as e:  # QueueFull: too many runs (or audits) pending
