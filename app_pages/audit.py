@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from dashboard import audit_ui, state
+from dashboard import audit_ui, background, state
 from ufm.audits.audit_images import default_inference_source
 from ufm.audits.model_audit import ModelAuditConfig, stamped_examples
 from ufm.audits.model_audit_store import load_model_audit
@@ -140,7 +140,7 @@ if st.button("Run audit", type="primary", key="audit_run"):
 
 audit_id = st.session_state.get(audit_ui.AUDIT)
 if audit_id:
-    status, info = state.tasks().status(f"audit-{audit_id}")
+    status, info = background.tasks().status(f"audit-{audit_id}")
     if status == "running":
         audit_ui.progress(audit_id, home)
     elif status == "failed":

@@ -3,7 +3,7 @@
 import streamlit as st
 
 from dashboard import influence_ui as ui
-from dashboard import state, views
+from dashboard import background, state, views
 from ufm.measure.stats import pearson
 from ufm.reports.plots import influence_scatter_figure
 from ufm.reports.run_report import to_csv
@@ -20,14 +20,14 @@ st.caption(f"Setup from the Train & measure page: {config.dataset}, {config.arch
            f"{config.train_size or 'all'} training images, seed {config.seed}.")
 key = ranking_config(config).key()
 table = ui.load_ranking(config)
-status, info = state.tasks().status(key)
+status, info = background.tasks().status(key)
 
 
 @st.fragment(run_every=2.0)
 def wait_for_ranking() -> None:
-    s, msg = state.tasks().status(key)
+    s, msg = background.tasks().status(key)
     if s == "running":
-        frac, words = state.parse_progress(msg)
+        frac, words = background.parse_progress(msg)
         st.progress(frac, text=words)
         if st.button("Cancel", key="inf_cancel", help="Stops at the end of the current epoch."):
             ui.cancel_ranking(config)

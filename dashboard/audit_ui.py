@@ -21,7 +21,7 @@ from ufm.audits.onnx_input import GraphInput, graph_input, parse_onnx
 from ufm.audits.onnx_model import CheckedModel, check_onnx
 from ufm.reports.plots import histogram_figure
 
-from . import access, state, views
+from . import access, background, state, views
 
 MODEL = "audit_model"      # session key: {"path", "name", "sha256"} of the accepted model file
 AUDIT = "audit_id"         # session key: the audit this session started or opened
@@ -71,7 +71,7 @@ def accept_path(path: Path, home: str | Path) -> tuple[Path, GraphInput]:
 @st.fragment(run_every=2.0)
 def progress(audit_id: str, home: str) -> None:
     """Live progress of a running audit; the whole page reruns once it has finished."""
-    status, info = state.tasks().status(f"audit-{audit_id}")
+    status, info = background.tasks().status(f"audit-{audit_id}")
     if status != "running":
         st.rerun()
     st.progress(0.5, text=f"auditing: {info or 'starting'}")
@@ -109,7 +109,7 @@ def start_audit(model_path: str, config: ModelAuditConfig, spec: dict, home: str
     audit_id = new_model_audit_id()
     spec = {**spec, "name": name}
     cancel = _audit_dir(home, "cancel") / audit_id
-    state.tasks().submit(f"audit-{audit_id}", model_audit_task, model_path, config.to_dict(), spec, home, audit_id,
+    background.tasks().submit(f"audit-{audit_id}", model_audit_task, model_path, config.to_dict(), spec, home, audit_id,
                          str(cancel))
     return audit_id
 

@@ -17,7 +17,7 @@ from ufm.runs.studies import submit_study
 from ufm.attribution.sweep import (cached_influence, ensure_sweep_study, influence_path, load_influence_table,
                                    ranking_config, ranking_run_config, sweep_rows)
 
-from . import state
+from . import background, state
 
 
 MIN_POINTS = 10  # a correlation from fewer points is shown with a warning
@@ -30,7 +30,7 @@ def cancel_path(key: str) -> Path:
 
 def compute_ranking(report, config: ExperimentConfig, home: str, stop_file: str | None = None,
                     run_id: str | None = None) -> None:
-    """The background task (its own process, see ``state.Tasks``): the cached self-influence table.
+    """The background task (its own process, see ``background.Tasks``): the cached self-influence table.
     ``run_id``: the ranking model's run, submitted to the dashboard's executor (listed on the Runs
     page, counted by the pending cap); the task waits for it, then scores. It stops
     (TrainingCancelled, the run cancelled too) once ``stop_file`` exists."""
@@ -46,7 +46,7 @@ def compute_ranking(report, config: ExperimentConfig, home: str, stop_file: str 
         if rec.status != "done":
             raise TrainingCancelled(f"the ranking model's run {run_id} {rec.status}: {rec.error or 'cancelled'}")
     cached_influence(home, config, cancel=cancel,
-                     progress=lambda p: report(state.progress_text(p, "training the ranking model",
+                     progress=lambda p: report(background.progress_text(p, "training the ranking model",
                                                                    "scoring every training image")))
 
 
@@ -56,7 +56,7 @@ def start_ranking(config: ExperimentConfig) -> None:
     stop = cancel_path(key)
     stop.unlink(missing_ok=True)
     run_id = state.executor().submit(ranking_run_config(config))
-    state.tasks().submit(key, compute_ranking, config, str(state.store().home), str(stop), run_id)
+    background.tasks().submit(key, compute_ranking, config, str(state.store().home), str(stop), run_id)
 
 
 def cancel_ranking(config: ExperimentConfig) -> None:

@@ -193,7 +193,7 @@ def test_compare_and_influence_pages_run_small_studies(app_env):
     at.number_input(key="cmp_seeds").set_value(2)
     at.button(key="FormSubmitter:cmp_form-Run the comparison").click().run()
     assert not at.exception
-    from dashboard import state
+    from dashboard import background, state
     for rid in state.runner().active():
         _wait_done(rid)
     at.run()
@@ -203,7 +203,7 @@ def test_compare_and_influence_pages_run_small_studies(app_env):
     deadline = time.time() + 240
     from ufm.attribution.sweep import ranking_config
     key = ranking_config(state.config_from_setup(at.session_state["setup"])).key() if "setup" in at.session_state else None
-    while time.time() < deadline and state.tasks().status(key)[0] in ("running", "none"):
+    while time.time() < deadline and background.tasks().status(key)[0] in ("running", "none"):
         time.sleep(1)
     at.run()
     assert not at.exception and any(s.value.startswith("Most self-influential") for s in at.subheader)

@@ -493,7 +493,7 @@ def test_audit_page_upload_run_verdict(app_env, one_torch_thread):
     from ufm.core.models import build_model
     from ufm.audits.onnx_model import export_onnx
 
-    from dashboard import audit_ui, state
+    from dashboard import audit_ui, background, state
 
     torch.manual_seed(0)
     data = export_onnx(build_model("mlp", 1, (28, 28), 3), (1, 28, 28))
@@ -519,9 +519,9 @@ def test_audit_page_upload_run_verdict(app_env, one_torch_thread):
     assert not at.exception
     audit_id = at.session_state[audit_ui.AUDIT]
     deadline = time.time() + 120
-    while time.time() < deadline and state.tasks().status(f"audit-{audit_id}")[0] == "running":
+    while time.time() < deadline and background.tasks().status(f"audit-{audit_id}")[0] == "running":
         time.sleep(0.5)
-    assert state.tasks().status(f"audit-{audit_id}")[0] == "done", state.tasks().status(f"audit-{audit_id}")
+    assert background.tasks().status(f"audit-{audit_id}")[0] == "done", background.tasks().status(f"audit-{audit_id}")
     at.run()
     assert not at.exception
     labels = {m.label: m.value for m in at.metric}

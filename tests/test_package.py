@@ -286,6 +286,12 @@ def test_no_ufm_module_over_400_lines():
     assert not long, f"split by concern (names that say what each part holds): {long}"
 
 
+def test_no_dashboard_or_page_module_over_400_lines():
+    long = {f"{folder}/{p.name}": n for folder in ("dashboard", "app_pages") for p in sorted((ROOT / folder).glob("*.py"))
+            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"split by concern (names that say what each part holds): {long}"
+
+
 def _plant(root: Path, files: dict[str, str]) -> Path:
     for name, text in files.items():
         path = root / name
