@@ -24,7 +24,7 @@ from ufm.core.experiment_config import ExperimentConfig  # noqa: F401
 # The data of a run lives in experiment_data; these names are imported from here by many modules.
 from ufm.core.experiment_data import (_cached_ood, _cached_split, check_data,  # noqa: F401
                                       inference_images, prepare_data, training_split)
-from ufm.core.models import build_model
+from ufm.core.models import build_model_for
 from ufm.measure.access import AccessScores, access_scores
 from ufm.measure.scores import MScore, memorisation_score, model_learned
 from ufm.core.train import (CancelFlag, Checkpoint, EpochLog, Progress, ProgressFn, TrainingCancelled, evaluate,
@@ -151,10 +151,7 @@ def run_experiment(config: ExperimentConfig, progress: ProgressFn | None = None,
     prev_det = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        c, h, w = data.train.image_shape
-        model = build_model(config.arch, c, (h, w), data.train.num_classes,
-                            dropout=config.dropout if "dropout" in config.regularisers else 0.0,
-                            batchnorm="batchnorm" in config.regularisers).to(device)
+        model = build_model_for(config, data.train.image_shape, data.train.num_classes).to(device)
         hflip = config.dataset == "cifar10"  # mirror-symmetric classes only; digits and text are not
         trained = train(model, data.train, data.val, config.train_config(hflip=hflip), progress=report, cancel=cancel)
         model = trained.model
