@@ -56,5 +56,7 @@ def test_the_current_training_path_retrains_the_old_run_to_the_same_numbers():
     res = run_experiment(_config())
     assert res.test_accuracy == pytest.approx(stored["test_accuracy"], abs=1e-7)
     assert res.epochs_trained == stored["epochs_trained"]
+    # M to 1e-5 relative: torch's thread count changes the order of float sums in scoring (last bits);
+    # another seed moves M by 100%
     assert res.M == pytest.approx(stored["score"]["M"], rel=1e-5, abs=1e-12)
     assert res.score.exposure_p_value == stored["score"]["exposure_p_value"]
