@@ -1,6 +1,7 @@
-"""Acceptance of the one study engine: every kind of work that trains models (a run, a reference bank,
-a sweep with its ranking model, a reproduction target, a calibration-style batch) goes through the
-executor interface, on the local process pool and on Ray, and every model it trains is a run in the store."""
+"""Acceptance of the one study engine: every kind of work that trains models (a run, a reference
+bank, a sweep with its ranking model, a reproduction target, a calibration-style batch, a privacy
+audit) goes through the executor interface, on the local process pool and on Ray, and every model
+it trains is a run in the store."""
 
 import importlib.util
 import threading
@@ -53,6 +54,7 @@ def _count(store: Store) -> int:
 @pytest.mark.parametrize("kind", ["local", "ray"])
 def test_every_trainer_goes_through_the_executor(kind, tmp_path, tiny_data, monkeypatch, request):
     from ufm.attribution.sweep import ranking_run_config, sweep_canaries
+    from ufm.audits.privacy_audit import PrivacyAuditConfig, run_privacy_audit
     from ufm.measure.bank import bank_configs
     from ufm.runs.banks import build_bank
     from ufm.reports import reproduce as rp
@@ -97,8 +99,16 @@ def test_every_trainer_goes_through_the_executor(kind, tmp_path, tiny_data, monk
         batch = _calibration_module().train_models(store, [cfg.replace(seed=s) for s in (11, 12)], executor=ex)
         assert _count(store) == n + 2 and {store.get(r).status for r in batch} == {"done"}
 
+        # a privacy audit: its one model with the m canaries
+        n = _count(store)
+        audit = PrivacyAuditConfig(cfg, canaries=6, feature_size=3)
+        res_audit = run_privacy_audit(audit, executor=ex)
+        assert _count(store) == n + 1 and store.get(res_audit.run_id).is_privacy_audit
+        assert len(res_audit.scores) == 6 and store.get(res_audit.run_id).status == "done"
+
         # everything again: identical runs are reused, nothing trains
         n = _count(store)
+        assert run_privacy_audit(audit, executor=ex).run_id == res_audit.run_id
         assert ex.submit(cfg) == run_id and build_bank(store, cfg, 19, executor=ex) == ids
         sweep_canaries(cfg, tmp_path / "sweep", store=store, top=1, bottom=1, n_checkpoints=2, executor=ex)
         assert _count(store) == n and ex.active() == []

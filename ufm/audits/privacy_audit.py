@@ -60,6 +60,7 @@ from ufm.core.audit_canaries import (FEATURE_KINDS, MAX_AUDIT_CANARIES, OUT_MODE
 
 if TYPE_CHECKING:
     from ufm.core.experiment import ExperimentConfig, Result
+    from ufm.runs.engine import Executor
     from ufm.runs.store import Store
 
 
@@ -353,12 +354,15 @@ def audit_from_result(config: PrivacyAuditConfig, result: "Result", run_id: str 
 
 
 def run_privacy_audit(config: PrivacyAuditConfig, progress: Callable[[Any], None] | None = None, cancel: Any = None,
-                      *, store: "Store | None" = None, force: bool = False) -> PrivacyAuditResult:
-    """Train the audit's ONE model as a run in ``store`` (in this thread, :func:`ufm.runs.jobs.measure`;
-    an identical finished run is reused, nothing trained, unless ``force``), then bound epsilon.
+                      *, store: "Store | None" = None, force: bool = False,
+                      executor: "Executor | None" = None) -> PrivacyAuditResult:
+    """Train the audit's ONE model as a run of the store, then bound epsilon; an identical finished run
+    is reused (nothing trained) unless ``force``.
 
     Args:
-        store: the run store (default: the one of ``$UFM_HOME``).
+        store: the run store (default: the one of ``$UFM_HOME``, or the executor's).
+        executor: where the run trains (any :class:`ufm.runs.engine.Executor`, waited on by
+            :func:`ufm.runs.engine.wait_for`); None: in this thread (:func:`ufm.runs.jobs.measure`).
         progress, cancel: as :func:`ufm.core.experiment.run_experiment`; ``ufm runs cancel`` stops it too.
 
     Raises:
@@ -369,6 +373,20 @@ def run_privacy_audit(config: PrivacyAuditConfig, progress: Callable[[Any], None
     from ufm.runs import jobs
     from ufm.runs.store import Store
 
+    if executor is not None:
+        from ufm.runs.engine import wait_for
+
+        run_cfg = config.run_config()
+        if force:
+            raise ValueError("force retrains in this thread only: leave out the executor to force a new run")
+        from ufm.core.experiment_data import check_data
+
+        check_data(run_cfg)  # bad sizes end here, not in a failed run record
+        run_id = executor.submit(run_cfg)
+        rec = wait_for(executor, [run_id], progress=progress, cancel=cancel)[0]
+        if rec.status != "done":
+            raise RuntimeError(f"the audit's run {run_id} ended {rec.status}: {rec.error or 'no error recorded'}")
+        return audit_from_result(config, executor.store.load_result(run_id), run_id)
     if store is None:
         with Store() as own:
             return run_privacy_audit(config, progress, cancel, store=own, force=force)
