@@ -343,6 +343,7 @@ class AuditResult:
     learned_note: str = ""
     score_seconds: float = 0.0
     versions: dict[str, str] = field(default_factory=dict)
+    reference: dict[str, Any] | None = None  # the rank test among shadow/supplied models (ufm.audits.shadow)
 
     @property
     def status(self) -> str:
@@ -367,7 +368,8 @@ class AuditResult:
                 "score": self.score.to_dict(), "access": self.access.to_dict(), "verdict": self.verdict.to_dict(),
                 "family_reason": self.family_reason, "n_ood": self.n_ood, "test_accuracy": self.test_accuracy,
                 "learned": self.learned, "learned_note": self.learned_note, "score_seconds": self.score_seconds,
-                "versions": self.versions, "summary": self.summary()}
+                "versions": self.versions, "summary": self.summary(),
+                **({"reference": self.reference} if self.reference is not None else {})}
 
     def to_json(self, **kw: Any) -> str:
         return json.dumps(self.to_dict(), allow_nan=False, **kw)
@@ -378,7 +380,7 @@ class AuditResult:
                    d["output_kind"], d["num_classes"], MScore.from_dict(d["score"]),
                    AccessScores.from_dict(d["access"]), Verdict.from_dict(d["verdict"]), d.get("family_reason"), d["n_ood"],
                    d.get("test_accuracy"), d.get("learned"), d.get("learned_note", ""), d.get("score_seconds", 0.0),
-                   d.get("versions", {}))
+                   d.get("versions", {}), d.get("reference"))
 
 
 def ignores_input(clean_out: torch.Tensor, score: MScore) -> str | None:
