@@ -144,10 +144,11 @@ def _keep_npz(path: Path, home: str | Path) -> str:
 
 # ------------------------------------------------------------------------------------ the bank
 
-def shadow_config(arch: str, dataset: str, recipe: ShadowRecipe = ShadowRecipe(), *,
+def shadow_config(arch: str, dataset: str, recipe: ShadowRecipe = ShadowRecipe(), *, ood: str | None = None,
                   data_dir: str | None = None, device: str = "auto") -> "ExperimentConfig":
     """The training setting of the shadows (canary-free); its bank
-    (:func:`ufm.measure.bank.bank_configs`) is the R shadow runs."""
+    (:func:`ufm.measure.bank.bank_configs`) is the R shadow runs. ``ood``: the audit's inference
+    images, which a run needs (its canonical 2-image score; the audit rescores every shadow)."""
     from ufm.core.canary import CanaryChoice
     from ufm.core.experiment import ExperimentConfig
 
@@ -155,12 +156,12 @@ def shadow_config(arch: str, dataset: str, recipe: ShadowRecipe = ShadowRecipe()
                             batch_size=int(recipe.batch_size), epochs=int(recipe.epochs), patience=int(recipe.patience),
                             val_fraction=float(recipe.val_fraction), train_size=recipe.train_size,
                             regularisers=tuple(recipe.regularisers), weight_decay=float(recipe.weight_decay),
-                            canary=CanaryChoice("none", ()), device=device)
+                            canary=CanaryChoice("none", ()), ood_source=ood, device=device)
 
 
 def prepare_shadows(store: "Store", model: "OnnxModel", data: bytes, x: torch.Tensor, source: str,
                     recipe: ShadowRecipe = ShadowRecipe(), *, data_dir: str | None = None,
-                    device: str = "auto") -> "ExperimentConfig":
+                    ood: str | None = None, device: str = "auto") -> "ExperimentConfig":
     """Check and keep the audited model's architecture and the shadow data in ``store``; returns
     the shadow config (pass it to :func:`ufm.measure.bank.bank_status` / ``build_bank`` /
     ``submit_bank``). ``data``: the model file's bytes; ``x``: inference images for the conversion check."""
@@ -168,7 +169,7 @@ def prepare_shadows(store: "Store", model: "OnnxModel", data: bytes, x: torch.Te
 
     arch = keep_onnx(store.home, data, model, x)
     dataset = shadow_dataset(source, model.spec.shape, model.num_classes or 2, home=store.home, data_dir=data_dir)
-    return shadow_config(arch, dataset, recipe, data_dir=data_dir, device=device)
+    return shadow_config(arch, dataset, recipe, ood=ood, data_dir=data_dir, device=device)
 
 
 # ------------------------------------------------------------------------------------ scoring
@@ -302,7 +303,8 @@ def calibrate_audit(store: "Store", result: "AuditResult", model: "OnnxModel", *
     r = check_references(references)
     if model_bytes is None:
         raise ValueError("model_bytes (the audited file's bytes) are needed to build its shadows")
-    cfg = prepare_shadows(store, model, model_bytes, x, shadow_data, recipe, data_dir=config.data_dir, device=device)
+    cfg = prepare_shadows(store, model, model_bytes, x, shadow_data, recipe, data_dir=config.data_dir,
+                          ood=config.ood, device=device)
     run_ids = build_bank(store, cfg, r, progress=report_bank_progress(progress), cancel=cancel)
     refs = shadow_scores(store, run_ids, x, config, cancel=cancel)
     test = rank_test(result.score.M, refs, config.alpha, run_ids)
