@@ -246,6 +246,10 @@ def choose_family(feature: Feature, requested: str | None = None, arch: str = CA
         reason = (f"the calibration study found the fast test miscalibrated for {kind} features on clean {arch} models "
                   f"with every applicable candidate family ({tried}): {cal.text()} A model you did not train has no "
                   "reference models, so no calibrated verdict is possible")
+    elif not any(fast_test_calibration(kind, f, arch) for k in VALID_FAMILIES for f in VALID_FAMILIES[k]):
+        reason = (f"the fast test is not calibrated for this architecture: the calibration study measured none of "
+                  f"ufm's {arch} models (the nearest of ufm's architectures to this graph), so its false-positive "
+                  "rate is unknown; give --shadow-data or --references-from for a calibrated verdict")
     else:
         reason = (f"the calibration study has no measurement of the fast test for {kind} features with {tried} "
                   f"candidates on {arch} models, so its false-positive rate is unknown; a model you did not train has "
@@ -420,8 +424,9 @@ def _decide(score: MScore, cal: FastTestCalibration | None, reason: str | None, 
                        f"{_capital(reason)}. The numbers are shown as measurements, not as a verdict.",
                        cal.text() if cal is not None else None)
     assert cal is not None
-    note = (f"{cal.text()} Measured on ufm's {cal.arch} models: the closest published figure for a model "
-            "you did not train.")
+    note = (f"{cal.text()} Measured on ufm's {cal.arch} models, the nearest of ufm's architectures to this graph: "
+            "the closest published figure for a model you did not train; --shadow-data or --references-from give a calibrated "
+            "verdict.")
     if score.status == INCONCLUSIVE:
         return Verdict(INCONCLUSIVE, "fast", None, score.verdict(), note)
     return Verdict(score.status, "fast", score.exposure_p_value,
@@ -460,7 +465,7 @@ def run_audit(model: OnnxModel, config: AuditConfig, *, x_ood: torch.Tensor | No
     x = x[:config.ood_size]
     if tuple(x.shape[1:]) != shape:
         raise ValueError(f"inference images are {tuple(x.shape[1:])} but the model takes {shape} (C, H, W)")
-    family, cal, reason = choose_family(config.feature, config.family)
+    family, cal, reason = choose_family(config.feature, config.family, getattr(model, "nearest_arch", CALIBRATION_ARCH))
     model.probe(x)
     with torch.no_grad():
         clean_out = model(x[:256])
