@@ -20,7 +20,7 @@ functions (``run_audit``, ``calibrate_audit``'s scoring). Rows go to
 skips targets already there), the shadow bank to the store ``--home`` (resumable).
 
     nice -n 15 python benchmarks/foreign_audit.py run --arch mlp
-    nice -n 15 python benchmarks/foreign_audit.py run --arch cnn1 --clean 20 --canary 5 --epochs 15 --patience 3
+    nice -n 15 python benchmarks/foreign_audit.py run --arch cnn1 --clean 20 --canary 5 --train-images 250 --epochs 10 --patience 3
     python benchmarks/foreign_audit.py report     # Markdown table -> benchmarks/results/foreign_audit.md
 """
 
@@ -128,10 +128,11 @@ def cmd_run(a: argparse.Namespace) -> None:
     data_dir = os.environ.get("UFM_DATA_DIR", str(ROOT.parent / "shared" / "data"))
     with np.load(Path(data_dir) / "mnist" / "train.npz") as f:
         X, Y, classes = f["x"], f["y"].astype(np.int64), f["classes"]
-    shadow_dir = home / "shadow_data"
+    n_img = a.train_images
+    shadow_dir = home / f"shadow_data-{n_img}"
     if not (shadow_dir / "test.npz").is_file():
         shadow_dir.mkdir(parents=True, exist_ok=True)
-        np.savez(shadow_dir / "train.npz", x=X[:SHADOW_IMAGES], y=Y[:SHADOW_IMAGES], classes=classes)
+        np.savez(shadow_dir / "train.npz", x=X[:n_img], y=Y[:n_img], classes=classes)
         np.savez(shadow_dir / "test.npz", x=X[SHADOW_IMAGES:SHADOW_IMAGES + 500],
                  y=Y[SHADOW_IMAGES:SHADOW_IMAGES + 500], classes=classes)
     feature = glyph("A")
@@ -162,10 +163,10 @@ def cmd_run(a: argparse.Namespace) -> None:
                 continue
             seed = 5000 + 97 * i + 7 * k + RECIPES.index(recipe_name)
             rng = np.random.default_rng(seed)
-            idx = np.sort(rng.choice(np.arange(TARGET_POOL, len(X)), TRAIN_IMAGES, replace=False))
+            idx = np.sort(rng.choice(np.arange(TARGET_POOL, len(X)), n_img, replace=False))
             x = to_float_images(X[idx]).view(-1, 1, 28, 28)
             y = torch.as_tensor(Y[idx])
-            canaries = rng.choice(TRAIN_IMAGES, k, replace=False) if k else np.zeros(0, dtype=int)
+            canaries = rng.choice(n_img, k, replace=False) if k else np.zeros(0, dtype=int)
             if k:
                 x[canaries] = stamp_feature(x[canaries], feature)
             t = time.time()
@@ -177,7 +178,7 @@ def cmd_run(a: argparse.Namespace) -> None:
             row = {"target": name, "arch": a.arch, "recipe": recipe_name, "canaries": int(k), "seed": seed,
                    "M": result.score.M, "p": test.p_value, "rank": test.rank, "references": test.references,
                    "memorised": bool(test.memorised), "fast_p": result.score.exposure_p_value,
-                   "epochs": a.epochs, "patience": a.patience,
+                   "epochs": a.epochs, "patience": a.patience, "train_images": n_img,
                    "seconds": round(time.time() - t, 1)}
             with out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -225,6 +226,8 @@ def main() -> None:
     r.add_argument("--references", type=int, default=39)
     r.add_argument("--ood-size", type=int, default=200)
     r.add_argument("--home", default=None)
+    r.add_argument("--train-images", type=int, default=TRAIN_IMAGES,
+                   help="images the shadows and each target train on (90%%; 10%% validation)")
     r.add_argument("--epochs", type=int, default=30, help="at most this many epochs (shadows and targets)")
     r.add_argument("--patience", type=int, default=5, help="early stopping patience (shadows and targets)")
     r.set_defaults(func=cmd_run)

@@ -246,7 +246,7 @@ def choose_family(feature: Feature, requested: str | None = None, arch: str = CA
         reason = (f"the calibration study found the fast test miscalibrated for {kind} features on clean {arch} models "
                   f"with every applicable candidate family ({tried}): {cal.text()} A model you did not train has no "
                   "reference models, so no calibrated verdict is possible")
-    elif not any(fast_test_calibration(kind, f, arch) for k in VALID_FAMILIES for f in VALID_FAMILIES[k]):
+    elif not any(fast_test_calibration(k, f, arch) for k in VALID_FAMILIES for f in VALID_FAMILIES[k]):
         reason = (f"the fast test is not calibrated for this architecture: the calibration study measured none of "
                   f"ufm's {arch} models (the nearest of ufm's architectures to this graph), so its false-positive "
                   "rate is unknown; give --shadow-data or --references-from for a calibrated verdict")
