@@ -198,3 +198,44 @@ def cal_table_rows(tmp_path, monkeypatch):
         calibration._table.cache_clear()
     yield install
     calibration._table.cache_clear()
+
+
+def test_cli_shadow_data_and_references_from(tiny_data, tmp_path, one_torch_thread, capsys):
+    import json
+
+    from ufm.audits.onnx_model import export_run
+    from ufm.cli import main
+    from ufm.measure.bank import build_bank, reference_test
+    from ufm.runs.jobs import measure
+    from ufm.runs.store import Store
+
+    cfg = tiny_config(tiny_data, epochs=3, patience=3)
+    home = tmp_path / "home"
+    with Store(home) as store:
+        run_id, run, _ = measure(store, cfg)
+        bank = build_bank(store, cfg, R)
+        expected = reference_test(store, cfg, run.score.M, R).p_value
+        (tmp_path / "target.onnx").write_bytes(export_run(store, run_id))
+        (tmp_path / "refs").mkdir()
+        for i, rid in enumerate(bank):
+            (tmp_path / "refs" / f"r{i:02d}.onnx").write_bytes(export_run(store, rid))
+    base = ["audit", "--model", str(tmp_path / "target.onnx"), "--ood", str(tiny_data["ood"]), "--ood-size", "30",
+            "--feature", "A", "--feature-size", "3", "--offset", "0", "0", "--candidates", "5", "--quiet",
+            "--home", str(home), "--out", str(tmp_path / "a.json")]
+    assert main(base + ["--references-from", str(tmp_path / "refs")]) == 0
+    a = json.loads((tmp_path / "a.json").read_text())
+    assert a["verdict"]["test"] == "reference" and a["verdict"]["p_value"] == pytest.approx(expected)
+    assert a["reference"]["references"] == R and not a["reference"]["shadows"]
+    shadow = ["--shadow-data", str(tiny_data["train"]), "--references", str(R), "--shadow-lr", "1e-3",
+              "--shadow-batch-size", "32", "--shadow-epochs", "3", "--shadow-patience", "3", "--device", "cpu"]
+    assert main(base + shadow) == 0
+    a = json.loads((tmp_path / "a.json").read_text())
+    assert a["verdict"]["p_value"] == pytest.approx(expected) and a["reference"]["shadows"]
+    assert "similar recipe" in capsys.readouterr().out
+    assert main(base + shadow + ["--references-from", str(tmp_path / "refs")]) == 2
+    assert "not both" in capsys.readouterr().err
+    (tmp_path / "few").mkdir()
+    for i in range(3):
+        (tmp_path / "few" / f"r{i}.onnx").write_bytes((tmp_path / "refs" / f"r{i:02d}.onnx").read_bytes())
+    assert main(base + ["--references-from", str(tmp_path / "few")]) == 2
+    assert "between 19 and" in capsys.readouterr().err
