@@ -311,3 +311,35 @@ def calibrate_audit(store: "Store", result: "AuditResult", model: "OnnxModel", *
     n = len(bank_configs(cfg, r))
     return calibrated_verdict(result, test, f"{n} shadows trained on {shadow_data} with {recipe.describe()}",
                               shadows=True)
+
+
+def shadow_audit_task(report: Any, model_path: str, config: dict[str, Any], spec: dict[str, Any], home: str,
+                      audit_id: str, cancel_path: str | None, calibration: dict[str, Any]) -> None:
+    """A background audit with a calibrated verdict (the dashboard's tasks): as
+    :func:`ufm.audits.model_audit.audit_task`, then :func:`calibrate_audit` with ``calibration``
+    (``shadow_data``, ``references``, ``recipe`` (a :class:`ShadowRecipe` as a dict) or
+    ``references_from``). The shadows are trained here, each a run in the store: a cancelled
+    audit keeps the finished ones, and the next audit of this model reuses them."""
+    from ufm.audits.model_audit import AuditConfig, run_audit, save_audit
+    from ufm.audits.onnx_model import load_onnx, read_model_bytes
+    from ufm.runs.store import Store
+
+    statements = {k: (tuple(v) if isinstance(v, list) else v) for k, v in spec.items()}
+    model = load_onnx(model_path, **statements)
+    cancel = (lambda: Path(cancel_path).exists()) if cancel_path else None
+    cfg = AuditConfig.from_dict(config)
+    result = run_audit(model, cfg, progress=lambda p: report(p.message), cancel=cancel)
+    kw: dict[str, Any] = {}
+    if calibration.get("references_from"):
+        kw = {"references_from": calibration["references_from"],
+              "spec": {k: v for k, v in statements.items() if k != "name"}}  # each reference keeps its own name
+    else:
+        r = dict(calibration.get("recipe") or {})
+        r["regularisers"] = tuple(r.get("regularisers") or ())
+        kw = {"shadow_data": calibration["shadow_data"], "references": int(calibration.get("references",
+                                                                                        DEFAULT_REFERENCES)),
+              "recipe": ShadowRecipe(**r), "model_bytes": read_model_bytes(model_path)[0]}
+    with Store(home) as store:
+        result = calibrate_audit(store, result, model, progress=lambda p: report(p.message), cancel=cancel, **kw)
+        save_audit(store, result, audit_id)
+    report(f"done: {result.verdict.headline}")
