@@ -239,3 +239,55 @@ def test_cli_shadow_data_and_references_from(tiny_data, tmp_path, one_torch_thre
         (tmp_path / "few" / f"r{i}.onnx").write_bytes((tmp_path / "refs" / f"r{i:02d}.onnx").read_bytes())
     assert main(base + ["--references-from", str(tmp_path / "few")]) == 2
     assert "between 19 and" in capsys.readouterr().err
+
+
+def test_page_calibration_inputs():
+    from streamlit.testing.v1 import AppTest
+
+    def page():
+        import streamlit as st
+
+        from dashboard import audit_ui
+        st.write(repr(audit_ui.calibration_inputs()))
+
+    at = AppTest.from_function(page, default_timeout=60)
+    at.run()
+    assert at.markdown[-1].value == "None"  # the fast test by default
+    at.radio[0].set_value("shadow models ufm trains").run()
+    at.text_input[0].set_value("mnist").run()
+    got = at.markdown[-1].value
+    assert "'shadow_data': 'mnist'" in got and "'references': 39" in got and "'lr': 0.001" in got
+    assert any("similar recipe" in c.value for c in at.caption)
+    at.text_input[0].set_value("/etc").run()  # outside the allowed data folders: one line, no traceback
+    assert at.error and not at.exception
+
+
+def test_background_task_stores_a_calibrated_audit_and_cancel_stores_nothing(tiny_data, tmp_path, one_torch_thread):
+    from ufm.audits.model_audit import AuditConfig, list_audits, load_audit
+    from ufm.audits.onnx_model import export_run
+    from ufm.audits.shadow import ShadowRecipe, shadow_audit_task
+    from ufm.core.train import TrainingCancelled
+    from ufm.measure.bank import bank_status
+    from ufm.runs.jobs import measure
+    from ufm.runs.store import Store
+
+    cfg = tiny_config(tiny_data, epochs=2, patience=2)
+    home = tmp_path / "home"
+    with Store(home) as store:
+        run_id, _, _ = measure(store, cfg)
+        (tmp_path / "t.onnx").write_bytes(export_run(store, run_id))
+    config = AuditConfig(feature=cfg.feature, ood=str(tiny_data["ood"]), ood_size=30, candidates=5).to_dict()
+    recipe = ShadowRecipe(lr=1e-3, batch_size=32, epochs=2, patience=2).__dict__
+    cal = {"shadow_data": str(tiny_data["train"]), "references": R, "recipe": {**recipe, "regularisers": []}}
+    cancel = tmp_path / "cancel"
+    cancel.touch()
+    with pytest.raises(TrainingCancelled):
+        shadow_audit_task(lambda m: None, str(tmp_path / "t.onnx"), config, {}, str(home), "a" * 12, str(cancel), cal)
+    cancel.unlink()
+    messages = []
+    shadow_audit_task(messages.append, str(tmp_path / "t.onnx"), config, {}, str(home), "b" * 12, str(cancel), cal)
+    with Store(home) as store:
+        assert [r.id for r in list_audits(store)] == ["b" * 12]
+        result = load_audit(store, "b" * 12)
+    assert result.verdict.test == "reference" and result.reference["references"] == R
+    assert any("reference models" in m for m in messages) and messages[-1].startswith("done")
