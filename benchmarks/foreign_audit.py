@@ -10,7 +10,8 @@ recipes:
 * ``matched``: the shadows' recipe (Adam lr 1e-3, batch 64, early stopping on a 10% validation
   split, patience 5, at most 30 epochs), re-implemented;
 * ``sgd``: SGD lr 0.05, momentum 0.9 (otherwise matched);
-* ``augment``: matched plus random shifts of up to 2 pixels.
+* ``augment``: matched plus random shifts of up to 2 pixels;
+* ``samedata``: matched, but on the shadows' own images (a control: only the code and seed differ).
 
 Clean targets give the false-positive rate of the verdict (calibrated p < 0.05) per recipe;
 targets with the feature (the paper's 5x5 "A" at rows/cols 1..5) stamped on 1, 3 or 10 random
@@ -38,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
-RECIPES = ("matched", "sgd", "augment")
+RECIPES = ("matched", "sgd", "augment", "samedata")
 SHADOW_IMAGES = 500   # the auditor's shadow data: MNIST training images 0..499
 TARGET_POOL = 10_000  # targets draw their 500 images from MNIST training images 10000..59999
 TRAIN_IMAGES = 500
@@ -165,7 +166,8 @@ def cmd_run(a: argparse.Namespace) -> None:
                 continue
             seed = 5000 + 97 * i + 7 * k + RECIPES.index(recipe_name)
             rng = np.random.default_rng(seed)
-            idx = np.sort(rng.choice(np.arange(TARGET_POOL, len(X)), n_img, replace=False))
+            idx = (np.arange(n_img) if recipe_name == "samedata" else
+                   np.sort(rng.choice(np.arange(TARGET_POOL, len(X)), n_img, replace=False)))
             x = to_float_images(X[idx]).view(-1, 1, 28, 28)
             y = torch.as_tensor(Y[idx])
             canaries = rng.choice(n_img, k, replace=False) if k else np.zeros(0, dtype=int)
