@@ -129,6 +129,7 @@ st.caption(f"The feature ({feature.name}) stamped on the first inference images,
 st.image([im.transpose(1, 2, 0) if im.shape[0] == 3 else im[0]
           for im in stamped_examples(torch.from_numpy(x), feature)], width=96, clamp=True)
 
+calibration = audit_ui.calibration_inputs()  # None: the fast test only (provisional)
 if st.button("Run audit", type="primary", key="audit_run"):
     try:
         config = ModelAuditConfig(feature, source, ood_size=int(n), candidates=int(k), seed=int(seed),
@@ -136,7 +137,8 @@ if st.button("Run audit", type="primary", key="audit_run"):
     except ValueError as e:
         st.error(str(e))
         st.stop()
-    st.session_state[audit_ui.AUDIT] = audit_ui.start_audit(chosen["path"], config, spec, home, chosen["name"])
+    st.session_state[audit_ui.AUDIT] = audit_ui.start_audit(chosen["path"], config, spec, home, chosen["name"],
+                                                            calibration)
 
 audit_id = st.session_state.get(audit_ui.AUDIT)
 if audit_id:

@@ -103,14 +103,21 @@ def preview_images(source: str, shape: tuple[int, int, int], n: int, root: str) 
     return audit_inference_images(source, shape, n, data_dir=root).numpy()
 
 
-def start_audit(model_path: str, config: ModelAuditConfig, spec: dict, home: str, name: str) -> str:
+def start_audit(model_path: str, config: ModelAuditConfig, spec: dict, home: str, name: str,
+                calibration: dict | None = None) -> str:
     """Queue the audit as a background task; returns its (future) audit id. ``name``: the file
-    name the user knows (the kept copy is named by its hash)."""
+    name the user knows (the kept copy is named by its hash). ``calibration``: shadow models or
+    supplied references for a calibrated verdict (:func:`ufm.audits.shadow.shadow_audit_task`)."""
     audit_id = new_model_audit_id()
     spec = {**spec, "name": name}
     cancel = _audit_dir(home, "cancel") / audit_id
-    background.tasks().submit(f"audit-{audit_id}", model_audit_task, model_path, config.to_dict(), spec, home, audit_id,
-                         str(cancel))
+    if calibration:
+        from ufm.audits.shadow import shadow_audit_task
+        background.tasks().submit(f"audit-{audit_id}", shadow_audit_task, model_path, config.to_dict(), spec, home,
+                                  audit_id, str(cancel), calibration)
+    else:
+        background.tasks().submit(f"audit-{audit_id}", model_audit_task, model_path, config.to_dict(), spec, home, audit_id,
+                             str(cancel))
     return audit_id
 
 
@@ -180,3 +187,42 @@ def audits_section(store) -> None:
             delete_model_audit(store, pick)
             st.toast(f"Deleted audit {state.short(pick)}")
             st.rerun()
+
+
+def calibration_inputs() -> dict | None:
+    """The Audit page's calibration choice: None (the fast test, provisional), shadow models ufm
+    trains (a bank of runs in the store, reused for every later feature), or a folder of reference
+    models the user trained. Stops the page with one line on a path outside the allowed folders."""
+    from ufm.audits.shadow import MISCALIBRATION_NOTE, ShadowRecipe
+    from ufm.core.data import BENCHMARKS
+    from ufm.limits import MAX_REFERENCES
+    from ufm.paths import PathNotAllowed, check_user_path
+
+    how = st.radio("Verdict", ["fast test (provisional)", "shadow models ufm trains", "reference models I trained"],
+                   horizontal=True, key="audit_calibration",
+                   help="A calibrated verdict ranks the model's M among models trained without the feature.")
+    if how.startswith("fast"):
+        return None
+    try:
+        if how.startswith("reference"):
+            folder = st.text_input("folder of R >= 19 .onnx models trained without the feature (inside the allowed "
+                                   "data folders)", key="audit_refs")
+            return {"references_from": str(check_user_path(folder))} if folder.strip() else None
+        st.caption("Shadows are trained with ufm's training code (Adam, early stopping) on your labelled data, "
+                   "assuming the model was trained on similar data with a similar recipe. " + MISCALIBRATION_NOTE)
+        data = st.text_input("labelled shadow data: a benchmark name, or a folder (class sub-folders, or "
+                             "train.npz/test.npz) inside the allowed data folders", key="audit_shadow_data")
+        if not data.strip():
+            return None
+        source = data.strip() if data.strip() in BENCHMARKS else str(check_user_path(data))
+        c = st.columns(5)
+        d = ShadowRecipe()
+        recipe = ShadowRecipe(lr=c[0].number_input("Adam lr", 1e-6, 1.0, d.lr, format="%g", key="audit_sh_lr"),
+                              batch_size=int(c[1].number_input("batch", 1, 4096, d.batch_size, key="audit_sh_b")),
+                              epochs=int(c[2].number_input("max epochs", 1, 1000, d.epochs, key="audit_sh_e")),
+                              patience=int(c[3].number_input("patience", 1, 100, d.patience, key="audit_sh_p")))
+        r = int(c[4].number_input("shadows R", 19, MAX_REFERENCES, 39, key="audit_sh_r"))
+        return {"shadow_data": source, "references": r, "recipe": {**recipe.__dict__, "regularisers": []}}
+    except PathNotAllowed as e:
+        st.error(str(e))
+        st.stop()

@@ -10,6 +10,7 @@ the server's file system.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 ALLOWED_ENV = "UFM_ALLOWED_DATA"
@@ -76,3 +77,20 @@ def check_user_path(text: str) -> Path:
     if not is_allowed(resolved, roots):
         raise outside
     return resolved
+
+
+def default_home() -> Path:
+    """``$UFM_HOME``, else the per-user data directory: ``$XDG_DATA_HOME/ufm`` or
+    ``~/.local/share/ufm`` on Linux, ``~/Library/Application Support/ufm`` on macOS,
+    ``%LOCALAPPDATA%\\ufm`` on Windows."""
+    env = os.environ.get("UFM_HOME")
+    if env:
+        return Path(env).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        xdg = os.environ.get("XDG_DATA_HOME")
+        base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "share"
+    return base / "ufm"

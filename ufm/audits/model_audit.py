@@ -83,6 +83,10 @@ def choose_family(feature: Feature, requested: str | None = None, arch: str = CA
         reason = (f"the calibration study found the fast test miscalibrated for {kind} features on clean {arch} models "
                   f"with every applicable candidate family ({tried}): {cal.text()} A model you did not train has no "
                   "reference models, so no calibrated verdict is possible")
+    elif not any(fast_test_calibration(k, f, arch) for k in VALID_FAMILIES for f in VALID_FAMILIES[k]):
+        reason = (f"the fast test is not calibrated for this architecture: the calibration study measured none of "
+                  f"ufm's {arch} models (the nearest of ufm's architectures to this graph), so its false-positive "
+                  "rate is unknown; give --shadow-data or --references-from for a calibrated verdict")
     else:
         reason = (f"the calibration study has no measurement of the fast test for {kind} features with {tried} "
                   f"candidates on {arch} models, so its false-positive rate is unknown; a model you did not train has "
@@ -180,6 +184,7 @@ class ModelAuditResult:
     learned_note: str = ""
     score_seconds: float = 0.0
     versions: dict[str, str] = field(default_factory=dict)
+    reference: dict[str, Any] | None = None  # the rank test among shadow/supplied models (ufm.audits.shadow)
 
     @property
     def status(self) -> str:
@@ -204,7 +209,8 @@ class ModelAuditResult:
                 "score": self.score.to_dict(), "access": self.access.to_dict(), "verdict": self.verdict.to_dict(),
                 "family_reason": self.family_reason, "n_ood": self.n_ood, "test_accuracy": self.test_accuracy,
                 "learned": self.learned, "learned_note": self.learned_note, "score_seconds": self.score_seconds,
-                "versions": self.versions, "summary": self.summary()}
+                "versions": self.versions, "summary": self.summary(),
+                **({"reference": self.reference} if self.reference is not None else {})}
 
     def to_json(self, **kw: Any) -> str:
         return json.dumps(self.to_dict(), allow_nan=False, **kw)
@@ -215,7 +221,7 @@ class ModelAuditResult:
                    d["output_kind"], d["num_classes"], MScore.from_dict(d["score"]),
                    AccessScores.from_dict(d["access"]), Verdict.from_dict(d["verdict"]), d.get("family_reason"), d["n_ood"],
                    d.get("test_accuracy"), d.get("learned"), d.get("learned_note", ""), d.get("score_seconds", 0.0),
-                   d.get("versions", {}))
+                   d.get("versions", {}), d.get("reference"))
 
 
 def ignores_input(clean_out: torch.Tensor, score: MScore) -> str | None:
@@ -255,8 +261,9 @@ def _decide(score: MScore, cal: FastTestCalibration | None, reason: str | None, 
                        f"{_capital(reason)}. The numbers are shown as measurements, not as a verdict.",
                        cal.text() if cal is not None else None)
     assert cal is not None
-    note = (f"{cal.text()} Measured on ufm's {cal.arch} models: the closest published figure for a model "
-            "you did not train.")
+    note = (f"{cal.text()} Measured on ufm's {cal.arch} models, the nearest of ufm's architectures to this graph: "
+            "the closest published figure for a model you did not train; --shadow-data or --references-from give a calibrated "
+            "verdict.")
     if score.status == INCONCLUSIVE:
         return Verdict(INCONCLUSIVE, "fast", None, score.verdict(), note)
     return Verdict(score.status, "fast", score.exposure_p_value,
@@ -296,7 +303,7 @@ def run_model_audit(model: OnnxModel, config: ModelAuditConfig, *, x_ood: torch.
     x = x[:config.ood_size]
     if tuple(x.shape[1:]) != shape:
         raise ValueError(f"inference images are {tuple(x.shape[1:])} but the model takes {shape} (C, H, W)")
-    family, cal, reason = choose_family(config.feature, config.family)
+    family, cal, reason = choose_family(config.feature, config.family, getattr(model, "nearest_arch", CALIBRATION_ARCH))
     model.probe(x)
     with torch.no_grad():
         clean_out = model(x[:256])

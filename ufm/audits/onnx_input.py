@@ -325,3 +325,14 @@ def resolve_spec(gi: GraphInput, *, input_size: tuple[int, int] | None = None, c
     if mean is None and std is None and meta.get("mean"):
         mean, std = meta.get("mean"), meta.get("std")
     return InputSpec(vals["channels"], vals["height"], vals["width"], lay, tuple(mean or ()), tuple(std or ()))
+
+
+def nearest_arch(proto: Any) -> str:
+    """The one of ufm's architectures nearest to an ONNX graph, by its convolutions: none -> mlp,
+    1-3 -> cnn1 (2 convs), 4-6 -> cnn2 (4 convs), more -> densenet100 (99 convs). It picks the
+    calibration study's row that stands in for a model ufm did not train."""
+    ops = [n.op_type for n in proto.graph.node]
+    for f in getattr(proto, "functions", ()):
+        ops += [n.op_type for n in f.node]
+    convs = sum(op in ("Conv", "ConvTranspose", "QLinearConv", "ConvInteger") for op in ops)
+    return "mlp" if convs == 0 else "cnn1" if convs <= 3 else "cnn2" if convs <= 6 else "densenet100"

@@ -200,7 +200,10 @@ def load_onnx(source: str | os.PathLike | bytes, *, input_size: tuple[int, int] 
         first = str(exc).strip().splitlines()[0][:300]
         raise OnnxModelError(f"onnxruntime cannot run {checked.name} ({first}); it may use operators outside the "
                              "standard ONNX domain: re-export it with standard operators") from None
-    return OnnxModel(session, checked.spec, checked.graph_input, checked.sha256, checked.name, checked.size_bytes)
+    model = OnnxModel(session, checked.spec, checked.graph_input, checked.sha256, checked.name, checked.size_bytes)
+    from ufm.audits.onnx_input import nearest_arch
+    model.nearest_arch = nearest_arch(parse_onnx(data, checked.name))  # which calibration row stands in for it
+    return model
 
 
 # ------------------------------------------------------------------------------------ export

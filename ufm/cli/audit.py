@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ufm.limits import MAX_CANDIDATES, MAX_FEATURE_SIDE, MAX_OOD_SIZE, MAX_REPEATS
+from ufm.limits import MAX_CANDIDATES, MAX_FEATURE_SIDE, MAX_OOD_SIZE, MAX_REFERENCES, MAX_REPEATS
 from ufm.runs.store import StoreError
 from ufm.cli.common import (StderrProgress, UsageError, _nonneg_int, _pos_int, add_home, check_out, finite_float, int_in,
                      open_store)
@@ -55,6 +55,25 @@ def summary_lines(result: Any, audit_id: str | None) -> list[str]:
     return lines
 
 
+def _calibration_args(a: argparse.Namespace) -> dict[str, Any]:
+    """calibrate_audit's arguments from --shadow-data / --references-from (empty: the fast test)."""
+    if a.shadow_data and a.references_from:
+        raise UsageError("give --shadow-data (ufm trains shadow models) or --references-from (your own models), not both")
+    if a.references_from:
+        return {"references_from": a.references_from,
+                "spec": {"input_size": tuple(a.input_size) if a.input_size else None, "channels": a.channels,
+                         "layout": a.layout, "mean": a.mean, "std": a.std}}
+    if not a.shadow_data:
+        return {}
+    from ufm.audits.onnx_model import read_model_bytes
+    from ufm.audits.shadow import ShadowRecipe
+
+    recipe = ShadowRecipe(lr=a.shadow_lr, batch_size=a.shadow_batch_size, epochs=a.shadow_epochs,
+                          patience=a.shadow_patience, train_size=a.shadow_train_size)
+    return {"shadow_data": a.shadow_data, "references": a.references, "recipe": recipe,
+            "model_bytes": read_model_bytes(a.model)[0], "device": a.device}
+
+
 def cmd_audit(a: argparse.Namespace) -> int:
     if a.list:
         from ufm.audits.model_audit_store import list_model_audits
@@ -88,8 +107,13 @@ def cmd_audit(a: argparse.Namespace) -> int:
     config = ModelAuditConfig(feature=feature, ood=a.ood, ood_size=a.ood_size, labelled=a.labelled,
                               canary_label=a.canary_class, repeats=a.repeats, candidates=a.candidates,
                               family=a.candidate_kind, seed=a.seed, data_dir=a.data_dir, classes=classes)
+    calibrate = _calibration_args(a)
     try:
         result = run_model_audit(model, config, progress=StderrProgress(a.quiet))
+        if calibrate:
+            from ufm.audits.shadow import calibrate_audit
+            with open_store(a) as store:
+                result = calibrate_audit(store, result, model, progress=StderrProgress(a.quiet), **calibrate)
     except TrainingCancelled as exc:
         raise UsageError(f"{exc}; nothing was saved") from exc
     audit_id = None
@@ -156,6 +180,23 @@ def register(sub: Any) -> None:
                    help="candidate family; auto = one the calibration study found calibrated for the feature's kind")
     s.add_argument("--repeats", type=int_in(1, MAX_REPEATS), default=1, help="R random features per image")
     s.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (>= 0)")
+    c = p.add_argument_group("calibration (rank the model's M among models trained without the feature)")
+    c.add_argument("--shadow-data", default=None, metavar="DATASET|FOLDER|NPZ",
+                   help="labelled in-domain images (a benchmark, a folder of class sub-folders, or an .npz with x "
+                        "and y) on which ufm trains shadow models of the audited architecture; they are runs in the "
+                        "store, reused for every later feature")
+    c.add_argument("--references", type=int_in(19, MAX_REFERENCES), default=39,
+                   help="how many shadow models R (p-values down to 1/(R+1); default 39)")
+    c.add_argument("--references-from", default=None, metavar="DIR",
+                   help="a folder of R >= 19 ONNX models you trained without the feature (same architecture)")
+    c.add_argument("--shadow-lr", type=finite_float, default=1e-3, help="shadows' Adam learning rate")
+    c.add_argument("--shadow-batch-size", type=_pos_int, default=128, help="shadows' batch size")
+    c.add_argument("--shadow-epochs", type=_pos_int, default=100, help="shadows' maximum epochs")
+    c.add_argument("--shadow-patience", type=_pos_int, default=10,
+                   help="shadows' early stopping patience (epochs without validation improvement)")
+    c.add_argument("--shadow-train-size", type=int_in(20, 10**9), default=None,
+                   help="train shadows on this many images of the shadow data (default all)")
+    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where shadows train")
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, help="write the audit JSON here ('-' for stdout)")
     o.add_argument("--report", default=None, metavar="FILE", help="write a self-contained HTML report here")

@@ -79,7 +79,7 @@ class ExperimentConfig:
     audit: AuditCanaries | None = None
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHITECTURES:
+        if self.arch not in ARCHITECTURES and not (self.arch.startswith("onnx:") and self.lr and self.batch_size):
             raise ValueError(f"unknown architecture {self.arch!r}; choose one of {', '.join(ARCHITECTURES)}")
         regs = tuple(sorted(set(r for r in self.regularisers if r != "none")))
         bad = [r for r in regs if r not in REGULARISERS]

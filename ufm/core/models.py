@@ -123,6 +123,9 @@ def build_model(arch: str, in_channels: int, image_size: tuple[int, int], num_cl
     Returns:
         An ``nn.Module`` mapping ``(N, C, H, W)`` floats to ``(N, num_classes)`` logits.
     """
+    if arch.startswith("onnx:"):  # a shadow model: the converted graph of an audited ONNX file (issue 20)
+        from ufm.core.onnx_arch import build_onnx_arch
+        return build_onnx_arch(arch, in_channels, image_size, num_classes)
     if arch not in _BUILDERS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     if not 0.0 <= dropout < 1.0:

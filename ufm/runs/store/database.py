@@ -22,6 +22,7 @@ log = logging.getLogger("ufm.runs.store")  # the name of the one module the stor
 DB_NAME = "ufm.db"
 APPLICATION_ID = int.from_bytes(b"ufm1", "big")  # PRAGMA application_id: marks the file as ours
 
+from ufm.paths import default_home  # noqa: F401 - the store's home; imported from here by many
 from ufm.runs.store.schema import BACKGROUND, FOREGROUND, MIGRATIONS, SCHEMA_VERSION  # noqa: E402,F401 - re-exported
 
 class StoreError(RuntimeError):
@@ -30,23 +31,6 @@ class StoreError(RuntimeError):
 
 class RunNotFound(StoreError):
     """No run with that id."""
-
-
-def default_home() -> Path:
-    """``$UFM_HOME``, else the per-user data directory: ``$XDG_DATA_HOME/ufm`` or
-    ``~/.local/share/ufm`` on Linux, ``~/Library/Application Support/ufm`` on macOS,
-    ``%LOCALAPPDATA%\\ufm`` on Windows."""
-    env = os.environ.get("UFM_HOME")
-    if env:
-        return Path(env).expanduser()
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Application Support"
-    else:
-        xdg = os.environ.get("XDG_DATA_HOME")
-        base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "share"
-    return base / "ufm"
 
 
 def _make_private(path: Path, mode: int) -> None:
