@@ -46,11 +46,12 @@ if TYPE_CHECKING:
 #: What benchmarks/foreign_audit.py measured when the target's recipe differs from the shadows'
 #: (see benchmarks/results/foreign_audit.md); shown with every shadow verdict.
 MISCALIBRATION_NOTE = ("ufm's benchmark (benchmarks/foreign_audit.py: MNIST, 500 or 250 training images, 39 shadows) "
-                       "audited clean models trained by another script: with the shadows' recipe it called 3 of 40 "
-                       "MLPs memorised (7.5%, above the 2.5% level, also on the shadows' own images) and 0 of 40 cnn1; "
-                       "with augmentation the shadows lacked, 2 of 40 cnn1 (5%); with SGD instead of Adam, none. A p "
-                       "at the floor is weaker evidence for a foreign model than for ufm's own runs. When the recipe "
-                       "is unknown, train a bank for each plausible recipe and trust a call only if every bank makes it.")
+                       "audited clean models trained by another script: with the shadows' recipe it called 9 of 200 "
+                       "MLPs memorised (4.5%, above the 2.5% level; 11 of 200 on the shadows' own images) and 0 of 40 "
+                       "cnn1; with augmentation the shadows lacked, 2 of 40 cnn1 (5%); with SGD instead of Adam, 1 of "
+                       "200 MLPs. A p at the floor is weaker evidence for a foreign model than for ufm's own runs. When "
+                       "the recipe is unknown, train a bank for each plausible recipe and trust a call only if every "
+                       "bank makes it.")
 
 
 @dataclass(frozen=True)
