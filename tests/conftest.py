@@ -106,3 +106,16 @@ def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     with streamlit_server(home, {"UFM_DATA_DIR": str(SHARED), "UFM_AUTO_REFERENCES": "0"}) as running:
         yield running.url
+
+
+@pytest.fixture(autouse=True)
+def _main_module_kept():
+    """Streamlit's ``AppTest.from_function`` leaves its temporary script as ``sys.modules["__main__"]``;
+    every run or task process started afterwards (forkserver/spawn) re-runs the parent's main script
+    and died there (``NameError: __args``), failing every later run. Put the real one back."""
+    import sys
+
+    main = sys.modules.get("__main__")
+    yield
+    if sys.modules.get("__main__") is not main:
+        sys.modules["__main__"] = main
