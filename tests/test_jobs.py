@@ -143,9 +143,12 @@ def _wait_for(store: Store, run_id: str, pred, what: str, timeout: float = 60.0)
     pytest.fail(f"run {run_id} never {what} within {timeout} s: {store.get(run_id)}")
 
 
-def test_concurrent_dropout_runs_equal_sequential_bit_for_bit(tiny_data, store, tmp_path):
+def test_concurrent_dropout_runs_equal_sequential_bit_for_bit(tiny_data, store, tmp_path, monkeypatch):
     """Two dropout runs side by side (2 slots) give exactly the numbers they give one after the
     other, and the same as in this process: each run's RNG and torch flags are its own."""
+    # One intra-op thread in every run: a 1-slot runner would otherwise give its run all the cores,
+    # and another thread count sums floats in another order (CI saw M differ in the 5th digit).
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     cfgs = [_cfg(tiny_data, regularisers=("dropout",), epochs=6, patience=6, seed=s) for s in (0, 1)]
     with Runner(store, workers_per_device=2) as runner:
         both = [runner.submit(c, force=True) for c in cfgs]
