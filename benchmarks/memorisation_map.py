@@ -280,6 +280,20 @@ def markdown(cells_: list[MapCell]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def not_measured(cells_: list[MapCell]) -> list[Setting]:
+    """The settings of the CPU and GPU grids with no row yet (on CPU, the GPU rows wait for a lent device)."""
+    measured = {c.setting for c in cells_}
+    planned = dict.fromkeys(GRIDS["cpu"] + GRIDS["gpu"])
+    return [s for s in planned if s not in measured]
+
+
+def not_measured_markdown(settings: list[Setting]) -> str:
+    if not settings:
+        return ""
+    return ("\nNot measured (settings of the grids with no rows yet; GPU settings need "
+            "`run --grid gpu --device cuda`, see DEVELOPERS.md):\n\n" + "".join(f"* {s.label}\n" for s in settings))
+
+
 def table(args: argparse.Namespace) -> None:
     from ufm.reports.plots import memorisation_map_figure
 
@@ -288,7 +302,7 @@ def table(args: argparse.Namespace) -> None:
     cs = summarise(rows)
     MAP_FILE.write_text(json.dumps({"source": [p.name for p in paths], "rows": len(rows),
                                     "cells": [c.to_dict() for c in cs]}, indent=1) + "\n")
-    md = markdown(cs)
+    md = markdown(cs) + not_measured_markdown(not_measured(cs))
     (RESULTS / "memorisation-map.md").write_text(
         "# Memorisation map: one canary, calibrated verdict (R = 39, p < 0.05)\n\n"
         "Each entry: canary models called memorised / models (95% Wilson interval). "

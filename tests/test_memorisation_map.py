@@ -165,16 +165,34 @@ def test_shipped_map_supports_both_demos_with_ten_seeds():
     assert all(c.device in ("cpu", "cuda") for c in cells)
 
 
-def test_shipped_map_is_what_the_script_makes_of_the_raw_rows():
+def _script():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import memorisation_map as script
     finally:
         sys.path.pop(0)
+    return script
+
+
+def test_shipped_map_is_what_the_script_makes_of_the_raw_rows():
+    script = _script()
     shipped = json.loads(MAP_FILE.read_text())
     rows = script.load_rows([ROOT / "benchmarks" / "results" / name for name in shipped["source"]])
     assert len(rows) == shipped["rows"]
     assert [c.to_dict() for c in script.summarise(rows)] == shipped["cells"]
+
+
+def test_readme_and_markdown_tables_are_what_the_script_makes_of_the_raw_rows():
+    """The table README shows, and its list of settings not measured (on CPU, the GPU rows no
+    device has filled yet), are the ``table`` command's output from today's rows."""
+    script = _script()
+    cells = script.summarise(script.load_rows(sorted((ROOT / "benchmarks" / "results").glob("memorisation-map-*.jsonl"))))
+    missing = script.not_measured(cells)
+    assert all(s.device == "cuda" for s in missing)  # the CPU grid is complete
+    assert {c.setting for c in cells}.isdisjoint(missing)
+    made = script.markdown(cells) + script.not_measured_markdown(missing)
+    assert made in (ROOT / "benchmarks" / "results" / "memorisation-map.md").read_text()
+    assert made in (ROOT / "README.md").read_text()
 
 
 def test_readme_quotes_the_demo_cells_rates():
@@ -182,3 +200,19 @@ def test_readme_quotes_the_demo_cells_rates():
     for plan in (plan_demo("teaching"), plan_demo("clinical")):
         for c in plan.cells:
             assert f"{c.detected} of {c.models}" in readme, c
+
+
+def test_readme_quotes_the_demo_wall_times_as_measured():
+    """Every timing in benchmarks/results/demo-times.jsonl is in README, quiet and beside a busy
+    process, and every timed demo ended on the calibrated verdicts the map predicts."""
+    readme = (ROOT / "README.md").read_text()
+    rows = [json.loads(x) for x in (ROOT / "benchmarks" / "results" / "demo-times.jsonl").read_text().splitlines() if x]
+    assert {(r["demo"], r["busy"]) for r in rows} == {(d, b) for d in ("teaching", "clinical") for b in (False, True)}
+    for r in rows:
+        assert f"{r['calibrated_s']:.0f} s" in readme, r
+        assert r["memorised"] == ([False, True] if r["demo"] == "teaching" else [False, True, True]), r
+    quiet = [r for r in rows if not r["busy"] and r["load_start"] < 1]
+    assert quiet and all(r["calibrated_s"] <= 180 and r["first_result_s"] <= 60 for r in quiet)
+    for r in quiet:
+        assert f"{r['first_result_s']:.1f} s" in readme, r
+
