@@ -119,11 +119,32 @@ def test_demo_turns_calibrated_when_its_bank_lands_without_a_reload(app_env, mon
     assert at.session_state["feature"].name == plan.feature.name  # the demo's feature is the current one
 
 
+def _map_hint(at: AppTest) -> str:
+    hints = [i.value for i in at.info if "detected by the calibrated verdict in" in i.value]
+    assert len(hints) == 1, [i.value for i in at.info]
+    return hints[0]
+
+
 def test_train_page_quotes_the_memorisation_map_before_start(app_env):
+    """Before Start the page quotes the shipped map's rate of the nearest measured cell, for the
+    setting chosen now; a setting measured only on a GPU says so on a CPU."""
+    from ufm.core.experiment import ExperimentConfig
+    from ufm.measure.memorisation_map import Setting, find_cell, load_cells, nearest_cell
     at = _app().switch_page("app_pages/train.py").run()
     assert not at.exception
-    hints = [i.value for i in at.info if "detected by the calibrated verdict in" in i.value]
-    assert hints and "of" in hints[0] and "mnist" in hints[0]
+    s = at.session_state["setup"]
+    config = ExperimentConfig(feature=at.session_state["feature"], dataset=s["dataset"], arch=s["arch"],
+                              train_size=s["train_size"], epochs=s["epochs"], patience=s["patience"], canary=s["canary"])
+    assert nearest_cell(config, "cpu").cell.sentence() in _map_hint(at)
+    at.selectbox(key="tr_device").set_value("cpu").run()  # what follows holds on a machine with a GPU too
+    at.number_input(key="tr_size").set_value(500).run()  # exactly a measured CPU setting: the A on a random digit
+    cell = find_cell(load_cells(), Setting("mlp", "mnist", 500, "quick"), "random", "glyph")
+    assert _map_hint(at).startswith(f"In this setting {cell.sentence()}.")
+    assert f"in {cell.detected} of {cell.models} models" in _map_hint(at)
+    at.selectbox(key="tr_arch").set_value("cnn1").run()  # cnn1 was measured on a GPU only
+    gpu = find_cell(load_cells(), Setting("cnn1", "mnist", 500, "quick", "cuda"), "random", "glyph")
+    hint = _map_hint(at)
+    assert gpu.sentence() in hint and "measured on cuda" in hint and "In the nearest measured setting" in hint
 
 
 def test_feature_page_kinds_and_bad_input(app_env):

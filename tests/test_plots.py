@@ -102,6 +102,9 @@ def test_ladder_figure_colours_bars_by_verdict_and_leaves_unfinished_rungs_empty
     assert list(bar.marker.color) == [VERDICT_COLOURS["not_shown"], VERDICT_COLOURS["memorised"], VERDICT_COLOURS[None]]
     assert list(bar.y) == [0.001, 0.2, 0.0] and bar.text[2] == "still training" and "M = 0.2" in bar.text[1]
     assert f.layout.xaxis.title.text and "nats" in f.layout.yaxis.title.text
+    for verdict in ("not_shown", "inconclusive", None):  # only "memorised" says something; nothing reads as "safe"
+        r, g, b = (int(VERDICT_COLOURS[verdict][i:i + 2], 16) for i in (1, 3, 5))
+        assert not (g > r and g > b), (verdict, VERDICT_COLOURS[verdict])
 
 
 def test_log_axis_ticks_show_kl_values_not_their_logarithm():
