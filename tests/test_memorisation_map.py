@@ -113,6 +113,11 @@ def test_demo_setting_on_a_gpu_takes_the_largest_gpu_setting_that_meets_it():
     assert choice.train == large and choice.measured == large
     only_cpu = demo_setting("teaching", "cuda", teaching_cells(TEACHING, 10, 0) + teaching_cells(weak, 5, 0))
     assert only_cpu.train.device == "cuda" and only_cpu.measured == TEACHING and "run on the GPU" in only_cpu.why
+    assert "meets the demo's criterion" in only_cpu.why
+    gpu_ladder = Setting("cnn1", "chest-xray", 500, "quick", "cuda")
+    no_ladder = demo_setting("clinical", "cuda", clinical_cells(CLINICAL, 10) + [cell(gpu_ladder, "random", "name", 7, count=10)])
+    assert no_ladder.measured == CLINICAL and "do not have the demo's cells yet" in no_ladder.why
+    assert demo_setting("clinical", "cuda", clinical_cells(CLINICAL, 10) + clinical_cells(gpu_ladder, 10)).train == gpu_ladder
 
 
 # ----------------------------------------------------------------------------------------- sentences

@@ -308,7 +308,12 @@ def demo_setting(demo: str, device: str = "cpu", cells: Sequence[MapCell] | None
                      key=lambda s: (s.arch != "mlp", s.train_size, s.budget == "long"))
         if gpu:
             return DemoChoice(gpu[-1], gpu[-1], f"the largest GPU setting measured to show the effect ({gpu[-1].label})")
+        # the cell each criterion rests on: the atypical A (teaching), the name on 10 X-rays of one patient (clinical)
+        key = ("top", "glyph", 1) if demo == "teaching" else ("class", "name", 10)
+        measured = any(c.device == "cuda" and c.dataset == fallback.dataset and (c.placement, c.feature, c.count) == key
+                       for c in cells)
+        why = ("no GPU setting measured so far meets the demo's criterion" if measured else
+               "the map's GPU rows do not have the demo's cells yet (benchmarks/memorisation_map.py --device cuda)")
         return DemoChoice(Setting(fallback.arch, fallback.dataset, fallback.train_size, fallback.budget, "cuda"),
-                          fallback, "the CPU setting, run on the GPU: no GPU setting measured so far meets the demo's "
-                          "criterion (the CNN rows of the memorisation map detect one canary less often)")
+                          fallback, f"the CPU setting, run on the GPU: {why}")
     return DemoChoice(fallback, fallback, f"measured to show the effect ({fallback.label})")
