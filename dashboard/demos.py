@@ -45,7 +45,7 @@ DEMOS = {
         "A typed patient name, JOHN DOE, burnt into the corner of paediatric chest X-rays (normal vs "
         "pneumonia, 64x64): the name on **1**, **3** and **10** X-rays of one patient (all with pneumonia) "
         "among 500 training X-rays, one model each, compared with 39 reference models trained without it. "
-        "About three minutes on a 2-core CPU.",
+        "About two minutes on a quiet 2-core CPU, three beside other work.",
         "Does the model memorise the name? One run per rung", "how many of the patient's X-rays carry the name"),
 }
 
