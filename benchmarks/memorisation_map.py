@@ -312,7 +312,7 @@ def table(args: argparse.Namespace) -> None:
     if args.png:
         import tempfile
 
-        fig = memorisation_map_figure(cs)
+        fig = memorisation_map_figure(cs, not_measured(cs))
         with tempfile.TemporaryDirectory() as tmp:  # plotly.js inline: 4 MB that need not be kept
             html = Path(tmp) / "map.html"
             html.write_text(fig.to_html(include_plotlyjs=True, full_html=True))

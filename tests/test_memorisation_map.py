@@ -221,3 +221,17 @@ def test_readme_quotes_the_demo_wall_times_as_measured():
     for r in quiet:
         assert f"{r['first_result_s']:.1f} s" in readme, r
 
+
+
+def test_heat_map_marks_planned_settings_without_rows_as_not_measured():
+    import numpy as np
+
+    from ufm.reports.plots import memorisation_map_figure
+    gpu = Setting("cnn1", "mnist", 10000, "long", "cuda")
+    fig = memorisation_map_figure(teaching_cells(TEACHING, 10, 0), [gpu, TEACHING])  # TEACHING has rows: not marked
+    heat = fig.data[0]
+    labels = list(heat.y)
+    assert labels.count("cuda cnn1 mnist 10,000 long: not measured") == 1 and "cpu mlp mnist 500 quick" in labels
+    row = labels.index("cuda cnn1 mnist 10,000 long: not measured")
+    assert np.isnan(np.asarray(heat.z, dtype=float)[row]).all()
+    assert "10/10" in heat.text[labels.index("cpu mlp mnist 500 quick")]

@@ -306,16 +306,21 @@ def ladder_figure(rungs: Sequence[str], m: Sequence[float], verdicts: Sequence[s
     return _layout(fig, title, x_title, "M: extra output change for the feature (nats)")
 
 
-def memorisation_map_figure(cells: Sequence) -> go.Figure:
+def memorisation_map_figure(cells: Sequence, not_measured: Sequence = ()) -> go.Figure:
     """Heat-map of the measured memorisation map: one row per setting, one column per feature,
     placement and count; colour = share of canary models the calibrated verdict called memorised,
-    text = detected/models. ``cells``: :class:`ufm.measure.memorisation_map.MapCell` objects."""
+    text = detected/models. ``cells``: :class:`ufm.measure.memorisation_map.MapCell` objects;
+    ``not_measured``: settings (:class:`~ufm.measure.memorisation_map.Setting`) planned but without
+    rows, shown as empty rows labelled "not measured"."""
     cols = sorted({(c.feature, c.count, c.placement) for c in cells},
                   key=lambda k: (k[0], k[1], ["top", "random", "bottom", "class"].index(k[2])))
-    rows = sorted({(c.device, c.arch, c.dataset, c.train_size, c.budget) for c in cells}, reverse=True)
+    key = lambda s: (s.device, s.arch, s.dataset, s.train_size, s.budget)  # noqa: E731
+    rows = sorted({key(c) for c in cells} | {key(s) for s in not_measured}, reverse=True)
+    missing = {key(s) for s in not_measured} - {key(c) for c in cells}
     col_names = [f"{'A' if f == 'glyph' else 'name'}, {'one class' if p == 'class' else p}" + (f" x{n}" if n > 1 else "")
                  for f, n, p in cols]
-    row_names = [f"{d} {a} {ds} {n:,} {b}" for d, a, ds, n, b in rows]
+    row_names = [f"{d} {a} {ds} {n:,} {b}" + (": not measured" if r in missing else "") for r in rows
+                 for d, a, ds, n, b in [r]]
     z = np.full((len(rows), len(cols)), np.nan)
     text = [["" for _ in cols] for _ in rows]
     for c in cells:
@@ -329,5 +334,5 @@ def memorisation_map_figure(cells: Sequence) -> go.Figure:
     height = 160 + 28 * len(rows)
     _layout(fig, "One canary: how often the calibrated verdict detects it",
             "feature, canary placement (self-influence) and count", "setting", height=height)
-    fig.update_layout(margin=dict(l=230, r=20, t=90, b=90))
+    fig.update_layout(margin=dict(l=320 if missing else 230, r=20, t=90, b=90))
     return fig
