@@ -71,11 +71,64 @@ def _leaky_models() -> dict[str, onnx.ModelProto]:
     # 4. a plain initialiser
     g = oh.make_graph(head + [oh.make_node("Mul", ["s", "w"], ["y"])], "g", ins, outs, initializer=[_external("w")])
     models["initializer"] = oh.make_model(g, opset_imports=OPSET)
+    # 5. a Loop's body: one iteration adds the constant to a carried [1, 2]
+    v = lambda n, shape=(1, 2): oh.make_tensor_value_info(n, TensorProto.FLOAT, list(shape))  # noqa: E731
+    const = lambda n, kind, dims, vals: oh.make_node("Constant", [], [n], value=oh.make_tensor(n, kind, dims, vals))  # noqa: E731
+    zero = const("z", TensorProto.FLOAT, [1, 2], [0, 0])
+    loop = oh.make_graph([oh.make_node("Constant", [], ["c"], value=_external("lc")),
+                          oh.make_node("Identity", ["b_in"], ["b_out"]), oh.make_node("Add", ["v_in", "c"], ["v_out"])],
+                         "loop", [oh.make_tensor_value_info("i", TensorProto.INT64, []),
+                                  oh.make_tensor_value_info("b_in", TensorProto.BOOL, []), v("v_in")],
+                         [oh.make_tensor_value_info("b_out", TensorProto.BOOL, []), v("v_out")])
+    g = oh.make_graph(head + [const("n", TensorProto.INT64, [], [1]), const("t", TensorProto.BOOL, [], [1]), zero,
+                              oh.make_node("Loop", ["n", "t", "z"], ["c"], body=loop),
+                              oh.make_node("Mul", ["s", "c"], ["y"])], "g", ins, outs)
+    models["loop"] = oh.make_model(g, opset_imports=OPSET)
+    # 6. a Scan's body: the state plus the constant, one step over s
+    scan = oh.make_graph([oh.make_node("Constant", [], ["c"], value=_external("sc")),
+                          oh.make_node("Add", ["st_in", "c"], ["st_out"]), oh.make_node("Identity", ["x_in"], ["x_out"])],
+                         "scan", [v("st_in"), v("x_in", [1])], [v("st_out"), v("x_out", [1])])
+    g = oh.make_graph(head + [zero, oh.make_node("Scan", ["z", "s"], ["c", "o"], body=scan, num_scan_inputs=1),
+                              oh.make_node("Mul", ["s", "c"], ["y"])], "g", ins, outs)
+    models["scan"] = oh.make_model(g, opset_imports=OPSET)
+    # 7. an If inside a model-local function
+    fn = oh.make_function("evil", "Leak", ["X"], ["Y"], [
+        const("B", TensorProto.BOOL, [], [1]), oh.make_node("If", ["B"], ["C"], then_branch=body("ft"), else_branch=body("fe")),
+        oh.make_node("Mul", ["X", "C"], ["Y"])], OPSET)
+    g = oh.make_graph(head + [oh.make_node("Leak", ["s"], ["y"], domain="evil")], "g", ins, outs)
+    models["function_if"] = oh.make_model(g, opset_imports=OPSET + [oh.make_opsetid("evil", 1)], functions=[fn])
+    # 8. a Constant's sparse_value attribute
+    vals = _external("sv")
+    vals.dims[:] = [1]
+    sp = oh.make_sparse_tensor(vals, oh.make_tensor("si", TensorProto.INT64, [1], [0]), [1, 2])
+    g = oh.make_graph(head + [oh.make_node("Constant", [], ["c"], sparse_value=sp), oh.make_node("Mul", ["s", "c"], ["y"])],
+                      "g", ins, outs)
+    models["sparse_attribute"] = oh.make_model(g, opset_imports=OPSET)
     return models
 
 
-@pytest.mark.parametrize("where", ["function", "subgraph", "sparse", "initializer"])
+LEAKY = ["function", "subgraph", "sparse", "initializer", "loop", "scan", "function_if", "sparse_attribute"]
+
+
+@pytest.mark.parametrize("where", ["subgraph", "loop", "scan", "function_if"])
+def test_the_planted_files_would_read_a_server_file_without_the_walk(where, tmp_path, monkeypatch):
+    """Why the walk matters: onnxruntime given these models as bytes (no base folder) still opens
+    the external location relative to its working folder, and the file's bytes become the logits."""
+    import onnxruntime as ort
+
+    (tmp_path / "app.py").write_bytes(np.array([1.0, 2.0], np.float32).tobytes())
+    monkeypatch.chdir(tmp_path)
+    try:
+        session = ort.InferenceSession(_leaky_models()[where].SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - a later onnxruntime may refuse external data from bytes
+        pytest.skip(f"this onnxruntime refuses the plant itself: {str(exc)[:120]}")
+    y = session.run(None, {"x": np.ones((1, 1, 4, 4), np.float32)})[0]
+    assert y.tolist() == [[16.0, 32.0]]  # sum(x) = 16 times the server file's two floats
+
+
+@pytest.mark.parametrize("where", LEAKY)
 def test_external_data_anywhere_is_refused_before_onnxruntime_sees_it(where, tmp_path, monkeypatch):
+    assert sorted(_leaky_models()) == sorted(LEAKY)
     proto = _leaky_models()[where]
     onnx.checker.check_model(proto)  # valid ONNX: only ufm's own walk stands between it and app.py
     data = proto.SerializeToString()
