@@ -18,6 +18,7 @@ import pytest
 from ufm.cli import main
 from ufm.core.designs import forget_designs, list_designs, save_design
 from ufm.runs.store import Store
+from ufm.runs.studies import list_studies
 
 from .test_store import CHILD_ENV, ROOT, _cli_args, _wait_running_epoch
 
@@ -104,8 +105,10 @@ def _modes(root: Path) -> dict[str, str]:
 
 
 def test_every_file_under_the_home_is_private_after_every_command(tiny_data, tmp_path):
-    """One home used by measure, export, audit, privacy-audit --save, the designs, influence
-    tables and the cancel files: all folders 0700, all files 0600; exported files 0600."""
+    """One home used by every command that keeps something (privacy-audit --save, measure, runs
+    list/export/cancel/delete, audit, designs, influence, sweep-canaries, studies export) and by the
+    audit page's kept uploads and cancel files: all folders 0700, all files 0600; every exported
+    file (and explain's PNGs) 0600. (reproduce needs the paper's datasets: its store is the same.)"""
     old = os.umask(0o022)
     try:
         home, out = tmp_path / "home", tmp_path / "out"
@@ -130,12 +133,23 @@ def test_every_file_under_the_home_is_private_after_every_command(tiny_data, tmp
                      "--feature", "text:JO", "--feature-size", "5", "--offset", "0", "0", "--candidates", "5",
                      "--quiet", "--out", str(out / "audit.json"), "--report", str(out / "audit.html"), *h]) == 0
         save_design(home, json.dumps({"feature": {"text": "JOHN DOE"}}))
-        from ufm.attribution.sweep import cached_influence
-
-        from .conftest import tiny_config
-        cached_influence(home, tiny_config(tiny_data, epochs=1), n_checkpoints=2)  # home/influence/<key>.csv
-        assert list((home / "influence").glob("*.csv"))
-        from dashboard.audit_ui import cancel_audit
+        assert main(["designs", "list", *h]) == 0
+        exp = _cli_args(tiny_data, home, "--epochs", "1", "--feature", "text:JO", "--feature-size", "5")[1:]
+        assert main(["influence", *exp, "--checkpoints", "2", "--quiet", "--out", str(out / "influence.csv")]) == 0
+        assert main(["sweep-canaries", *exp, "--top", "1", "--bottom", "1", "--checkpoints", "2", "--quiet",
+                     "--out", str(out / "sweep")]) == 0  # sweep.json holds the config: the feature's text
+        assert list((home / "influence").glob("*.csv"))  # the ranking model's cached table
+        assert main(["explain", *[x for x in exp if x not in h], "--n-ood", "1", "--quiet",
+                     "--out", str(out / "explain")]) == 0
+        with Store(home) as s:
+            study = list_studies(s)["name"].iloc[-1]  # the sweep's
+        for fmt in ("html", "csv", "json"):
+            assert main(["studies", "export", study, "--format", fmt, "--out", str(out / f"study.{fmt}"), *h]) == 0
+        assert main(["runs", "cancel", rid, *h]) in (0, 2)  # finished: nothing to cancel, but the store opened
+        assert main(["runs", "delete", rid, *h]) == 0
+        from dashboard.audit_ui import accept_images, accept_upload, cancel_audit
+        accept_upload("m.onnx", (out / "m.onnx").read_bytes(), home)  # the page's kept copies: audits/models
+        accept_images("ood.npz", (tmp_path / "ood.npz").read_bytes(), home, (1, 12, 12))  # audits/images
         cancel_audit(str(home), "0123456789ab")
         assert _modes(home) == {}
         assert _modes(out) == {}  # every exported file names the feature (or is a model that may know it)
