@@ -268,3 +268,40 @@ def test_a_model_blind_to_the_features_place_is_inconclusive(tmp_path):
     x = torch.rand(30, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     result = run_model_audit(model, ModelAuditConfig(glyph("A"), ood="given", ood_size=30, candidates=19), x_ood=x)
     assert result.verdict.status == "inconclusive" and "X_u = X_r = 0" in result.verdict.text
+
+
+from .test_app import app_env  # noqa: E402,F401 - the dashboard's test data folder and home
+
+
+def test_the_audit_page_bounds_a_huge_input_in_one_line_and_never_runs_the_model(app_env, monkeypatch):
+    """The issue's dashboard probes: a fixed 6000x6000 input was "Something went wrong" (a widget's
+    max_value exceeded) and a 4096x4096 one grew the server by 2.3 GB. Now the page refuses the
+    first in one line that names the limit, offers a 1024x1024 model no more images than fit, and
+    never opens an onnxruntime session in the server (the audit runs in its own process)."""
+    import onnxruntime as ort
+
+    from dashboard import state
+    from ufm.limits import max_images
+
+    from .test_app import _app
+
+    def in_the_server(*a, **k):
+        raise AssertionError("onnxruntime opened in the web server")
+
+    monkeypatch.setattr(ort, "InferenceSession", in_the_server)
+    at = _app().switch_page("app_pages/audit.py").run()
+    at.file_uploader(key="audit_upload").upload("huge.onnx", _pool_model((3, 6000, 6000), 1)).run()
+    assert not at.exception and len(at.error) == 1, [e.value for e in at.error]
+    assert "6000x6000" in at.error[0].value and f"up to {MAX_INPUT_SIDE}x{MAX_INPUT_SIDE}" in at.error[0].value
+    kept = state.store().home / "audits" / "models"
+    assert not kept.exists() or not any(kept.iterdir())  # refused before it was kept
+    at.file_uploader(key="audit_upload").set_value(("dyn.onnx", _pool_model((3, None, None)), "application/octet-stream"))
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.number_input(key="audit_h").max == MAX_INPUT_SIDE  # a dynamic side cannot be stated larger
+    at.number_input(key="audit_n").set_value(500).run()
+    at.file_uploader(key="audit_upload").set_value(("large.onnx", _pool_model((3, MAX_INPUT_SIDE, MAX_INPUT_SIDE), 1),
+                                                    "application/octet-stream")).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    most = max_images((3, MAX_INPUT_SIDE, MAX_INPUT_SIDE))
+    assert at.number_input(key="audit_n").max == most and at.number_input(key="audit_n").value == most < 500
