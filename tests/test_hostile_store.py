@@ -65,6 +65,29 @@ def test_a_paused_run_deleted_from_another_machine_still_records_its_result(tiny
     assert stat.S_IMODE((home / "runs" / rec.id).stat().st_mode) == 0o700
 
 
+def test_a_finished_result_the_store_cannot_take_is_still_written(tiny_data, tmp_path, capsys, monkeypatch):
+    """The store fails when the trained run is saved (a full disk, a broken database): the result
+    goes to --out all the same (without --out to a file in the working folder), in one line."""
+    from ufm.runs.store import StoreError
+
+    def broken(self, run_id, result, **kw):
+        raise StoreError("database or disk is full")
+
+    monkeypatch.setattr(Store, "save_result", broken)
+    monkeypatch.chdir(tmp_path)
+    home, out = tmp_path / "home", tmp_path / "result.json"
+    assert main(_cli_args(tiny_data, home, "--epochs", "2", "--quiet", "--out", str(out))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "disk is full" in err[0] and f"its result is in {out}" in err[0], err
+    assert json.loads(out.read_text())["config"]["epochs"] == 2 and stat.S_IMODE(out.stat().st_mode) == 0o600
+    with Store(home) as s:
+        assert [r.status for r in s.list_runs()] == ["failed"]
+    assert main(_cli_args(tiny_data, home, "--epochs", "2", "--quiet", "--seed", "1")) == 2
+    kept = list(tmp_path.glob("ufm-result-*.json"))
+    assert len(kept) == 1 and str(kept[0].name) in capsys.readouterr().err
+    assert "score" in json.loads(kept[0].read_text())
+
+
 def test_a_failed_run_whose_process_is_gone_is_deleted_without_force(tiny_data, tmp_path):
     from .conftest import tiny_config
 
