@@ -181,3 +181,62 @@ def test_readme_and_config_state_the_enforced_limits():
                    f"{MAX_AUDIT_IMAGE_BYTES // 2**30} GB"):
         assert figure in audit, figure
     assert re.search(r"/_stcore/metrics", running) and "0700" in running and "designs forget" in running
+
+
+@pytest.fixture
+def alarm():
+    """A hang (a pipe opened for reading) or an endless read (/dev/zero) fails the test in 20 s."""
+    import signal
+
+    def stop(*_):
+        raise TimeoutError("hung reading a device or pipe")
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("kind", ["/dev/zero", "fifo"])
+def test_a_device_or_pipe_given_as_a_file_is_refused_without_reading_it(kind, tmp_path, capsys, alarm):
+    """Probe: `ufm audit --model /dev/zero` read until the machine ran out of memory (11.8 GB at 60 s;
+    a device reports size 0), `--classes /dev/zero` the same, and a named pipe as --model,
+    --feature or --classes blocked forever. Only regular files are read, never more than the limit."""
+    from ufm.audits.onnx_input import OnnxModelError, read_model_bytes
+    from ufm.imageio import ImageError, open_image
+
+    path = Path(kind)
+    if kind == "fifo":
+        path = tmp_path / "model.onnx"
+        os.mkfifo(path)
+    with pytest.raises(OnnxModelError, match="not a regular file"):
+        read_model_bytes(path)
+    with pytest.raises(ImageError, match="not a regular file"):
+        open_image(path)
+    rc = main(["audit", "--model", str(path), "--ood", str(tmp_path / "x.npz"), "--home", str(tmp_path / "h")])
+    assert rc == 2 and "not a regular file" in _one_line(capsys)
+    np.savez(tmp_path / "x.npz", x=np.zeros((4, 8, 8), np.uint8))
+    (tmp_path / "m.onnx").write_bytes(_pool_onnx())
+    rc = main(["audit", "--model", str(tmp_path / "m.onnx"), "--ood", str(tmp_path / "x.npz"), "--ood-size", "2",
+               "--classes", str(path), "--home", str(tmp_path / "h")])
+    line = _one_line(capsys)
+    assert rc == 2 and "--classes" in line and "not a regular file" in line
+
+
+def _pool_onnx() -> bytes:
+    from onnx import TensorProto, helper as oh
+
+    g = oh.make_graph([oh.make_node("GlobalAveragePool", ["x"], ["p"]), oh.make_node("Flatten", ["p"], ["y"])], "g",
+                      [oh.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8])],
+                      [oh.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])])
+    return oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)]).SerializeToString()
+
+
+def test_read_bounded_never_reads_past_the_limit(tmp_path):
+    from ufm.fileio import read_bounded
+
+    (tmp_path / "a").write_bytes(b"12345")
+    assert read_bounded(tmp_path / "a", 5) == b"12345" and read_bounded(tmp_path / "a", 4) is None
+    with pytest.raises(IsADirectoryError):
+        read_bounded(tmp_path, 5)
