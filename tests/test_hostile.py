@@ -253,6 +253,23 @@ def test_a_model_that_ignores_its_input_is_inconclusive_with_the_reason(labelled
     assert "does not depend on its input" in result.verdict.text
 
 
+def test_nan_t_test_p_values_alone_make_the_verdict_inconclusive():
+    """The third of the reasons: outputs that move, but with no spread in d_u or d_r (NaN p)."""
+    from types import SimpleNamespace
+
+    from ufm.audits.model_audit import _decide, ignores_input
+
+    clean = torch.rand(5, 3, generator=torch.Generator().manual_seed(0))
+    score = SimpleNamespace(d_u=np.full(5, 0.1), d_r=np.full((1, 5), 0.1), candidate_X=np.array([0.1, 0.2]),
+                            p_value=float("nan"), p_value_paired=0.4)
+    dead = ignores_input(clean, score)
+    assert dead is not None and "p-values are not numbers" in dead
+    verdict = _decide(score, None, None, True, "", dead)
+    assert verdict.status == "inconclusive" and verdict.p_value is None and "not numbers" in verdict.text
+    score.p_value = 0.4
+    assert ignores_input(clean, score) is None
+
+
 def test_a_model_blind_to_the_features_place_is_inconclusive(tmp_path):
     """Outputs vary with the image but not with the corner the feature covers: X_u = X_r = 0."""
     ins, outs = _io((None, 1, 8, 8), 2)
