@@ -129,7 +129,8 @@ def _modes(root: Path) -> dict[str, str]:
 
 def test_every_file_under_the_home_is_private_after_every_command(tiny_data, tmp_path):
     """One home used by every command that keeps something (privacy-audit --save, measure, runs
-    list/export/cancel/delete, audit, designs, influence, sweep-canaries, studies export) and by the
+    list/export/cancel/delete, audit with and without shadow models, designs, influence,
+    sweep-canaries, studies export) and by the
     audit page's kept uploads and cancel files: all folders 0700, all files 0600; every exported
     file (and explain's PNGs) 0600. (reproduce needs the paper's datasets: its store is the same.)"""
     old = os.umask(0o022)
@@ -155,6 +156,13 @@ def test_every_file_under_the_home_is_private_after_every_command(tiny_data, tmp
         assert main(["audit", "--model", str(out / "m.onnx"), "--ood", str(tmp_path / "ood.npz"), "--ood-size", "20",
                      "--feature", "text:JO", "--feature-size", "5", "--offset", "0", "0", "--candidates", "5",
                      "--quiet", "--out", str(out / "audit.json"), "--report", str(out / "audit.html"), *h]) == 0
+        rng = np.random.default_rng(1)  # shadow data as .npz: kept under shadow_data/, the graph under onnx/
+        np.savez(tmp_path / "shadow.npz", x=rng.integers(0, 255, (60, 12, 12)).astype(np.uint8), y=np.arange(60) % 3)
+        assert main(["audit", "--model", str(out / "m.onnx"), "--ood", str(tiny_data["ood"]), "--ood-size", "20",
+                     "--feature", "text:JO", "--feature-size", "5", "--offset", "0", "0", "--candidates", "5",
+                     "--shadow-data", str(tmp_path / "shadow.npz"), "--references", "19", "--shadow-epochs", "1",
+                     "--shadow-patience", "1", "--shadow-batch-size", "32", "--device", "cpu", "--quiet", *h]) == 0
+        assert list((home / "onnx").glob("*.onnx")) and list((home / "shadow_data").rglob("*.npz"))
         save_design(home, json.dumps({"feature": {"text": "JOHN DOE"}}))
         assert main(["designs", "list", *h]) == 0
         exp = _cli_args(tiny_data, home, "--epochs", "1", "--feature", "text:JO", "--feature-size", "5")[1:]
