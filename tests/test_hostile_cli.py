@@ -66,16 +66,30 @@ def test_an_unreachable_ray_address_is_one_line_before_any_work(tmp_path, capsys
     check_ray_address("auto")  # left to Ray
 
 
-@pytest.mark.parametrize("verb", [["runs", "list"], ["runs", "list", "--csv"], ["runs", "cancel", "abc"],
-                                  ["runs", "delete", "abc"], ["designs", "list"]])
-def test_runs_verbs_do_not_import_torch(verb, tmp_path):
+def test_runs_verbs_do_not_import_torch(tiny_data, tmp_path, capsys, one_torch_thread):
+    """On a home with a finished, a queued, a running and a failed run (an empty home was not enough:
+    describing a run's canaries and looking for its bank loaded torch)."""
+    from .conftest import tiny_config
+
+    home = tmp_path / "h"
+    assert main(_cli_args(tiny_data, home, "--epochs", "2", "--quiet")) == 0
+    with Store(home) as s:
+        done = s.list_runs()[0].id
+        queued = s.create_run(tiny_config(tiny_data, seed=1), status="queued")
+        running = s.create_run(tiny_config(tiny_data, seed=2), status="running")
+        failed = s.create_run(tiny_config(tiny_data, seed=3), status="running")
+        s.mark_failed(failed, "probe")
     code = ("import sys\nfrom ufm.cli import main\nrc = main(sys.argv[1:])\n"
             "heavy = sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'ray', 'streamlit', 'scipy') if m in sys.modules)\n"
             "print('HEAVY', heavy, rc)")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-c", code, *verb, "--home", str(tmp_path / "h")], capture_output=True,
-                       text=True, env=env, timeout=60)
-    assert "HEAVY [] " in r.stdout, (r.stdout, r.stderr)
+    for verb in (["runs", "list"], ["runs", "list", "--csv"], ["runs", "list", "--json"], ["runs", "show", done],
+                 ["runs", "show", queued], ["runs", "cancel", queued], ["runs", "cancel", running],
+                 ["runs", "delete", failed, "--force"], ["runs", "cancel", "abc"], ["studies", "list"],
+                 ["designs", "list"]):
+        r = subprocess.run([sys.executable, "-c", code, *verb, "--home", str(home)], capture_output=True, text=True,
+                           env=env, timeout=60)
+        assert "HEAVY [] " in r.stdout, (verb, r.stdout, r.stderr)
 
 
 def test_a_refused_ood_size_leaves_no_run_record(tiny_data, tmp_path, capsys, one_torch_thread):
