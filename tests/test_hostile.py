@@ -71,11 +71,64 @@ def _leaky_models() -> dict[str, onnx.ModelProto]:
     # 4. a plain initialiser
     g = oh.make_graph(head + [oh.make_node("Mul", ["s", "w"], ["y"])], "g", ins, outs, initializer=[_external("w")])
     models["initializer"] = oh.make_model(g, opset_imports=OPSET)
+    # 5. a Loop's body: one iteration adds the constant to a carried [1, 2]
+    v = lambda n, shape=(1, 2): oh.make_tensor_value_info(n, TensorProto.FLOAT, list(shape))  # noqa: E731
+    const = lambda n, kind, dims, vals: oh.make_node("Constant", [], [n], value=oh.make_tensor(n, kind, dims, vals))  # noqa: E731
+    zero = const("z", TensorProto.FLOAT, [1, 2], [0, 0])
+    loop = oh.make_graph([oh.make_node("Constant", [], ["c"], value=_external("lc")),
+                          oh.make_node("Identity", ["b_in"], ["b_out"]), oh.make_node("Add", ["v_in", "c"], ["v_out"])],
+                         "loop", [oh.make_tensor_value_info("i", TensorProto.INT64, []),
+                                  oh.make_tensor_value_info("b_in", TensorProto.BOOL, []), v("v_in")],
+                         [oh.make_tensor_value_info("b_out", TensorProto.BOOL, []), v("v_out")])
+    g = oh.make_graph(head + [const("n", TensorProto.INT64, [], [1]), const("t", TensorProto.BOOL, [], [1]), zero,
+                              oh.make_node("Loop", ["n", "t", "z"], ["c"], body=loop),
+                              oh.make_node("Mul", ["s", "c"], ["y"])], "g", ins, outs)
+    models["loop"] = oh.make_model(g, opset_imports=OPSET)
+    # 6. a Scan's body: the state plus the constant, one step over s
+    scan = oh.make_graph([oh.make_node("Constant", [], ["c"], value=_external("sc")),
+                          oh.make_node("Add", ["st_in", "c"], ["st_out"]), oh.make_node("Identity", ["x_in"], ["x_out"])],
+                         "scan", [v("st_in"), v("x_in", [1])], [v("st_out"), v("x_out", [1])])
+    g = oh.make_graph(head + [zero, oh.make_node("Scan", ["z", "s"], ["c", "o"], body=scan, num_scan_inputs=1),
+                              oh.make_node("Mul", ["s", "c"], ["y"])], "g", ins, outs)
+    models["scan"] = oh.make_model(g, opset_imports=OPSET)
+    # 7. an If inside a model-local function
+    fn = oh.make_function("evil", "Leak", ["X"], ["Y"], [
+        const("B", TensorProto.BOOL, [], [1]), oh.make_node("If", ["B"], ["C"], then_branch=body("ft"), else_branch=body("fe")),
+        oh.make_node("Mul", ["X", "C"], ["Y"])], OPSET)
+    g = oh.make_graph(head + [oh.make_node("Leak", ["s"], ["y"], domain="evil")], "g", ins, outs)
+    models["function_if"] = oh.make_model(g, opset_imports=OPSET + [oh.make_opsetid("evil", 1)], functions=[fn])
+    # 8. a Constant's sparse_value attribute
+    vals = _external("sv")
+    vals.dims[:] = [1]
+    sp = oh.make_sparse_tensor(vals, oh.make_tensor("si", TensorProto.INT64, [1], [0]), [1, 2])
+    g = oh.make_graph(head + [oh.make_node("Constant", [], ["c"], sparse_value=sp), oh.make_node("Mul", ["s", "c"], ["y"])],
+                      "g", ins, outs)
+    models["sparse_attribute"] = oh.make_model(g, opset_imports=OPSET)
     return models
 
 
-@pytest.mark.parametrize("where", ["function", "subgraph", "sparse", "initializer"])
+LEAKY = ["function", "subgraph", "sparse", "initializer", "loop", "scan", "function_if", "sparse_attribute"]
+
+
+@pytest.mark.parametrize("where", ["subgraph", "loop", "scan", "function_if"])
+def test_the_planted_files_would_read_a_server_file_without_the_walk(where, tmp_path, monkeypatch):
+    """Why the walk matters: onnxruntime given these models as bytes (no base folder) still opens
+    the external location relative to its working folder, and the file's bytes become the logits."""
+    import onnxruntime as ort
+
+    (tmp_path / "app.py").write_bytes(np.array([1.0, 2.0], np.float32).tobytes())
+    monkeypatch.chdir(tmp_path)
+    try:
+        session = ort.InferenceSession(_leaky_models()[where].SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - a later onnxruntime may refuse external data from bytes
+        pytest.skip(f"this onnxruntime refuses the plant itself: {str(exc)[:120]}")
+    y = session.run(None, {"x": np.ones((1, 1, 4, 4), np.float32)})[0]
+    assert y.tolist() == [[16.0, 32.0]]  # sum(x) = 16 times the server file's two floats
+
+
+@pytest.mark.parametrize("where", LEAKY)
 def test_external_data_anywhere_is_refused_before_onnxruntime_sees_it(where, tmp_path, monkeypatch):
+    assert sorted(_leaky_models()) == sorted(LEAKY)
     proto = _leaky_models()[where]
     onnx.checker.check_model(proto)  # valid ONNX: only ufm's own walk stands between it and app.py
     data = proto.SerializeToString()
@@ -200,6 +253,23 @@ def test_a_model_that_ignores_its_input_is_inconclusive_with_the_reason(labelled
     assert "does not depend on its input" in result.verdict.text
 
 
+def test_nan_t_test_p_values_alone_make_the_verdict_inconclusive():
+    """The third of the reasons: outputs that move, but with no spread in d_u or d_r (NaN p)."""
+    from types import SimpleNamespace
+
+    from ufm.audits.model_audit import _decide, ignores_input
+
+    clean = torch.rand(5, 3, generator=torch.Generator().manual_seed(0))
+    score = SimpleNamespace(d_u=np.full(5, 0.1), d_r=np.full((1, 5), 0.1), candidate_X=np.array([0.1, 0.2]),
+                            p_value=float("nan"), p_value_paired=0.4)
+    dead = ignores_input(clean, score)
+    assert dead is not None and "p-values are not numbers" in dead
+    verdict = _decide(score, None, None, True, "", dead)
+    assert verdict.status == "inconclusive" and verdict.p_value is None and "not numbers" in verdict.text
+    score.p_value = 0.4
+    assert ignores_input(clean, score) is None
+
+
 def test_a_model_blind_to_the_features_place_is_inconclusive(tmp_path):
     """Outputs vary with the image but not with the corner the feature covers: X_u = X_r = 0."""
     ins, outs = _io((None, 1, 8, 8), 2)
@@ -215,3 +285,40 @@ def test_a_model_blind_to_the_features_place_is_inconclusive(tmp_path):
     x = torch.rand(30, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     result = run_model_audit(model, ModelAuditConfig(glyph("A"), ood="given", ood_size=30, candidates=19), x_ood=x)
     assert result.verdict.status == "inconclusive" and "X_u = X_r = 0" in result.verdict.text
+
+
+from .test_app import app_env  # noqa: E402,F401 - the dashboard's test data folder and home
+
+
+def test_the_audit_page_bounds_a_huge_input_in_one_line_and_never_runs_the_model(app_env, monkeypatch):
+    """The issue's dashboard probes: a fixed 6000x6000 input was "Something went wrong" (a widget's
+    max_value exceeded) and a 4096x4096 one grew the server by 2.3 GB. Now the page refuses the
+    first in one line that names the limit, offers a 1024x1024 model no more images than fit, and
+    never opens an onnxruntime session in the server (the audit runs in its own process)."""
+    import onnxruntime as ort
+
+    from dashboard import state
+    from ufm.limits import max_images
+
+    from .test_app import _app
+
+    def in_the_server(*a, **k):
+        raise AssertionError("onnxruntime opened in the web server")
+
+    monkeypatch.setattr(ort, "InferenceSession", in_the_server)
+    at = _app().switch_page("app_pages/audit.py").run()
+    at.file_uploader(key="audit_upload").upload("huge.onnx", _pool_model((3, 6000, 6000), 1)).run()
+    assert not at.exception and len(at.error) == 1, [e.value for e in at.error]
+    assert "6000x6000" in at.error[0].value and f"up to {MAX_INPUT_SIDE}x{MAX_INPUT_SIDE}" in at.error[0].value
+    kept = state.store().home / "audits" / "models"
+    assert not kept.exists() or not any(kept.iterdir())  # refused before it was kept
+    at.file_uploader(key="audit_upload").set_value(("dyn.onnx", _pool_model((3, None, None)), "application/octet-stream"))
+    at.run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert at.number_input(key="audit_h").max == MAX_INPUT_SIDE  # a dynamic side cannot be stated larger
+    at.number_input(key="audit_n").set_value(500).run()
+    at.file_uploader(key="audit_upload").set_value(("large.onnx", _pool_model((3, MAX_INPUT_SIDE, MAX_INPUT_SIDE), 1),
+                                                    "application/octet-stream")).run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    most = max_images((3, MAX_INPUT_SIDE, MAX_INPUT_SIDE))
+    assert at.number_input(key="audit_n").max == most and at.number_input(key="audit_n").value == most < 500

@@ -66,16 +66,30 @@ def test_an_unreachable_ray_address_is_one_line_before_any_work(tmp_path, capsys
     check_ray_address("auto")  # left to Ray
 
 
-@pytest.mark.parametrize("verb", [["runs", "list"], ["runs", "list", "--csv"], ["runs", "cancel", "abc"],
-                                  ["runs", "delete", "abc"], ["designs", "list"]])
-def test_runs_verbs_do_not_import_torch(verb, tmp_path):
+def test_runs_verbs_do_not_import_torch(tiny_data, tmp_path, capsys, one_torch_thread):
+    """On a home with a finished, a queued, a running and a failed run (an empty home was not enough:
+    describing a run's canaries and looking for its bank loaded torch)."""
+    from .conftest import tiny_config
+
+    home = tmp_path / "h"
+    assert main(_cli_args(tiny_data, home, "--epochs", "2", "--quiet")) == 0
+    with Store(home) as s:
+        done = s.list_runs()[0].id
+        queued = s.create_run(tiny_config(tiny_data, seed=1), status="queued")
+        running = s.create_run(tiny_config(tiny_data, seed=2), status="running")
+        failed = s.create_run(tiny_config(tiny_data, seed=3), status="running")
+        s.mark_failed(failed, "probe")
     code = ("import sys\nfrom ufm.cli import main\nrc = main(sys.argv[1:])\n"
             "heavy = sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'ray', 'streamlit', 'scipy') if m in sys.modules)\n"
             "print('HEAVY', heavy, rc)")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-c", code, *verb, "--home", str(tmp_path / "h")], capture_output=True,
-                       text=True, env=env, timeout=60)
-    assert "HEAVY [] " in r.stdout, (r.stdout, r.stderr)
+    for verb in (["runs", "list"], ["runs", "list", "--csv"], ["runs", "list", "--json"], ["runs", "show", done],
+                 ["runs", "show", queued], ["runs", "cancel", queued], ["runs", "cancel", running],
+                 ["runs", "delete", failed, "--force"], ["runs", "cancel", "abc"], ["studies", "list"],
+                 ["designs", "list"]):
+        r = subprocess.run([sys.executable, "-c", code, *verb, "--home", str(home)], capture_output=True, text=True,
+                           env=env, timeout=60)
+        assert "HEAVY [] " in r.stdout, (verb, r.stdout, r.stderr)
 
 
 def test_a_refused_ood_size_leaves_no_run_record(tiny_data, tmp_path, capsys, one_torch_thread):
@@ -181,3 +195,62 @@ def test_readme_and_config_state_the_enforced_limits():
                    f"{MAX_AUDIT_IMAGE_BYTES // 2**30} GB"):
         assert figure in audit, figure
     assert re.search(r"/_stcore/metrics", running) and "0700" in running and "designs forget" in running
+
+
+@pytest.fixture
+def alarm():
+    """A hang (a pipe opened for reading) or an endless read (/dev/zero) fails the test in 20 s."""
+    import signal
+
+    def stop(*_):
+        raise TimeoutError("hung reading a device or pipe")
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("kind", ["/dev/zero", "fifo"])
+def test_a_device_or_pipe_given_as_a_file_is_refused_without_reading_it(kind, tmp_path, capsys, alarm):
+    """Probe: `ufm audit --model /dev/zero` read until the machine ran out of memory (11.8 GB at 60 s;
+    a device reports size 0), `--classes /dev/zero` the same, and a named pipe as --model,
+    --feature or --classes blocked forever. Only regular files are read, never more than the limit."""
+    from ufm.audits.onnx_input import OnnxModelError, read_model_bytes
+    from ufm.imageio import ImageError, open_image
+
+    path = Path(kind)
+    if kind == "fifo":
+        path = tmp_path / "model.onnx"
+        os.mkfifo(path)
+    with pytest.raises(OnnxModelError, match="not a regular file"):
+        read_model_bytes(path)
+    with pytest.raises(ImageError, match="not a regular file"):
+        open_image(path)
+    rc = main(["audit", "--model", str(path), "--ood", str(tmp_path / "x.npz"), "--home", str(tmp_path / "h")])
+    assert rc == 2 and "not a regular file" in _one_line(capsys)
+    np.savez(tmp_path / "x.npz", x=np.zeros((4, 8, 8), np.uint8))
+    (tmp_path / "m.onnx").write_bytes(_pool_onnx())
+    rc = main(["audit", "--model", str(tmp_path / "m.onnx"), "--ood", str(tmp_path / "x.npz"), "--ood-size", "2",
+               "--classes", str(path), "--home", str(tmp_path / "h")])
+    line = _one_line(capsys)
+    assert rc == 2 and "--classes" in line and "not a regular file" in line
+
+
+def _pool_onnx() -> bytes:
+    from onnx import TensorProto, helper as oh
+
+    g = oh.make_graph([oh.make_node("GlobalAveragePool", ["x"], ["p"]), oh.make_node("Flatten", ["p"], ["y"])], "g",
+                      [oh.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8])],
+                      [oh.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])])
+    return oh.make_model(g, opset_imports=[oh.make_opsetid("", 17)]).SerializeToString()
+
+
+def test_read_bounded_never_reads_past_the_limit(tmp_path):
+    from ufm.fileio import read_bounded
+
+    (tmp_path / "a").write_bytes(b"12345")
+    assert read_bounded(tmp_path / "a", 5) == b"12345" and read_bounded(tmp_path / "a", 4) is None
+    with pytest.raises(IsADirectoryError):
+        read_bounded(tmp_path, 5)

@@ -18,6 +18,7 @@ import pytest
 from ufm.cli import main
 from ufm.core.designs import forget_designs, list_designs, save_design
 from ufm.runs.store import Store
+from ufm.runs.studies import list_studies
 
 from .test_store import CHILD_ENV, ROOT, _cli_args, _wait_running_epoch
 
@@ -64,6 +65,29 @@ def test_a_paused_run_deleted_from_another_machine_still_records_its_result(tiny
     assert stat.S_IMODE((home / "runs" / rec.id).stat().st_mode) == 0o700
 
 
+def test_a_finished_result_the_store_cannot_take_is_still_written(tiny_data, tmp_path, capsys, monkeypatch):
+    """The store fails when the trained run is saved (a full disk, a broken database): the result
+    goes to --out all the same (without --out to a file in the working folder), in one line."""
+    from ufm.runs.store import StoreError
+
+    def broken(self, run_id, result, **kw):
+        raise StoreError("database or disk is full")
+
+    monkeypatch.setattr(Store, "save_result", broken)
+    monkeypatch.chdir(tmp_path)
+    home, out = tmp_path / "home", tmp_path / "result.json"
+    assert main(_cli_args(tiny_data, home, "--epochs", "2", "--quiet", "--out", str(out))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "disk is full" in err[0] and f"its result is in {out}" in err[0], err
+    assert json.loads(out.read_text())["config"]["epochs"] == 2 and stat.S_IMODE(out.stat().st_mode) == 0o600
+    with Store(home) as s:
+        assert [r.status for r in s.list_runs()] == ["failed"]
+    assert main(_cli_args(tiny_data, home, "--epochs", "2", "--quiet", "--seed", "1")) == 2
+    kept = list(tmp_path.glob("ufm-result-*.json"))
+    assert len(kept) == 1 and str(kept[0].name) in capsys.readouterr().err
+    assert "score" in json.loads(kept[0].read_text())
+
+
 def test_a_failed_run_whose_process_is_gone_is_deleted_without_force(tiny_data, tmp_path):
     from .conftest import tiny_config
 
@@ -104,8 +128,11 @@ def _modes(root: Path) -> dict[str, str]:
 
 
 def test_every_file_under_the_home_is_private_after_every_command(tiny_data, tmp_path):
-    """One home used by measure, export, audit, privacy-audit --save, the designs, influence
-    tables and the cancel files: all folders 0700, all files 0600; exported files 0600."""
+    """One home used by every command that keeps something (privacy-audit --save, measure, runs
+    list/export/cancel/delete, audit with and without shadow models, designs, influence,
+    sweep-canaries, studies export) and by the
+    audit page's kept uploads and cancel files: all folders 0700, all files 0600; every exported
+    file (and explain's PNGs) 0600. (reproduce needs the paper's datasets: its store is the same.)"""
     old = os.umask(0o022)
     try:
         home, out = tmp_path / "home", tmp_path / "out"
@@ -129,13 +156,31 @@ def test_every_file_under_the_home_is_private_after_every_command(tiny_data, tmp
         assert main(["audit", "--model", str(out / "m.onnx"), "--ood", str(tmp_path / "ood.npz"), "--ood-size", "20",
                      "--feature", "text:JO", "--feature-size", "5", "--offset", "0", "0", "--candidates", "5",
                      "--quiet", "--out", str(out / "audit.json"), "--report", str(out / "audit.html"), *h]) == 0
+        rng = np.random.default_rng(1)  # shadow data as .npz: kept under shadow_data/, the graph under onnx/
+        np.savez(tmp_path / "shadow.npz", x=rng.integers(0, 255, (60, 12, 12)).astype(np.uint8), y=np.arange(60) % 3)
+        assert main(["audit", "--model", str(out / "m.onnx"), "--ood", str(tiny_data["ood"]), "--ood-size", "20",
+                     "--feature", "text:JO", "--feature-size", "5", "--offset", "0", "0", "--candidates", "5",
+                     "--shadow-data", str(tmp_path / "shadow.npz"), "--references", "19", "--shadow-epochs", "1",
+                     "--shadow-patience", "1", "--shadow-batch-size", "32", "--device", "cpu", "--quiet", *h]) == 0
+        assert list((home / "onnx").glob("*.onnx")) and list((home / "shadow_data").rglob("*.npz"))
         save_design(home, json.dumps({"feature": {"text": "JOHN DOE"}}))
-        from ufm.attribution.sweep import cached_influence
-
-        from .conftest import tiny_config
-        cached_influence(home, tiny_config(tiny_data, epochs=1), n_checkpoints=2)  # home/influence/<key>.csv
-        assert list((home / "influence").glob("*.csv"))
-        from dashboard.audit_ui import cancel_audit
+        assert main(["designs", "list", *h]) == 0
+        exp = _cli_args(tiny_data, home, "--epochs", "1", "--feature", "text:JO", "--feature-size", "5")[1:]
+        assert main(["influence", *exp, "--checkpoints", "2", "--quiet", "--out", str(out / "influence.csv")]) == 0
+        assert main(["sweep-canaries", *exp, "--top", "1", "--bottom", "1", "--checkpoints", "2", "--quiet",
+                     "--out", str(out / "sweep")]) == 0  # sweep.json holds the config: the feature's text
+        assert list((home / "influence").glob("*.csv"))  # the ranking model's cached table
+        assert main(["explain", *[x for x in exp if x not in h], "--n-ood", "1", "--quiet",
+                     "--out", str(out / "explain")]) == 0
+        with Store(home) as s:
+            study = list_studies(s)["name"].iloc[-1]  # the sweep's
+        for fmt in ("html", "csv", "json"):
+            assert main(["studies", "export", study, "--format", fmt, "--out", str(out / f"study.{fmt}"), *h]) == 0
+        assert main(["runs", "cancel", rid, *h]) in (0, 2)  # finished: nothing to cancel, but the store opened
+        assert main(["runs", "delete", rid, *h]) == 0
+        from dashboard.audit_ui import accept_images, accept_upload, cancel_audit
+        accept_upload("m.onnx", (out / "m.onnx").read_bytes(), home)  # the page's kept copies: audits/models
+        accept_images("ood.npz", (tmp_path / "ood.npz").read_bytes(), home, (1, 12, 12))  # audits/images
         cancel_audit(str(home), "0123456789ab")
         assert _modes(home) == {}
         assert _modes(out) == {}  # every exported file names the feature (or is a model that may know it)

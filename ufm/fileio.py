@@ -1,8 +1,11 @@
-"""Atomic file writes: readers see the old file or the whole new one, never half of it."""
+"""Atomic file writes: readers see the old file or the whole new one, never half of it; bounded
+reads of regular files."""
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable
@@ -139,3 +142,29 @@ def check_out_dir(path: str | os.PathLike[str], *, what: str = "--out") -> Path:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError(f"{what}: cannot write in the folder {probe} (permission denied); choose another path")
     return p
+
+
+class NotAFile(OSError):
+    """A path that is a device, pipe or socket: reading it could block or never end."""
+
+
+def read_bounded(path: str | os.PathLike[str], max_bytes: int) -> bytes | None:
+    """The bytes of the regular file ``path``, or None when it holds more than ``max_bytes``
+    (at most ``max_bytes + 1`` bytes are ever read, whatever its size claims).
+
+    A device (``/dev/zero`` reports 0 bytes and never ends), a pipe (opening one blocks until a
+    writer comes) or a socket is refused before it is opened.
+
+    Raises:
+        FileNotFoundError, IsADirectoryError, NotAFile, OSError (e.g. permission denied).
+    """
+    st = os.stat(path)
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "is a folder", str(path))
+    if not stat.S_ISREG(st.st_mode):
+        raise NotAFile(errno.EINVAL, "not a regular file (a device, pipe or socket)", str(path))
+    if st.st_size > max_bytes:
+        return None
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1)
+    return None if len(data) > max_bytes else data

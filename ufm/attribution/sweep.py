@@ -35,7 +35,7 @@ import torch
 from ufm.core.canary import CanaryChoice
 from ufm.core.sampling import train_val_split
 from ufm.core.experiment import ExperimentConfig, prepare_data, training_split
-from ufm.fileio import atomic_write as write_atomic
+from ufm.fileio import atomic_write as write_atomic, private_dir
 from ufm.attribution.tracin import rank_by_self_influence, self_influence, top_bottom, tracin_checkpoints
 from ufm.measure.stats import pearson
 from ufm.reports.run_report import to_csv
@@ -312,7 +312,7 @@ def sweep_canaries(config: ExperimentConfig, out_dir: str | Path, *, store: Any 
     from ufm.runs.studies import submit_study
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    private_dir(out)  # its files name the feature (sweep.json's config): 0700/0600 like every export
     meta_path, csv_path = out / "sweep.json", out / "sweep.csv"
     base_key = ranking_config(config).key()
     if meta_path.exists():
@@ -326,7 +326,7 @@ def sweep_canaries(config: ExperimentConfig, out_dir: str | Path, *, store: Any 
     executor = executor if executor is not None else InlineExecutor(store, progress=progress, cancel=cancel)
     table = cached_influence(store.home, config, n_checkpoints=n_checkpoints, progress=progress, cancel=cancel,
                              executor=executor)
-    write_atomic(out / "influence.csv", to_csv(table))
+    write_atomic(out / "influence.csv", to_csv(table), private=True)
     name = ensure_sweep_study(store, config, table, top, bottom)
 
     def write(*_: Any) -> SweepResult:
@@ -349,10 +349,10 @@ def _write_sweep(store: Any, name: str, table: pd.DataFrame, config: ExperimentC
                  csv_path: Path, meta_path: Path) -> SweepResult:
     rows = sweep_rows(store, name, table)
     done = rows[rows["status"] == "done"].reset_index(drop=True)
-    write_atomic(csv_path, to_csv(done))
+    write_atomic(csv_path, to_csv(done), private=True)
     r, p = pearson(done["self_influence"], done["M"]) if len(done) else (float("nan"), float("nan"))
     meta = {"reference_key": base_key, "study": name, "config": config.to_dict(),
             "pearson_r": None if math.isnan(r) else r, "pearson_p": None if math.isnan(p) else p,
             "pending": int(len(rows) - len(done)), "rows": json.loads(done.to_json(orient="records"))}
-    write_atomic(meta_path, json.dumps(meta, indent=1))
+    write_atomic(meta_path, json.dumps(meta, indent=1), private=True)
     return SweepResult(done, r, p, name, int(len(rows) - len(done)))

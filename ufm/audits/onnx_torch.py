@@ -80,8 +80,7 @@ def keep_onnx(home: str | Path, data: bytes, model: OnnxModel, x: torch.Tensor) 
     sha = hashlib.sha256(out).hexdigest()
     path = onnx_dir(home) / f"{sha}.onnx"
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, out, private=True)
+        atomic_write(path, out, private=True)  # in a 0700 folder, made if missing
     if onnx_dir(home) not in ONNX_DIRS:
         ONNX_DIRS.append(onnx_dir(home))
     return onnx_arch(sha)

@@ -140,8 +140,7 @@ def _keep_npz(path: Path, home: str | Path) -> str:
         for name, idx in (("train", np.sort(order[:cut])), ("test", np.sort(order[cut:]))):
             out = io.BytesIO()
             np.savez(out, x=x[idx], y=y[idx].astype(np.int64), classes=classes)
-            folder.mkdir(parents=True, exist_ok=True)
-            atomic_write(folder / f"{name}.npz", out.getvalue(), private=True)
+            atomic_write(folder / f"{name}.npz", out.getvalue(), private=True)  # 0700 folders, made if missing
     return str(folder)
 
 

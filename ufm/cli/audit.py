@@ -24,11 +24,13 @@ from ufm.cli.common import (StderrProgress, UsageError, _nonneg_int, _pos_int, a
 
 
 def _read_classes(path: str) -> tuple[str, ...]:
-    p = Path(path)
+    from ufm.fileio import read_bounded
+
     try:
-        if p.stat().st_size > 1_000_000:
+        data = read_bounded(path, 1_000_000)  # a regular file only: /dev/zero or a pipe never ends
+        if data is None:
             raise UsageError(f"--classes {path}: larger than 1 MB; give one class name per line")
-        names = tuple(line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
+        names = tuple(line.strip() for line in data.decode("utf-8").splitlines() if line.strip())
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"--classes {path}: cannot read it ({exc}); give a text file with one class name per line") from None
     if len(names) < 2:

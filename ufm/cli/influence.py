@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from ufm.fileio import atomic_write as write_atomic
-from ufm.cli.common import StderrProgress, add_experiment_args, check_out, check_out_dir, config_from_args, open_store
+from ufm.cli.common import (StderrProgress, add_experiment_args, add_home, check_out, check_out_dir, config_from_args,
+                            open_store)
 
 
 def cmd_influence(a: argparse.Namespace) -> int:
@@ -72,6 +73,7 @@ def register(sub) -> None:
     p.add_argument("--last-layer", action="store_true", help="gradients of the last layer only")
     p.add_argument("--show", type=int, default=10, help="how many top/bottom images to print")
     p.add_argument("--out", required=True, help="CSV: index, label, self_influence, rank")
+    add_home(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_influence)
 

@@ -70,6 +70,7 @@ def measure_in_store(a: argparse.Namespace, config: "ExperimentConfig",
     from ufm.measure.verdict import update_verdict
 
     references = getattr(a, "references", 0) or 0
+    result = None
     with open_store(a) as store:
         try:
             run_id, result, cached = measure(store, config, force=a.force, progress=progress)
@@ -77,11 +78,27 @@ def measure_in_store(a: argparse.Namespace, config: "ExperimentConfig",
                 build_bank(store, config, references, progress=report_bank_progress(progress))
             # stored with the run: `ufm runs show` and the exports print this same verdict
             verdict = update_verdict(store, run_id, references or DEFAULT_REFERENCES)
-        except StoreError as e:
-            raise UsageError(str(e)) from e
         except TrainingCancelled as e:
             raise UsageError(f"{e} (cancelled from 'ufm runs cancel' or the dashboard); nothing was saved") from e
+        except Exception as e:
+            finished = result if result is not None else getattr(e, "unsaved_result", None)
+            if finished is not None:  # trained to the end: never lose it to a store problem
+                raise UsageError(f"{' '.join(str(e).split()) or type(e).__name__}; the run had finished: its result "
+                                 f"is in {_keep_unrecorded(a, finished)}") from e
+            if isinstance(e, StoreError):
+                raise UsageError(str(e)) from e
+            raise
     return run_id, result, cached, verdict
+
+
+def _keep_unrecorded(a: argparse.Namespace, result: "Result") -> str:
+    """Write a finished result the store could not take (or the work after it failed) to ``--out``,
+    or without one to ``ufm-result-<time>.json`` in the working folder; returns the path."""
+    import time
+
+    out = a.out if a.out and a.out != "-" else f"ufm-result-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    write_atomic(Path(out), json.dumps(result.to_dict(), indent=1), private=True)  # names the feature: 0600
+    return out
 
 
 def cmd_measure(a: argparse.Namespace) -> int:

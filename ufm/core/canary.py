@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ufm.core.canary_words import describe_canaries
 from ufm.core.features import Feature
 
 RANDOM_KINDS = ("bernoulli", "uniform")
@@ -132,13 +133,7 @@ class CanaryChoice:
         return cls(mode=d["mode"], indices=tuple(d.get("indices", ())), count=d.get("count", 1), label=d.get("label"))
 
     def describe(self) -> str:
-        if self.mode == "none":
-            return "no canary (clean control)"
-        if self.mode == "index":
-            return f"canary at index {', '.join(map(str, self.indices))}"
-        if self.mode == "random":
-            return f"{self.count} random canar{'y' if self.count == 1 else 'ies'}"
-        return f"{self.count} canar{'y' if self.count == 1 else 'ies'} of class {self.label}"
+        return describe_canaries(self.mode, self.indices, self.count, self.label)
 
 
 def choose_canaries(choice: CanaryChoice, labels: torch.Tensor | np.ndarray, *, seed: int = 0) -> np.ndarray:

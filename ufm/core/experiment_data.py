@@ -52,7 +52,8 @@ def inference_images(config: ExperimentConfig, n: int | None = None) -> ImageDat
 def check_data(config: ExperimentConfig) -> None:
     """Refuse, before a run is recorded or trained, what the data cannot give: more training
     images than the dataset has (a run would silently use fewer), more inference images than the
-    OOD source has, a feature that does not fit the images. What it loads is cached for the run
+    OOD source has, a feature that does not fit the images, canaries the training set cannot give
+    (an index beyond it, a class without images, more than it holds). What it loads is cached for the run
     that follows in this process.
 
     Raises:
@@ -63,6 +64,7 @@ def check_data(config: ExperimentConfig) -> None:
         raise ValueError(f"--train-size {config.train_size} is more than the {len(full)} training images of "
                          f"{config.dataset}: give at most {len(full)}, or leave it out to use them all")
     config.feature.check_fits(full.x.shape)
+    choose_canaries(config.canary, full.y, seed=config.seed)  # an index beyond the set, a class without images
     check_audit(config)
     _cached_ood(config.dataset, full.image_shape, config.ood_size, config.ood_source, config.data_dir)
 

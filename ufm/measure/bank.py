@@ -138,6 +138,12 @@ def bank_may_be_complete(store: "Store", config_key: str, config_data: dict[str,
 
     key = _BANK_KEYS.get(config_key)
     if key is None:  # the config key fixes the config (data_dir aside), so it fixes the bank key
+        # No bank in the store is that large: nothing to work out (the key needs the config class,
+        # which loads torch; `ufm runs list` must not).
+        largest = store.query("SELECT MAX(n) FROM (SELECT COUNT(DISTINCT config_key) AS n FROM runs WHERE bank IS "
+                              "NOT NULL AND status = 'done' AND code_version = ? GROUP BY bank)", (__version__,))[0][0]
+        if int(largest or 0) < int(references):
+            return False
         from ufm.core.experiment import ExperimentConfig
 
         key = _BANK_KEYS[config_key] = bank_key(ExperimentConfig.from_dict(config_data))

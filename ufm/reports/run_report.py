@@ -58,8 +58,8 @@ def iso_time(t: float | None) -> str | None:
 
 
 def describe_canary(d: dict[str, Any]) -> str:
-    from ufm.core.canary import CanaryChoice
-    return CanaryChoice.from_dict(d).describe()
+    from ufm.core.canary_words import describe_canaries  # not ufm.core.canary: `ufm runs list` loads no torch
+    return describe_canaries(d["mode"], d.get("indices", ()), d.get("count", 1), d.get("label"))
 
 
 def describe_progress(rec: RunRecord) -> str:

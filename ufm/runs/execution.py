@@ -146,7 +146,11 @@ def execute(store: Store, run_id: str, config: "ExperimentConfig", *, progress: 
     try:
         store.save_result(run_id, result)
     except BaseException as e:
-        store.mark_failed(run_id, f"the result could not be saved: {describe(e)}")
+        try:
+            store.mark_failed(run_id, f"the result could not be saved: {describe(e)}")
+        except Exception:  # noqa: BLE001 - the store itself is failing: the first error says why
+            logging.getLogger(__name__).exception("run %s: could not mark it failed", run_id)
+        e.unsaved_result = result  # the finished computation: a caller can still write it elsewhere (--out)
         raise
     # The verdict record: this run's, and if it completed a bank, those of the runs waiting for it.
     from ufm.measure.verdict import after_run

@@ -46,9 +46,10 @@ def _make_private(path: Path, mode: int) -> None:
 
 
 # What ufm keeps under its home besides the database: run artifacts, the dashboard's designs,
-# ONNX audits (models, uploaded images, cancel files), influence tables, privacy audits. Add a
+# ONNX audits (models, uploaded images, cancel files), influence tables, privacy audits, the kept
+# shadow architectures (onnx/) and shadow data (shadow_data/). Add a
 # folder here when code starts keeping one: the store makes these private when it opens.
-HOME_FOLDERS = ("runs", "designs", "audits", "influence", "privacy_audits")
+HOME_FOLDERS = ("runs", "designs", "audits", "influence", "privacy_audits", "onnx", "shadow_data")
 
 TMP_MAX_AGE = 60.0  # seconds: an artifact's temporary file untouched this long is a leftover
 
