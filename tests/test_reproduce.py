@@ -91,7 +91,7 @@ def test_side_by_side_known_answer():
 
 def _numbers(out: Path, target: str) -> pd.DataFrame:
     c = pd.read_csv(out / f"{target}-canaries.csv")
-    return c[["setting", "end", "image", "self_influence", "M", "X_u", "X_r", "p_value", "exposure_p_value",
+    return c[["setting", "end", "image", "self_influence", "M", "X_u", "X_r", "ttest_p_paper", "exposure_p_value",
               "verdict", "test_accuracy"]]
 
 

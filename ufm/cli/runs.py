@@ -236,11 +236,12 @@ def cmd_studies_list(a: argparse.Namespace) -> int:
 
 
 def cmd_studies_show(a: argparse.Namespace) -> int:
+    from ufm.reports.run_report import export_names
     from ufm.runs.studies import summary
 
     with open_store(a) as store:
         try:
-            df = summary(store, a.name)
+            df = export_names(summary(store, a.name))
         except StoreError as e:
             raise UsageError(str(e)) from e
     if a.json:
@@ -251,7 +252,7 @@ def cmd_studies_show(a: argparse.Namespace) -> int:
 
 
 def cmd_studies_export(a: argparse.Namespace) -> int:
-    from ufm.reports.run_report import study_html, to_csv
+    from ufm.reports.run_report import export_names, study_html, to_csv
     from ufm.runs.studies import get_study, runs_frame, study_to_dict, summary
 
     _check_out(a)
@@ -263,7 +264,7 @@ def cmd_studies_export(a: argparse.Namespace) -> int:
                 text = to_csv(runs_frame(store, a.name))
             else:
                 text = json.dumps({"study": study_to_dict(get_study(store, a.name)),
-                                   "summary": json.loads(summary(store, a.name).to_json(orient="records"))}, indent=1)
+                                   "summary": json.loads(export_names(summary(store, a.name)).to_json(orient="records"))}, indent=1)
         except StoreError as e:
             raise UsageError(str(e)) from e
     _write_out(text, a.out)
@@ -316,7 +317,7 @@ def register(sub: Any) -> None:
     p = ss.add_parser("list", help="all studies")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_studies_list)
-    p = ss.add_parser("show", help="per group: mean M with 95%% interval, share significant, accuracy")
+    p = ss.add_parser("show", help="per group: mean M with 95%% interval, share memorised (verdict), accuracy")
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_studies_show)
