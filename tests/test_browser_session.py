@@ -1,0 +1,90 @@
+"""Real browser, issue 17 item 7: a password-protected dashboard asks for the sign-in once per
+browser session (a reload, a typed link and a second tab keep it; another browser is asked), and
+the server log stays free of "missing ScriptRunContext" warnings while a run trains in its own
+process (every run process used to re-execute app.py: 12 warnings each).
+
+Debian's chromium through Playwright, against `streamlit run app.py` (dashboard/testing.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dashboard.testing import CHROMIUM, chromium
+
+from .conftest import HAS_MNIST, SHARED
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} not installed (apt-get install chromium)"),
+    pytest.mark.skipif(not HAS_MNIST, reason=f"real dataset subsets not found at {SHARED}"),
+]
+
+PASSWORD = "correct horse battery"
+HOME_TITLE = "Does the network remember what it saw once?"
+
+
+@pytest.fixture(scope="module")
+def protected(tmp_path_factory):
+    from dashboard.testing import streamlit_server
+
+    home = tmp_path_factory.mktemp("home")
+    env = {"UFM_DATA_DIR": str(SHARED), "UFM_AUTO_REFERENCES": "0", "UFM_PASSWORD": PASSWORD}
+    with streamlit_server(home, env) as running:
+        yield running
+
+
+def _asked_to_sign_in(pg) -> bool:
+    """Wait until the page shows either the Home title or the sign-in form; True for the form."""
+    pg.get_by_text(HOME_TITLE).or_(pg.get_by_role("button", name="Sign in")).first.wait_for(timeout=60_000)
+    return pg.get_by_role("button", name="Sign in").count() > 0
+
+
+def test_sign_in_once_per_browser_session_and_no_script_run_context_warnings(protected):
+    from dashboard.access import AUTH_COOKIE
+
+    with chromium() as browser:
+        ctx = browser.new_context(viewport={"width": 1400, "height": 1200})
+        pg = ctx.new_page()
+        pg.goto(protected.url)
+        assert _asked_to_sign_in(pg)
+        pg.get_by_label("password", exact=True).fill(PASSWORD)
+        pg.get_by_role("button", name="Sign in").click()
+        pg.get_by_text(HOME_TITLE).wait_for(timeout=60_000)
+        pg.wait_for_function(f"() => document.cookie.includes('{AUTH_COOKIE}=')", timeout=30_000)
+        assert PASSWORD not in str(ctx.cookies())
+
+        pg.reload()  # a new Streamlit session: the cookie signs it in
+        assert not _asked_to_sign_in(pg)
+        pg.goto(protected.url + "/runs")  # a typed link
+        pg.get_by_role("link", name="Runs").first.wait_for(timeout=60_000)
+        pg.wait_for_timeout(2000)
+        assert pg.get_by_role("button", name="Sign in").count() == 0
+        tab = ctx.new_page()  # a second tab of the same browser
+        tab.goto(protected.url)
+        assert not _asked_to_sign_in(tab)
+        tab.close()
+        other = browser.new_context().new_page()  # another browser: asked
+        other.goto(protected.url)
+        assert _asked_to_sign_in(other)
+        other.close()
+
+        # a quick run in a process of its own, then the server log
+        pg.get_by_role("link", name="Train & measure").first.click()
+        pg.wait_for_load_state("networkidle")
+        pg.get_by_text("Advanced").first.wait_for(timeout=60_000)
+        assert pg.get_by_role("button", name="Sign in").count() == 0
+        pg.get_by_text("Advanced").first.click()
+        for label, value in (("max epochs", "2"), ("inference images", "50")):
+            f = pg.get_by_label(label, exact=True)
+            f.fill(value)
+            f.press("Enter")
+            pg.wait_for_timeout(800)
+        pg.get_by_role("button", name="Start").click()
+        pg.get_by_text("M = X_u - X_r (nats)").first.wait_for(timeout=600_000)
+        assert pg.locator('[data-testid="stException"]').count() == 0
+        pg.wait_for_timeout(3000)
+    log = protected.log.read_text(errors="replace")
+    assert "missing ScriptRunContext" not in log, log[-3000:]
