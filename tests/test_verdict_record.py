@@ -234,7 +234,7 @@ def test_the_same_verdict_text_and_p_on_every_surface(clean_result, tmp_path, ca
 def test_a_model_that_did_not_learn_is_inconclusive_on_every_surface(clean_result, tmp_path, capsys):
     data, clean = clean_result
     home = tmp_path / "home"
-    dead = dataclasses.replace(clean, config=tiny_config(data, seed=6), learned=False,
+    dead = dataclasses.replace(clean, config=tiny_config(data, seed=6), learned=False, epsilon=31.1,
                                learned_note="the model did not learn: test accuracy 33.3% is not clearly above the "
                                             "33.3% of always answering the most common class")
     with Store(home) as s:
@@ -245,6 +245,9 @@ def test_a_model_that_did_not_learn_is_inconclusive_on_every_surface(clean_resul
         assert v.headline == "Inconclusive: did not learn" and v.p_value is None
         _same_everywhere(v, surfaces)
         assert "No evidence of memorisation" not in surfaces["show"]
+        # `ufm runs list` marks it and shows the epsilon DP-SGD spent, as every table does
+        head, row = [line for line in surfaces["list"].splitlines() if line.startswith(("id ", run_id))]
+        assert "eps spent" in head and "31.1" in row and "Inconclusive: did not learn" in row
         assert "Inconclusive. Inconclusive" not in surfaces["show"] + surfaces["html"]
 
 

@@ -12,7 +12,7 @@ from ufm.runs.store import STATUSES, RunRecord, Store, StoreError
 from ufm.cli.common import UsageError, _pos_int, add_home, check_out, finite_float, open_store
 
 LIST_COLUMNS = ["id", "status", "created", "dataset", "arch", "regularisers", "canary", "seed", "M",
-                "verdict", "verdict_p", "test_accuracy", "note"]
+                "verdict", "verdict_p", "test_accuracy", "epsilon", "note"]
 
 
 def _check_out(a: argparse.Namespace) -> None:
@@ -64,13 +64,14 @@ def cmd_runs_list(a: argparse.Namespace) -> int:
         print(f"no runs in {store.db_path}" + (f" with status {a.status}" if a.status else ""), file=sys.stderr)
         return 0
     header = ["id", "status", "created", "dataset", "arch", "regularisers", "canary", "seed", "M (nats)",
-              "verdict", "verdict p", "test acc", "note"]
+              "verdict", "verdict p", "test acc", "eps spent", "note"]
     rows = [header]
     for rec in records:
         r = run_row(rec, verdicts[rec.id])
         r["note"] = r["progress"] or (r["error"] or "")[:60]
         acc = r["test_accuracy"]
         r["test_accuracy"] = "–" if acc is None else f"{100 * acc:.1f}%"
+        r["epsilon"] = "–" if r["epsilon"] is None else f"{r['epsilon']:.3g}"  # DP-SGD's accountant
         r["verdict_p"] = verdicts[rec.id].p_text if verdicts[rec.id] is not None else None
         rows.append([fmt(r[c]) for c in LIST_COLUMNS])
     widths = [max(len(str(x)) for x in col) for col in zip(*rows)]
