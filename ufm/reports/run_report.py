@@ -31,8 +31,9 @@ def run_json(store: Store, run_id: str, *, indent: int | None = 1) -> str:
 
     ``result`` (with ``d_u``, ``d_r``, the history, access scores, versions) is there for ``done``
     runs (the fast test's ``verdict`` and ``significant`` named ``fast_test_verdict`` and
-    ``fast_test_memorised``: :func:`ufm.runs.store.records.export_keys`); a failed or cancelled run carries its ``error`` in ``run``. ``run.verdict`` is the verdict
-    record (:func:`ufm.measure.verdict.stored_verdict`, brought up to date first): the verdict every surface shows.
+    ``fast_test_memorised``: :func:`ufm.runs.store.records.export_keys`); a failed or cancelled run
+    carries its ``error`` in ``run``. ``run.verdict`` is the verdict record
+    (:func:`ufm.measure.verdict.stored_verdict`, brought up to date first): the verdict every surface shows.
     """
     from ufm.measure.verdict import stored_verdict
 
