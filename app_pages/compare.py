@@ -6,7 +6,7 @@ from dashboard import state
 from dashboard.compare_ui import (audit_problems, interval_warning, learned_column, new_study_form, not_learned_note,
                                   small_multiples, study_selector, with_audits)
 from ufm.reports.plots import m_bar_figure
-from ufm.reports.run_report import study_html
+from ufm.reports.run_report import export_names, study_html
 from ufm.runs.studies import list_studies, runs_frame, summary
 
 st.title("Compare regularisers side by side")
@@ -31,9 +31,10 @@ def show(name: str) -> None:
         st.progress(1 - pending / len(runs), text=f"{len(runs) - pending} of {len(runs)} runs finished")
     agg, audit_cols = with_audits(name, agg)  # epsilon lower bounds when the study was audited
     agg = agg.assign(learned=learned_column(agg))
-    st.dataframe(agg[["group", "done", "mean_M", "ci_low", "ci_high", "interval", "share_significant",
-                      "learned", "mean_test_accuracy", "mean_epsilon", *audit_cols]], hide_index=True, width="stretch",
-                 column_config={"share_significant": st.column_config.ProgressColumn(
+    shown = export_names(agg)[["group", "done", "mean_M", "ci_low", "ci_high", "interval", "share_memorised", "learned",
+                               "mean_test_accuracy", "mean_epsilon", *audit_cols]]
+    st.dataframe(shown, hide_index=True, width="stretch",
+                 column_config={"share_memorised": st.column_config.ProgressColumn(
                                     "share memorised (verdict)", min_value=0, max_value=1,
                                     help="Of the runs with an answer, those whose verdict record says memorised "
                                          "(calibrated where the reference models exist, else the provisional fast "
@@ -66,7 +67,7 @@ def show(name: str) -> None:
                         key=f"cmp_bar_{name}")
         st.plotly_chart(small_multiples(runs), key=f"cmp_hist_{name}")
     with st.expander("All runs of this study"):
-        st.dataframe(runs, hide_index=True)
+        st.dataframe(export_names(runs), hide_index=True)  # the t-tests as the paper's, "memorised" by the verdict
     if not pending:
         st.download_button("Export the study report (HTML)", study_html(store, name), "ufm-study.html", "text/html",
                            key=f"cmp_export_{name}")

@@ -114,7 +114,7 @@ def canary_chooser(setup: dict) -> CanaryChoice:
             ss["tr_class"], ss["tr_class_count"] = chosen.label, chosen.count
     mode = st.radio("canary", CANARY_MODES, horizontal=True, key="tr_canary_mode")
     if mode == "none (clean control)":
-        st.caption("No training image carries the feature: the control where M should not be significant.")
+        st.caption("No training image carries the feature (the control): its verdict should not say memorised.")
         return CanaryChoice("none", ())
     if mode == "random":
         ss.setdefault("tr_count", 1)

@@ -219,6 +219,9 @@ def test_compare_and_influence_pages_run_small_studies(app_env):
         _wait_done(rid)
     at.run()
     assert not at.exception and len(at.dataframe) >= 1
+    columns = [c for d in at.dataframe for c in d.value.columns]  # the group table and "All runs of this study"
+    assert {"ttest_p_paper", "memorised", "verdict_headline", "share_memorised"} <= set(columns)
+    assert not [c for c in columns if "significant" in c or c == "p_value"]  # labels: see its column_config
     at.switch_page("app_pages/influence.py").run()
     at.button(key="inf_start").click().run()
     deadline = time.time() + 240

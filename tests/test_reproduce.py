@@ -84,14 +84,14 @@ def test_side_by_side_known_answer():
     assert row["ufm_share_paper_ttest_p_below_alpha"] == pytest.approx(2 / 3)
     assert row["ufm_test_accuracy"] == pytest.approx(0.8)
     assert row["ufm_top5_M"] == "0.004, 0.002, -0.001"
-    assert row["paper_mean_M_positive"] == 0.0013 and row["paper_top5_significant"] == "5/5"
+    assert row["paper_mean_M_positive"] == 0.0013 and row["paper_top5_ttest_p_below_alpha"] == "5/5"
     assert "Table 1" in row["paper_ref"]
     assert "| table1 | mnist | mlp | none | 4 | 3 |" in rp.to_markdown(t)
 
 
 def _numbers(out: Path, target: str) -> pd.DataFrame:
     c = pd.read_csv(out / f"{target}-canaries.csv")
-    return c[["setting", "end", "image", "self_influence", "M", "X_u", "X_r", "p_value", "exposure_p_value",
+    return c[["setting", "end", "image", "self_influence", "M", "X_u", "X_r", "ttest_p_paper", "exposure_p_value",
               "verdict", "test_accuracy"]]
 
 

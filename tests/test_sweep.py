@@ -82,7 +82,7 @@ def test_sweep_is_a_store_study_that_resumes(tiny_data, tmp_path):
     assert cache.exists()
     pd.testing.assert_frame_equal(pd.read_csv(out / "influence.csv"), pd.read_csv(cache))
     csv = pd.read_csv(out / "sweep.csv")
-    assert len(csv) == 3 and {"index", "self_influence", "M", "p_value", "exposure_p_value", "run_id"} <= set(csv.columns)
+    assert len(csv) == 3 and {"index", "self_influence", "M", "ttest_p_paper", "exposure_p_value", "run_id"} <= set(csv.columns)
     meta = json.loads((out / "sweep.json").read_text())
     assert len(meta["rows"]) == 3 and (meta["pearson_r"] is None or -1 <= meta["pearson_r"] <= 1)
     study = get_study(store, res.study)

@@ -234,7 +234,7 @@ def test_the_same_verdict_text_and_p_on_every_surface(clean_result, tmp_path, ca
 def test_a_model_that_did_not_learn_is_inconclusive_on_every_surface(clean_result, tmp_path, capsys):
     data, clean = clean_result
     home = tmp_path / "home"
-    dead = dataclasses.replace(clean, config=tiny_config(data, seed=6), learned=False,
+    dead = dataclasses.replace(clean, config=tiny_config(data, seed=6), learned=False, epsilon=31.1,
                                learned_note="the model did not learn: test accuracy 33.3% is not clearly above the "
                                             "33.3% of always answering the most common class")
     with Store(home) as s:
@@ -245,6 +245,9 @@ def test_a_model_that_did_not_learn_is_inconclusive_on_every_surface(clean_resul
         assert v.headline == "Inconclusive: did not learn" and v.p_value is None
         _same_everywhere(v, surfaces)
         assert "No evidence of memorisation" not in surfaces["show"]
+        # `ufm runs list` marks it and shows the epsilon DP-SGD spent, as every table does
+        head, row = [line for line in surfaces["list"].splitlines() if line.startswith(("id ", run_id))]
+        assert "eps spent" in head and "31.1" in row and "Inconclusive: did not learn" in row
         assert "Inconclusive. Inconclusive" not in surfaces["show"] + surfaces["html"]
 
 
@@ -349,3 +352,47 @@ def test_an_audit_verdict_never_repeats_its_headline():
     odd = _decide(None, None, "the fast test is miscalibrated here", True, "")
     assert odd.sentence.startswith("Inconclusive. The fast test is miscalibrated here.")
     assert Verdict.from_dict(json.loads(json.dumps(dead.to_dict()))) == dead
+
+
+def test_no_export_or_cli_table_calls_anything_significant(clean_result, tmp_path, capsys):
+    """The paper's t-test is "the paper's statistic", never "significant": not in `ufm runs show/list`
+    (text or JSON), the run's JSON/HTML export, the runs CSV, nor a study's `show`, CSV, JSON and
+    HTML. The fast test's fields in a JSON export are named as the fast test's, beside the verdict
+    record; an older store's summary key `significant_ttest` is exported under the t-test's name."""
+    import html
+
+    from ufm.cli import main
+    from ufm.reports.run_report import run_html, run_json, runs_csv
+    from ufm.runs.jobs import measure
+    from ufm.runs.studies import StudyMember, attach_run, create_study
+
+    data, _ = clean_result
+    home = tmp_path / "home"
+    h = ["--home", str(home)]
+    with Store(home) as s:
+        run_id, _, _ = measure(s, tiny_config(data, seed=8))
+        rec = s.get(run_id)
+        create_study(s, "sig", "custom", rec.config, [StudyMember("g", rec.config)])
+        attach_run(s, "sig", 0, run_id)
+        texts = {"json": run_json(s, run_id), "html": html.unescape(run_html(s, run_id)), "csv": runs_csv(s)}
+        exported = json.loads(texts["json"])
+        assert "fast_test_verdict" in exported["result"] and "fast_test_memorised" in exported["result"]["score"]
+        assert exported["run"]["summary"]["paper_ttest_p_below_alpha"] in (True, False)
+        s._update("UPDATE runs SET summary_json = ? WHERE id = ?",  # as an older ufm stored it
+                  (json.dumps({**rec.summary, "significant_ttest": True}), run_id))
+        old = json.loads(run_json(s, run_id))["run"]["summary"]
+        assert old["paper_ttest_p_below_alpha"] is True and "significant_ttest" not in old
+    capsys.readouterr()
+    for argv in (["runs", "show", run_id], ["runs", "show", run_id, "--json"], ["runs", "list"],
+                 ["runs", "list", "--json"], ["runs", "list", "--csv"], ["studies", "show", "sig"],
+                 ["studies", "show", "sig", "--json"]):
+        assert main([*argv, *h]) == 0
+        texts[" ".join(argv)] = capsys.readouterr().out
+    for fmt in ("csv", "json", "html"):
+        out = tmp_path / f"study.{fmt}"
+        assert main(["studies", "export", "sig", "--format", fmt, "--out", str(out), *h]) == 0
+        texts[f"study {fmt}"] = html.unescape(out.read_text())
+    for where, text in texts.items():
+        assert "significant" not in text.lower(), where
+    assert "ttest_p_paper" in texts["study csv"] and "memorised" in texts["study csv"]
+    assert "share_memorised" in texts["studies show sig"]

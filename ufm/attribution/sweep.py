@@ -38,7 +38,7 @@ from ufm.core.experiment import ExperimentConfig, prepare_data, training_split
 from ufm.fileio import atomic_write as write_atomic, private_dir
 from ufm.attribution.tracin import rank_by_self_influence, self_influence, top_bottom, tracin_checkpoints
 from ufm.measure.stats import pearson
-from ufm.reports.run_report import to_csv
+from ufm.reports.run_report import export_names, to_csv
 from ufm.core.train import CancelFlag, Progress, ProgressFn, TrainingCancelled, is_cancelled, resolve_device
 
 CHECKPOINTS_PER_EPOCH = 4  # sub-epoch checkpoints: MNIST loses most of its loss in epoch 1
@@ -353,6 +353,6 @@ def _write_sweep(store: Any, name: str, table: pd.DataFrame, config: ExperimentC
     r, p = pearson(done["self_influence"], done["M"]) if len(done) else (float("nan"), float("nan"))
     meta = {"reference_key": base_key, "study": name, "config": config.to_dict(),
             "pearson_r": None if math.isnan(r) else r, "pearson_p": None if math.isnan(p) else p,
-            "pending": int(len(rows) - len(done)), "rows": json.loads(done.to_json(orient="records"))}
+            "pending": int(len(rows) - len(done)), "rows": json.loads(export_names(done).to_json(orient="records"))}
     write_atomic(meta_path, json.dumps(meta, indent=1), private=True)
     return SweepResult(done, r, p, name, int(len(rows) - len(done)))

@@ -32,6 +32,7 @@ def cmd_influence(a: argparse.Namespace) -> int:
 
 def cmd_sweep(a: argparse.Namespace) -> int:
     from ufm.attribution.sweep import sweep_canaries
+    from ufm.reports.run_report import export_names
 
     check_out_dir(a.out)
     cfg = config_from_args(a)
@@ -39,7 +40,7 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     res = sweep_canaries(cfg, a.out, store=store, top=a.top, bottom=a.bottom, n_checkpoints=a.checkpoints,
                          progress=StderrProgress(a.quiet))
     cols = ["index", "label", "group", "self_influence", "M", "p_value", "exposure_p_value", "verdict", "verdict_test", "significant"]
-    print(res.table[cols].to_string(index=False))
+    print(export_names(res.table[cols]).to_string(index=False))
     print(res.summary())
     print(f"study {res.study!r} in {store.home}; wrote influence.csv, sweep.csv and sweep.json to {a.out}")
     return 0

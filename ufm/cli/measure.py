@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ufm.fileio import atomic_write as write_atomic
 from ufm.runs.store import StoreError
+from ufm.runs.store.records import export_keys
 from ufm.cli.common import (StderrProgress, UsageError, add_experiment_args, add_home, check_out, config_from_args, int_in,
                      open_store)
 
@@ -106,7 +107,7 @@ def cmd_measure(a: argparse.Namespace) -> int:
     config = config_from_args(a)
     # Recorded in the run store; an identical finished run is reused unless --force.
     run_id, result, cached, verdict = measure_in_store(a, config, StderrProgress(a.quiet))
-    payload = json.dumps({**result.to_dict(), "final_verdict": verdict.to_dict()}, indent=1)
+    payload = json.dumps({**export_keys(result.to_dict()), "final_verdict": verdict.to_dict()}, indent=1)
     if a.out == "-":
         print(payload)
     elif a.out:

@@ -12,7 +12,7 @@ from ufm.runs.store import STATUSES, RunRecord, Store, StoreError
 from ufm.cli.common import UsageError, _pos_int, add_home, check_out, finite_float, open_store
 
 LIST_COLUMNS = ["id", "status", "created", "dataset", "arch", "regularisers", "canary", "seed", "M",
-                "verdict", "verdict_p", "test_accuracy", "note"]
+                "verdict", "verdict_p", "test_accuracy", "epsilon", "note"]
 
 
 def _check_out(a: argparse.Namespace) -> None:
@@ -64,13 +64,14 @@ def cmd_runs_list(a: argparse.Namespace) -> int:
         print(f"no runs in {store.db_path}" + (f" with status {a.status}" if a.status else ""), file=sys.stderr)
         return 0
     header = ["id", "status", "created", "dataset", "arch", "regularisers", "canary", "seed", "M (nats)",
-              "verdict", "verdict p", "test acc", "note"]
+              "verdict", "verdict p", "test acc", "eps spent", "note"]
     rows = [header]
     for rec in records:
         r = run_row(rec, verdicts[rec.id])
         r["note"] = r["progress"] or (r["error"] or "")[:60]
         acc = r["test_accuracy"]
         r["test_accuracy"] = "–" if acc is None else f"{100 * acc:.1f}%"
+        r["epsilon"] = "–" if r["epsilon"] is None else f"{r['epsilon']:.3g}"  # DP-SGD's accountant
         r["verdict_p"] = verdicts[rec.id].p_text if verdicts[rec.id] is not None else None
         rows.append([fmt(r[c]) for c in LIST_COLUMNS])
     widths = [max(len(str(x)) for x in col) for col in zip(*rows)]
@@ -238,11 +239,12 @@ def cmd_studies_list(a: argparse.Namespace) -> int:
 
 
 def cmd_studies_show(a: argparse.Namespace) -> int:
+    from ufm.reports.run_report import export_names
     from ufm.runs.studies import summary
 
     with open_store(a) as store:
         try:
-            df = summary(store, a.name)
+            df = export_names(summary(store, a.name))
         except StoreError as e:
             raise UsageError(str(e)) from e
     if a.json:
@@ -253,7 +255,7 @@ def cmd_studies_show(a: argparse.Namespace) -> int:
 
 
 def cmd_studies_export(a: argparse.Namespace) -> int:
-    from ufm.reports.run_report import study_html, to_csv
+    from ufm.reports.run_report import export_names, study_html, to_csv
     from ufm.runs.studies import get_study, runs_frame, study_to_dict, summary
 
     _check_out(a)
@@ -265,7 +267,7 @@ def cmd_studies_export(a: argparse.Namespace) -> int:
                 text = to_csv(runs_frame(store, a.name))
             else:
                 text = json.dumps({"study": study_to_dict(get_study(store, a.name)),
-                                   "summary": json.loads(summary(store, a.name).to_json(orient="records"))}, indent=1)
+                                   "summary": json.loads(export_names(summary(store, a.name)).to_json(orient="records"))}, indent=1)
         except StoreError as e:
             raise UsageError(str(e)) from e
     _write_out(text, a.out)
@@ -318,7 +320,7 @@ def register(sub: Any) -> None:
     p = ss.add_parser("list", help="all studies")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_studies_list)
-    p = ss.add_parser("show", help="per group: mean M with 95%% interval, share significant, accuracy")
+    p = ss.add_parser("show", help="per group: mean M with 95%% interval, share memorised (verdict), accuracy")
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_studies_show)

@@ -37,7 +37,7 @@ from ufm.fileio import atomic_write
 from ufm.reports.paper_setup import (ALPHA, SCALES, TARGETS, Scale, Setting, check_scale,  # noqa: F401 - re-exported
                                      paper_results, paper_source, settings)
 from ufm.reports import html_page
-from ufm.reports.run_report import to_csv
+from ufm.reports.run_report import EXPORT_NAMES, to_csv
 from ufm.runs.store import Store
 
 if TYPE_CHECKING:  # torch-importing modules load lazily: every ufm verb builds this module's parser
@@ -167,7 +167,7 @@ def _fmt_list(values: Sequence[float]) -> str:
 TABLE_COLUMNS = ["target", "dataset", "arch", "regularisers", "canaries", "done", "paper_top5_M", "ufm_top5_M",
                  "paper_mean_M_positive", "ufm_mean_M_positive", "ufm_n_M_positive", "paper_mean_X_u_positive",
                  "ufm_mean_X_u_positive", "paper_mean_X_r_positive", "ufm_mean_X_r_positive",
-                 "paper_top5_significant", "ufm_share_memorised_verdict", "ufm_share_paper_ttest_p_below_alpha",
+                 "paper_top5_ttest_p_below_alpha", "ufm_share_memorised_verdict", "ufm_share_paper_ttest_p_below_alpha",
                  "paper_accuracy", "ufm_test_accuracy", "paper_ref"]
 FIGURE_COLUMNS = ["target", "dataset", "arch", "regularisers", "canaries", "done", "paper_pearson_r", "ufm_pearson_r",
                   "ufm_pearson_p", "ufm_r_ci_low", "ufm_r_ci_high", "ufm_share_memorised_verdict",
@@ -215,7 +215,7 @@ def side_by_side(canaries: pd.DataFrame, target: str) -> pd.DataFrame:
                        ufm_mean_X_u_positive=float(pos["X_u"].mean()) if len(pos) else math.nan,
                        paper_mean_X_r_positive=one("mean_X_r_positive"),
                        ufm_mean_X_r_positive=float(pos["X_r"].mean()) if len(pos) else math.nan,
-                       paper_top5_significant=(f"{sum(bool(r.get('significant')) for r in top5)}/{len(top5)}"
+                       paper_top5_ttest_p_below_alpha=(f"{sum(bool(r.get('significant')) for r in top5)}/{len(top5)}"
                                                if top5 else ""),
                        paper_accuracy=one("val_accuracy"))
         out.append(row)
@@ -257,7 +257,8 @@ def to_html(table: pd.DataFrame, canaries: pd.DataFrame, target: str, scale: str
             body += ["<h2>Self-influence vs M</h2>", html_page.figure_html(fig, "scatter", 450)]
     cols = ["setting", "end", "image", "self_influence", "influence_rank", "status", "M", "X_u", "X_r", "p_value",
             "paper_ttest_p_below_alpha", "exposure_p_value", "verdict", "verdict_test", "test_accuracy", "run_id"]
-    body += ["<h2>Canaries</h2>", html_page.table(cols, canaries[cols].itertuples(index=False))]
+    headers = [EXPORT_NAMES.get(c, c) for c in cols]  # p_value: the paper's t-test, named so
+    body += ["<h2>Canaries</h2>", html_page.table(headers, canaries[cols].itertuples(index=False))]
     return html_page.page(f"ufm reproduce {target} {scale}", body)
 
 

@@ -16,6 +16,7 @@ import pandas as pd
 
 from ufm.reports.html_page import esc, figure_html, fmt, kv_table, page, pct, table
 from ufm.runs.store import RunRecord, Store
+from ufm.runs.store.records import export_keys
 
 
 if TYPE_CHECKING:
@@ -29,14 +30,18 @@ def run_json(store: Store, run_id: str, *, indent: int | None = 1) -> str:
     """A run as JSON: ``{"run": the database record, "result": the full Result dict or null}``.
 
     ``result`` (with ``d_u``, ``d_r``, the history, access scores, versions) is there for ``done``
-    runs; a failed or cancelled run carries its ``error`` in ``run``. ``run.verdict`` is the verdict
-    record (:func:`ufm.measure.verdict.stored_verdict`, brought up to date first): the verdict every surface shows.
+    runs (the fast test's ``verdict`` and ``significant`` named ``fast_test_verdict`` and
+    ``fast_test_memorised``: :func:`ufm.runs.store.records.export_keys`); a failed or cancelled run
+    carries its ``error`` in ``run``. ``run.verdict`` is the verdict record
+    (:func:`ufm.measure.verdict.stored_verdict`, brought up to date first): the verdict every surface shows.
     """
     from ufm.measure.verdict import stored_verdict
 
     stored_verdict(store, store.get(run_id))
     rec = store.get(run_id)
     result = json.loads(store.artifact(run_id, "result.json").read_text()) if rec.status == "done" else None
+    if result is not None:  # its verdict/significant are the fast test's: named so beside the verdict record
+        result = export_keys(result)
     return json.dumps({"run": rec.to_dict(), "result": result}, indent=indent, allow_nan=False)
 
 
@@ -166,11 +171,24 @@ def csv_safe(value: Any) -> Any:
     return value
 
 
+# Column names as exported: the study and sweep frames call the paper's t-tests p_value /
+# p_value_paired and the verdict's "memorised" significant (internal names); a file that people read
+# names the t-tests as the paper's statistics and never calls anything "significant".
+EXPORT_NAMES = {"p_value": "ttest_p_paper", "p_value_paired": "paired_ttest_p_paper", "significant": "memorised",
+                "share_significant": "share_memorised", "n_significant": "n_memorised"}
+
+
+def export_names(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with the columns of :data:`EXPORT_NAMES` renamed for people (CSV, JSON, printed tables)."""
+    return df.rename(columns=EXPORT_NAMES)
+
+
 def to_csv(df: pd.DataFrame) -> str:
-    """``df`` as CSV text (no index) with every string cell and header passed through :func:`csv_safe`.
+    """``df`` as CSV text (no index) with every string cell and header passed through :func:`csv_safe`,
+    columns named as exported (:func:`export_names`).
 
     Every CSV that ufm writes goes through here (runs, studies, sweeps)."""
-    safe = df.rename(columns=lambda c: csv_safe(c) if isinstance(c, str) else c)
+    safe = export_names(df).rename(columns=lambda c: csv_safe(c) if isinstance(c, str) else c)
     obj = [c for c in safe.columns if safe[c].dtype == object or pd.api.types.is_string_dtype(safe[c])]
     if obj:
         safe = safe.copy()

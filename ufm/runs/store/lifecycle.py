@@ -70,7 +70,7 @@ def result_summary(result: "Result") -> dict[str, Any]:
         "p_value": float(s.p_value), "p_value_paired": float(s.p_value_paired),
         "exposure": float(s.exposure), "exposure_p_value": float(s.exposure_p_value), "rank": int(s.rank),
         "candidates": int(len(s.candidate_X)), "alpha": float(s.alpha), "significant": bool(s.significant),
-        "significant_ttest": bool(s.significant_ttest), "verdict": s.verdict(), "status": s.status,
+        "paper_ttest_p_below_alpha": bool(s.significant_ttest), "verdict": s.verdict(), "status": s.status,
         "inconclusive_reason": s.inconclusive_reason, "family": s.family,
         "feature_kind": result.config.feature.kind, "learned": bool(result.learned),
         "learned_note": result.learned_note,

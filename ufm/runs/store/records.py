@@ -16,6 +16,23 @@ STATUSES = ("queued", "running", "done", "failed", "cancelled")
 ACTIVE = ("queued", "running")
 FINISHED = ("done", "failed", "cancelled")
 
+
+# What a finished run's summary and result dicts call their fields, and what an export calls them:
+# "verdict" and "significant" there are the fast exposure test's (the verdict people see is the
+# run's verdict record), "significant_ttest" (summaries stored by an older ufm) the paper's t-test.
+_EXPORT_KEYS = {"verdict": "fast_test_verdict", "significant": "fast_test_memorised",
+                "significant_ttest": "paper_ttest_p_below_alpha"}
+
+
+def export_keys(d: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a run's summary or result dict (and its ``score``) for a JSON export: the fast test's
+    ``verdict``/``significant`` named as the fast test's, the paper's t-test never "significant"."""
+    out = {_EXPORT_KEYS.get(k, k): v for k, v in d.items()}
+    if isinstance(out.get("score"), dict):
+        out["score"] = export_keys(out["score"])
+    return out
+
+
 @dataclass(frozen=True, eq=False)
 class RunRecord:
     """One row of the ``runs`` table.
@@ -75,6 +92,8 @@ class RunRecord:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["config"] = d.pop("config_data")
+        if d["summary"]:
+            d["summary"] = export_keys(d["summary"])
         return d
 
     @classmethod
