@@ -3,7 +3,7 @@
 import streamlit as st
 
 from dashboard import state
-from dashboard.demos import DEMO_KEY, DEMOS, demo_view, missing_data, start_demo
+from dashboard.demos import DEMO_KEY, DEMOS, demo_in_flight, demo_view, missing_data, start_demo
 from ufm.core.train import describe_device
 
 st.title("Does the network remember what it saw once?")
@@ -35,7 +35,11 @@ for col, (key, demo) in zip(cols, DEMOS.items()):
         missing = missing_data(key, offline)
         if missing:
             st.info(missing)
-        if st.button(f"Run the {demo.title.lower()} demo", key=f"demo_{key}", type="primary", disabled=bool(missing)):
+        running = not missing and demo_in_flight(key)
+        if running:
+            st.caption("This demo's models are queued or training: it is followed below.")
+        if st.button(f"Run the {demo.title.lower()} demo", key=f"demo_{key}", type="primary",
+                     disabled=bool(missing) or running):
             start_demo(key)
 if DEMO_KEY in st.session_state:
     demo_view(*st.session_state[DEMO_KEY])

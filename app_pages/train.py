@@ -47,7 +47,12 @@ with st.container(border=True):
                                help="Clean models trained the same way without the canary, once per training "
                                     "setting; they serve every feature, canary and seed. Until they exist the "
                                     "verdict is the fast test's, marked provisional.")
-            if st.button("Start", type="primary", key="tr_start"):
+            # Start would only show the identical run already queued or running: say so instead.
+            queued = None if force else state.runner().in_flight(config)
+            if queued:
+                st.caption(f"An identical run ({queued}) is already queued or running: it is shown above and on "
+                           "the Runs page. Tick \"train again\" to queue another one.")
+            if st.button("Start", type="primary", key="tr_start", disabled=bool(queued)):
                 st.session_state[state.SETUP] = setup
                 st.session_state[state.RUN] = state.runner().submit(config, force=force)
                 access.mark_started(st.session_state[state.RUN])

@@ -16,6 +16,7 @@ import streamlit as st
 from ufm.measure.demos import DemoPlan, calibrated_rows, clinician_sentence, plan_demo, teaching_sentence
 from ufm.reports.plots import ladder_figure
 from ufm.measure.bank import DEFAULT_REFERENCES, bank_status
+from ufm.measure.bank_keys import bank_configs
 from ufm.runs.banks import submit_bank
 from ufm.runs.studies import StudyMember, create_study, runs_frame, submit_study
 from ufm.core.train import resolve_device
@@ -70,6 +71,13 @@ def missing_data(key: str, offline: list[str]) -> str | None:
     return (f"The {ds} copy is not in {state.data_dir()}: put its train.npz/test.npz in "
             f"{state.data_dir()}/{ds}/ (see the data README), or use your own X-rays (one sub-folder per class) "
             "as the dataset on the Train page.")
+
+
+def demo_in_flight(key: str) -> bool:
+    """Whether any of the demo's models (its rungs, its bank) is queued or training on the
+    dashboard's executor: pressing its button again would only follow the same runs."""
+    p, runner = plan(key), state.runner()
+    return any(runner.in_flight(cfg) for cfg in [*p.configs(), *bank_configs(p.base, DEFAULT_REFERENCES)])
 
 
 def start_demo(key: str) -> str:

@@ -652,3 +652,42 @@ def test_start_after_cancel_always_starts_a_new_run(app_env):
     state.runner().cancel(second)
     _wait_done(second)
     _wait_done(first)
+
+
+def test_controls_for_work_already_queued_are_disabled(app_env, monkeypatch):
+    """Start is disabled (with the reason) while the identical run is queued or running, and enabled
+    again with "train again" ticked or once it is cancelled; a demo's button is disabled while its
+    models are queued. One slot, kept busy by a long run, so what is queued stays queued."""
+    from dashboard import demos, state
+    plan = _tiny_plan(str(app_env / "data"))
+    monkeypatch.setattr(demos, "plan", lambda key: plan)
+    runner = state.runner()
+    asked = []
+    real = runner.in_flight
+    monkeypatch.setattr(runner, "in_flight", lambda cfg: asked.append(cfg) or real(cfg))
+    at = _app().switch_page("app_pages/train.py").run()
+    assert not at.exception and not at.button(key="tr_start").disabled
+    page_config = asked[-1]  # the config Start would queue
+    blocker = runner.submit(plan.base.replace(epochs=100000, patience=100000, seed=77))
+    queued = runner.submit(page_config)
+    assert runner.in_flight(page_config) == queued
+    at.run()
+    assert at.button(key="tr_start").disabled
+    assert any(queued in c.value and "already queued or running" in c.value for c in at.caption)
+    at.checkbox(key="tr_force").check().run()
+    assert not at.button(key="tr_start").disabled  # a deliberate second run stays possible
+    at.checkbox(key="tr_force").uncheck().run()
+    runner.cancel(queued)
+    at.run()
+    assert not at.button(key="tr_start").disabled  # Start after Cancel
+
+    at.switch_page("app_pages/home.py").run()
+    assert not at.button(key="demo_teaching").disabled
+    rung = runner.submit(plan.configs()[0])
+    at.run()
+    assert at.button(key="demo_teaching").disabled
+    assert any("queued or training" in c.value for c in at.caption)
+    runner.cancel(rung)
+    runner.cancel(blocker)
+    at.run()
+    assert not at.button(key="demo_teaching").disabled

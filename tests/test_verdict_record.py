@@ -267,6 +267,8 @@ def test_a_user_run_submitted_after_a_queued_bank_starts_first(tiny_data, tmp_pa
             time.sleep(0.05)
         bank = [runner.submit(c, priority=BACKGROUND) for c in bank_configs(cfg, 19)[:2]]
         mine = runner.submit(cfg.replace(seed=2))
+        assert runner.in_flight(long) == blocker and runner.in_flight(cfg.replace(seed=2)) == mine
+        assert runner.in_flight(cfg.replace(seed=99)) is None
         est = queue_estimate(s, mine)
         assert (est.position, est.background_ahead, est.running) == (1, 0, 1)
         assert "next in the queue" in est.text() and "1 run is training now" in est.text()
@@ -278,6 +280,7 @@ def test_a_user_run_submitted_after_a_queued_bank_starts_first(tiny_data, tmp_pa
         again = cfg.replace(seed=3)
         cancelled = runner.submit(again)
         runner.cancel(cancelled)
+        assert runner.in_flight(again) is None  # a cancelled run never disables Start
         restarted = runner.submit(again)  # Start after Cancel
         assert restarted != cancelled and s.get(restarted).status == "queued"
 
@@ -286,6 +289,7 @@ def test_a_user_run_submitted_after_a_queued_bank_starts_first(tiny_data, tmp_pa
         runner.cancel(again_long)
         for r in (mine, *bank, restarted):
             assert runner.wait(r, timeout=240).status == "done", s.get(r)
+        assert runner.in_flight(cfg.replace(seed=2)) is None  # finished: nothing in flight
         started = {r: s.get(r).started for r in (mine, *bank, restarted)}
         assert started[bank[1]] < started[mine] < started[restarted] < started[bank[0]]
         assert s.get(cancelled).status == "cancelled"

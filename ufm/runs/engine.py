@@ -118,12 +118,24 @@ class Executor(ABC):
             self._start(run_id, config, priority, where)
         return run_id
 
+    def in_flight(self, config: "ExperimentConfig") -> str | None:
+        """The id of a run identical to ``config`` that this executor has queued or running and
+        nobody asked to cancel (so :meth:`submit` would return it without ``force``); None if none.
+        The dashboard disables controls that would only queue it again."""
+        from ufm.version import __version__
+
+        with self._lock:
+            return self._in_flight((config.key(), __version__))
+
     def _reusable(self, config: "ExperimentConfig", ident: tuple[str, str]) -> str | None:
         """A finished identical run in the store, else an identical run in flight here that nobody
         asked to cancel; None if neither. Call with the lock held."""
         hit = self.store.find_cached(config)
         if hit is not None:
             return hit.id
+        return self._in_flight(ident)
+
+    def _in_flight(self, ident: tuple[str, str]) -> str | None:
         run_id = self._inflight.get(ident)
         if run_id is None:
             return None
