@@ -43,7 +43,7 @@ import numpy as np
 # The identity of a bank and of its reference models (no store, no torch): imported from here by many modules.
 from ufm.measure.bank_keys import (DEFAULT_REFERENCES, MAX_REFERENCES, REFERENCE_SEED_BASE,  # noqa: F401
                                    bank_config, bank_configs, bank_key, check_references, reference_bank_of,
-                                   reference_seeds)
+                                   reference_seeds, stored_bank_key)
 
 SCORES_FILE = "reference_scores.json"
 
@@ -138,15 +138,18 @@ def bank_may_be_complete(store: "Store", config_key: str, config_data: dict[str,
 
     key = _BANK_KEYS.get(config_key)
     if key is None:  # the config key fixes the config (data_dir aside), so it fixes the bank key
-        # No bank in the store is that large: nothing to work out (the key needs the config class,
-        # which loads torch; `ufm runs list` must not).
+        # No bank in the store is that large: nothing to work out. (The key is worked out from the
+        # stored config, without the config class, which loads torch: `ufm runs list` must not.)
         largest = store.query("SELECT MAX(n) FROM (SELECT COUNT(DISTINCT config_key) AS n FROM runs WHERE bank IS "
                               "NOT NULL AND status = 'done' AND code_version = ? GROUP BY bank)", (__version__,))[0][0]
         if int(largest or 0) < int(references):
             return False
-        from ufm.core.experiment import ExperimentConfig
+        key = stored_bank_key(config_key, config_data)
+        if key is None:  # an older ufm's config: only the config class knows this ufm's key for it
+            from ufm.core.experiment import ExperimentConfig
 
-        key = _BANK_KEYS[config_key] = bank_key(ExperimentConfig.from_dict(config_data))
+            key = bank_key(ExperimentConfig.from_dict(config_data))
+        _BANK_KEYS[config_key] = key
     n = store.query("SELECT COUNT(DISTINCT config_key) FROM runs WHERE bank = ? AND status = 'done' AND "
                     "code_version = ?", (key, __version__))[0][0]
     return int(n) >= int(references)
