@@ -74,6 +74,7 @@ def test_runs_verbs_do_not_import_torch(tiny_data, tmp_path, capsys, one_torch_t
 
     from ufm.core.experiment import run_experiment
     from ufm.measure.bank import DEFAULT_REFERENCES, bank_configs
+    from ufm.runs.store import BACKGROUND
 
     from .conftest import tiny_config
 
@@ -87,6 +88,9 @@ def test_runs_verbs_do_not_import_torch(tiny_data, tmp_path, capsys, one_torch_t
         for c in bank:
             ref = s.add_result(dataclasses.replace(clean, config=c))
         queued = s.create_run(tiny_config(tiny_data, seed=1), status="queued")
+        # a reference model queued for it: `runs cancel` looks for the bank's other users
+        s.create_run(bank_configs(tiny_config(tiny_data, seed=1), DEFAULT_REFERENCES)[0], status="queued",
+                     priority=BACKGROUND)
         running = s.create_run(tiny_config(tiny_data, seed=2), status="running")
         failed = s.create_run(tiny_config(tiny_data, seed=3), status="running")
         s.mark_failed(failed, "probe")
