@@ -68,14 +68,29 @@ def test_an_unreachable_ray_address_is_one_line_before_any_work(tmp_path, capsys
 
 def test_runs_verbs_do_not_import_torch(tiny_data, tmp_path, capsys, one_torch_thread):
     """On a home with a finished, a queued, a running and a failed run (an empty home was not enough:
-    describing a run's canaries and looking for its bank loaded torch)."""
+    describing a run's canaries and looking for its bank loaded torch), and a complete bank of
+    another setting (its key was worked out by the config class, which loads torch)."""
+    import dataclasses
+
+    from ufm.core.experiment import run_experiment
+    from ufm.measure.bank import DEFAULT_REFERENCES, bank_configs
+    from ufm.runs.store import BACKGROUND
+
     from .conftest import tiny_config
 
     home = tmp_path / "h"
     assert main(_cli_args(tiny_data, home, "--epochs", "2", "--quiet")) == 0
     with Store(home) as s:
         done = s.list_runs()[0].id
+    bank = bank_configs(tiny_config(tiny_data, epochs=1), DEFAULT_REFERENCES)
+    clean = run_experiment(bank[0])  # recorded as every reference model: the bank is only counted here
+    with Store(home) as s:
+        for c in bank:
+            ref = s.add_result(dataclasses.replace(clean, config=c))
         queued = s.create_run(tiny_config(tiny_data, seed=1), status="queued")
+        # a reference model queued for it: `runs cancel` looks for the bank's other users
+        s.create_run(bank_configs(tiny_config(tiny_data, seed=1), DEFAULT_REFERENCES)[0], status="queued",
+                     priority=BACKGROUND)
         running = s.create_run(tiny_config(tiny_data, seed=2), status="running")
         failed = s.create_run(tiny_config(tiny_data, seed=3), status="running")
         s.mark_failed(failed, "probe")
@@ -83,8 +98,8 @@ def test_runs_verbs_do_not_import_torch(tiny_data, tmp_path, capsys, one_torch_t
             "heavy = sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'ray', 'streamlit', 'scipy') if m in sys.modules)\n"
             "print('HEAVY', heavy, rc)")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for verb in (["runs", "list"], ["runs", "list", "--csv"], ["runs", "list", "--json"], ["runs", "show", done],
-                 ["runs", "show", queued], ["runs", "cancel", queued], ["runs", "cancel", running],
+    for verb in (["runs", "list"], ["runs", "list", "--csv"], ["runs", "list", "--json"], ["runs", "list", "--all"],
+                 ["runs", "show", done], ["runs", "show", ref], ["runs", "show", queued], ["runs", "cancel", queued], ["runs", "cancel", running],
                  ["runs", "delete", failed, "--force"], ["runs", "cancel", "abc"], ["studies", "list"],
                  ["designs", "list"]):
         r = subprocess.run([sys.executable, "-c", code, *verb, "--home", str(home)], capture_output=True, text=True,

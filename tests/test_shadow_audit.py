@@ -294,3 +294,35 @@ def test_background_task_stores_a_calibrated_audit_and_cancel_stores_nothing(tin
         result = load_model_audit(store, "b" * 12)
     assert result.verdict.test == "reference" and result.reference["references"] == R
     assert any("reference models" in m for m in messages) and messages[-1].startswith("done")
+
+
+def test_cli_shadow_audit_of_an_npz_of_inference_images(tiny_data, tmp_path, one_torch_thread, capsys):
+    """--ood FILE.npz with --shadow-data: the shadow runs read the audit's own inference images (they
+    were handed the .npz, which a run cannot read, and the audit ended "no images under ...")."""
+    import json
+
+    from ufm.audits.audit_images import audit_inference_images
+    from ufm.audits.onnx_model import export_run
+    from ufm.cli import main
+    from ufm.runs.jobs import measure
+    from ufm.runs.store import Store
+
+    home = tmp_path / "home"
+    with Store(home) as store:
+        run_id, _, _ = measure(store, tiny_config(tiny_data, epochs=2, patience=2))
+        (tmp_path / "target.onnx").write_bytes(export_run(store, run_id))
+    with np.load(tiny_data["ood"] / "test.npz") as f:
+        np.savez(tmp_path / "ood.npz", x=f["x"][:40])
+    assert main(["audit", "--model", str(tmp_path / "target.onnx"), "--ood", str(tmp_path / "ood.npz"),
+                 "--ood-size", "30", "--feature", "A", "--feature-size", "3", "--offset", "0", "0", "--candidates", "5",
+                 "--quiet", "--home", str(home), "--out", str(tmp_path / "a.json"), "--shadow-data",
+                 str(tiny_data["train"]), "--references", str(R), "--shadow-lr", "1e-3", "--shadow-batch-size", "32",
+                 "--shadow-epochs", "1", "--shadow-patience", "1", "--device", "cpu"]) == 0, capsys.readouterr().err
+    a = json.loads((tmp_path / "a.json").read_text())
+    assert a["verdict"]["test"] == "reference" and a["reference"]["shadows"] and a["reference"]["references"] == R
+    with Store(home) as store:
+        shadows = [r for r in store.list_runs() if r.is_reference]
+    assert len(shadows) == R and len({r.config_data["ood_source"] for r in shadows}) == 1
+    kept = shadows[0].config_data["ood_source"]  # the audit's images, kept where a run can read them
+    assert torch.equal(audit_inference_images(kept, (1, 12, 12), 30),
+                       audit_inference_images(str(tmp_path / "ood.npz"), (1, 12, 12), 30))

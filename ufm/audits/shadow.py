@@ -25,6 +25,7 @@ similar data; :data:`MISCALIBRATION_NOTE` says what the benchmark found when the
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -128,7 +129,6 @@ def _keep_npz(path: Path, home: str | Path) -> str:
         x = np.transpose(x, (0, 2, 3, 1))  # stored (N, C, H, W)
     if x.ndim == 4 and x.shape[-1] == 1:
         x = x[..., 0]
-    import io
 
     buf = io.BytesIO()
     np.savez(buf, x=x, y=y.astype(np.int64))
@@ -141,6 +141,24 @@ def _keep_npz(path: Path, home: str | Path) -> str:
             out = io.BytesIO()
             np.savez(out, x=x[idx], y=y[idx].astype(np.int64), classes=classes)
             atomic_write(folder / f"{name}.npz", out.getvalue(), private=True)  # 0700 folders, made if missing
+    return str(folder)
+
+
+def shadow_ood(source: str, x: torch.Tensor, *, home: str | Path) -> str:
+    """The inference images the shadow runs read: ``source`` when a run can read it (a benchmark or
+    a folder holding ``test.npz``); else (an ``.npz`` file, a folder of image files) the audit's own
+    images ``x`` ((N, C, H, W) in [0, 1]), kept as uint8 in ``<home>/shadow_data/<sha256>/test.npz``."""
+    from ufm.fileio import atomic_write
+
+    if source in BENCHMARKS or (Path(source).expanduser() / "test.npz").is_file():
+        return source
+    u8 = np.round(x.detach().cpu().numpy() * 255).clip(0, 255).astype(np.uint8)
+    u8 = u8[:, 0] if u8.shape[1] == 1 else np.transpose(u8, (0, 2, 3, 1))
+    buf = io.BytesIO()
+    np.savez(buf, x=u8, y=np.zeros(len(u8), np.int64), classes=np.array(["0"]))
+    folder = Path(home) / "shadow_data" / hashlib.sha256(buf.getvalue()).hexdigest()[:32]
+    if not (folder / "test.npz").is_file():
+        atomic_write(folder / "test.npz", buf.getvalue(), private=True)
     return str(folder)
 
 
@@ -307,7 +325,7 @@ def calibrate_audit(store: "Store", result: "ModelAuditResult", model: "OnnxMode
     if model_bytes is None:
         raise ValueError("model_bytes (the audited file's bytes) are needed to build its shadows")
     cfg = prepare_shadows(store, model, model_bytes, x, shadow_data, recipe, data_dir=config.data_dir,
-                          ood=config.ood, device=device)
+                          ood=shadow_ood(config.ood, x, home=store.home), device=device)
     run_ids = build_bank(store, cfg, r, progress=report_bank_progress(progress), cancel=cancel)
     refs = shadow_scores(store, run_ids, x, config, cancel=cancel)
     test = rank_test(result.score.M, refs, config.alpha, run_ids)

@@ -196,9 +196,9 @@ def cmd_runs_cancel(a: argparse.Namespace) -> int:
         status = store.request_cancel(run_id)
         rec = store.get(run_id)
         # the reference models queued for its verdict, unless another run needs them (none queued
-        # at all: nothing to look at, and no config to build, which would load torch)
+        # at all: nothing to look at); given the record, not its config, whose class would load torch
         pending = store.query("SELECT 1 FROM runs WHERE bank IS NOT NULL AND status IN ('queued', 'running') LIMIT 1")
-        bank = cancel_unneeded_bank(store, rec.config, except_run=run_id) \
+        bank = cancel_unneeded_bank(store, rec, except_run=run_id) \
             if status in ("cancelled", "running") and not rec.is_reference and pending else []
     msg = {"cancelled": f"run {run_id} cancelled",
            "running": f"run {run_id}: cancel requested; it stops at its next training batch"}

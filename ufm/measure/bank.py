@@ -43,13 +43,13 @@ import numpy as np
 # The identity of a bank and of its reference models (no store, no torch): imported from here by many modules.
 from ufm.measure.bank_keys import (DEFAULT_REFERENCES, MAX_REFERENCES, REFERENCE_SEED_BASE,  # noqa: F401
                                    bank_config, bank_configs, bank_key, check_references, reference_bank_of,
-                                   reference_seeds)
+                                   reference_seeds, stored_bank_key)
 
 SCORES_FILE = "reference_scores.json"
 
 if TYPE_CHECKING:
     from ufm.core.experiment import ExperimentConfig
-    from ufm.runs.store import Store
+    from ufm.runs.store import RunRecord, Store
 
 @dataclass(frozen=True)
 class BankStatus:
@@ -96,7 +96,7 @@ def bank_status(store: "Store", config: "ExperimentConfig", references: int = DE
     return BankStatus(int(references), tuple(found), tuple(missing), active)
 
 
-def cancel_unneeded_bank(store: "Store", config: "ExperimentConfig", *, except_run: str | None = None,
+def cancel_unneeded_bank(store: "Store", config: "ExperimentConfig | RunRecord", *, except_run: str | None = None,
                          cancel: "Callable[[str], Any] | None" = None) -> list[str]:
     """Cancel the unfinished reference models of ``config``'s bank unless another run still needs
     them; returns the ids cancelled.
@@ -108,16 +108,17 @@ def cancel_unneeded_bank(store: "Store", config: "ExperimentConfig", *, except_r
 
     ``cancel``: how to cancel a run (the runner's ``cancel``, which also stops a running one of
     this process at once); None = ``store.request_cancel`` (any process's run, by the store's flag).
+    ``config`` may be the run's record: its bank is then found without the config class (no torch).
     """
     cancel = cancel if cancel is not None else store.request_cancel
-    key = bank_key(config)
-    for r in store.query("SELECT id, status, config_json, verdict_json FROM runs WHERE bank IS NULL AND "
+    key = run_bank_key(config.config_key, config.config_data) if hasattr(config, "config_data") else bank_key(config)
+    for r in store.query("SELECT id, status, config_key, config_json, verdict_json FROM runs WHERE bank IS NULL AND "
                          "status IN ('queued', 'running', 'done') AND id IS NOT ?", (except_run,)):
         if r["status"] == "done" and r["verdict_json"] is not None and \
                 json.loads(r["verdict_json"]).get("test") != "fast":
             continue  # final: calibrated, or inconclusive because the model did not learn
         try:
-            needs = _setting_key(r["config_json"]) == key
+            needs = run_bank_key(r["config_key"], json.loads(r["config_json"])) == key
         except Exception:  # noqa: BLE001 - a config this ufm cannot read is not of this bank
             needs = False
         if needs:
@@ -138,21 +139,30 @@ def bank_may_be_complete(store: "Store", config_key: str, config_data: dict[str,
 
     key = _BANK_KEYS.get(config_key)
     if key is None:  # the config key fixes the config (data_dir aside), so it fixes the bank key
-        # No bank in the store is that large: nothing to work out (the key needs the config class,
-        # which loads torch; `ufm runs list` must not).
+        # No bank in the store is that large: nothing to work out. (The key is worked out from the
+        # stored config, without the config class, which loads torch: `ufm runs list` must not.)
         largest = store.query("SELECT MAX(n) FROM (SELECT COUNT(DISTINCT config_key) AS n FROM runs WHERE bank IS "
                               "NOT NULL AND status = 'done' AND code_version = ? GROUP BY bank)", (__version__,))[0][0]
         if int(largest or 0) < int(references):
             return False
-        from ufm.core.experiment import ExperimentConfig
-
-        key = _BANK_KEYS[config_key] = bank_key(ExperimentConfig.from_dict(config_data))
+        key = _BANK_KEYS[config_key] = run_bank_key(config_key, config_data)
     n = store.query("SELECT COUNT(DISTINCT config_key) FROM runs WHERE bank = ? AND status = 'done' AND "
                     "code_version = ?", (key, __version__))[0][0]
     return int(n) >= int(references)
 
 
 _BANK_KEYS: dict[str, str] = {}  # config key -> bank key (a cache; both are hashes of the config)
+
+
+def run_bank_key(config_key: str, config_data: dict[str, Any]) -> str:
+    """:func:`bank_key` of a stored run (its config key and config): without the config class, which
+    loads torch, for a config as this ufm writes it; with it for an older ufm's."""
+    key = stored_bank_key(config_key, config_data)
+    if key is None:
+        from ufm.core.experiment import ExperimentConfig
+
+        key = bank_key(ExperimentConfig.from_dict(config_data))
+    return key
 
 
 @functools.lru_cache(maxsize=4096)

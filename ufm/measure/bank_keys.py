@@ -72,7 +72,30 @@ def reference_bank_of(config: dict[str, Any]) -> str | None:
         return None
     d = {k: v for k, v in config.items() if k != "data_dir"}
     d["seed"] = 0
+    return _hash(d)
+
+
+def _hash(d: dict[str, Any]) -> str:
+    """As :meth:`ExperimentConfig.key` hashes its ``to_dict()`` (without ``data_dir``)."""
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# CanaryChoice("none", ()).to_dict(), written out: the canary module loads torch
+_NO_CANARY = {"mode": "none", "indices": [], "count": 1, "label": None}
+
+
+def stored_bank_key(config_key: str, config: dict[str, Any]) -> str | None:
+    """:func:`bank_key` of a run from its stored config and config key, without the config class
+    (which loads torch; ``ufm runs list`` and ``ufm runs cancel`` must not).
+
+    Exact only for a config stored as this ufm writes it, which its own key proves: None when the
+    config does not hash to ``config_key`` (an older ufm's config; ask :func:`bank_key`).
+    """
+    d = {k: v for k, v in config.items() if k != "data_dir"}
+    if _hash(d) != config_key:
+        return None
+    d.update(_CANONICAL, canary=dict(_NO_CANARY), seed=0, feature=json.loads(json.dumps(_canonical_feature().to_dict())))
+    return _hash(d)
 
 
 def _canonical_feature():

@@ -151,11 +151,15 @@ def run_verdict(store: "Store", record: "RunRecord", references: int = DEFAULT_R
     for its setting is complete in ``store``, else the provisional fast test. None unless ``done``."""
     if record.status != "done" or not record.summary or record.is_privacy_audit:
         return None  # a privacy audit is judged by its epsilon bound, not by a memorisation verdict
-    cfg = record.config
+    from ufm.core.features import Feature
+
     ref = None
     if record.summary.get("learned") is not False and references:
-        ref = reference_test(store, cfg, float(record.summary["M"]), references, device=device)
-    return decide(record.summary, ref, arch=cfg.arch, kind=cfg.feature.kind)
+        ref = reference_test(store, record.config, float(record.summary["M"]), references, device=device)
+    # arch and feature kind from the stored config: the config class loads torch (`ufm runs show` of
+    # a reference model, which is not judged against a bank, must not)
+    return decide(record.summary, ref, arch=record.config_data["arch"],
+                  kind=Feature.from_dict(record.config_data["feature"]).kind)
 
 
 def update_verdict(store: "Store", run_id: str, references: int = DEFAULT_REFERENCES, *,
