@@ -669,7 +669,7 @@ def test_controls_for_work_already_queued_are_disabled(app_env, monkeypatch):
     assert not at.exception and not at.button(key="tr_start").disabled
     page_config = asked[-1]  # the config Start would queue
     blocker = runner.submit(plan.base.replace(epochs=100000, patience=100000, seed=77))
-    queued = runner.submit(page_config)
+    queued = runner.submit(page_config, force=True)  # force: an earlier test may have trained it
     assert runner.in_flight(page_config) == queued
     at.run()
     assert at.button(key="tr_start").disabled
@@ -683,7 +683,7 @@ def test_controls_for_work_already_queued_are_disabled(app_env, monkeypatch):
 
     at.switch_page("app_pages/home.py").run()
     assert not at.button(key="demo_teaching").disabled
-    rung = runner.submit(plan.configs()[0])
+    rung = runner.submit(plan.configs()[0], force=True)  # the demo's own run (an earlier test finished one)
     at.run()
     assert at.button(key="demo_teaching").disabled
     assert any("queued or training" in c.value for c in at.caption)
