@@ -19,7 +19,7 @@ from ufm.cli import main
 from ufm.limits import MAX_ONNX_BYTES, MAX_UPLOAD_MB
 from ufm.runs.store import Store
 
-from dashboard.testing import CHROMIUM, CHROMIUM_FLAGS as FLAGS, free_port as _free_port
+from dashboard.testing import CHROMIUM, free_port as _free_port
 from .test_store import _cli_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,8 +189,12 @@ def test_metrics_endpoint_says_nothing_once_a_page_has_loaded(server):
 
     before = urlopen(server + "/_stcore/metrics", timeout=10).read().decode()
     assert "active_sessions 0" in before  # a fresh server: nothing to show yet
-    subprocess.run([CHROMIUM, *FLAGS, "--virtual-time-budget=20000", "--dump-dom", server], capture_output=True,
-                   timeout=120)
+    from dashboard.testing import chromium
+
+    with chromium() as browser:  # wait for the page itself: a fixed browser budget ended before the
+        pg = browser.new_page()  # script ran on a loaded CI machine, and then nothing was silenced
+        pg.goto(server)
+        pg.get_by_text("Guided demos").first.wait_for(timeout=120_000)
     assert urlopen(server + "/_stcore/metrics", timeout=10).read().decode().strip() == "# EOF"
 
 

@@ -30,7 +30,10 @@ def files(tiny_data, tmp_path):
     np.savez(tmp_path / "ok.npz", x=np.zeros((4, 8, 8), np.uint8))
     (tmp_path / "passwd.png").write_text("root:x:0:0:root:/root:/bin/bash\n")
     (tmp_path / "afile").write_text("x")
+    # /etc reached by climbing out of the test's folder (never relative to the working folder: CI's differs)
+    etc = str(tmp_path) + "/.." * len(tmp_path.parts) + "/etc"
     return {"home": str(tmp_path / "home"), "dir": str(tmp_path), "train": str(tiny_data["train"]),
+            "etc by traversal": etc,
             "ood": str(tiny_data["ood"]), **{p.name: str(p) for p in tmp_path.iterdir() if p.is_file()}}
 
 
@@ -71,7 +74,7 @@ PROBES = {
                                     "is a file, not a folder"),
     "influence --out in a missing folder": (["influence", "--dataset", "{train}", "--out", "{dir}/nope/i.csv",
                                              "--home", "{home}"], "does not exist; create it first"),
-    "a dataset by traversal": (["measure", "--dataset", "../../etc", "--device", "cpu", "--home", "{home}"],
+    "a dataset by traversal": (["measure", "--dataset", "{etc by traversal}", "--device", "cpu", "--home", "{home}"],
                                "no images"),
     "a text file named .png as the feature": (M + ["--feature", "{passwd.png}"], "is not an image Pillow can read"),
     "a missing feature file": (M + ["--feature", "{dir}/nope.png"], "neither a glyph"),

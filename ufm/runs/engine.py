@@ -19,6 +19,7 @@ trained them.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -27,6 +28,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence, overload
 
 from ufm.core.train import CancelFlag, Progress, ProgressFn, TrainingCancelled, is_cancelled
 from ufm.runs.store import ACTIVE, FINISHED, FOREGROUND, RunRecord, Store, StoreError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from ufm.core.experiment import ExperimentConfig
@@ -84,6 +87,19 @@ class Executor(ABC):
         """Stop accepting runs; with ``cancel`` also cancel the unfinished ones."""
 
     # ------------------------------------------------------------------ shared by every backend
+    def _close(self, cancel: bool) -> None:
+        """Refuse new runs; with ``cancel`` ask every unfinished one to stop. The first step of
+        every backend's :meth:`shutdown`."""
+        with self._lock:
+            self._closed = True
+            pending = [r for r, ev in self._ended.items() if not ev.is_set()]
+        if cancel:
+            for run_id in pending:
+                try:
+                    self.cancel(run_id)
+                except StoreError as e:  # the run's record went away: nothing left to stop
+                    log.warning("could not cancel run %s: %s", run_id, e)
+
     def submit(self, config: "ExperimentConfig", *, force: bool = False, priority: int = FOREGROUND) -> str:
         """Queue ``config`` and return its run id. Without ``force`` a finished identical run (same
         config key and ufm version) is returned instead and nothing trains, and so is an identical

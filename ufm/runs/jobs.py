@@ -168,17 +168,9 @@ class Runner(Executor):
     def shutdown(self, *, cancel: bool = True, wait: bool = True, timeout: float | None = None) -> None:
         """Stop accepting runs; with ``cancel`` also cancel the queued and running ones; with
         ``wait`` join the workers (at most ``timeout`` seconds each)."""
+        self._close(cancel)
         with self._lock:
-            self._closed = True
-            pending = [r for r, ev in self._ended.items() if not ev.is_set()]
             threads = list(self._threads)
-        if cancel:
-            for run_id in pending:
-                try:
-                    self.cancel(run_id)
-                except StoreError as e:
-                    log.warning("could not cancel run %s: %s", run_id, e)
-        with self._lock:
             for dev in list(self._queues):  # after every queued run: the slots finish what is queued first
                 for _ in range(self.workers_per_device):
                     self._put(dev, _LAST, 0.0, None)

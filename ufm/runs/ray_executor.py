@@ -214,15 +214,7 @@ class RayExecutor(Executor):
         return status
 
     def shutdown(self, *, cancel: bool = True, wait: bool = True, timeout: float | None = None) -> None:
-        with self._lock:
-            self._closed = True
-            pending = list(self._refs)
-        if cancel:
-            for run_id in pending:
-                try:
-                    self.cancel(run_id)
-                except StoreError as e:
-                    log.warning("could not cancel run %s: %s", run_id, e)
+        self._close(cancel)
         if wait:
             deadline = None if timeout is None else time.monotonic() + timeout
             while self.active() and (deadline is None or time.monotonic() < deadline):
