@@ -119,3 +119,19 @@ def _main_module_kept():
     yield
     if sys.modules.get("__main__") is not main:
         sys.modules["__main__"] = main
+
+
+@pytest.fixture
+def cal_table(tmp_path, monkeypatch):
+    """Install a calibration table (rows of FastTestCalibration fields) for the test."""
+    import json
+
+    from ufm.measure import calibration
+
+    def install(*rows):
+        path = tmp_path / "calibration.json"
+        path.write_text(json.dumps({"fast_test": list(rows)}))
+        monkeypatch.setattr(calibration, "TABLE_PATH", path)
+        calibration._table.cache_clear()
+    yield install
+    calibration._table.cache_clear()

@@ -41,18 +41,6 @@ def _row(kind="glyph", family="strokes", rate=0.02, arch="mlp"):
 
 
 @pytest.fixture
-def cal_table(tmp_path, monkeypatch):
-    """Install a calibration table (rows of FastTestCalibration fields) for the test."""
-    def install(*rows):
-        path = tmp_path / "calibration.json"
-        path.write_text(json.dumps({"fast_test": list(rows)}))
-        monkeypatch.setattr(calibration, "TABLE_PATH", path)
-        calibration._table.cache_clear()
-    yield install
-    calibration._table.cache_clear()
-
-
-@pytest.fixture
 def audit_data(tmp_path):
     """12x12 data where 100+ images per class exist (a positive control stamps 100 of class 0)."""
     rng = np.random.default_rng(1)

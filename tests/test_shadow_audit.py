@@ -162,7 +162,7 @@ def test_reinitialise_is_seeded_and_changes_every_weight(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(nets[0].parameters(), nets[1].parameters()))
 
 
-def test_nearest_architecture_labels_the_fast_test(cal_table_rows):
+def test_nearest_architecture_labels_the_fast_test(cal_table):
     """The fast test of a foreign graph borrows the calibration row of the nearest of ufm's
     architectures, and says 'not calibrated for this architecture' when the study has none."""
     import onnx
@@ -177,28 +177,13 @@ def test_nearest_architecture_labels_the_fast_test(cal_table_rows):
              for a in ("mlp", "cnn1", "cnn2")}
     assert archs == {"mlp": "mlp", "cnn1": "cnn1", "cnn2": "cnn2"}
     row = dict(kind="glyph", family="strokes", arch="cnn1", rate=0.0, low=0.0, high=0.05, calls=0, tests=100, models=10)
-    cal_table_rows(row, {**row, "kind": "text", "family": "strings", "arch": "mlp"})  # mlp: measured, not for glyphs
+    cal_table(row, {**row, "kind": "text", "family": "strings", "arch": "mlp"})  # mlp: measured, not for glyphs
     fam, cal, reason = choose_family(glyph("A"), "strokes", "cnn1")
     assert reason is None and cal.arch == "cnn1"
     _, _, reason = choose_family(glyph("A"), "strokes", "mlp")
     assert "no measurement" in reason
     _, _, reason = choose_family(glyph("A"), "strokes", "cnn2")
     assert "not calibrated for this architecture" in reason
-
-
-@pytest.fixture
-def cal_table_rows(tmp_path, monkeypatch):
-    import json
-
-    from ufm.measure import calibration
-
-    def install(*rows):
-        path = tmp_path / "calibration.json"
-        path.write_text(json.dumps({"fast_test": list(rows)}))
-        monkeypatch.setattr(calibration, "TABLE_PATH", path)
-        calibration._table.cache_clear()
-    yield install
-    calibration._table.cache_clear()
 
 
 def test_cli_shadow_data_and_references_from(tiny_data, tmp_path, one_torch_thread, capsys):
