@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Mapping
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser
+    from playwright.sync_api import Browser, Page
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "app.py"
@@ -140,3 +140,13 @@ def chromium() -> Iterator["Browser"]:
             yield browser
         finally:
             browser.close()
+
+
+def fill_numbers(page: "Page", values: Mapping[str, str]) -> None:
+    """Type each value into the number input labelled by its key and press Enter, one at a time
+    (Streamlit reruns on each; 0.8 s lets the rerun land before the next field is touched)."""
+    for label, value in values.items():
+        field = page.get_by_label(label, exact=True)
+        field.fill(value)
+        field.press("Enter")
+        page.wait_for_timeout(800)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dashboard.testing import CHROMIUM, chromium
+from dashboard.testing import CHROMIUM, chromium, fill_numbers
 
 from .conftest import HAS_MNIST, SHARED
 
@@ -125,11 +125,7 @@ def test_gallery_canary_is_the_one_trained_and_m_appears(page, shots):
                            timeout=30_000)
     assert index.input_value() == str(want)
     page.get_by_text("Advanced").click()
-    for label, value in (("max epochs", "3"), ("inference images", "100")):
-        f = page.get_by_label(label, exact=True)
-        f.fill(value)
-        f.press("Enter")
-        page.wait_for_timeout(800)
+    fill_numbers(page, {"max epochs": "3", "inference images": "100"})
     page.get_by_role("button", name="Start").click()
     page.get_by_text("M = X_u - X_r (nats)").wait_for(timeout=600_000)
     page.get_by_text(f"canary at index {want}").first.wait_for(timeout=30_000)  # the run's own caption

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from dashboard.testing import CHROMIUM, chromium
+from dashboard.testing import CHROMIUM, chromium, fill_numbers
 
 from .conftest import HAS_MNIST, SHARED
 
@@ -82,11 +82,7 @@ def test_sign_in_once_per_browser_session_and_no_script_run_context_warnings(pro
         pg.get_by_text("Advanced").first.wait_for(timeout=60_000)
         assert pg.get_by_role("button", name="Sign in").count() == 0
         pg.get_by_text("Advanced").first.click()
-        for label, value in (("max epochs", "2"), ("inference images", "50")):
-            f = pg.get_by_label(label, exact=True)
-            f.fill(value)
-            f.press("Enter")
-            pg.wait_for_timeout(800)
+        fill_numbers(pg, {"max epochs": "2", "inference images": "50"})
         pg.get_by_role("button", name="Start").click()
         pg.get_by_text("M = X_u - X_r (nats)").first.wait_for(timeout=600_000)
         assert pg.locator('[data-testid="stException"]').count() == 0
