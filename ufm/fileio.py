@@ -168,3 +168,16 @@ def read_bounded(path: str | os.PathLike[str], max_bytes: int) -> bytes | None:
     with open(path, "rb") as f:
         data = f.read(max_bytes + 1)
     return None if len(data) > max_bytes else data
+
+
+def unreadable_message(path: str | os.PathLike[str], exc: OSError, kind: str, wanted: str) -> str:
+    """One line for a file :func:`read_bounded` could not read: what is wrong with ``path`` and
+    what to give instead. ``kind`` names the file ("model file"), ``wanted`` what would do ("an
+    .onnx file")."""
+    if isinstance(exc, FileNotFoundError):
+        return f"{kind} {path} does not exist: check the path"
+    if isinstance(exc, IsADirectoryError):
+        return f"{path} is a folder: give the path of {wanted}"
+    if isinstance(exc, NotAFile):
+        return f"{path} is not a regular file (a device, pipe or socket): give the path of {wanted}"
+    return f"could not read {path} ({exc.strerror or exc}): check its permissions"

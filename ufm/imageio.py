@@ -19,7 +19,7 @@ from typing import IO, Union
 
 from PIL import Image, UnidentifiedImageError
 
-from ufm.fileio import NotAFile, read_bounded
+from ufm.fileio import read_bounded, unreadable_message
 from ufm.limits import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, IO[bytes]]
@@ -52,15 +52,8 @@ def _read_bytes(source: ImageSource, max_bytes: int, what: str) -> bytes:
             data = read_bounded(path, max_bytes)
             if data is None:
                 raise ImageError(too_big)
-        except FileNotFoundError:
-            raise ImageError(f"image file {path} does not exist: check the path") from None
-        except IsADirectoryError:
-            raise ImageError(f"{path} is a folder, not an image file: give the path of a {SUPPORTED} file") from None
-        except NotAFile:
-            raise ImageError(f"{path} is not a regular file (a device, pipe or socket): give the path of a "
-                             f"{SUPPORTED} file") from None
         except OSError as exc:
-            raise ImageError(f"could not read {path} ({exc.strerror or exc}): check its permissions") from None
+            raise ImageError(unreadable_message(path, exc, "image file", f"a {SUPPORTED} file")) from None
     elif hasattr(source, "read"):
         if hasattr(source, "seek"):
             try:

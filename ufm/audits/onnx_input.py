@@ -142,20 +142,13 @@ def read_model_bytes(source: str | os.PathLike | bytes, max_bytes: int = MAX_ONN
         if len(source) > max_bytes:
             raise OnnxModelError(f"the uploaded model {too_big}")
         return bytes(source), "uploaded model"
-    from ufm.fileio import NotAFile, read_bounded
+    from ufm.fileio import read_bounded, unreadable_message
 
     path = Path(source)
     try:
         data = read_bounded(path, max_bytes)  # never more than max_bytes + 1, whatever the size claims
-    except FileNotFoundError:
-        raise OnnxModelError(f"model file {path} does not exist: check the path") from None
-    except IsADirectoryError:
-        raise OnnxModelError(f"{path} is a folder: give the path of an .onnx file") from None
-    except NotAFile:
-        raise OnnxModelError(f"{path} is not a regular file (a device, pipe or socket): give the path of an "
-                             ".onnx file") from None
     except OSError as exc:
-        raise OnnxModelError(f"could not read {path} ({exc.strerror or exc}): check its permissions") from None
+        raise OnnxModelError(unreadable_message(path, exc, "model file", "an .onnx file")) from None
     if data is None:
         raise OnnxModelError(f"{path} {too_big}")
     return data, path.name
