@@ -133,18 +133,23 @@ def count_bound(m: int, r: int, v: int, *, k: int = 2, analysis: str = "steinke"
     raise ValueError(f"unknown analysis {analysis!r}; choose one of {', '.join(ANALYSES)}")
 
 
-def default_grid(m: int) -> list[tuple[int, int]]:
-    """The (k+, k-) pairs tried when neither is fixed: for k in 1, 2, 5, 10, 20, 50, 100, ...
-    (up to m), k IN-guesses alone and k IN- plus k OUT-guesses (2k <= m). Fixed before any score
-    is seen, as Bonferroni needs."""
+def one_two_five(m: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, 100, ... up to ``m`` (the guess counts every grid tries)."""
     if m < 1:
         raise ValueError(f"m must be >= 1, got {m}")
     ks, base = [], 1
     while base <= m:
         ks += [k for k in (base, 2 * base, 5 * base) if k <= m]
         base *= 10
-    grid = [(k, 0) for k in ks] + [(k, k) for k in ks if 2 * k <= m]
-    return grid
+    return ks
+
+
+def default_grid(m: int) -> list[tuple[int, int]]:
+    """The (k+, k-) pairs tried when neither is fixed: for k in :func:`one_two_five` (up to m),
+    k IN-guesses alone and k IN- plus k OUT-guesses (2k <= m). Fixed before any score is seen, as
+    Bonferroni needs."""
+    ks = one_two_five(m)
+    return [(k, 0) for k in ks] + [(k, k) for k in ks if 2 * k <= m]
 
 
 def make_guesses(scores: np.ndarray, k_plus: int, k_minus: int) -> np.ndarray:

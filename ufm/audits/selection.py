@@ -24,18 +24,13 @@ from typing import Sequence
 
 import numpy as np
 
-from ufm.audits.bounds import DEFAULT_CONFIDENCE, DEFAULT_DELTA, AuditBound, audit_bound, count_bound, default_grid
+from ufm.audits.bounds import (DEFAULT_CONFIDENCE, DEFAULT_DELTA, AuditBound, audit_bound, count_bound, default_grid,
+                              one_two_five)
 
 
 def guess_count_grid(m: int) -> list[int]:
     """The guess counts tried for reconstruction: 1, 2, 5, 10, 20, 50, ... up to m, and m."""
-    if m < 1:
-        raise ValueError(f"m must be >= 1, got {m}")
-    out, base = [], 1
-    while base <= m:
-        out += [c for c in (base, 2 * base, 5 * base) if c <= m]
-        base *= 10
-    return sorted(set(out + [m]))
+    return sorted(set(one_two_five(m) + [m]))
 
 
 def reconstruction_guesses(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
