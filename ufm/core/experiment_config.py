@@ -5,7 +5,6 @@ JSON round-trip, seed included). Its own module so that the data preparation
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ufm.core.audit_canaries import AuditCanaries
+from ufm.core.config_hash import config_hash
 from ufm.core.canary import CANDIDATE_KINDS, RANDOM_KINDS, CanaryChoice
 from ufm.core.features import Feature, glyph
 from ufm.core.models import ARCHITECTURES, DEFAULT_BATCH, DEFAULT_LR
@@ -175,7 +175,7 @@ class ExperimentConfig:
         """A hash of everything that changes the numbers (data_dir excluded), for caching."""
         d = self.to_dict()
         d.pop("data_dir")
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return config_hash(d)
 
     def replace(self, **changes: Any) -> "ExperimentConfig":
         return replace(self, **changes)

@@ -6,10 +6,10 @@ them). The bank's measurement is :mod:`ufm.measure.bank`; training one is :mod:`
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
+from ufm.core.config_hash import config_hash
 from ufm.limits import MAX_REFERENCES
 
 if TYPE_CHECKING:
@@ -68,16 +68,11 @@ def reference_bank_of(config: dict[str, Any]) -> str | None:
         return None
     if any(config.get(k, v) != v for k, v in _CANONICAL.items()):
         return None
-    if config.get("feature") != json.loads(json.dumps(_canonical_feature().to_dict())):
+    if config.get("feature") != _canonical_feature_data():
         return None
     d = {k: v for k, v in config.items() if k != "data_dir"}
     d["seed"] = 0
-    return _hash(d)
-
-
-def _hash(d: dict[str, Any]) -> str:
-    """As :meth:`ExperimentConfig.key` hashes its ``to_dict()`` (without ``data_dir``)."""
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return config_hash(d)
 
 
 # CanaryChoice("none", ()).to_dict(), written out: the canary module loads torch
@@ -92,16 +87,21 @@ def stored_bank_key(config_key: str, config: dict[str, Any]) -> str | None:
     config does not hash to ``config_key`` (an older ufm's config; ask :func:`bank_key`).
     """
     d = {k: v for k, v in config.items() if k != "data_dir"}
-    if _hash(d) != config_key:
+    if config_hash(d) != config_key:
         return None
-    d.update(_CANONICAL, canary=dict(_NO_CANARY), seed=0, feature=json.loads(json.dumps(_canonical_feature().to_dict())))
-    return _hash(d)
+    d.update(_CANONICAL, canary=dict(_NO_CANARY), seed=0, feature=_canonical_feature_data())
+    return config_hash(d)
 
 
 def _canonical_feature():
     from ufm.core.features import glyph
 
     return glyph("A", size=2, offset=(0, 0))
+
+
+def _canonical_feature_data() -> dict[str, Any]:
+    """:func:`_canonical_feature` as a stored config holds it (JSON data)."""
+    return json.loads(json.dumps(_canonical_feature().to_dict()))
 
 
 def bank_configs(config: "ExperimentConfig", references: int = DEFAULT_REFERENCES) -> list["ExperimentConfig"]:
